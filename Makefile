@@ -1,0 +1,31 @@
+# Every target creates the virtual environment it needs; nothing beyond Python is assumed.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+OUT    := out
+
+.PHONY: demo test fixtures clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $@
+
+$(VENV)/.fixtures: $(VENV)/.installed
+	$(BIN)/python -m pip install --quiet -e '.[test,fixtures]'
+	touch $@
+
+demo: $(VENV)/.installed
+	@mkdir -p $(OUT)
+	$(BIN)/onnx-bnslim fixtures/resnet.onnx --ratio 0.3 -o $(OUT)/resnet.slim.onnx --report $(OUT)/resnet.report.json
+	@echo "wrote $(OUT)/resnet.slim.onnx and $(OUT)/resnet.report.json"
+
+test: $(VENV)/.installed
+	$(BIN)/python -m pytest -q
+
+fixtures: $(VENV)/.fixtures
+	$(BIN)/python fixtures/train.py
+
+clean:
+	rm -rf $(VENV) $(OUT) .pytest_cache

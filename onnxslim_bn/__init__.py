@@ -1,0 +1,14 @@
+"""onnx-bnslim: Network Slimming on exported ONNX graphs.
+
+>>> import onnxslim_bn
+>>> result = onnxslim_bn.prune("model.onnx", ratio=0.5)   # doctest: +SKIP
+>>> print(result.report.table())                          # doctest: +SKIP
+"""
+
+from .api import InspectResult, PruneResult, inspect, prune
+from .errors import BnSlimError
+from .model_io import load_model, save_model
+from .plan import PruneOptions
+
+__all__ = ["BnSlimError", "InspectResult", "PruneOptions", "PruneResult", "inspect", "load_model", "prune", "save_model"]
+__version__ = "0.1.0"

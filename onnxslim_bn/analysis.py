@@ -1,0 +1,266 @@
+"""Channel analysis: which channels of the graph must be kept or removed together.
+
+A *channel space* is a set of channels that live or die together. Every tensor whose axis 1
+carries pruneable channels has a :data:`Layout`: the spaces laid end to end along that axis
+(one segment for an ordinary activation, several after a channel concatenation). The op rules
+in :mod:`onnxslim_bn.rules` open spaces (Conv, Gemm), pass them on (BN, activations, pooling),
+merge them (residual Add, squeeze-excitation Mul), lay them end to end (Concat), consume them
+(the next layer's weights) or block them with a reason a person can read.
+
+The analysis never edits the graph. It records :class:`Edit` objects ("slice input 1 of node
+X along axis 0 by this layout"), which :mod:`onnxslim_bn.surgery` applies once the plan has
+chosen which channels to keep.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable, Protocol
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+if TYPE_CHECKING:
+    from .rules import Rule
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Segment:
+    """``size`` consecutive channels of one space; each channel spans ``repeat`` entries
+    (``repeat`` > 1 after a C*H*W flatten, where channel c owns entries c*H*W .. (c+1)*H*W-1)."""
+
+    space: int
+    size: int
+    repeat: int = 1
+
+
+Layout = tuple[Segment, ...]
+
+
+def width(layout: Layout) -> int:
+    """Number of entries along the channel axis (channels times their repeat)."""
+    return sum(s.size * s.repeat for s in layout)
+
+
+def channels(layout: Layout) -> int:
+    return sum(s.size for s in layout)
+
+
+@dataclass
+class ScoreSource:
+    """Per-channel importance read from one node (a BN scale, a Mul scale, folded weights)."""
+
+    node: str
+    kind: str  # "bn" | "mul" | "folded"
+    values: np.ndarray
+
+
+@dataclass
+class Space:
+    id: int
+    size: int
+    producers: list[str] = field(default_factory=list)
+    sources: list[ScoreSource] = field(default_factory=list)
+    blocked: list[str] = field(default_factory=list)
+
+    def scores(self) -> np.ndarray | None:
+        """Channel importance: the largest |scale| over every source in the space.
+
+        A channel of a residual group (several BNs write into it) is removed only when every
+        BN that writes it has a small scale: the max is the reduction that keeps this safe.
+        """
+        if not self.sources:
+            return None
+        return np.max(np.stack([np.abs(s.values.astype(np.float64)) for s in self.sources]), axis=0)
+
+    @property
+    def source_kinds(self) -> list[str]:
+        return sorted({s.kind for s in self.sources})
+
+
+class KeepIndex(Protocol):
+    def __call__(self, layout: Layout) -> np.ndarray: ...
+
+
+class Edit(Protocol):
+    """A change to the graph that depends on which channels the plan keeps."""
+
+    node: gs.Node
+
+    def apply(self, keep: KeepIndex) -> None: ...
+
+
+@dataclass
+class Consumer:
+    """A node whose weights read a channel-carrying input (compensation happens here)."""
+
+    node: gs.Node
+    rule: "Rule"
+
+
+class Analysis:
+    """The result of walking the graph once with the op rules; also the rules' context."""
+
+    def __init__(self, graph: gs.Graph, shapes: dict[str, list[int | str | None]]):
+        self.graph = graph
+        self.shapes = shapes
+        self.layouts: dict[str, Layout] = {}
+        self.spaces: list[Space] = []
+        self._parent: list[int] = []
+        self.edits: list[Edit] = []
+        self.consumers: list[Consumer] = []
+        self.unsupported: dict[str, int] = {}
+        self.nodes: list[gs.Node] = []
+
+    # ------------------------------------------------------------------ reading the graph
+    def layout(self, tensor: gs.Tensor) -> Layout | None:
+        return self.layouts.get(tensor.name)
+
+    def shape(self, tensor: gs.Tensor) -> list[int | str | None] | None:
+        if isinstance(tensor, gs.Constant):
+            return list(tensor.shape)
+        return self.shapes.get(tensor.name)
+
+    def rank(self, tensor: gs.Tensor) -> int | None:
+        shape = self.shape(tensor)
+        return None if shape is None else len(shape)
+
+    def static_dims(self, tensor: gs.Tensor, axes: range | list[int]) -> int | None:
+        """Product of the given dims when all are known integers, else None."""
+        shape = self.shape(tensor)
+        if shape is None:
+            return None
+        total = 1
+        for a in axes:
+            if a >= len(shape) or not isinstance(shape[a], int):
+                return None
+            total *= shape[a]
+        return total
+
+    # ------------------------------------------------------------------ spaces
+    def find(self, space: int) -> int:
+        root = space
+        while self._parent[root] != root:
+            root = self._parent[root]
+        while self._parent[space] != root:  # path compression
+            self._parent[space], space = root, self._parent[space]
+        return root
+
+    def space(self, space: int) -> Space:
+        return self.spaces[self.find(space)]
+
+    def new_space(self, size: int, producer: gs.Node) -> Layout:
+        sid = len(self.spaces)
+        self.spaces.append(Space(sid, size, producers=[producer.name]))
+        self._parent.append(sid)
+        return (Segment(sid, size),)
+
+    def opaque(self, size: int, reason: str) -> Layout:
+        """Channels that flow on but cannot be removed (a graph input inside a Concat, ...)."""
+        sid = len(self.spaces)
+        self.spaces.append(Space(sid, size, blocked=[reason]))
+        self._parent.append(sid)
+        return (Segment(sid, size),)
+
+    def block(self, layout: Layout | None, reason: str) -> None:
+        if not layout:
+            return
+        for seg in layout:
+            space = self.space(seg.space)
+            if reason not in space.blocked:
+                space.blocked.append(reason)
+        log.debug("blocked: %s", reason)
+
+    def merge(self, a: Layout, b: Layout, node: gs.Node) -> bool:
+        """Join two layouts channel by channel; blocks both when their segments differ."""
+        if [s.size for s in a] != [s.size for s in b] or any(s.repeat != 1 for s in a + b):
+            reason = (f"{node.op} {node.name} joins tensors whose channel groups differ "
+                      f"({_sizes(a)} vs {_sizes(b)})")
+            self.block(a, reason)
+            self.block(b, reason)
+            return False
+        for sa, sb in zip(a, b):
+            ra, rb = self.find(sa.space), self.find(sb.space)
+            if ra == rb:
+                continue
+            keep, gone = (ra, rb) if ra < rb else (rb, ra)
+            self._parent[gone] = keep
+            into, other = self.spaces[keep], self.spaces[gone]
+            into.producers += other.producers
+            into.sources += other.sources
+            into.blocked += [r for r in other.blocked if r not in into.blocked]
+        return True
+
+    def resolve(self, layout: Layout) -> Layout:
+        return tuple(Segment(self.find(s.space), s.size, s.repeat) for s in layout)
+
+    # ------------------------------------------------------------------ recording
+    def set_layout(self, tensor: gs.Tensor, layout: Layout) -> None:
+        self.layouts[tensor.name] = layout
+
+    def add_scores(self, layout: Layout, values: np.ndarray, kind: str, node: gs.Node) -> None:
+        values = np.asarray(values).reshape(-1)
+        offset = 0
+        for seg in layout:
+            self.space(seg.space).sources.append(ScoreSource(node.name, kind, values[offset : offset + seg.size]))
+            offset += seg.size
+
+    def edit(self, edit: Edit) -> None:
+        self.edits.append(edit)
+
+    def consume(self, node: gs.Node, rule: "Rule") -> None:
+        self.consumers.append(Consumer(node, rule))
+
+    # ------------------------------------------------------------------ results
+    def roots(self) -> list[Space]:
+        return [s for s in self.spaces if self.find(s.id) == s.id]
+
+    def prunable(self) -> list[Space]:
+        return [s for s in self.roots() if not s.blocked and s.sources and s.producers]
+
+    def skipped(self) -> list[tuple[Space, str]]:
+        """Spaces that will not be pruned, each with the first reason."""
+        out = []
+        for s in self.roots():
+            if not s.producers:
+                continue
+            if s.blocked:
+                out.append((s, s.blocked[0]))
+            elif not s.sources:
+                out.append((s, f"no BatchNorm scale ranks the channels of {s.producers[0]}"))
+        return out
+
+
+def _sizes(layout: Layout) -> str:
+    return "+".join(str(s.size) for s in layout)
+
+
+def analyze(graph: gs.Graph, shapes: dict[str, list[int | str | None]],
+            protect: Callable[[str], bool] | None = None) -> Analysis:
+    """Walk ``graph`` once in topological order and apply the rule for every node."""
+    from .rules import RULES  # the registry imports this module for its types
+
+    ctx = Analysis(graph, shapes)
+    graph.toposort()
+    ctx.nodes = list(graph.nodes)
+    for node in ctx.nodes:
+        carrying = [t for t in node.inputs if t.name in ctx.layouts]
+        rule = RULES.get(node.op)
+        if rule is None:
+            if carrying:
+                ctx.unsupported[node.op] = ctx.unsupported.get(node.op, 0) + 1
+                for t in carrying:
+                    ctx.block(ctx.layout(t), f"{node.op} {node.name} is not an op onnx-bnslim can follow")
+            continue
+        rule.analyze(node, ctx)
+    for out in graph.outputs:
+        ctx.block(ctx.layout(out), f"the channels reach the graph output '{out.name}'")
+    if protect is not None:
+        for space in ctx.roots():
+            hit = [p for p in space.producers if protect(p)]
+            if hit:
+                ctx.block((Segment(space.id, space.size),), f"{hit[0]} is protected by --keep")
+    return ctx

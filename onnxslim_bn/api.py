@@ -1,0 +1,189 @@
+"""The Python API: ``prune`` and ``inspect``. The command line is a thin layer over these."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import onnx
+import onnx_graphsurgeon as gs
+
+from . import verify
+from .analysis import Analysis, analyze
+from .errors import BnSlimError
+from .metrics import measure
+from .model_io import load_model
+from .plan import Plan, PruneOptions, select
+from .report import Report, SpaceReport, describe_spaces
+from .shapes import infer_shapes, resolve_input_shapes
+from .surgery import apply
+
+log = logging.getLogger(__name__)
+
+KEEP_BN_FLAGS = ("torch.onnx.export(..., dynamo=False, do_constant_folding=False), "
+                 "torch.onnx.export(..., dynamo=True, optimize=False), onnxsim --skip-fuse-bn, "
+                 "onnxslim --skip-fusion-patterns FusionConvBN")
+
+
+@dataclass
+class PruneResult:
+    model: onnx.ModelProto
+    report: Report
+
+
+@dataclass
+class InspectResult:
+    spaces: list[SpaceReport]
+    notes: list[str]
+    ratio: float | None
+
+
+def _load(model: onnx.ModelProto | str | os.PathLike) -> tuple[onnx.ModelProto, str]:
+    if isinstance(model, onnx.ModelProto):
+        return model, model.graph.name or "<model>"
+    return load_model(model), str(model)
+
+
+def _import(model: onnx.ModelProto) -> gs.Graph:
+    """The graph, with Constant nodes and Identity-of-constant turned into plain constants."""
+    graph = gs.import_onnx(model)
+    outputs = {t.name for t in graph.outputs}
+    for node in graph.nodes:
+        out = node.outputs[0] if node.outputs else None
+        if out is None or out.name in outputs:
+            continue
+        if node.op == "Constant" and isinstance(node.attrs.get("value"), gs.Constant):
+            value = gs.Constant(out.name + "_const", node.attrs["value"].values)
+        elif node.op == "Identity" and isinstance(node.inputs[0], gs.Constant):
+            value = node.inputs[0]
+        else:
+            continue
+        for consumer in list(out.outputs):
+            for i, t in enumerate(consumer.inputs):
+                if t is out:
+                    consumer.inputs[i] = value
+    graph.cleanup()
+    return graph
+
+
+@dataclass
+class _Prepared:
+    model: onnx.ModelProto
+    source: str
+    input_shapes: dict[str, list[int]]
+    notes: list[str]
+    shapes: dict[str, list]
+    graph: gs.Graph
+    analysis: Analysis
+
+
+def _prepare(model, options: PruneOptions) -> _Prepared:
+    proto, source = _load(model)
+    input_shapes, notes = resolve_input_shapes(proto, options.input_shapes, source)
+    shapes = infer_shapes(proto, input_shapes, source)
+    graph = _import(proto)
+    analysis = analyze(graph, shapes, options.protects if options.keep else None)
+    return _Prepared(proto, source, input_shapes, notes, shapes, graph, analysis)
+
+
+def _nothing_to_prune(prep: _Prepared) -> BnSlimError:
+    ops = {n.op for n in prep.graph.nodes}
+    if not prep.analysis.spaces:
+        return BnSlimError(f"{prep.source}: no Conv or Gemm layer with a constant weight; nothing to prune")
+    if "BatchNormalization" not in ops and not any(s.sources for s in prep.analysis.spaces):
+        return BnSlimError(f"{prep.source}: no BatchNormalization node and no BN scale in the layers "
+                           f"(the exporter folded BN away); re-export with BN kept: {KEEP_BN_FLAGS}")
+    reasons = sorted({s.blocked[0] for s in prep.analysis.roots() if s.blocked and s.producers})
+    return BnSlimError(f"{prep.source}: every BN-scaled channel group is blocked, e.g. {reasons[0] if reasons else 'unknown'}; "
+                       "run `onnx-bnslim inspect` for the full list")
+
+
+def inspect(model: onnx.ModelProto | str | os.PathLike, ratio: float | None = None,
+            options: PruneOptions | None = None) -> InspectResult:
+    """The channel spaces of a model, their importance statistics, and why any are blocked.
+
+    With ``ratio``, also how many channels each space would lose at that ratio.
+    """
+    options = options or PruneOptions()
+    prep = _prepare(model, options)
+    plan = None
+    if ratio is not None:
+        options = PruneOptions(**{**asdict(options), "ratio": ratio, "threshold": None})
+        options.validate()
+        plan = select(prep.analysis, options)
+    return InspectResult(describe_spaces(prep.analysis, plan), prep.notes, ratio)
+
+
+def prune(model: onnx.ModelProto | str | os.PathLike, options: PruneOptions | None = None, **kwargs) -> PruneResult:
+    """Remove the least important channels of ``model`` and prove the result with onnxruntime.
+
+    ``model`` is a path or an ``onnx.ModelProto`` (never modified). Options come as a
+    :class:`PruneOptions` or as its fields by keyword: ``prune("m.onnx", ratio=0.5)``.
+    Raises :class:`BnSlimError` when the model cannot be pruned or the check fails.
+    """
+    options = options or PruneOptions(**kwargs)
+    options.validate()
+    clock = time.perf_counter()
+    prep = _prepare(model, options)
+    if not prep.analysis.prunable():
+        raise _nothing_to_prune(prep)
+    plan: Plan = select(prep.analysis, options)
+    stats = apply(prep.analysis, plan)
+    pruned = _export(prep)
+    seconds = {"prune": time.perf_counter() - clock}
+
+    clock = time.perf_counter()
+    pruned_shapes = infer_shapes(pruned, prep.input_shapes, "the pruned model")
+    verification = None
+    if options.verify:
+        verification = _verify(prep, pruned, options)
+    seconds["verify"] = time.perf_counter() - clock
+    report = Report(
+        model=prep.source, output=None, options=_options_dict(options),
+        before=measure(prep.model, prep.shapes), after=measure(pruned, pruned_shapes),
+        verification=verification, surgery=stats, spaces=describe_spaces(prep.analysis, plan),
+        notes=prep.notes, seconds=seconds)
+    return PruneResult(pruned, report)
+
+
+def _export(prep: _Prepared) -> onnx.ModelProto:
+    pruned = gs.export_onnx(prep.graph, do_type_check=False)
+    original = prep.model
+    pruned.ir_version = original.ir_version
+    del pruned.opset_import[:]
+    pruned.opset_import.extend(original.opset_import)
+    pruned.producer_name, pruned.producer_version = original.producer_name, original.producer_version
+    pruned.doc_string = original.doc_string
+    del pruned.metadata_props[:]
+    pruned.metadata_props.extend(original.metadata_props)
+    pruned.metadata_props.add(key="onnx-bnslim", value="pruned")
+    try:
+        return onnx.shape_inference.infer_shapes(pruned, strict_mode=True)
+    except onnx.shape_inference.InferenceError as exc:
+        raise BnSlimError(f"{prep.source}: the pruned graph fails shape inference ({str(exc).splitlines()[0]}); "
+                          "nothing was written. This is a bug in onnx-bnslim: please report it with the model") from exc
+
+
+def _verify(prep: _Prepared, pruned: onnx.ModelProto, options: PruneOptions) -> verify.Verification:
+    what = f"{prep.source} (pruned)"
+    verify.check_model(pruned, what)
+    feeds, described = verify.make_inputs(prep.model, prep.input_shapes, options.data, options.seed)
+    before = verify.run(verify.session(prep.model, prep.source), feeds)
+    after = verify.run(verify.session(pruned, what), feeds)
+    names = [o.name for o in prep.model.graph.output]
+    result = verify.compare(names, before, after, described, what)
+    if options.max_error is not None and result.max_abs_diff > options.max_error:
+        raise BnSlimError(f"{what}: max |pruned - original| = {result.max_abs_diff:.3g} exceeds --max-error "
+                          f"{options.max_error:g}; nothing was written. Lower --ratio or raise --max-error")
+    return result
+
+
+def _options_dict(options: PruneOptions) -> dict:
+    out = asdict(options)
+    return {k: v for k, v in out.items() if v not in (None, [], {})}
+
+
+__all__ = ["PruneResult", "InspectResult", "prune", "inspect"]

@@ -1,0 +1,135 @@
+"""Command line: ``onnx-bnslim MODEL --ratio R`` and ``onnx-bnslim inspect MODEL``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from . import __version__
+from .api import inspect, prune
+from .errors import BnSlimError
+from .model_io import save_model
+from .plan import PruneOptions
+from .report import inspect_table
+from .shapes import parse_input_shapes
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", help="the .onnx model (never modified)")
+    parser.add_argument("--input-shapes", nargs="+", metavar="NAME:D0,D1,..",
+                        help="fix dynamic input dims for the check and MAC counts (default: batch 1, other dims 224)")
+    parser.add_argument("--keep", nargs="+", default=[], metavar="PATTERN",
+                        help="never prune layers whose node name matches (fnmatch), e.g. --keep '/head/*'")
+    parser.add_argument("--min-channels", type=int, default=4, help="channels a layer keeps at least (default 4)")
+    parser.add_argument("--round-to", type=int, default=1, help="round kept widths up to a multiple of N (default 1)")
+    parser.add_argument("-v", "--verbose", action="store_true", help="per-layer detail and debug logging")
+
+
+def _prune_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="onnx-bnslim",
+        description="Remove the channels with the smallest BatchNorm scale (Network Slimming) from an ONNX model, "
+                    "then check the result against the original with onnxruntime. "
+                    "`onnx-bnslim inspect MODEL` shows what would be pruned and why layers are left alone.")
+    _common(parser)
+    how = parser.add_mutually_exclusive_group(required=True)
+    how.add_argument("--ratio", type=float, help="fraction of all prunable channels to remove, ranked globally")
+    how.add_argument("--threshold", type=float, help="remove every channel whose |scale| is below this instead")
+    parser.add_argument("-o", "--output", help="output path (default: <model>.slim.onnx beside the input)")
+    parser.add_argument("--data", help=".npz of real inputs (arrays named after the model inputs) for the check")
+    parser.add_argument("--max-error", type=float, help="fail, writing nothing, if max |pruned - original| exceeds this")
+    parser.add_argument("--no-verify", action="store_true", help="skip the onnxruntime comparison (the checker still runs)")
+    parser.add_argument("--report", help="write the report as JSON to this path")
+    parser.add_argument("--version", action="version", version=f"onnx-bnslim {__version__}")
+    return parser
+
+
+def _inspect_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="onnx-bnslim inspect",
+                                     description="Show the channel spaces of a model, their scale statistics, and why any are blocked.")
+    _common(parser)
+    parser.add_argument("--ratio", type=float, help="also show what each space would lose at this ratio")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    return parser
+
+
+def _output_path(model: str, output: str | None) -> Path:
+    src = Path(model)
+    out = Path(output) if output else src.with_name(src.stem + ".slim.onnx")
+    if out.exists() and src.exists() and out.resolve() == src.resolve():
+        raise BnSlimError(f"{out}: the output would overwrite the input model; pass another -o")
+    if not out.parent.is_dir():
+        raise BnSlimError(f"{out}: the output folder {out.parent} does not exist; create it or pass another -o")
+    return out
+
+
+def _options(args: argparse.Namespace, **extra) -> PruneOptions:
+    return PruneOptions(min_channels=args.min_channels, round_to=args.round_to, keep=args.keep,
+                        input_shapes=parse_input_shapes(args.input_shapes), **extra)
+
+
+def run_prune(argv: list[str]) -> int:
+    args = _prune_parser().parse_args(argv)
+    _logging(args.verbose)
+    out = _output_path(args.model, args.output)
+    options = _options(args, ratio=args.ratio, threshold=args.threshold, data=args.data,
+                       max_error=args.max_error, verify=not args.no_verify)
+    result = prune(args.model, options)
+    result.report.output = str(out)
+    result.report.after.size_bytes = save_model(result.model, out)
+    print(f"onnx-bnslim {__version__}: {args.model} -> {out}")
+    print(result.report.table(verbose=args.verbose))
+    if args.report:
+        _write_text(Path(args.report), result.report.to_json() + "\n")
+    return 0
+
+
+def run_inspect(argv: list[str]) -> int:
+    args = _inspect_parser().parse_args(argv)
+    _logging(args.verbose)
+    result = inspect(args.model, ratio=args.ratio, options=_options(args))
+    if args.json:
+        from dataclasses import asdict
+
+        from .report import coverage
+        print(json.dumps({"spaces": [asdict(s) for s in result.spaces], "coverage": coverage(result.spaces),
+                          "notes": result.notes}, indent=2))
+    else:
+        print(inspect_table(result.spaces, result.ratio))
+        for note in result.notes:
+            print(f"Note: {note}")
+    return 0
+
+
+def _write_text(path: Path, text: str) -> None:
+    import os
+    import tempfile
+
+    fd, tmp = tempfile.mkstemp(dir=path.parent if str(path.parent) else ".", prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def _logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        if argv[:1] == ["inspect"]:
+            return run_inspect(argv[1:])
+        return run_prune(argv)
+    except BnSlimError as exc:
+        print(f"onnx-bnslim: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,80 @@
+"""Index-mapping edits: the graph changes that follow from a keep-index per layout.
+
+The analysis records them; the surgery applies them once the plan is known. Each edit reads
+the node's *current* constant, so two edits on one weight (a Conv sliced as producer along
+axis 0 and as consumer along axis 1) compose.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from .analysis import KeepIndex, Layout, width
+
+
+def constant_values(tensor: gs.Tensor) -> np.ndarray | None:
+    """The numpy value of a constant input, or None when the tensor is computed."""
+    if not isinstance(tensor, gs.Constant):
+        return None
+    values = tensor.values
+    return np.asarray(values.load() if hasattr(values, "load") else values)
+
+
+def replace_constant(node: gs.Node, index: int, values: np.ndarray) -> None:
+    """Give input ``index`` of ``node`` new values without touching other users of the tensor."""
+    old = node.inputs[index]
+    if isinstance(old, gs.Constant) and len(old.outputs) == 1:
+        old.values = values
+    else:
+        name = f"{old.name or node.name + '_in' + str(index)}_slim_{node.name}"
+        node.inputs[index] = gs.Constant(name, values)
+
+
+@dataclass
+class SliceParam:
+    """Keep, along ``axis`` of constant input ``index``, the entries of the kept channels."""
+
+    node: gs.Node
+    index: int
+    axis: int
+    layout: Layout
+
+    def apply(self, keep: KeepIndex) -> None:
+        if self.index >= len(self.node.inputs):
+            return
+        values = constant_values(self.node.inputs[self.index])
+        if values is None or values.ndim == 0 or values.shape[self.axis] == 1 != width(self.layout):
+            return  # absent, or broadcast (size 1) along the axis: nothing to slice
+        if values.shape[self.axis] != width(self.layout):  # the rules check this: a bug if hit
+            raise RuntimeError(f"{self.node.name}: input {self.index} has {values.shape[self.axis]} "
+                               f"entries on axis {self.axis}, the layout {width(self.layout)}")
+        replace_constant(self.node, self.index, np.take(values, keep(self.layout), axis=self.axis))
+
+
+@dataclass
+class SetGroup:
+    """Depthwise Conv: the group count follows the number of kept channels."""
+
+    node: gs.Node
+    layout: Layout
+
+    def apply(self, keep: KeepIndex) -> None:
+        self.node.attrs["group"] = int(len(keep(self.layout)))
+
+
+@dataclass
+class SetShapeEntry:
+    """A constant Reshape target or Resize ``sizes`` that spells the channel width out."""
+
+    node: gs.Node
+    index: int
+    entry: int
+    layout: Layout
+
+    def apply(self, keep: KeepIndex) -> None:
+        values = constant_values(self.node.inputs[self.index]).copy()
+        values[self.entry] = len(keep(self.layout))
+        replace_constant(self.node, self.index, values)

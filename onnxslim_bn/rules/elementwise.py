@@ -1,0 +1,246 @@
+"""Per-channel and elementwise ops: BatchNorm, activations, arithmetic with constants, joins."""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from ..analysis import Analysis, channels
+from ..edits import SliceParam, constant_values
+from . import Rule, attr, block_inputs, carrying, opset, register, used
+
+
+@register
+class BatchNormRule(Rule):
+    """BatchNormalization (opset 7 on): passes the space on, slices its four parameters, and
+    gives the space its importance, |gamma|. A removed channel outputs beta."""
+
+    ops = ("BatchNormalization",)
+
+    def analyze(self, node: gs.Node, ctx: Analysis) -> None:
+        layout = ctx.layout(node.inputs[0])
+        if layout is None:
+            return
+        params = [constant_values(t) for t in node.inputs[1:5]]
+        if any(p is None for p in params):
+            ctx.block(layout, f"BatchNormalization {node.name} has computed parameters")
+        elif attr(node, "spatial", 1) == 0 or any(p.ndim != 1 for p in params):
+            ctx.block(layout, f"BatchNormalization {node.name} has per-position parameters (spatial=0)")
+        elif any(used(t, ctx) for t in node.outputs[1:]):
+            ctx.block(layout, f"BatchNormalization {node.name} is in training mode (its statistics are used)")
+        elif any(s.repeat != 1 for s in layout):
+            ctx.block(layout, f"BatchNormalization {node.name} normalizes flattened features")
+        else:
+            for index in range(1, 5):
+                ctx.edit(SliceParam(node, index, 0, layout))
+            ctx.add_scores(layout, params[0], "bn", node)
+        ctx.set_layout(node.outputs[0], layout)
+
+    def dead_values(self, node, ctx, inputs):
+        beta = constant_values(node.inputs[2])
+        return [np.asarray(beta, np.float64)] + [None] * (len(node.outputs) - 1)
+
+
+def _hard_sigmoid(node: gs.Node) -> Callable[[np.ndarray], np.ndarray]:
+    alpha, beta = attr(node, "alpha", 0.2), attr(node, "beta", 0.5)
+    return lambda x: np.clip(alpha * x + beta, 0.0, 1.0)
+
+
+def _clip(node: gs.Node) -> Callable[[np.ndarray], np.ndarray]:
+    low, high = attr(node, "min", -np.inf), attr(node, "max", np.inf)
+    if len(node.inputs) > 1 and node.inputs[1].name:
+        low = float(constant_values(node.inputs[1]))
+    if len(node.inputs) > 2 and node.inputs[2].name:
+        high = float(constant_values(node.inputs[2]))
+    return lambda x: np.clip(x, low, high)
+
+
+def _elu(node: gs.Node) -> Callable[[np.ndarray], np.ndarray]:
+    alpha = attr(node, "alpha", 1.0)
+    return lambda x: np.where(x > 0, x, alpha * np.expm1(np.minimum(x, 0)))
+
+
+def _selu(node: gs.Node) -> Callable[[np.ndarray], np.ndarray]:
+    alpha, gamma = attr(node, "alpha", 1.67326319217681884765625), attr(node, "gamma", 1.05070102214813232421875)
+    return lambda x: gamma * np.where(x > 0, x, alpha * np.expm1(np.minimum(x, 0)))
+
+
+def _leaky(node: gs.Node) -> Callable[[np.ndarray], np.ndarray]:
+    alpha = attr(node, "alpha", 0.01)
+    return lambda x: np.where(x >= 0, x, alpha * x)
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+_erf = np.vectorize(math.erf, otypes=[np.float64])
+
+# op -> builder(node) -> f(per-channel constant) ; the rule needs no other op knowledge
+UNARY: dict[str, Callable[[gs.Node], Callable[[np.ndarray], np.ndarray]]] = {
+    "Relu": lambda n: lambda x: np.maximum(x, 0.0),
+    "LeakyRelu": _leaky,
+    "Sigmoid": lambda n: _sigmoid,
+    "HardSigmoid": _hard_sigmoid,
+    "HardSwish": lambda n: lambda x: x * np.clip(x / 6.0 + 0.5, 0.0, 1.0),
+    "Tanh": lambda n: np.tanh,
+    "Elu": _elu,
+    "Selu": _selu,
+    "Softplus": lambda n: lambda x: np.logaddexp(0.0, x),
+    "Softsign": lambda n: lambda x: x / (1.0 + np.abs(x)),
+    "Mish": lambda n: lambda x: x * np.tanh(np.logaddexp(0.0, x)),
+    "Gelu": lambda n: lambda x: 0.5 * x * (1.0 + _erf(x / math.sqrt(2.0))),
+    "Erf": lambda n: _erf,
+    "Abs": lambda n: np.abs,
+    "Neg": lambda n: np.negative,
+    "Exp": lambda n: np.exp,
+    "Clip": _clip,
+    "Identity": lambda n: lambda x: x,
+    "Dropout": lambda n: lambda x: x,
+    "Cast": lambda n: lambda x: x,
+}
+
+
+@register
+class UnaryRule(Rule):
+    """Activations and other channel-wise functions: the space passes through unchanged."""
+
+    ops = tuple(UNARY)
+
+    def analyze(self, node: gs.Node, ctx: Analysis) -> None:
+        layout = ctx.layout(node.inputs[0])
+        if layout is None:
+            return
+        others = [t for t in node.inputs[1:] if t.name and not isinstance(t, gs.Constant)]
+        if others:
+            ctx.block(layout, f"{node.op} {node.name} takes a computed parameter")
+        elif any(used(t, ctx) for t in node.outputs[1:]):
+            ctx.block(layout, f"{node.op} {node.name} has a second output in use")
+        elif node.op == "Cast" and not _is_float(attr(node, "to")):
+            ctx.block(layout, f"Cast {node.name} casts the channels to a non-float type")
+        ctx.set_layout(node.outputs[0], layout)
+
+    def dead_values(self, node, ctx, inputs):
+        if inputs[0] is None:
+            return [None] * len(node.outputs)
+        with np.errstate(all="ignore"):
+            return [UNARY[node.op](node)(inputs[0])] + [None] * (len(node.outputs) - 1)
+
+
+def _is_float(to: int | None) -> bool:
+    from onnx import TensorProto
+
+    return to in (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE, TensorProto.BFLOAT16)
+
+
+@register
+class PReluRule(Rule):
+    """PRelu: per-channel slopes are sliced with the channels."""
+
+    ops = ("PRelu",)
+
+    def analyze(self, node: gs.Node, ctx: Analysis) -> None:
+        layout = ctx.layout(node.inputs[0])
+        if layout is None:
+            return
+        if _per_channel_axis(node.inputs[1], ctx.rank(node.inputs[0]), layout, node, ctx):
+            ctx.set_layout(node.outputs[0], layout)
+
+    def dead_values(self, node, ctx, inputs):
+        slope = _channel_vector(node.inputs[1], ctx.rank(node.inputs[0]), channels(ctx.layout(node.inputs[0])))
+        return [np.where(inputs[0] >= 0, inputs[0], slope * inputs[0])]
+
+
+BINARY: dict[str, Callable[[np.ndarray, np.ndarray], np.ndarray]] = {
+    "Add": np.add, "Sub": np.subtract, "Mul": np.multiply, "Div": np.divide,
+    "Max": np.maximum, "Min": np.minimum, "Pow": np.power,
+}
+
+
+@register
+class ElementwiseRule(Rule):
+    """Binary arithmetic. With a constant: a scalar passes, a per-channel constant is sliced.
+    Between two channel-carrying tensors (residual Add, squeeze-excitation Mul, x*sigmoid(x)):
+    their spaces are joined, so they are pruned as one."""
+
+    ops = tuple(BINARY)
+
+    def analyze(self, node: gs.Node, ctx: Analysis) -> None:
+        flowing = carrying(node, ctx)
+        if not flowing:
+            return
+        rank = ctx.rank(node.outputs[0])
+        computed = [t for t in node.inputs if ctx.layout(t) is None and not isinstance(t, gs.Constant)]
+        if computed:
+            block_inputs(node, ctx, f"combines the channels with '{computed[0].name}', which onnx-bnslim cannot follow")
+            ctx.set_layout(node.outputs[0], flowing[0][1])
+            return
+        if node.op == "Pow" and flowing[0][0] != 0:
+            block_inputs(node, ctx, "raises a constant to the power of the channels")
+            ctx.set_layout(node.outputs[0], flowing[0][1])
+            return
+        layout = flowing[0][1]
+        if any(ctx.rank(node.inputs[i]) != rank for i, _ in flowing):
+            block_inputs(node, ctx, "broadcasts the channel axis")
+        for _, other in flowing[1:]:
+            ctx.merge(layout, other, node)
+        for index, tensor in enumerate(node.inputs):
+            if isinstance(tensor, gs.Constant):
+                _per_channel_axis(tensor, rank, layout, node, ctx, index)
+        ctx.set_layout(node.outputs[0], layout)
+
+    def dead_values(self, node, ctx, inputs):
+        size = channels(ctx.layout(node.outputs[0]))
+        values = []
+        for tensor, dead in zip(node.inputs, inputs):
+            if dead is None:
+                dead = _channel_vector(tensor, ctx.rank(node.outputs[0]), size)
+            values.append(dead)
+        with np.errstate(all="ignore"):
+            out = BINARY[node.op](values[0], values[1])
+            if node.op == "Mul":  # 0 * (anything finite or not) is 0: a gated dead channel stays dead
+                out = np.where((values[0] == 0) | (values[1] == 0), 0.0, out)
+        return [out]
+
+
+def _per_channel_axis(tensor: gs.Tensor, rank: int | None, layout, node: gs.Node, ctx: Analysis, index: int = 1) -> bool:
+    """Record the slice of a constant that broadcasts against [N, C, ...]; block if it mixes."""
+    values = constant_values(tensor)
+    if values is None:
+        ctx.block(layout, f"{node.op} {node.name} takes a computed parameter")
+        return False
+    if values.size == 1:
+        return True
+    if rank is None:
+        ctx.block(layout, f"{node.op} {node.name} has an output of unknown rank; run shape inference on the model")
+        return False
+    axis = 1 - (rank - values.ndim)
+    if axis < 0 or values.shape[axis] == 1:
+        return True
+    size = sum(s.size * s.repeat for s in layout)
+    if values.shape[axis] != size:
+        ctx.block(layout, f"{node.op} {node.name} has a constant of shape {list(values.shape)} across {size} channels")
+        return False
+    if any(s.repeat != 1 for s in layout):
+        ctx.block(layout, f"{node.op} {node.name} scales flattened features per entry")
+        return False
+    ctx.edit(SliceParam(node, index, axis, layout))
+    return True
+
+
+def _channel_vector(tensor: gs.Tensor, rank: int | None, size: int) -> np.ndarray:
+    """A constant as one value per channel; NaN where it varies along other axes."""
+    values = constant_values(tensor)
+    if values is None:
+        return np.full(size, np.nan)
+    values = values.astype(np.float64)
+    if values.size == 1:
+        return np.full(size, float(values.reshape(-1)[0]))
+    axis = 1 - (rank - values.ndim)
+    if axis >= 0 and values.size == values.shape[axis]:
+        return np.broadcast_to(values.reshape(-1), (size,)).copy()
+    return np.full(size, np.nan)
+

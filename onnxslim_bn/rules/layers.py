@@ -1,0 +1,178 @@
+"""Layers with weights: they open channel spaces (outputs) and consume them (inputs)."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from ..analysis import Analysis, width
+from ..edits import SetGroup, SliceParam, constant_values, replace_constant
+from . import Compensation, Rule, attr, block_inputs, register
+
+
+def _removed_rows(dead: np.ndarray, removed: np.ndarray, repeat: np.ndarray | int = 1):
+    """Rows of a weight fed by removed channels, with the constant each carries."""
+    known = removed & np.isfinite(dead)
+    return np.repeat(np.where(known, dead, 0.0), repeat), int((removed & ~known).sum())
+
+
+@register
+class ConvRule(Rule):
+    """Conv: output channels open a space; input channels are sliced off the weight.
+
+    Depthwise (group == C_in == C_out) couples its input and output channels instead.
+    Other grouped convolutions block both sides.
+    """
+
+    ops = ("Conv",)
+
+    def analyze(self, node: gs.Node, ctx: Analysis) -> None:
+        weight = constant_values(node.inputs[1])
+        if weight is None:
+            block_inputs(node, ctx, "has a computed weight")
+            return
+        group = attr(node, "group", 1)
+        c_out, c_in = weight.shape[0], weight.shape[1] * group
+        bias_ok = len(node.inputs) < 3 or not node.inputs[2].name or isinstance(node.inputs[2], gs.Constant)
+        layout = ctx.layout(node.inputs[0])
+        if not bias_ok:
+            block_inputs(node, ctx, "has a computed bias")
+        if group == 1:
+            if layout is not None and bias_ok:
+                if width(layout) != c_in or any(s.repeat != 1 for s in layout):
+                    ctx.block(layout, f"Conv {node.name} reads {c_in} channels from a tensor laid out as {width(layout)}")
+                else:
+                    ctx.edit(SliceParam(node, 1, 1, layout))
+                    ctx.consume(node, self)
+            out = ctx.new_space(c_out, node)
+            if not bias_ok:
+                ctx.block(out, f"Conv {node.name} has a computed bias")
+            ctx.edit(SliceParam(node, 1, 0, out))
+            ctx.edit(SliceParam(node, 2, 0, out))
+            ctx.set_layout(node.outputs[0], out)
+        elif group == c_in == c_out and layout is not None and bias_ok:
+            ctx.edit(SliceParam(node, 1, 0, layout))
+            ctx.edit(SliceParam(node, 2, 0, layout))
+            ctx.edit(SetGroup(node, layout))
+            ctx.set_layout(node.outputs[0], layout)
+        else:
+            why = (f"is a grouped convolution (group={group}, {c_in} -> {c_out} channels)"
+                   if group != 1 else "has a computed bias")
+            block_inputs(node, ctx, why)
+            ctx.set_layout(node.outputs[0], ctx.opaque(c_out, f"Conv {node.name} {why}"))
+
+    def dead_values(self, node, ctx, inputs):
+        group = attr(node, "group", 1)
+        if group == 1 or inputs[0] is None:  # a new space: its channels are not constant
+            return super().dead_values(node, ctx, inputs)
+        weight = constant_values(node.inputs[1])
+        bias = _bias(node, weight.shape[0])
+        return [inputs[0] * weight.reshape(weight.shape[0], -1).sum(1) + bias]
+
+    def compensate(self, node, ctx, dead, removed):
+        weight = constant_values(node.inputs[1])
+        value, missing = _removed_rows(dead, removed)
+        delta = weight.reshape(weight.shape[0], weight.shape[1], -1).astype(np.float64).sum(2) @ value
+        unpadded = not any(attr(node, "pads", [0])) and attr(node, "auto_pad", "NOTSET") in ("NOTSET", "VALID")
+        exact = unpadded or all(k == 1 for k in weight.shape[2:])
+        return Compensation(delta, exact, missing)
+
+    def add_bias(self, node, delta, graph):
+        weight = constant_values(node.inputs[1])
+        bias = _bias(node, weight.shape[0]) + delta
+        bias = bias.astype(weight.dtype)
+        if len(node.inputs) > 2 and isinstance(node.inputs[2], gs.Constant):
+            replace_constant(node, 2, bias)
+        else:
+            _set_input(node, 2, gs.Constant(f"{node.name}_bias_slim", bias))
+
+
+def _set_input(node: gs.Node, index: int, tensor: gs.Tensor) -> None:
+    while len(node.inputs) < index:
+        node.inputs.append(gs.Variable.empty())
+    if len(node.inputs) > index:
+        node.inputs[index] = tensor
+    else:
+        node.inputs.append(tensor)
+
+
+def _bias(node: gs.Node, size: int) -> np.ndarray:
+    if len(node.inputs) > 2 and node.inputs[2].name:
+        value = constant_values(node.inputs[2])
+        if value is not None:
+            return value.astype(np.float64)
+    return np.zeros(size)
+
+
+@register
+class GemmRule(Rule):
+    """Gemm / MatMul with a constant weight: columns open a space, rows consume one.
+
+    A C*H*W flatten in front is handled: each input channel owns H*W consecutive rows.
+    """
+
+    ops = ("Gemm", "MatMul")
+
+    def _weight_axes(self, node: gs.Node) -> tuple[int, int]:
+        """(input axis, output axis) of the weight."""
+        return (1, 0) if node.op == "Gemm" and attr(node, "transB", 0) else (0, 1)
+
+    def analyze(self, node: gs.Node, ctx: Analysis) -> None:
+        weight = constant_values(node.inputs[1])
+        layout = ctx.layout(node.inputs[0])
+        rank_ok = ctx.rank(node.inputs[0]) == 2
+        if weight is None or weight.ndim != 2 or not rank_ok or attr(node, "transA", 0):
+            why = ("has a computed weight" if weight is None or weight.ndim != 2
+                   else "multiplies a tensor that is not [batch, features]")
+            block_inputs(node, ctx, why)
+            if node.op == "MatMul" and weight is None:
+                return
+            if weight is not None and weight.ndim == 2:
+                ctx.set_layout(node.outputs[0], ctx.opaque(weight.shape[self._weight_axes(node)[1]], f"{node.op} {node.name} {why}"))
+            return
+        in_axis, out_axis = self._weight_axes(node)
+        if layout is not None:
+            if width(layout) != weight.shape[in_axis]:
+                ctx.block(layout, f"{node.op} {node.name} reads {weight.shape[in_axis]} features, "
+                                  f"the channels upstream give {width(layout)}")
+            else:
+                ctx.edit(SliceParam(node, 1, in_axis, layout))
+                ctx.consume(node, self)
+        out = ctx.new_space(weight.shape[out_axis], node)
+        ctx.edit(SliceParam(node, 1, out_axis, out))
+        if node.op == "Gemm" and len(node.inputs) > 2 and node.inputs[2].name:
+            bias = constant_values(node.inputs[2])
+            if bias is None:
+                ctx.block(out, f"Gemm {node.name} has a computed bias")
+                ctx.block(layout, f"Gemm {node.name} has a computed bias")
+            elif bias.ndim >= 1:
+                ctx.edit(SliceParam(node, 2, bias.ndim - 1, out))
+        ctx.set_layout(node.outputs[0], out)
+
+    def compensate(self, node, ctx, dead, removed):
+        weight = constant_values(node.inputs[1]).astype(np.float64)
+        in_axis, _ = self._weight_axes(node)
+        layout = ctx.layout(node.inputs[0])
+        repeat = np.concatenate([np.full(s.size, s.repeat) for s in layout])
+        value, missing = _removed_rows(dead, removed, repeat)
+        delta = value @ (weight if in_axis == 0 else weight.T)
+        if node.op == "Gemm":
+            delta = delta * attr(node, "alpha", 1.0)
+        return Compensation(delta, True, missing)
+
+    def add_bias(self, node, delta, graph):
+        dtype = constant_values(node.inputs[1]).dtype
+        if node.op == "Gemm":
+            beta = attr(node, "beta", 1.0)
+            bias = constant_values(node.inputs[2]) if len(node.inputs) > 2 else None
+            if bias is not None and beta != 0:
+                replace_constant(node, 2, (bias + delta / beta).astype(dtype))
+            else:  # no C (an absent C is all zeros): write one
+                _set_input(node, 2, gs.Constant(f"{node.name}_bias_slim", delta.astype(dtype)))
+                node.attrs["beta"] = 1.0
+            return
+        out = node.outputs[0]  # MatMul has no bias: add one behind it, keeping the tensor's name
+        pre = gs.Variable(f"{out.name}_pre_bias", dtype=out.dtype)
+        node.outputs[0] = pre
+        graph.nodes.append(gs.Node("Add", f"{node.name}_bias", outputs=[out],
+                                   inputs=[pre, gs.Constant(f"{node.name}_bias", delta.astype(dtype))]))

@@ -1,0 +1,289 @@
+"""Ops that move, pool, pad or reshape tensors without mixing channels."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from ..analysis import Analysis, Layout, Segment
+from ..edits import SetShapeEntry, constant_values
+from . import Rule, attr, block_inputs, carrying, opset, register, used
+
+
+def _axes(node: gs.Node, ctx: Analysis, input_index: int, since: int) -> list[int] | None:
+    """An ``axes`` list that moved from an attribute to an input at opset ``since``."""
+    if opset(ctx) < since:
+        axes = attr(node, "axes")
+        return None if axes is None else list(axes)
+    if len(node.inputs) <= input_index or not node.inputs[input_index].name:
+        return None
+    values = constant_values(node.inputs[input_index])
+    return None if values is None else [int(v) for v in values.reshape(-1)]
+
+
+def _norm(axes: list[int], rank: int) -> list[int]:
+    return sorted(a + rank if a < 0 else a for a in axes)
+
+
+class _SameLayout(Rule):
+    """Base for ops whose first output carries the first input's channels unchanged."""
+
+    def check(self, node: gs.Node, ctx: Analysis) -> str | None:
+        """A reason to block, or None when the op keeps the channel axis intact."""
+        return None
+
+    def analyze(self, node: gs.Node, ctx: Analysis) -> None:
+        layout = ctx.layout(node.inputs[0])
+        if layout is None:
+            return
+        why = self.check(node, ctx)
+        if why is not None:
+            ctx.block(layout, f"{node.op} {node.name} {why}")
+        ctx.set_layout(node.outputs[0], layout)
+
+    def dead_values(self, node, ctx, inputs):
+        return [inputs[0]] + [None] * (len(node.outputs) - 1)
+
+
+@register
+class PoolRule(_SameLayout):
+    """Pooling works per channel; MaxPool's optional indices output must be unused."""
+
+    ops = ("MaxPool", "AveragePool", "LpPool", "GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool")
+
+    def check(self, node, ctx):
+        if any(used(t, ctx) for t in node.outputs[1:]):
+            return "returns indices that depend on the channel count"
+        return None
+
+
+@register
+class ReduceRule(_SameLayout):
+    """ReduceMean / Max / Min over spatial axes (axes: attribute before opset 18, input from 18)."""
+
+    ops = ("ReduceMean", "ReduceMax", "ReduceMin")
+
+    def check(self, node, ctx):
+        rank = ctx.rank(node.inputs[0])
+        axes = _axes(node, ctx, 1, 18)
+        if axes is None or rank is None:
+            return "reduces over all axes or axes it does not spell out"
+        if {0, 1} & set(_norm(axes, rank)):
+            return "reduces over the batch or channel axis"
+        return None
+
+
+@register
+class PadRule(_SameLayout):
+    """Pad that leaves the channel axis alone (pads: attribute before opset 11, input from 11)."""
+
+    ops = ("Pad",)
+
+    def check(self, node, ctx):
+        rank = ctx.rank(node.inputs[0])
+        pads = attr(node, "pads") if opset(ctx) < 11 else constant_values(node.inputs[1])
+        if pads is None or rank is None:
+            return "has computed pads"
+        pads = np.asarray(pads).reshape(-1)
+        axes = _axes(node, ctx, 3, 18) if opset(ctx) >= 18 else None
+        axes = list(range(rank)) if axes is None else _norm(axes, rank)
+        if 1 in axes:
+            i = axes.index(1)
+            if pads[i] != 0 or pads[i + len(axes)] != 0:
+                return "pads the channel axis"
+        return None
+
+
+@register
+class ResizeRule(Rule):
+    """Resize / Upsample with a scale of 1 on the channel axis; explicit ``sizes`` are rewritten."""
+
+    ops = ("Resize", "Upsample")
+
+    def analyze(self, node: gs.Node, ctx: Analysis) -> None:
+        layout = ctx.layout(node.inputs[0])
+        if layout is None:
+            return
+        ctx.set_layout(node.outputs[0], layout)
+        rank = ctx.rank(node.inputs[0])
+        axes = attr(node, "axes")
+        axes = list(range(rank or 0)) if axes is None else _norm(list(axes), rank or 0)
+        if 1 not in axes:
+            return
+        channel = axes.index(1)
+        scales = attr(node, "scales") if node.op == "Upsample" and opset(ctx) < 9 else None
+        scale_index = 2 if node.op == "Resize" and opset(ctx) >= 11 else 1
+        if scales is None and len(node.inputs) > scale_index and node.inputs[scale_index].name:
+            scales = constant_values(node.inputs[scale_index])
+            if scales is None:
+                ctx.block(layout, f"{node.op} {node.name} has computed scales")
+                return
+        if scales is not None and len(scales) and float(np.asarray(scales).reshape(-1)[channel]) != 1.0:
+            ctx.block(layout, f"{node.op} {node.name} scales the channel axis")
+        if node.op == "Resize" and len(node.inputs) > 3 and node.inputs[3].name:
+            sizes = constant_values(node.inputs[3])
+            if sizes is None:
+                ctx.block(layout, f"Resize {node.name} has computed sizes")
+            else:
+                ctx.edit(SetShapeEntry(node, 3, channel, layout))
+
+    def dead_values(self, node, ctx, inputs):
+        return [inputs[0]]
+
+
+@register
+class ConcatRule(Rule):
+    """Concat on the channel axis lays the inputs' spaces end to end (DenseNet, UNet skips)."""
+
+    ops = ("Concat",)
+
+    def analyze(self, node: gs.Node, ctx: Analysis) -> None:
+        flowing = carrying(node, ctx)
+        if not flowing:
+            return
+        rank = ctx.rank(node.outputs[0])
+        axis = attr(node, "axis", 1)
+        if rank is None or (axis + rank if axis < 0 else axis) != 1:
+            block_inputs(node, ctx, "concatenates along an axis other than the channels")
+            return
+        parts: list[Segment] = []
+        for tensor in node.inputs:
+            layout = ctx.layout(tensor)
+            if layout is None:
+                size = ctx.static_dims(tensor, [1])
+                if size is None:
+                    block_inputs(node, ctx, f"concatenates '{tensor.name}' of unknown channel count")
+                    return
+                layout = ctx.opaque(size, f"Concat {node.name} mixes in '{tensor.name}', which is not a pruneable layer output")
+            parts.extend(layout)
+        if any(s.repeat != 1 for s in parts):
+            block_inputs(node, ctx, "concatenates flattened features")
+        ctx.set_layout(node.outputs[0], tuple(parts))
+
+    def dead_values(self, node, ctx, inputs):
+        return [np.concatenate([
+            d if d is not None else np.full(ctx.static_dims(t, [1]) or 0, np.nan)
+            for t, d in zip(node.inputs, inputs)
+        ])]
+
+
+def _flattened(layout: Layout, spatial: int) -> Layout:
+    return tuple(Segment(s.space, s.size, s.repeat * spatial) for s in layout)
+
+
+@register
+class FlattenRule(Rule):
+    """Flatten at axis 1: [N, C, H, W] -> [N, C*H*W]; each channel then owns H*W features."""
+
+    ops = ("Flatten",)
+
+    def analyze(self, node: gs.Node, ctx: Analysis) -> None:
+        layout = ctx.layout(node.inputs[0])
+        if layout is None:
+            return
+        rank = ctx.rank(node.inputs[0])
+        axis = attr(node, "axis", 1)
+        spatial = None if rank is None else ctx.static_dims(node.inputs[0], range(2, rank))
+        if rank is None or (axis + rank if axis < 0 else axis) != 1 or spatial is None:
+            ctx.block(layout, f"Flatten {node.name} does not keep the channels on axis 1 with a static spatial size")
+            return
+        ctx.set_layout(node.outputs[0], _flattened(layout, spatial))
+
+    def dead_values(self, node, ctx, inputs):
+        return [inputs[0]]
+
+
+@register
+class ReshapeRule(Rule):
+    """Reshape [N, C, H, W] -> [N, C*H*W] (a classifier head) or [N, C] -> [N, C, 1, 1]
+    (squeeze-excitation as tf2onnx writes it). A target that spells the width out is rewritten;
+    every other reshape changes the channel axis and blocks."""
+
+    ops = ("Reshape",)
+
+    def analyze(self, node: gs.Node, ctx: Analysis) -> None:
+        layout = ctx.layout(node.inputs[0])
+        if layout is None:
+            return
+        in_shape, out_shape = ctx.shape(node.inputs[0]), ctx.shape(node.outputs[0])
+        target = constant_values(node.inputs[1])
+        if in_shape is None or out_shape is None:
+            ctx.block(layout, f"Reshape {node.name} has shapes shape inference could not find")
+            return
+        width = sum(s.size * s.repeat for s in layout)
+        if len(out_shape) == 2 and len(in_shape) >= 2:  # flatten into [N, features]
+            spatial = ctx.static_dims(node.inputs[0], range(2, len(in_shape)))
+            out = None if spatial is None else _flattened(layout, spatial)
+            if out is not None and target is not None and target.size == 2:
+                first, second = (int(v) for v in target.reshape(-1))
+                if second == width * spatial:  # spelled out: rewrite it
+                    ctx.edit(SetShapeEntry(node, 1, 1, out))
+                if second == width * spatial or (second == -1 and first != -1):
+                    ctx.set_layout(node.outputs[0], out)
+                    return
+            if out is not None and target is None and _ends_with_minus_one(node.inputs[1]):
+                ctx.set_layout(node.outputs[0], out)
+                return
+        elif len(in_shape) == 2 and len(out_shape) > 2 and all(d == 1 for d in out_shape[2:]) \
+                and target is not None and len(target) == len(out_shape) and target[1] == width \
+                and all(s.repeat == 1 for s in layout):
+            ctx.edit(SetShapeEntry(node, 1, 1, layout))
+            ctx.set_layout(node.outputs[0], layout)
+            return
+        ctx.block(layout, f"Reshape {node.name} changes the channel axis ({in_shape} -> {out_shape})")
+
+    def dead_values(self, node, ctx, inputs):
+        return [inputs[0]]
+
+
+def _ends_with_minus_one(tensor: gs.Tensor) -> bool:
+    """A computed target such as Concat(Unsqueeze(Gather(Shape(x), 0)), [-1]) (torch's view(N, -1))."""
+    producer = tensor.inputs[0] if tensor.inputs else None
+    if producer is None or producer.op != "Concat" or len(producer.inputs) != 2:
+        return False
+    last = producer.inputs[-1]
+    while not isinstance(last, gs.Constant) and last.inputs and last.inputs[0].op in ("Unsqueeze", "Identity", "Cast"):
+        last = last.inputs[0].inputs[0]  # torch writes the -1 as Unsqueeze(Constant(-1))
+    values = constant_values(last)
+    return values is not None and values.reshape(-1).tolist() == [-1]
+
+
+@register
+class SqueezeRule(_SameLayout):
+    """Squeeze / Unsqueeze of spatial axes: [N, C, 1, 1] <-> [N, C]."""
+
+    ops = ("Squeeze", "Unsqueeze")
+
+    def check(self, node, ctx):
+        axes = _axes(node, ctx, 1, 13)
+        rank = ctx.rank(node.outputs[0] if node.op == "Unsqueeze" else node.inputs[0])
+        if axes is None or rank is None:
+            return "has axes that are not spelled out"
+        if min(_norm(axes, rank)) < 2:
+            return "moves the channel axis"
+        layout = ctx.layout(node.inputs[0])
+        if node.op == "Unsqueeze" and any(s.repeat != 1 for s in layout):
+            return "turns flattened features into channels"
+        return None
+
+
+@register
+class ShapeRule(Rule):
+    """Shape of a channel-carrying tensor is fine when only the batch size is read from it."""
+
+    ops = ("Shape",)
+
+    def analyze(self, node: gs.Node, ctx: Analysis) -> None:
+        layout = ctx.layout(node.inputs[0])
+        if layout is None:
+            return
+        if attr(node, "end") == 1 and attr(node, "start", 0) == 0:
+            return
+        for consumer in node.outputs[0].outputs:
+            index = constant_values(consumer.inputs[1]) if consumer.op == "Gather" else None
+            if index is None or attr(consumer, "axis", 0) != 0 or index.reshape(-1).tolist() != [0]:
+                ctx.block(layout, f"Shape {node.name} reads the channel count (used by {consumer.op} {consumer.name})")
+                return
+        if any(o is node.outputs[0] for o in ctx.graph.outputs):
+            ctx.block(layout, f"Shape {node.name} is a graph output")
+
