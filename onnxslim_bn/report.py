@@ -27,6 +27,7 @@ class SpaceReport:
     score_median: float | None
     score_max: float | None
     blocked: str | None  # the first reason it cannot be pruned
+    scores: list[float] = field(default_factory=list)  # per channel, in channel order
 
 
 def describe_spaces(analysis: Analysis, plan: Plan | None) -> list[SpaceReport]:
@@ -44,7 +45,7 @@ def describe_spaces(analysis: Analysis, plan: Plan | None) -> list[SpaceReport]:
             score_min=None if scores is None else float(scores.min()),
             score_median=None if scores is None else float(np.median(scores)),
             score_max=None if scores is None else float(scores.max()),
-            blocked=reason))
+            blocked=reason, scores=[] if scores is None else [float(v) for v in scores]))
     return out
 
 

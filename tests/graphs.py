@@ -1,0 +1,91 @@
+"""Tiny ONNX graphs built with onnx.helper, and the onnxruntime helpers the tests share."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto, helper, numpy_helper
+
+
+class Builder:
+    """Accumulates nodes and initializers; names are generated so tests stay short."""
+
+    def __init__(self, seed: int = 0, opset: int = 17):
+        self.rng = np.random.default_rng(seed)
+        self.opset = opset
+        self.nodes: list[onnx.NodeProto] = []
+        self.inits: list[onnx.TensorProto] = []
+        self.count = 0
+
+    def name(self, prefix: str) -> str:
+        self.count += 1
+        return f"{prefix}{self.count}"
+
+    def const(self, value: np.ndarray, prefix: str = "c") -> str:
+        name = self.name(prefix)
+        self.inits.append(numpy_helper.from_array(np.asarray(value), name))
+        return name
+
+    def op(self, op: str, inputs: list[str], n_out: int = 1, **attrs) -> str | list[str]:
+        outs = [self.name(op.lower() + "_out") for _ in range(n_out)]
+        self.nodes.append(helper.make_node(op, inputs, outs, name=self.name(op), **attrs))
+        return outs[0] if n_out == 1 else outs
+
+    def conv(self, x: str, cin: int, cout: int, k: int = 3, pad: int | None = None, group: int = 1,
+             bias: bool = False, stride: int = 1) -> str:
+        pad = k // 2 if pad is None else pad
+        w = self.const(self.rng.standard_normal((cout, cin // group, k, k)).astype(np.float32) * 0.3, "w")
+        inputs = [x, w] + ([self.const(self.rng.standard_normal(cout).astype(np.float32) * 0.1, "b")] if bias else [])
+        return self.op("Conv", inputs, kernel_shape=[k, k], pads=[pad] * 4, group=group, strides=[stride, stride])
+
+    def bn(self, x: str, c: int, dead: np.ndarray | None = None, beta_dead: float | None = 0.0) -> str:
+        """BatchNorm with random parameters; ``dead`` channels get gamma 0 (and beta ``beta_dead``
+        when given, else a random beta)."""
+        gamma = self.rng.uniform(0.5, 1.5, c).astype(np.float32)
+        beta = self.rng.standard_normal(c).astype(np.float32) * 0.5
+        mean = self.rng.standard_normal(c).astype(np.float32) * 0.1
+        var = self.rng.uniform(0.5, 1.5, c).astype(np.float32)
+        if dead is not None:
+            gamma[dead] = 0.0
+            if beta_dead is not None:
+                beta[dead] = beta_dead
+        params = [self.const(p, "bn") for p in (gamma, beta, mean, var)]
+        attrs = {"spatial": 1} if self.opset < 9 else {}
+        return self.op("BatchNormalization", [x, *params], epsilon=1e-5, **attrs)
+
+    def gemm(self, x: str, k: int, n: int, trans_b: bool = True, bias: bool = True) -> str:
+        shape = (n, k) if trans_b else (k, n)
+        w = self.const(self.rng.standard_normal(shape).astype(np.float32) * 0.2, "gw")
+        inputs = [x, w] + ([self.const(self.rng.standard_normal(n).astype(np.float32) * 0.1, "gb")] if bias else [])
+        return self.op("Gemm", inputs, transB=int(trans_b))
+
+    def model(self, inputs: dict[str, list], outputs: list[str]) -> onnx.ModelProto:
+        graph = helper.make_graph(
+            self.nodes, "test",
+            [helper.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, s in inputs.items()],
+            [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in outputs],
+            initializer=self.inits)
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", self.opset)])
+        model.ir_version = min(model.ir_version, 8 if self.opset <= 17 else model.ir_version)
+        inferred = onnx.shape_inference.infer_shapes(model).graph
+        inferred = {v.name: v for v in list(inferred.value_info) + list(inferred.output)}
+        for out in model.graph.output:  # graph outputs need a shape to pass the checker
+            out.type.CopyFrom(inferred[out.name].type)
+        onnx.checker.check_model(model, full_check=True)
+        return model
+
+
+def run(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return sess.run(None, feeds)
+
+
+def random_input(shape: list[int], seed: int = 1) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+
+
+def weight_shapes(model: onnx.ModelProto) -> dict[str, list[int]]:
+    """Node name -> shape of its weight (input 1) for Conv / Gemm / MatMul."""
+    inits = {t.name: list(t.dims) for t in model.graph.initializer}
+    return {n.name: inits.get(n.input[1]) for n in model.graph.node if n.op_type in ("Conv", "Gemm", "MatMul")}

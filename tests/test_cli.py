@@ -1,0 +1,107 @@
+"""The command line: the happy path, and bad input handled as one clear line."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+
+import numpy as np
+import onnx
+import pytest
+
+from onnxslim_bn.cli import main
+from tests.fixtures import path
+from tests.graphs import Builder
+
+
+@pytest.fixture
+def vgg(tmp_path):
+    target = tmp_path / "vgg.onnx"
+    shutil.copy(path("vgg"), target)
+    return target
+
+
+def digest(p) -> str:
+    return hashlib.sha256(p.read_bytes()).hexdigest()
+
+
+def test_prune_writes_model_table_and_json_report(vgg, capsys):
+    report = vgg.with_name("report.json")
+    assert main([str(vgg), "--ratio", "0.1", "--report", str(report), "-v"]) == 0
+    out = capsys.readouterr().out
+    slim = vgg.with_name("vgg.slim.onnx")
+    assert slim.is_file()
+    onnx.checker.check_model(str(slim), full_check=True)
+    for row in ("Conv/Gemm channels", "Parameters", "MACs", "Model size", "max |diff|", "cosine"):
+        assert row in out
+    data = json.loads(report.read_text())
+    assert data["after"]["macs"] < data["before"]["macs"]
+    assert data["after"]["size_bytes"] == slim.stat().st_size
+    assert data["verification"]["cosine"] > 0.99
+    assert data["removed_channels"] == int(0.1 * data["prunable_channels"])
+
+
+def test_inspect_lists_spaces_and_reasons(vgg, capsys):
+    assert main(["inspect", str(vgg), "--ratio", "0.5"]) == 0
+    out = capsys.readouterr().out
+    assert "Coverage:" in out and "graph output" in out and "bn" in out
+    assert main(["inspect", str(vgg), "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["coverage"]["prunable_fraction"] > 0.9
+
+
+def test_max_error_gate_fails_and_writes_nothing(vgg, capsys):
+    assert main([str(vgg), "--ratio", "0.9", "--max-error", "1e-9"]) == 1
+    err = capsys.readouterr().err
+    assert "exceeds --max-error" in err and len(err.strip().splitlines()) == 1
+    assert not vgg.with_name("vgg.slim.onnx").exists()
+
+
+def test_data_file_feeds_the_check(vgg, tmp_path, capsys):
+    data = tmp_path / "inputs.npz"
+    np.savez(data, input=np.random.default_rng(0).standard_normal((4, 3, 16, 16)).astype(np.float32))
+    assert main([str(vgg), "--ratio", "0.2", "--data", str(data)]) == 0
+    assert "inputs.npz" in capsys.readouterr().out
+
+
+def no_bn_model():
+    b = Builder()
+    return b.model({"x": [1, 3, 5, 5]}, [b.conv(b.op("Relu", [b.conv("x", 3, 4)]), 4, 2)])
+
+
+BAD = {
+    "empty": (lambda p: p.write_bytes(b""), [], "empty"),
+    "truncated": (lambda p: p.write_bytes(path("vgg").read_bytes()[:5000]), [], "not a readable ONNX model"),
+    "not-onnx": (lambda p: p.write_text("hello, I am a text file\n" * 50), [], "ONNX"),
+    "no-bn": (lambda p: p.write_bytes(no_bn_model().SerializeToString()), [], "do_constant_folding=False"),
+    "ratio-zero": (lambda p: shutil.copy(path("vgg"), p), ["--ratio", "0"], "outside (0, 1)"),
+    "ratio-one": (lambda p: shutil.copy(path("vgg"), p), ["--ratio", "1.5"], "outside (0, 1)"),
+    "output-is-input": (lambda p: shutil.copy(path("vgg"), p), ["-o", "{model}"], "overwrite the input"),
+    "output-folder-missing": (lambda p: shutil.copy(path("vgg"), p), ["-o", "{dir}/nope/out.onnx"], "does not exist"),
+    "output-under-a-file": (lambda p: shutil.copy(path("vgg"), p), ["-o", "{model}/out.onnx"], "does not exist"),
+    "bad-input-shapes": (lambda p: shutil.copy(path("vgg"), p), ["--input-shapes", "input:1,x"], "NAME:D0,D1"),
+    "unknown-input": (lambda p: shutil.copy(path("vgg"), p), ["--input-shapes", "img:1,3,16,16"], "model's inputs"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_input_is_one_line_nonzero_no_output_input_untouched(case, tmp_path, capsys):
+    write, extra, message = BAD[case]
+    model = tmp_path / "model.onnx"
+    write(model)
+    before = digest(model)
+    args = [a.format(model=model, dir=tmp_path) for a in extra]
+    if "--ratio" not in args:
+        args += ["--ratio", "0.5"]
+    assert main([str(model), *args]) == 1
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1, err
+    assert message in err and "Traceback" not in err
+    assert digest(model) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]
+
+
+def test_missing_file_is_one_line(tmp_path, capsys):
+    assert main([str(tmp_path / "absent.onnx"), "--ratio", "0.5"]) == 1
+    assert "no such file" in capsys.readouterr().err

@@ -1,0 +1,72 @@
+"""The trained sparse fixtures, pruned end to end and scored on held-out data."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from onnxslim_bn import prune
+from tests.fixtures import DEAD, NAMES, heldout, manifest, path, sparsity
+from tests.graphs import run
+
+
+def accuracy(model) -> float:
+    x, y = heldout()
+    return float((run(model, {"input": x})[0].argmax(1) == y).mean())
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_fixture_channels_called_dead_are_dead(name):
+    # fixtures/train.py zeroed every gamma below DEAD and measured the predictions
+    info = manifest()[name]
+    assert info["dead_channels"] > 0.1 * info["bn_channels"]
+    assert info["agreement_after_zeroing"] >= 0.99
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_pruned_at_its_sparsity_keeps_accuracy(name):
+    model = onnx.load(str(path(name)))
+    ratio = sparsity(name)
+    result = prune(model, ratio=ratio, min_channels=1)
+    report = result.report
+    assert report.removed_channels == int(np.floor(ratio * report.prunable_channels + 1e-9))
+    assert report.after.macs < report.before.macs
+    before, after = accuracy(model), accuracy(result.model)
+    assert abs(after - before) <= 0.005, (before, after)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_dead_channels_with_zero_beta_are_reproduced_exactly(name):
+    model = onnx.load(str(path(name)))
+    by_name = {t.name: t for t in model.graph.initializer}
+    for node in [n for n in model.graph.node if n.op_type == "Identity" and n.input[0] in by_name]:
+        # the exporter shares equal BN parameters through Identity nodes: give each BN its own
+        copy = numpy_helper.from_array(numpy_helper.to_array(by_name[node.input[0]]), node.output[0])
+        model.graph.initializer.append(copy)
+        model.graph.node.remove(node)
+    by_name = {t.name: t for t in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "BatchNormalization":
+            gamma, beta = (numpy_helper.to_array(by_name[i]).copy() for i in node.input[1:3])
+            dead = np.abs(gamma) < DEAD
+            gamma[dead], beta[dead] = 0.0, 0.0
+            by_name[node.input[1]].CopyFrom(numpy_helper.from_array(gamma, node.input[1]))
+            by_name[node.input[2]].CopyFrom(numpy_helper.from_array(beta, node.input[2]))
+    result = prune(model, threshold=DEAD, min_channels=1)
+    assert result.report.removed_channels > 0
+    x = heldout()[0][:200]
+    np.testing.assert_allclose(run(result.model, {"input": x})[0], run(model, {"input": x})[0], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("ratio", [0.1, 0.3, 0.5, 0.7, 0.9])
+def test_ratio_sweep_yields_valid_models(name, ratio):
+    # prune() runs the checker, shape inference and onnxruntime, and compares output shapes
+    result = prune(str(path(name)), ratio=ratio)
+    report = result.report
+    assert 0 < report.removed_channels <= ratio * report.prunable_channels + 1
+    assert all(s.kept >= min(4, s.channels) for s in report.spaces)
+    x = heldout()[0][:8]
+    assert run(result.model, {"input": x})[0].shape == (8, 10)

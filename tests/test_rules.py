@@ -1,0 +1,335 @@
+"""Each op rule on a tiny graph: removed channels are dead (gamma = 0), so onnxruntime must
+give the same numbers before and after pruning, within 1e-5."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from onnx import TensorProto
+
+from onnxslim_bn import BnSlimError, inspect, prune
+from onnxslim_bn.rules import RULES, Rule, register
+from tests.graphs import Builder, random_input, run, weight_shapes
+
+TOL = 1e-5
+RTOL = 1e-6  # float32 rounding on large outputs (Exp)
+DEAD = np.array([1, 4, 6])
+
+
+def assert_same(model, pruned, shape, name="x", seed=1, interior=None):
+    x = random_input(shape, seed)
+    a, b = run(model, {name: x})[0], run(pruned, {name: x})[0]
+    assert a.shape == b.shape
+    if interior is not None:
+        a, b = a[..., interior:-interior, interior:-interior], b[..., interior:-interior, interior:-interior]
+    np.testing.assert_allclose(b, a, atol=TOL, rtol=RTOL)
+
+
+def slim(model, **kwargs):
+    kwargs.setdefault("threshold", 1e-6)
+    kwargs.setdefault("min_channels", 1)
+    return prune(model, **kwargs)
+
+
+def stem(b: Builder, cout=8, dead=DEAD, beta_dead=None):
+    """x -> Conv(3->cout) -> BN with `dead` channels at gamma 0."""
+    return b.bn(b.conv("x", 3, cout), cout, dead, beta_dead)
+
+
+UNARY_CASES = [
+    ("Relu", {}, 17), ("LeakyRelu", {"alpha": 0.1}, 17), ("Sigmoid", {}, 17), ("HardSigmoid", {}, 17),
+    ("HardSwish", {}, 17), ("Tanh", {}, 17), ("Elu", {}, 17), ("Selu", {}, 17), ("Softplus", {}, 17),
+    ("Softsign", {}, 17), ("Mish", {}, 18), ("Gelu", {}, 20), ("Erf", {}, 17), ("Abs", {}, 17), ("Neg", {}, 17),
+    ("Exp", {}, 17), ("Identity", {}, 17), ("Dropout", {}, 17), ("Cast", {"to": TensorProto.FLOAT}, 17),
+]
+
+
+@pytest.mark.parametrize("op,attrs,opset", UNARY_CASES, ids=[c[0] for c in UNARY_CASES])
+def test_activation_passes_channels_and_constant(op, attrs, opset):
+    # beta of the dead channels is not zero: the consumer's bias must absorb act(beta)
+    b = Builder(opset=opset)
+    y = b.conv(b.op(op, [stem(b)], **attrs), 8, 5, k=1)
+    model = b.model({"x": [2, 3, 6, 6]}, [y])
+    result = slim(model)
+    assert result.report.removed_channels == 3
+    assert sorted(weight_shapes(result.model).values()) == [[5, 3, 3, 3], [5, 5, 1, 1]]
+    assert_same(model, result.model, [2, 3, 6, 6])
+
+
+def test_every_unary_rule_is_tested():
+    from onnxslim_bn.rules.elementwise import UNARY
+
+    assert set(UNARY) == {c[0] for c in UNARY_CASES} | {"Clip"}
+
+
+@pytest.mark.parametrize("opset", [7, 11, 13])
+def test_clip_attribute_and_input_forms(opset):
+    b = Builder(opset=opset)
+    if opset < 11:
+        act = b.op("Clip", [stem(b)], min=0.0, max=6.0)
+    else:
+        act = b.op("Clip", [stem(b), b.const(np.float32(0.0)), b.const(np.float32(0.5))])
+    y = b.conv(act, 8, 4, k=1)
+    model = b.model({"x": [1, 3, 5, 5]}, [y])
+    assert_same(model, slim(model).model, [1, 3, 5, 5])
+
+
+@pytest.mark.parametrize("opset", [7, 9, 11, 14, 15])
+def test_batchnorm_opsets(opset):
+    b = Builder(opset=opset)
+    y = b.conv(b.op("Relu", [stem(b)]), 8, 4, k=1)
+    model = b.model({"x": [1, 3, 5, 5]}, [y])
+    result = slim(model)
+    assert result.report.removed_channels == 3
+    assert_same(model, result.model, [1, 3, 5, 5])
+
+
+def test_padded_consumer_is_exact_inside_and_with_zero_beta_everywhere():
+    b = Builder()
+    y = b.conv(b.op("Relu", [stem(b, beta_dead=None)]), 8, 4, k=3)
+    model = b.model({"x": [1, 3, 8, 8]}, [y])
+    result = slim(model)
+    assert result.report.surgery.approximate_layers == 1
+    assert_same(model, result.model, [1, 3, 8, 8], interior=1)
+    b = Builder()
+    y = b.conv(b.op("Relu", [stem(b, beta_dead=0.0)]), 8, 4, k=3)
+    model = b.model({"x": [1, 3, 8, 8]}, [y])
+    assert_same(model, slim(model).model, [1, 3, 8, 8])
+
+
+def test_prelu_slope_is_sliced():
+    b = Builder()
+    slope = b.const(np.linspace(0.1, 0.8, 8, dtype=np.float32).reshape(8, 1, 1))
+    y = b.conv(b.op("PRelu", [stem(b), slope]), 8, 4, k=1)
+    model = b.model({"x": [1, 3, 5, 5]}, [y])
+    result = slim(model)
+    assert [list(t.dims) for t in result.model.graph.initializer if list(t.dims) == [5, 1, 1]]
+    assert_same(model, result.model, [1, 3, 5, 5])
+
+
+@pytest.mark.parametrize("op,shape", [("Mul", [8, 1, 1]), ("Add", [1, 8, 1, 1]), ("Sub", []), ("Div", [8, 1, 1]),
+                                      ("Max", [1]), ("Min", [8, 1, 1]), ("Pow", [])])
+def test_elementwise_with_constant(op, shape):
+    b = Builder()
+    value = np.random.default_rng(3).uniform(0.5, 2.0, shape).astype(np.float32)
+    x = stem(b)
+    if op == "Pow":
+        x = b.op("Relu", [x])
+        value = np.float32(2.0)
+    y = b.conv(b.op(op, [x, b.const(value)]), 8, 4, k=1)
+    model = b.model({"x": [1, 3, 5, 5]}, [y])
+    result = slim(model)
+    assert result.report.removed_channels == 3
+    assert_same(model, result.model, [1, 3, 5, 5])
+
+
+def test_residual_add_merges_spaces_and_removes_only_channels_dead_in_every_bn():
+    b = Builder()
+    a = b.op("Relu", [b.bn(b.conv("x", 3, 8), 8, np.array([1, 2, 5]), None)])
+    r = b.bn(b.conv(a, 8, 8), 8, np.array([2, 5, 6]), None)
+    y = b.conv(b.op("Relu", [b.op("Add", [a, r])]), 8, 4, k=1)
+    model = b.model({"x": [1, 3, 6, 6]}, [y])
+    result = slim(model)
+    assert result.report.removed_channels == 2  # channels 2 and 5: dead in both BNs
+    assert_same(model, result.model, [1, 3, 6, 6], interior=2)
+
+
+def test_squeeze_excitation_mul_joins_the_gate():
+    b = Builder()
+    a = b.op("Relu", [stem(b, beta_dead=0.0)])
+    gate = b.op("Sigmoid", [b.conv(b.op("Relu", [b.conv(b.op("GlobalAveragePool", [a]), 8, 4, k=1, bias=True)]),
+                                   4, 8, k=1, bias=True)])
+    y = b.conv(b.op("Mul", [a, gate]), 8, 4, k=1)
+    model = b.model({"x": [1, 3, 6, 6]}, [y])
+    result = slim(model)
+    assert result.report.removed_channels == 3
+    shapes = sorted(map(tuple, weight_shapes(result.model).values()))
+    assert shapes == sorted([(5, 3, 3, 3), (4, 5, 1, 1), (5, 4, 1, 1), (4, 5, 1, 1)])
+    assert_same(model, result.model, [1, 3, 6, 6])
+
+
+def test_concat_lays_spaces_end_to_end_and_keeps_graph_inputs():
+    b = Builder()
+    a = b.op("Relu", [b.bn(b.conv("x", 3, 6), 6, np.array([0, 3]), None)])
+    c = b.op("Relu", [b.bn(b.conv("x", 3, 4), 4, np.array([1]), None)])
+    y = b.conv(b.op("Concat", [a, "x", c], axis=1), 13, 5, k=1)
+    model = b.model({"x": [1, 3, 6, 6]}, [y])
+    result = slim(model)
+    assert result.report.removed_channels == 3
+    assert weight_shapes(result.model)[model.graph.node[-1].name] == [5, 10, 1, 1]
+    assert_same(model, result.model, [1, 3, 6, 6])
+
+
+def test_bn_after_concat_scores_each_segment():
+    # DenseNet: a channel goes only when its own BN and the BN after the concat are both ~0
+    b = Builder()
+    a = b.op("Relu", [b.bn(b.conv("x", 3, 6), 6, np.array([0, 3, 4]), None)])
+    c = b.conv("x", 3, 4)  # no BN of its own: ranked by the BN after the concat alone
+    joined = b.op("Concat", [a, c], axis=1)
+    y = b.conv(b.op("Relu", [b.bn(joined, 10, np.array([0, 3, 7]), None)]), 10, 5, k=1)
+    model = b.model({"x": [1, 3, 6, 6]}, [y])
+    result = slim(model)
+    assert result.report.removed_channels == 3  # 0 and 3 of a, 1 of c
+    assert_same(model, result.model, [1, 3, 6, 6])
+
+
+def test_depthwise_conv_couples_input_and_output():
+    b = Builder()
+    a = b.op("Relu", [stem(b)])
+    d = b.op("Relu", [b.bn(b.conv(a, 8, 8, group=8), 8, DEAD, None)])
+    y = b.conv(d, 8, 4, k=1)
+    model = b.model({"x": [1, 3, 6, 6]}, [y])
+    result = slim(model)
+    dw = next(n for n in result.model.graph.node if n.op_type == "Conv" and any(a.name == "group" and a.i > 1 for a in n.attribute))
+    assert next(a.i for a in dw.attribute if a.name == "group") == 5
+    assert_same(model, result.model, [1, 3, 6, 6])
+
+
+@pytest.mark.parametrize("trans_b", [True, False])
+@pytest.mark.parametrize("head", ["Flatten", "Reshape-1", "Reshape-explicit", "Reshape-computed"])
+def test_flatten_into_gemm(head, trans_b):
+    b = Builder()
+    a = b.op("Relu", [b.bn(b.conv("x", 3, 6), 6, np.array([2, 4]), None)])
+    if head == "Flatten":
+        flat = b.op("Flatten", [a], axis=1)
+    elif head == "Reshape-1":
+        flat = b.op("Reshape", [a, b.const(np.array([0, -1], np.int64))])
+    elif head == "Reshape-explicit":
+        flat = b.op("Reshape", [a, b.const(np.array([-1, 96], np.int64))])
+    else:  # torch's x.view(x.size(0), -1)
+        batch = b.op("Unsqueeze", [b.op("Gather", [b.op("Shape", [a]), b.const(np.array(0, np.int64))], axis=0),
+                                   b.const(np.array([0], np.int64))])
+        minus = b.op("Unsqueeze", [b.const(np.array(-1, np.int64)), b.const(np.array([0], np.int64))])
+        flat = b.op("Reshape", [a, b.op("Concat", [batch, minus], axis=0)])
+    y = b.gemm(flat, 96, 7, trans_b=trans_b)
+    model = b.model({"x": [2, 3, 4, 4]}, [y])
+    result = slim(model)
+    assert result.report.removed_channels == 2
+    gemm = [s for n, s in weight_shapes(result.model).items() if "Gemm" in n][0]
+    assert gemm == ([7, 64] if trans_b else [64, 7])
+    assert_same(model, result.model, [2, 3, 4, 4])
+
+
+@pytest.mark.parametrize("op", ["Gemm", "MatMul"])
+def test_dense_layers_with_batchnorm1d(op):
+    b = Builder()
+    if op == "Gemm":
+        h = b.gemm("x", 10, 12)
+    else:
+        h = b.op("MatMul", ["x", b.const(b.rng.standard_normal((10, 12)).astype(np.float32))])
+    h = b.op("Sigmoid", [b.bn(h, 12, DEAD, None)])
+    y = b.op("MatMul", [h, b.const(b.rng.standard_normal((12, 4)).astype(np.float32))]) if op == "MatMul" else b.gemm(h, 12, 4)
+    model = b.model({"x": [3, 10]}, [y])
+    result = slim(model)
+    assert result.report.removed_channels == 3
+    assert result.report.surgery.compensated_layers == 1
+    assert_same(model, result.model, [3, 10])
+
+
+@pytest.mark.parametrize("op,attrs,opset", [
+    ("MaxPool", {"kernel_shape": [2, 2], "strides": [2, 2]}, 17),
+    ("AveragePool", {"kernel_shape": [3, 3], "pads": [1, 1, 1, 1]}, 17),
+    ("GlobalAveragePool", {}, 17), ("GlobalMaxPool", {}, 17),
+    ("ReduceMean", {"axes": [2, 3], "keepdims": 1}, 13), ("ReduceMax", {"axes": [-1, -2], "keepdims": 1}, 13),
+    ("ReduceMean", {"keepdims": 1}, 18),
+])
+def test_pooling(op, attrs, opset):
+    b = Builder(opset=opset)
+    a = b.op("Relu", [stem(b, beta_dead=0.0)])
+    if op == "ReduceMean" and opset >= 18:
+        pooled = b.op(op, [a, b.const(np.array([2, 3], np.int64))], **attrs)
+    else:
+        pooled = b.op(op, [a], **attrs)
+    y = b.conv(pooled, 8, 4, k=1)
+    model = b.model({"x": [1, 3, 6, 6]}, [y])
+    result = slim(model)
+    assert result.report.removed_channels == 3
+    assert_same(model, result.model, [1, 3, 6, 6])
+
+
+@pytest.mark.parametrize("opset", [7, 11, 18])
+def test_pad_off_the_channel_axis(opset):
+    b = Builder(opset=opset)
+    pads = [0, 0, 1, 2, 0, 0, 1, 2]
+    if opset < 11:
+        a = b.op("Pad", [b.op("Relu", [b.conv("x", 3, 8)])], pads=pads)
+        a = b.bn(a, 8, DEAD, 0.0)
+    else:
+        a = b.op("Pad", [b.op("Relu", [stem(b, beta_dead=0.0)]), b.const(np.array(pads, np.int64))], mode="reflect")
+    y = b.conv(a, 8, 4, k=1)
+    model = b.model({"x": [1, 3, 6, 6]}, [y])
+    result = slim(model)
+    assert result.report.removed_channels == 3
+    assert_same(model, result.model, [1, 3, 6, 6])
+
+
+@pytest.mark.parametrize("form", ["Resize-scales", "Resize-sizes", "Upsample"])
+def test_resize(form):
+    b = Builder(opset=9 if form == "Upsample" else 13)
+    a = b.op("Relu", [stem(b)])
+    if form == "Upsample":
+        up = b.op("Upsample", [a, b.const(np.array([1, 1, 2, 2], np.float32))])
+    elif form == "Resize-scales":
+        up = b.op("Resize", [a, "", b.const(np.array([1, 1, 2, 2], np.float32))], mode="nearest")
+    else:
+        up = b.op("Resize", [a, "", "", b.const(np.array([1, 8, 10, 10], np.int64))], mode="linear")
+    y = b.conv(up, 8, 4, k=1)
+    model = b.model({"x": [1, 3, 5, 5]}, [y])
+    result = slim(model)
+    assert result.report.removed_channels == 3
+    assert_same(model, result.model, [1, 3, 5, 5])
+
+
+def test_squeeze_unsqueeze_round_trip_as_tf2onnx_writes_se():
+    b = Builder(opset=13)
+    a = b.op("Relu", [stem(b, beta_dead=0.0)])
+    s = b.op("Squeeze", [b.op("GlobalAveragePool", [a]), b.const(np.array([2, 3], np.int64))])
+    u = b.op("Unsqueeze", [b.op("Relu", [s]), b.const(np.array([2, 3], np.int64))])
+    y = b.conv(b.op("Mul", [a, u]), 8, 4, k=1)
+    model = b.model({"x": [1, 3, 5, 5]}, [y])
+    result = slim(model)
+    assert result.report.removed_channels == 3
+    assert_same(model, result.model, [1, 3, 5, 5])
+
+
+def blocked(model) -> list[str]:
+    return [s.blocked for s in inspect(model).spaces if s.blocked]
+
+
+def test_graph_output_blocks():
+    b = Builder()
+    model = b.model({"x": [1, 3, 5, 5]}, [stem(b)])
+    assert any("graph output" in r for r in blocked(model))
+    with pytest.raises(BnSlimError, match="blocked"):
+        prune(model, ratio=0.5)
+
+
+@pytest.mark.parametrize("case,reason", [
+    ("transpose", "Transpose"), ("grouped", "grouped convolution"), ("channel-pad", "pads the channel axis"),
+    ("reshape", "changes the channel axis"), ("concat-h", "axis other than the channels"),
+])
+def test_unknown_or_channel_mixing_ops_block_with_a_reason(case, reason):
+    b = Builder()
+    a = b.op("Relu", [stem(b)])
+    if case == "transpose":
+        a = b.op("Transpose", [a], perm=[0, 1, 3, 2])
+    elif case == "grouped":
+        a = b.conv(a, 8, 8, group=2)
+    elif case == "channel-pad":
+        a = b.op("Pad", [a, b.const(np.array([0, 1, 0, 0, 0, 1, 0, 0], np.int64))])
+    elif case == "reshape":
+        a = b.op("Reshape", [a, b.const(np.array([1, 4, 2, 25], np.int64))])
+    else:
+        a = b.op("Concat", [a, a], axis=2)
+    y = b.op("ReduceSum", [a], keepdims=0)
+    model = b.model({"x": [1, 3, 5, 5]}, [y])
+    reasons = blocked(model)
+    assert any(reason in r for r in reasons), reasons
+
+
+def test_registry_rejects_a_second_rule_for_an_op():
+    with pytest.raises(ValueError, match="two rules claim op Relu"):
+        @register
+        class Again(Rule):
+            ops = ("Relu",)
+    assert type(RULES["Relu"]).__name__ == "UnaryRule"
