@@ -14,6 +14,7 @@ import onnx_graphsurgeon as gs
 from . import verify
 from .analysis import Analysis, analyze
 from .errors import BnSlimError
+from .fold import fold_constants
 from .metrics import measure
 from .model_io import load_model
 from .plan import Plan, PruneOptions, select
@@ -48,24 +49,9 @@ def _load(model: onnx.ModelProto | str | os.PathLike) -> tuple[onnx.ModelProto, 
 
 
 def _import(model: onnx.ModelProto) -> gs.Graph:
-    """The graph, with Constant nodes and Identity-of-constant turned into plain constants."""
+    """The graph, with Constant nodes and constant sub-computations turned into constants."""
     graph = gs.import_onnx(model)
-    outputs = {t.name for t in graph.outputs}
-    for node in graph.nodes:
-        out = node.outputs[0] if node.outputs else None
-        if out is None or out.name in outputs:
-            continue
-        if node.op == "Constant" and isinstance(node.attrs.get("value"), gs.Constant):
-            value = gs.Constant(out.name + "_const", node.attrs["value"].values)
-        elif node.op == "Identity" and isinstance(node.inputs[0], gs.Constant):
-            value = node.inputs[0]
-        else:
-            continue
-        for consumer in list(out.outputs):
-            for i, t in enumerate(consumer.inputs):
-                if t is out:
-                    consumer.inputs[i] = value
-    graph.cleanup()
+    fold_constants(graph)
     return graph
 
 

@@ -123,44 +123,41 @@ def infer_shapes(model: onnx.ModelProto, input_shapes: dict[str, list[int]] | No
     return shapes
 
 
-# Ops that make up shape arithmetic (Shape -> Gather -> Unsqueeze -> Concat -> Reshape, ...)
-_SHAPE_OPS = {"Shape", "Gather", "Unsqueeze", "Squeeze", "Concat", "Cast", "Slice", "Add", "Sub", "Mul",
-              "Div", "Identity", "Reshape", "ConstantOfShape", "Range", "ReduceProd", "Equal", "Where"}
-
-
 def _fold_shape_arithmetic(light: onnx.ModelProto, shapes: dict[str, list]) -> bool:
-    """Replace small integer computations on known shapes by Constant nodes; True if any."""
+    """Replace small integer computations on known shapes by Constant nodes; True if any.
+
+    Works on the weight-less copy, where every input has a fixed shape, so ``Shape`` of any
+    tensor with a static inferred shape is a constant too.
+    """
     from onnx import numpy_helper
-    from onnx.reference import ReferenceEvaluator
+
+    from .fold import CONSTANT_ATTRS, FOLDABLE, evaluate
 
     known = {t.name: numpy_helper.to_array(t) for t in light.graph.initializer}
+    opset = next((o.version for o in light.opset_import if o.domain in ("", "ai.onnx")), 13)
     folded = False
     for node in light.graph.node:
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
         if node.op_type == "Constant":
-            try:
-                known[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
-            except (AttributeError, ValueError, TypeError):
-                pass
+            if "value" in attrs:
+                known[node.output[0]] = numpy_helper.to_array(attrs["value"])
+            for name, dtype in CONSTANT_ATTRS.items():
+                if name in attrs:
+                    known[node.output[0]] = np.asarray(attrs[name], dtype)
             continue
-        if node.op_type not in _SHAPE_OPS or len(node.output) != 1:
+        if node.op_type not in FOLDABLE or len(node.output) != 1:
             continue
         if node.op_type == "Shape":
             dims = shapes.get(node.input[0])
             if not _is_static(dims):
                 continue
-            attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
             value = np.array(dims[attrs.get("start", 0):attrs.get("end", None)], np.int64)
         else:
-            args = [known.get(i) for i in node.input if i]
-            if any(a is None or a.size > 64 for a in args):
+            args = [known.get(i) if i else None for i in node.input]
+            if any(i and (a is None or a.size > 64) for i, a in zip(node.input, args)):
                 continue
-            single = helper.make_model(helper.make_graph(
-                [node], "fold", [helper.make_tensor_value_info(i, TensorProto.UNDEFINED, None) for i in node.input if i],
-                [helper.make_tensor_value_info(node.output[0], TensorProto.UNDEFINED, None)]),
-                opset_imports=list(light.opset_import))
-            try:
-                value = ReferenceEvaluator(single).run(None, dict(zip([i for i in node.input if i], args)))[0]
-            except Exception:  # noqa: BLE001 - folding is an optimisation; inference still runs
+            value = evaluate(node.op_type, args, attrs, opset)
+            if value is None:
                 continue
         known[node.output[0]] = value
         node.op_type, node.domain = "Constant", ""

@@ -221,9 +221,14 @@ class ReshapeRule(Rule):
                 if second == width * spatial or (second == -1 and first != -1):
                     ctx.set_layout(node.outputs[0], out)
                     return
-            if out is not None and target is None and _ends_with_minus_one(node.inputs[1]):
-                ctx.set_layout(node.outputs[0], out)
-                return
+            tail = _computed_target_tail(node.inputs[1])
+            if out is not None and target is None and tail is not None:
+                concat, value = tail
+                if value == width * spatial:  # spelled out in the computed target: rewrite it
+                    ctx.edit(SetShapeEntry(concat, len(concat.inputs) - 1, 0, out))
+                if value in (-1, width * spatial):
+                    ctx.set_layout(node.outputs[0], out)
+                    return
         elif len(in_shape) == 2 and len(out_shape) > 2 and all(d == 1 for d in out_shape[2:]) \
                 and target is not None and len(target) == len(out_shape) and target[1] == width \
                 and all(s.repeat == 1 for s in layout):
@@ -236,16 +241,17 @@ class ReshapeRule(Rule):
         return [inputs[0]]
 
 
-def _ends_with_minus_one(tensor: gs.Tensor) -> bool:
-    """A computed target such as Concat(Unsqueeze(Gather(Shape(x), 0)), [-1]) (torch's view(N, -1))."""
+def _computed_target_tail(tensor: gs.Tensor) -> tuple[gs.Node, int] | None:
+    """A computed [batch, features] target: Concat(<batch size from Shape>, <constant>), as
+    torch writes ``x.view(x.size(0), -1)`` (TorchScript: -1; dynamo: the width spelled out).
+    Returns the Concat and the constant feature count."""
     producer = tensor.inputs[0] if tensor.inputs else None
     if producer is None or producer.op != "Concat" or len(producer.inputs) != 2:
-        return False
-    last = producer.inputs[-1]
-    while not isinstance(last, gs.Constant) and last.inputs and last.inputs[0].op in ("Unsqueeze", "Identity", "Cast"):
-        last = last.inputs[0].inputs[0]  # torch writes the -1 as Unsqueeze(Constant(-1))
-    values = constant_values(last)
-    return values is not None and values.reshape(-1).tolist() == [-1]
+        return None
+    last = constant_values(producer.inputs[-1])
+    if last is None or last.size != 1 or constant_values(producer.inputs[0]) is not None:
+        return None
+    return producer, int(last.reshape(-1)[0])
 
 
 @register

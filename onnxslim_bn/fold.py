@@ -1,0 +1,106 @@
+"""Constant folding of the small computations exporters leave around weights.
+
+The dynamo exporter (``optimize=False``) writes a bias-less Conv's zero bias as
+``Expand(CastLike(0, input), Expand(Shape(weight), [1]))``; TorchScript writes
+``Unsqueeze(Constant(-1))`` for reshape targets; TF exports spell constants as Constant nodes.
+The channel rules need plain constants, so these are evaluated once with ONNX's reference
+implementation (no onnxruntime session, no change to any op that reads an activation).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+from onnx import helper, numpy_helper
+
+from .edits import constant_values
+
+# Cheap ops worth folding when every input is constant.
+FOLDABLE = {"Shape", "Gather", "Unsqueeze", "Squeeze", "Concat", "Cast", "CastLike", "Slice", "Add", "Sub",
+            "Mul", "Div", "Identity", "Reshape", "ConstantOfShape", "Range", "Expand", "ReduceProd", "Equal",
+            "Where", "Transpose", "Neg", "Sqrt", "Reciprocal"}
+MAX_FOLDED = 1 << 22  # elements; a folded tensor larger than this stays computed
+
+
+def evaluate(op: str, inputs: list[np.ndarray | None], attrs: dict, opset: int) -> np.ndarray | None:
+    """Run one ONNX op on numpy inputs with onnx.reference; None when it cannot be evaluated."""
+    from onnx.reference import ReferenceEvaluator
+
+    names = [f"i{k}" if a is not None else "" for k, a in enumerate(inputs)]
+    node = helper.make_node(op, names, ["out"], **attrs)
+    graph = helper.make_graph(
+        [node], "fold",
+        [helper.make_tensor_value_info(n, helper.np_dtype_to_tensor_dtype(a.dtype), a.shape)
+         for n, a in zip(names, inputs) if a is not None],
+        [helper.make_tensor_value_info("out", onnx.TensorProto.UNDEFINED, None)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    try:
+        return np.asarray(ReferenceEvaluator(model).run(None, {n: a for n, a in zip(names, inputs) if a is not None})[0])
+    except Exception:  # noqa: BLE001 - the op stays computed; the channel rules then block what it touches
+        return None
+
+
+CONSTANT_ATTRS = {"value_float": np.float32, "value_floats": np.float32, "value_int": np.int64, "value_ints": np.int64}
+
+
+def fold_constants(graph: gs.Graph) -> int:
+    """Replace Constant nodes, and foldable nodes whose inputs are constants, by constants."""
+    folded = 0
+    graph_outputs = {t.name for t in graph.outputs}
+    for node in list(graph.toposort().nodes):
+        if len(node.outputs) != 1 or node.outputs[0].name in graph_outputs:
+            continue
+        if node.op == "Constant":
+            value = _constant_node_value(node)
+        elif node.op in FOLDABLE:
+            call = _as_constant_call(node)
+            value = None if call is None else evaluate(*call, graph.opset)
+        else:
+            continue
+        if value is None or value.size > MAX_FOLDED:
+            continue
+        out = node.outputs[0]
+        const = gs.Constant(out.name + "_folded", value)
+        for consumer in list(out.outputs):
+            for i, t in enumerate(consumer.inputs):
+                if t is out:
+                    consumer.inputs[i] = const
+        folded += 1
+    graph.cleanup()
+    return folded
+
+
+def _constant_node_value(node: gs.Node) -> np.ndarray | None:
+    if isinstance(node.attrs.get("value"), gs.Constant):
+        return np.asarray(node.attrs["value"].values)
+    for name, dtype in CONSTANT_ATTRS.items():
+        if name in node.attrs:
+            return np.asarray(node.attrs[name], dtype)
+    return None
+
+
+def _as_constant_call(node: gs.Node) -> tuple[str, list[np.ndarray | None], dict] | None:
+    """(op, input arrays, attributes) that compute the node from constants, or None.
+
+    Shape reads only the shape of its input and CastLike only the type of its second input.
+    """
+    attrs = {k: (numpy_helper.from_array(v.values) if isinstance(v, gs.Constant) else v) for k, v in node.attrs.items()}
+    if node.op == "Shape":
+        source = node.inputs[0]
+        if not isinstance(source, gs.Constant):
+            return None
+        start, end = attrs.get("start", 0), attrs.get("end", None)
+        return "Identity", [np.array(source.shape[start:end], np.int64)], {}
+    if node.op == "CastLike":
+        value, like = node.inputs
+        if not isinstance(value, gs.Constant) or like.dtype is None:
+            return None
+        return "Cast", [constant_values(value)], {"to": helper.np_dtype_to_tensor_dtype(np.dtype(like.dtype))}
+    args = []
+    for t in node.inputs:
+        value = constant_values(t) if t.name else None
+        if t.name and value is None:
+            return None
+        args.append(value)
+    return node.op, args, attrs
