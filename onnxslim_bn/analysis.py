@@ -63,6 +63,8 @@ class Space:
     id: int
     size: int
     producers: list[str] = field(default_factory=list)
+    # depthwise convs write the space too (a folded BN after them scales it)
+    coupled: list[str] = field(default_factory=list)
     sources: list[ScoreSource] = field(default_factory=list)
     blocked: list[str] = field(default_factory=list)
 
@@ -113,6 +115,9 @@ class Analysis:
         self.edits: list[Edit] = []
         self.consumers: list[Consumer] = []
         self.unsupported: dict[str, int] = {}
+        # nodes that act as the BN scale of a space without BN (folded producers, split-BN Muls),
+        # with the mean of their output: the constant a removed channel is replaced by
+        self.scale_nodes: dict[str, np.ndarray] = {}
         self.nodes: list[gs.Node] = []
 
     # ------------------------------------------------------------------ reading the graph
@@ -190,6 +195,7 @@ class Analysis:
             self._parent[gone] = keep
             into, other = self.spaces[keep], self.spaces[gone]
             into.producers += other.producers
+            into.coupled += other.coupled
             into.sources += other.sources
             into.blocked += [r for r in other.blocked if r not in into.blocked]
         return True

@@ -15,6 +15,7 @@ from . import verify
 from .analysis import Analysis, analyze
 from .errors import BnSlimError
 from .fold import fold_constants
+from .importance import add_data_scores, candidates
 from .metrics import measure
 from .model_io import load_model
 from .plan import Plan, PruneOptions, select
@@ -72,6 +73,11 @@ def _prepare(model, options: PruneOptions) -> _Prepared:
     shapes = infer_shapes(proto, input_shapes, source)
     graph = _import(proto)
     analysis = analyze(graph, shapes, options.protects if options.keep else None)
+    if candidates(analysis):
+        feeds, described = verify.make_inputs(proto, input_shapes, options.data, options.seed, calibration=True)
+        add_data_scores(analysis, proto, feeds, source)
+        notes.append(f"no BatchNormalization for some layers: their BN scale was recovered from activation statistics "
+                     f"on {described}" + ("" if options.data else "; pass --data with real inputs for a closer estimate"))
     return _Prepared(proto, source, input_shapes, notes, shapes, graph, analysis)
 
 

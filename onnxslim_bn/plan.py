@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .analysis import Analysis, Layout, Space
+from .analysis import Analysis, Layout
 from .errors import BnSlimError
 
 
@@ -74,9 +74,6 @@ class Plan:
             mask[self._kept(seg.space, seg.size)] = False
             parts.append(mask)
         return np.concatenate(parts) if parts else np.zeros(0, bool)
-
-    def removed(self, space: Space) -> int:
-        return space.size - len(self._kept(space.id, space.size))
 
 
 def select(analysis: Analysis, options: PruneOptions) -> Plan:

@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from .analysis import Analysis
+from .analysis import Analysis, Segment
 from .metrics import Metrics
 from .plan import Plan
 from .surgery import SurgeryStats
@@ -28,6 +28,7 @@ class SpaceReport:
     score_max: float | None
     blocked: str | None  # the first reason it cannot be pruned
     scores: list[float] = field(default_factory=list)  # per channel, in channel order
+    removed: list[int] = field(default_factory=list)  # indices of the removed channels
 
 
 def describe_spaces(analysis: Analysis, plan: Plan | None) -> list[SpaceReport]:
@@ -38,9 +39,10 @@ def describe_spaces(analysis: Analysis, plan: Plan | None) -> list[SpaceReport]:
         scores = space.scores()
         reason = space.blocked[0] if space.blocked else (None if scores is not None else
                  f"no BatchNorm scale ranks the channels of {space.producers[0]}")
-        removed = plan.removed(space) if plan is not None else 0
+        removed = plan.removed_mask((Segment(space.id, space.size),)) if plan is not None else np.zeros(space.size, bool)
         out.append(SpaceReport(
-            producers=space.producers, channels=space.size, kept=space.size - removed,
+            producers=space.producers, channels=space.size, kept=int(space.size - removed.sum()),
+            removed=[int(i) for i in np.flatnonzero(removed)],
             source=",".join(space.source_kinds), score_nodes=[s.node for s in space.sources],
             score_min=None if scores is None else float(scores.min()),
             score_median=None if scores is None else float(np.median(scores)),

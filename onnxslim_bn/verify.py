@@ -67,8 +67,16 @@ def check_model(model: onnx.ModelProto, what: str) -> None:
         raise BnSlimError(f"{what}: the ONNX checker rejects it ({str(exc).splitlines()[0]})") from exc
 
 
-def make_inputs(model: onnx.ModelProto, shapes: dict[str, list[int]], data: str | None, seed: int) -> tuple[dict[str, np.ndarray], str]:
-    """Inputs for the comparison: the user's .npz, or seeded standard-normal noise."""
+CALIBRATION_BATCH = 16
+
+
+def make_inputs(model: onnx.ModelProto, shapes: dict[str, list[int]], data: str | None, seed: int,
+                calibration: bool = False) -> tuple[dict[str, np.ndarray], str]:
+    """Inputs for the comparison: the user's .npz, or seeded standard-normal noise.
+
+    For ``calibration`` (activation statistics) noise comes in 16 samples or more (whole
+    batches when the model's batch size is fixed).
+    """
     inputs = graph_inputs(model)
     if data:
         path = Path(data)
@@ -89,8 +97,21 @@ def make_inputs(model: onnx.ModelProto, shapes: dict[str, list[int]], data: str 
         dtype = _NUMPY.get(value.type.tensor_type.elem_type)
         if dtype is None or not np.issubdtype(dtype, np.floating):
             raise BnSlimError(f"input '{value.name}' is not a float tensor: pass real inputs with --data inputs.npz")
-        feeds[value.name] = rng.standard_normal(shapes[value.name]).astype(dtype)
+        shape = list(shapes[value.name])
+        if calibration and shape:  # whole batches of the model's own batch size
+            step = static_batch(model) or CALIBRATION_BATCH
+            shape[0] = step * -(-CALIBRATION_BATCH // step)
+        feeds[value.name] = rng.standard_normal(shape).astype(dtype)
     return feeds, "seeded random normal " + ", ".join(f"{k}: {list(v.shape)}" for k, v in feeds.items())
+
+
+def static_batch(model: onnx.ModelProto) -> int | None:
+    """The fixed batch size of the model's inputs, or None when it is dynamic."""
+    for value in graph_inputs(model):
+        dims = value.type.tensor_type.shape.dim
+        if dims and dims[0].HasField("dim_value") and dims[0].dim_value > 0:
+            return dims[0].dim_value
+    return None
 
 
 def run(sess, feeds: dict[str, np.ndarray], batch: int = 256) -> list[np.ndarray]:

@@ -40,8 +40,15 @@ class BatchNormRule(Rule):
         ctx.set_layout(node.outputs[0], layout)
 
     def dead_values(self, node, ctx, inputs):
-        beta = constant_values(node.inputs[2])
-        return [np.asarray(beta, np.float64)] + [None] * (len(node.outputs) - 1)
+        """beta, the output with gamma taken as 0; where the input is itself a known constant
+        (a channel dead upstream too), the BN of that constant, which is exact."""
+        gamma, beta, mean, var = (constant_values(t).astype(np.float64) for t in node.inputs[1:5])
+        out = beta.copy()
+        if inputs[0] is not None:
+            known = np.isfinite(inputs[0])
+            exact = gamma * (inputs[0] - mean) / np.sqrt(var + attr(node, "epsilon", 1e-5)) + beta
+            out[known] = exact[known]
+        return [out] + [None] * (len(node.outputs) - 1)
 
 
 def _hard_sigmoid(node: gs.Node) -> Callable[[np.ndarray], np.ndarray]:
@@ -203,6 +210,8 @@ class ElementwiseRule(Rule):
             out = BINARY[node.op](values[0], values[1])
             if node.op == "Mul":  # 0 * (anything finite or not) is 0: a gated dead channel stays dead
                 out = np.where((values[0] == 0) | (values[1] == 0), 0.0, out)
+        if node.name in ctx.scale_nodes:  # a split BN's scale: the channel's mean output
+            out = np.where(np.isfinite(out), out, ctx.scale_nodes[node.name])
         return [out]
 
 

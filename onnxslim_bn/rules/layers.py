@@ -54,6 +54,8 @@ class ConvRule(Rule):
             ctx.edit(SliceParam(node, 1, 0, layout))
             ctx.edit(SliceParam(node, 2, 0, layout))
             ctx.edit(SetGroup(node, layout))
+            for seg in layout:
+                ctx.space(seg.space).coupled.append(node.name)
             ctx.set_layout(node.outputs[0], layout)
         else:
             why = (f"is a grouped convolution (group={group}, {c_in} -> {c_out} channels)"
@@ -62,12 +64,14 @@ class ConvRule(Rule):
             ctx.set_layout(node.outputs[0], ctx.opaque(c_out, f"Conv {node.name} {why}"))
 
     def dead_values(self, node, ctx, inputs):
-        group = attr(node, "group", 1)
-        if group == 1 or inputs[0] is None:  # a new space: its channels are not constant
-            return super().dead_values(node, ctx, inputs)
         weight = constant_values(node.inputs[1])
         bias = _bias(node, weight.shape[0])
-        return [inputs[0] * weight.reshape(weight.shape[0], -1).sum(1) + bias]
+        unknown = np.full(weight.shape[0], np.nan)
+        if attr(node, "group", 1) != 1 and inputs[0] is not None:  # depthwise: constant in, constant out
+            unknown = inputs[0] * weight.reshape(weight.shape[0], -1).sum(1) + bias
+        if node.name in ctx.scale_nodes:  # BN folded in: the channel's mean output (~beta)
+            return [np.where(np.isfinite(unknown), unknown, ctx.scale_nodes[node.name])]
+        return [unknown]
 
     def compensate(self, node, ctx, dead, removed):
         weight = constant_values(node.inputs[1])
@@ -148,6 +152,11 @@ class GemmRule(Rule):
             elif bias.ndim >= 1:
                 ctx.edit(SliceParam(node, 2, bias.ndim - 1, out))
         ctx.set_layout(node.outputs[0], out)
+
+    def dead_values(self, node, ctx, inputs):
+        if node.name not in ctx.scale_nodes:
+            return super().dead_values(node, ctx, inputs)
+        return [ctx.scale_nodes[node.name]]  # BN1d folded in: the column's mean output (~beta)
 
     def compensate(self, node, ctx, dead, removed):
         weight = constant_values(node.inputs[1]).astype(np.float64)

@@ -1,0 +1,105 @@
+"""Importance where the exporter left no BatchNormalization node.
+
+Two forms carry the same BN scale:
+
+- **split** (TF, Paddle): ``Conv -> Mul(s) -> Add(t)`` with ``s = gamma / sqrt(var + eps)``;
+- **folded** (``torch.onnx.export`` defaults, onnxsim, onnxslim, tf2onnx): ``W' = W * s``,
+  ``b' = (b - mean) * s + beta``.
+
+Neither stores gamma, and ``|s|`` is not gamma (it carries ``1 / sqrt(var)``). But the BN
+output of channel c is ``gamma_c * (z_c - mean_c) / sqrt(var_c + eps) + beta_c``, and over
+the data the BN was trained on, ``z_c`` has mean ``mean_c`` and variance ``var_c``: the
+standard deviation of the BN output *is* ``|gamma_c|``. The folded Conv (or the Mul) computes
+exactly that output, so the per-channel standard deviation of its output over calibration
+data recovers |gamma| -- on the same scale for every layer, which a global ranking needs.
+
+With ``--data`` the statistics come from the user's inputs (close to training data: the
+estimate is close to |gamma|). Without it, seeded standard-normal inputs are used: a dead
+channel (gamma ~ 0, so ``W'_c ~ 0``) still has a ~0 deviation whatever the input, so the
+channels Network Slimming kills are found either way; the ranking among live channels is
+only as good as random inputs resemble the data.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from .analysis import Analysis
+from .edits import constant_values
+
+log = logging.getLogger(__name__)
+
+
+def candidates(analysis: Analysis) -> list[tuple[gs.Node, gs.Tensor, str]]:
+    """(scale node, tensor whose statistics score it, kind) for every space without BN scale.
+
+    A producer followed only by a per-channel Mul is the split form; a producer with a
+    constant bias and no BN is taken as folded (a folded BN always leaves a bias) -- unless
+    the model has a BatchNormalization node that the exporter could have folded into a layer
+    of the same op type (the layer's only consumer) and did not: an exporter that kept that
+    BN kept them all, and a Conv with a bias there (squeeze-excitation, a head) never had one.
+    """
+    by_name = {n.name: n for n in analysis.nodes}
+    kept_bn = {n.inputs[0].inputs[0].op for n in analysis.nodes
+               if n.op == "BatchNormalization" and n.inputs[0].inputs and len(n.inputs[0].outputs) == 1}
+    found = []
+    for space in analysis.roots():
+        if space.sources or not space.producers or space.blocked:
+            continue
+        for name in space.producers + space.coupled:
+            node = by_name[name]
+            out = node.outputs[0]
+            users = list(out.outputs)
+            if len(users) == 1 and users[0].op == "Mul" and _per_channel_constant(users[0], analysis):
+                found.append((users[0], users[0].outputs[0], "mul"))
+            elif node.op not in kept_bn and _has_bias(node):
+                found.append((node, out, "folded"))
+    return found
+
+
+def _per_channel_constant(node: gs.Node, analysis: Analysis) -> bool:
+    values = [constant_values(t) for t in node.inputs]
+    const = next((v for v in values if v is not None), None)
+    return const is not None and const.size > 1 and const.size == analysis.static_dims(node.outputs[0], [1])
+
+
+def _has_bias(node: gs.Node) -> bool:
+    if node.op not in ("Conv", "Gemm") or len(node.inputs) < 3:
+        return False
+    bias = constant_values(node.inputs[2])
+    return bias is not None and bias.ndim >= 1 and bias.size > 1
+
+
+def add_data_scores(analysis: Analysis, model: onnx.ModelProto, feeds: dict[str, np.ndarray], source: str) -> int:
+    """Score every space that has no BN with the deviation of its scale nodes' outputs.
+
+    Returns the number of tensors measured. Runs the *original* model once in onnxruntime.
+    """
+    from .verify import run, session, static_batch
+
+    found = candidates(analysis)
+    if not found:
+        return 0
+    names = [t.name for _, t, _ in found]
+    existing = {o.name for o in model.graph.output}
+    extra = [onnx.helper.make_empty_tensor_value_info(n) for n in names if n not in existing]
+    model.graph.output.extend(extra)  # a session with the scale tensors as outputs ...
+    try:
+        sess = session(model, source)
+    finally:
+        for _ in extra:  # ... and the caller's model exactly as it was
+            model.graph.output.pop()
+    outputs = [o.name for o in sess.get_outputs()]
+    values = dict(zip(outputs, run(sess, feeds, batch=static_batch(model) or 256)))
+    for node, tensor, kind in found:
+        act = values[tensor.name].astype(np.float64)
+        axes = tuple(a for a in range(act.ndim) if a != 1)
+        analysis.add_scores(analysis.layout(tensor), act.std(axis=axes), kind, node)
+        # what a removed channel is replaced by: its mean output (beta, for a BN with gamma ~ 0)
+        analysis.scale_nodes[node.name] = act.mean(axis=axes)
+    log.info("scored %d layers from activation statistics (%s)", len(found), ", ".join(sorted({k for *_, k in found})))
+    return len(found)
