@@ -18,7 +18,7 @@ $(VENV)/.fixtures: $(VENV)/.installed
 
 demo: $(VENV)/.installed
 	@mkdir -p $(OUT)
-	$(BIN)/onnx-bnslim fixtures/resnet.onnx --ratio 0.3 -o $(OUT)/resnet.slim.onnx --report $(OUT)/resnet.report.json
+	$(BIN)/onnx-bnslim fixtures/resnet.onnx --ratio 0.25 --data fixtures/heldout.npz -o $(OUT)/resnet.slim.onnx --report $(OUT)/resnet.report.json
 	@echo "wrote $(OUT)/resnet.slim.onnx and $(OUT)/resnet.report.json"
 
 test: $(VENV)/.installed
