@@ -5,10 +5,10 @@
 >>> print(result.report.table())                          # doctest: +SKIP
 """
 
-from .api import InspectResult, PruneResult, inspect, prune
+from .api import InspectResult, PruneResult, inspect, prune, to_openvino
 from .errors import BnSlimError
 from .model_io import load_model, save_model
 from .plan import PruneOptions
 
-__all__ = ["BnSlimError", "InspectResult", "PruneOptions", "PruneResult", "inspect", "load_model", "prune", "save_model"]
+__all__ = ["BnSlimError", "InspectResult", "PruneOptions", "PruneResult", "inspect", "load_model", "prune", "save_model", "to_openvino"]
 __version__ = "0.1.0"

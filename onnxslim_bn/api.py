@@ -5,9 +5,10 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
@@ -18,9 +19,10 @@ from .fold import fold_constants
 from .importance import add_data_scores, candidates
 from .metrics import measure
 from .model_io import load_model
+from .openvino_ir import OpenVinoResult, export_ir
 from .plan import Plan, PruneOptions, select
 from .report import Report, SpaceReport, describe_spaces
-from .shapes import infer_shapes, resolve_input_shapes
+from .shapes import infer_shapes, resolve_input_shapes, skeleton
 from .surgery import apply
 
 log = logging.getLogger(__name__)
@@ -34,6 +36,19 @@ KEEP_BN_FLAGS = ("torch.onnx.export(..., dynamo=False, do_constant_folding=False
 class PruneResult:
     model: onnx.ModelProto
     report: Report
+    # the check's inputs and the pruned model's onnxruntime outputs on them (empty without a check)
+    check_inputs: dict[str, np.ndarray] = field(default_factory=dict)
+    check_outputs: list[np.ndarray] = field(default_factory=list)
+
+
+def to_openvino(result: PruneResult, out_dir: str | os.PathLike, name: str = "model", fp16: bool = False) -> OpenVinoResult:
+    """Write the pruned model as OpenVINO IR and check OpenVINO against onnxruntime on the
+    inputs of the pruned model's check. Adds the outcome to ``result.report``."""
+    if not result.check_inputs:
+        raise BnSlimError("the OpenVINO check needs the onnxruntime check's inputs: prune with verify=True")
+    ir = export_ir(result.model, out_dir, name, fp16, result.check_inputs, result.check_outputs)
+    result.report.openvino = ir
+    return ir
 
 
 @dataclass
@@ -43,10 +58,13 @@ class InspectResult:
     ratio: float | None
 
 
-def _load(model: onnx.ModelProto | str | os.PathLike) -> tuple[onnx.ModelProto, str]:
+def _load(model: onnx.ModelProto | str | os.PathLike) -> tuple[onnx.ModelProto, str, int | None]:
+    """The model, a name for messages, and its file size when it came from a file."""
     if isinstance(model, onnx.ModelProto):
-        return model, model.graph.name or "<model>"
-    return load_model(model), str(model)
+        return model, model.graph.name or "<model>", None
+    proto = load_model(model)
+    data = Path(model).with_name(Path(model).name + ".data")
+    return proto, str(model), Path(model).stat().st_size + (data.stat().st_size if data.is_file() else 0)
 
 
 def _import(model: onnx.ModelProto) -> gs.Graph:
@@ -60,6 +78,7 @@ def _import(model: onnx.ModelProto) -> gs.Graph:
 class _Prepared:
     model: onnx.ModelProto
     source: str
+    size_bytes: int | None
     input_shapes: dict[str, list[int]]
     notes: list[str]
     shapes: dict[str, list]
@@ -68,7 +87,7 @@ class _Prepared:
 
 
 def _prepare(model, options: PruneOptions) -> _Prepared:
-    proto, source = _load(model)
+    proto, source, size = _load(model)
     input_shapes, notes = resolve_input_shapes(proto, options.input_shapes, source)
     shapes = infer_shapes(proto, input_shapes, source)
     graph = _import(proto)
@@ -78,7 +97,7 @@ def _prepare(model, options: PruneOptions) -> _Prepared:
         add_data_scores(analysis, proto, feeds, source)
         notes.append(f"no BatchNormalization for some layers: their BN scale was recovered from activation statistics "
                      f"on {described}" + ("" if options.data else "; pass --data with real inputs for a closer estimate"))
-    return _Prepared(proto, source, input_shapes, notes, shapes, graph, analysis)
+    return _Prepared(proto, source, size, input_shapes, notes, shapes, graph, analysis)
 
 
 def _nothing_to_prune(prep: _Prepared) -> BnSlimError:
@@ -129,16 +148,16 @@ def prune(model: onnx.ModelProto | str | os.PathLike, options: PruneOptions | No
 
     clock = time.perf_counter()
     pruned_shapes = infer_shapes(pruned, prep.input_shapes, "the pruned model")
-    verification = None
+    verification, feeds, outputs = None, {}, []
     if options.verify:
-        verification = _verify(prep, pruned, options)
+        verification, feeds, outputs = _verify(prep, pruned, options)
     seconds["verify"] = time.perf_counter() - clock
     report = Report(
         model=prep.source, output=None, options=_options_dict(options),
-        before=measure(prep.model, prep.shapes), after=measure(pruned, pruned_shapes),
+        before=measure(prep.model, prep.shapes, prep.size_bytes), after=measure(pruned, pruned_shapes),
         verification=verification, surgery=stats, spaces=describe_spaces(prep.analysis, plan),
         notes=prep.notes, seconds=seconds)
-    return PruneResult(pruned, report)
+    return PruneResult(pruned, report, feeds, outputs)
 
 
 def _export(prep: _Prepared) -> onnx.ModelProto:
@@ -152,14 +171,17 @@ def _export(prep: _Prepared) -> onnx.ModelProto:
     del pruned.metadata_props[:]
     pruned.metadata_props.extend(original.metadata_props)
     pruned.metadata_props.add(key="onnx-bnslim", value="pruned")
-    try:
-        return onnx.shape_inference.infer_shapes(pruned, strict_mode=True)
+    try:  # annotate shapes from a weight-less copy: no second copy of the weights in memory
+        inferred = onnx.shape_inference.infer_shapes(skeleton(pruned, None), strict_mode=True)
+        known = {t.name for t in pruned.graph.initializer} | {t.name for t in pruned.graph.input}
+        pruned.graph.value_info.extend(v for v in inferred.graph.value_info if v.name not in known)
+        return pruned
     except onnx.shape_inference.InferenceError as exc:
         raise BnSlimError(f"{prep.source}: the pruned graph fails shape inference ({str(exc).splitlines()[0]}); "
                           "nothing was written. This is a bug in onnx-bnslim: please report it with the model") from exc
 
 
-def _verify(prep: _Prepared, pruned: onnx.ModelProto, options: PruneOptions) -> verify.Verification:
+def _verify(prep: _Prepared, pruned: onnx.ModelProto, options: PruneOptions):
     what = f"{prep.source} (pruned)"
     verify.check_model(pruned, what)
     feeds, described = verify.make_inputs(prep.model, prep.input_shapes, options.data, options.seed)
@@ -170,7 +192,7 @@ def _verify(prep: _Prepared, pruned: onnx.ModelProto, options: PruneOptions) -> 
     if options.max_error is not None and result.max_abs_diff > options.max_error:
         raise BnSlimError(f"{what}: max |pruned - original| = {result.max_abs_diff:.3g} exceeds --max-error "
                           f"{options.max_error:g}; nothing was written. Lower --ratio or raise --max-error")
-    return result
+    return result, feeds, after
 
 
 def _options_dict(options: PruneOptions) -> dict:
@@ -178,4 +200,4 @@ def _options_dict(options: PruneOptions) -> dict:
     return {k: v for k, v in out.items() if v not in (None, [], {})}
 
 
-__all__ = ["PruneResult", "InspectResult", "prune", "inspect"]
+__all__ = ["PruneResult", "InspectResult", "prune", "inspect", "to_openvino"]

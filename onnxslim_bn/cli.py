@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import sys
+import time
 from pathlib import Path
 
 from . import __version__
-from .api import inspect, prune
+from .api import inspect, prune, to_openvino
+from .bench import RUNTIMES, benchmark
 from .errors import BnSlimError
 from .model_io import save_model
 from .plan import PruneOptions
@@ -43,6 +46,8 @@ def _prune_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-error", type=float, help="fail, writing nothing, if max |pruned - original| exceeds this")
     parser.add_argument("--no-verify", action="store_true", help="skip the onnxruntime comparison (the checker still runs)")
     parser.add_argument("--report", help="write the report as JSON to this path")
+    parser.add_argument("--openvino", metavar="OUT_DIR", help="also write OpenVINO IR here, checked against onnxruntime")
+    parser.add_argument("--fp16", action="store_true", help="with --openvino: compress the IR weights to FP16")
     parser.add_argument("--version", action="version", version=f"onnx-bnslim {__version__}")
     return parser
 
@@ -54,6 +59,36 @@ def _inspect_parser() -> argparse.ArgumentParser:
     parser.add_argument("--ratio", type=float, help="also show what each space would lose at this ratio")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     return parser
+
+
+def _bench_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="onnx-bnslim bench",
+        description="Latency of the original and the pruned model, interleaved, in onnxruntime and OpenVINO, "
+                    "with the speed-up the MAC count promises.")
+    parser.add_argument("original")
+    parser.add_argument("pruned")
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 32], help="batch sizes (default 1 32)")
+    parser.add_argument("--threads", type=int, help="threads per runtime (default: all cores)")
+    parser.add_argument("--runs", type=int, default=30, help="timed runs per model (default 30)")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed runs first (default 5)")
+    parser.add_argument("--runtimes", nargs="+", default=list(RUNTIMES), choices=list(RUNTIMES))
+    parser.add_argument("--input-shapes", nargs="+", metavar="NAME:D0,D1,..", help="fix dynamic non-batch dims")
+    parser.add_argument("--json", help="also write the result as JSON to this path")
+    parser.add_argument("--markdown", action="store_true", help="print a Markdown table")
+    return parser
+
+
+def run_bench(argv: list[str]) -> int:
+    args = _bench_parser().parse_args(argv)
+    result = benchmark(args.original, args.pruned, tuple(args.batch), args.threads, args.runs, args.warmup,
+                       tuple(args.runtimes), parse_input_shapes(args.input_shapes), progress=sys.stderr.isatty())
+    print(f"onnx-bnslim bench: {args.original} vs {args.pruned}, {result.threads} threads, "
+          f"{result.runs} interleaved runs each; median (10th-90th percentile)")
+    print(result.table(markdown=args.markdown))
+    if args.json:
+        _write_text(Path(args.json), json.dumps(result.to_dict(), indent=2) + "\n")
+    return 0
 
 
 def _output_path(model: str, output: str | None) -> Path:
@@ -77,9 +112,18 @@ def run_prune(argv: list[str]) -> int:
     out = _output_path(args.model, args.output)
     options = _options(args, ratio=args.ratio, threshold=args.threshold, data=args.data,
                        max_error=args.max_error, verify=not args.no_verify)
+    if args.fp16 and not args.openvino:
+        raise BnSlimError("--fp16 applies to the OpenVINO IR: add --openvino OUT_DIR")
+    if args.openvino and args.no_verify:
+        raise BnSlimError("--openvino checks OpenVINO against onnxruntime on the check's inputs: drop --no-verify")
     result = prune(args.model, options)
+    gc.collect()  # the original model is garbage now, held only by graph reference cycles: free it before saving
+    if args.openvino:
+        to_openvino(result, args.openvino, out.stem, fp16=args.fp16)
     result.report.output = str(out)
+    clock = time.perf_counter()
     result.report.after.size_bytes = save_model(result.model, out)
+    result.report.seconds["save"] = time.perf_counter() - clock
     print(f"onnx-bnslim {__version__}: {args.model} -> {out}")
     print(result.report.table(verbose=args.verbose))
     if args.report:
@@ -123,6 +167,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if argv[:1] == ["inspect"]:
             return run_inspect(argv[1:])
+        if argv[:1] == ["bench"]:
+            return run_bench(argv[1:])
         return run_prune(argv)
     except BnSlimError as exc:
         print(f"onnx-bnslim: error: {exc}", file=sys.stderr)

@@ -19,8 +19,17 @@ def constant_values(tensor: gs.Tensor) -> np.ndarray | None:
     """The numpy value of a constant input, or None when the tensor is computed."""
     if not isinstance(tensor, gs.Constant):
         return None
-    values = tensor.values
-    return np.asarray(values.load() if hasattr(values, "load") else values)
+    # Constant.values would load a lazy weight *and keep it*: every weight read once would then
+    # sit in memory at full size until the end. Read lazy values without caching them.
+    values = getattr(tensor, "_values", None)
+    if values is None or not hasattr(values, "load"):
+        return np.asarray(tensor.values)
+    return np.asarray(values.load())
+
+
+def constant_shape(tensor: gs.Tensor) -> tuple[int, ...] | None:
+    """The shape of a constant input without loading its values (weights can be large)."""
+    return tuple(tensor.shape) if isinstance(tensor, gs.Constant) else None
 
 
 def replace_constant(node: gs.Node, index: int, values: np.ndarray) -> None:

@@ -7,7 +7,6 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
 
 @dataclass
@@ -15,7 +14,7 @@ class Metrics:
     channels: int  # output channels of every Conv / ConvTranspose / Gemm / MatMul with a weight
     parameters: int
     macs: int
-    size_bytes: int
+    size_bytes: int  # the file's size when known, else the weights' bytes
     ops: dict[str, int] = field(default_factory=dict)
     layers: dict[str, dict] = field(default_factory=dict)  # node name -> {op, out, macs}
 
@@ -60,7 +59,7 @@ def measure(model: onnx.ModelProto, shapes: dict[str, list], size_bytes: int | N
         channels += out_c
         macs += layer_macs
         layers[node.name] = {"op": node.op_type, "out_channels": out_c, "macs": layer_macs}
-    return Metrics(channels, params, macs, size_bytes if size_bytes is not None else model.ByteSize(),
+    return Metrics(channels, params, macs, size_bytes if size_bytes is not None else weight_bytes(model),
                    dict(Counter(n.op_type for n in model.graph.node)), layers)
 
 
@@ -73,5 +72,10 @@ def _static_prod(shape: list) -> int:
     return n
 
 
-def weights(model: onnx.ModelProto) -> dict[str, np.ndarray]:
-    return {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+def weight_bytes(model: onnx.ModelProto) -> int:
+    """Bytes of the initializers, without serializing the model (ByteSize() would, in full)."""
+    total = 0
+    for t in model.graph.initializer:
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(t.data_type) if t.data_type else np.dtype(np.float32)
+        total += int(np.prod(t.dims)) * dtype.itemsize
+    return total

@@ -49,7 +49,9 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike) -> int:
         raise BnSlimError(f"{path}: the output folder {directory} does not exist; create it or pass another -o")
     if not os.access(directory, os.W_OK):
         raise BnSlimError(f"{path}: the output folder {directory} is not writable; pass another -o")
-    external = model.ByteSize() > _PROTO_LIMIT
+    from .metrics import weight_bytes
+
+    external = weight_bytes(model) > _PROTO_LIMIT - 2**26  # ByteSize() would serialize the whole model
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
     os.close(fd)
     data_name = path.name + ".data"

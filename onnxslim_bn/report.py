@@ -9,6 +9,7 @@ import numpy as np
 
 from .analysis import Analysis, Segment
 from .metrics import Metrics
+from .openvino_ir import OpenVinoResult
 from .plan import Plan
 from .surgery import SurgeryStats
 from .verify import Verification
@@ -75,6 +76,7 @@ class Report:
     spaces: list[SpaceReport]
     notes: list[str] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
+    openvino: "OpenVinoResult | None" = None
 
     @property
     def removed_channels(self) -> int:
@@ -92,6 +94,7 @@ class Report:
             "verification": None if self.verification is None else self.verification.to_dict(),
             "compensation": asdict(self.surgery), "coverage": coverage(self.spaces),
             "spaces": [asdict(s) for s in self.spaces], "notes": self.notes, "seconds": self.seconds,
+            "openvino": None if self.openvino is None else self.openvino.to_dict(),
         }
 
     def to_json(self) -> str:
@@ -107,7 +110,7 @@ class Report:
         for op in sorted(set(self.before.ops) | set(self.after.ops)):
             rows.append((op, self.before.ops.get(op, 0), self.after.ops.get(op, 0), _int))
         body = [(name, fmt(a), fmt(b), _change(a, b)) for name, a, b, fmt in rows]
-        lines = _grid(("", "Original", "Pruned", "Change"), body)
+        lines = grid(("", "Original", "Pruned", "Change"), body)
         lines.append(f"Removed {self.removed_channels} of {self.prunable_channels} prunable channels "
                      f"in {sum(1 for s in self.spaces if s.kept < s.channels)} spaces"
                      f" ({sum(1 for s in self.spaces if s.blocked)} spaces left alone; `onnx-bnslim inspect` says why).")
@@ -126,6 +129,9 @@ class Report:
             if top1:
                 line += f", top-1 agreement {min(top1):.2%}"
             lines.append(line)
+        if self.openvino is not None:
+            ov = self.openvino
+            lines.append(f"OpenVINO IR ({'FP16' if ov.fp16 else 'FP32'}): {ov.xml}; max |diff| vs onnxruntime {ov.max_abs_diff:.3g}")
         lines.extend(f"Note: {n}" for n in self.notes)
         if verbose:
             lines.append("")
@@ -139,7 +145,7 @@ def layer_table(before: Metrics, after: Metrics) -> list[str]:
         new = after.layers.get(name, {"out_channels": 0, "macs": 0})
         body.append((name, layer["op"], f"{layer['out_channels']} -> {new['out_channels']}",
                      f"{_si(layer['macs'])} -> {_si(new['macs'])}"))
-    return _grid(("Layer", "Op", "Channels", "MACs"), body)
+    return grid(("Layer", "Op", "Channels", "MACs"), body)
 
 
 def inspect_table(spaces: list[SpaceReport], ratio: float | None) -> str:
@@ -150,7 +156,7 @@ def inspect_table(spaces: list[SpaceReport], ratio: float | None) -> str:
         lose = "" if ratio is None or s.blocked else str(s.channels - s.kept)
         body.append((head, str(s.channels), s.source or "-", stats, lose, s.blocked or "prunable"))
     cov = coverage(spaces)
-    lines = _grid(("Space (producer)", "Channels", "Source", "|scale| min / median / max",
+    lines = grid(("Space (producer)", "Channels", "Source", "|scale| min / median / max",
                    f"Removed at {ratio}" if ratio is not None else "Removed", "Status"), body)
     lines.append(f"Coverage: {cov['prunable_channels']} of {cov['channels']} layer output channels "
                  f"({cov['prunable_fraction']:.1%}) are prunable.")
@@ -159,7 +165,7 @@ def inspect_table(spaces: list[SpaceReport], ratio: float | None) -> str:
     return "\n".join(lines)
 
 
-def _grid(header: tuple, body: list[tuple]) -> list[str]:
+def grid(header: tuple, body: list[tuple]) -> list[str]:
     widths = [max(len(str(r[i])) for r in [header, *body]) for i in range(len(header))]
     rule = "+" + "+".join("-" * (w + 2) for w in widths) + "+"
     def line(r, left_first=True):

@@ -76,15 +76,17 @@ def skeleton(model: onnx.ModelProto, input_shapes: dict[str, list[int]] | None) 
     such as Reshape targets; this keeps inference cheap on models of hundreds of MB.
     """
     light = onnx.ModelProto()
-    weights = list(model.graph.initializer)
-    del model.graph.initializer[:]  # copy everything but the weights, then put them back
-    try:
-        light.CopyFrom(model)
-    finally:
-        model.graph.initializer.extend(weights)
-    graph = light.graph
+    for name in ("ir_version", "producer_name", "producer_version", "domain", "model_version"):
+        setattr(light, name, getattr(model, name))
+    light.opset_import.extend(model.opset_import)
+    light.functions.extend(model.functions)
+    source, graph = model.graph, light.graph
+    graph.name = source.name
+    graph.node.extend(source.node)
+    graph.input.extend(source.input)
+    graph.output.extend(source.output)
     listed = {i.name for i in graph.input}
-    for t in weights:
+    for t in source.initializer:  # small constants (shape targets) stay; weights become typed inputs
         if _numel(t) <= 64:
             graph.initializer.append(t)
         elif t.name not in listed:
@@ -94,7 +96,6 @@ def skeleton(model: onnx.ModelProto, input_shapes: dict[str, list[int]] | None) 
             for dim, size in zip(value.type.tensor_type.shape.dim, input_shapes[value.name]):
                 dim.Clear()
                 dim.dim_value = size
-    del graph.value_info[:]
     return light
 
 

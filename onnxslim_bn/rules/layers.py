@@ -6,7 +6,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from ..analysis import Analysis, width
-from ..edits import SetGroup, SliceParam, constant_values, replace_constant
+from ..edits import SetGroup, SliceParam, constant_shape, constant_values, replace_constant
 from . import Compensation, Rule, attr, block_inputs, register
 
 
@@ -27,12 +27,12 @@ class ConvRule(Rule):
     ops = ("Conv",)
 
     def analyze(self, node: gs.Node, ctx: Analysis) -> None:
-        weight = constant_values(node.inputs[1])
+        weight = constant_shape(node.inputs[1])
         if weight is None:
             block_inputs(node, ctx, "has a computed weight")
             return
         group = attr(node, "group", 1)
-        c_out, c_in = weight.shape[0], weight.shape[1] * group
+        c_out, c_in = weight[0], weight[1] * group
         bias_ok = len(node.inputs) < 3 or not node.inputs[2].name or isinstance(node.inputs[2], gs.Constant)
         layout = ctx.layout(node.inputs[0])
         if not bias_ok:
@@ -64,11 +64,12 @@ class ConvRule(Rule):
             ctx.set_layout(node.outputs[0], ctx.opaque(c_out, f"Conv {node.name} {why}"))
 
     def dead_values(self, node, ctx, inputs):
-        weight = constant_values(node.inputs[1])
-        bias = _bias(node, weight.shape[0])
-        unknown = np.full(weight.shape[0], np.nan)
+        c_out = constant_shape(node.inputs[1])[0]
+        bias = _bias(node, c_out)
+        unknown = np.full(c_out, np.nan)
         if attr(node, "group", 1) != 1 and inputs[0] is not None:  # depthwise: constant in, constant out
-            unknown = inputs[0] * weight.reshape(weight.shape[0], -1).sum(1) + bias
+            weight = constant_values(node.inputs[1])
+            unknown = inputs[0] * weight.reshape(c_out, -1).sum(1) + bias
         if node.name in ctx.scale_nodes:  # BN folded in: the channel's mean output (~beta)
             return [np.where(np.isfinite(unknown), unknown, ctx.scale_nodes[node.name])]
         return [unknown]
@@ -76,15 +77,16 @@ class ConvRule(Rule):
     def compensate(self, node, ctx, dead, removed):
         weight = constant_values(node.inputs[1])
         value, missing = _removed_rows(dead, removed)
-        delta = weight.reshape(weight.shape[0], weight.shape[1], -1).astype(np.float64).sum(2) @ value
+        rows = np.flatnonzero(value)  # only the removed channels' taps are read, summed in float64
+        taps = weight[:, rows].reshape(weight.shape[0], len(rows), -1) if len(rows) else np.zeros((weight.shape[0], 0, 1))
+        delta = taps.sum(2, dtype=np.float64) @ value[rows]
         unpadded = not any(attr(node, "pads", [0])) and attr(node, "auto_pad", "NOTSET") in ("NOTSET", "VALID")
         exact = unpadded or all(k == 1 for k in weight.shape[2:])
         return Compensation(delta, exact, missing)
 
     def add_bias(self, node, delta, graph):
-        weight = constant_values(node.inputs[1])
-        bias = _bias(node, weight.shape[0]) + delta
-        bias = bias.astype(weight.dtype)
+        weight = node.inputs[1]
+        bias = (_bias(node, weight.shape[0]) + delta).astype(weight.dtype)
         if len(node.inputs) > 2 and isinstance(node.inputs[2], gs.Constant):
             replace_constant(node, 2, bias)
         else:
@@ -122,27 +124,25 @@ class GemmRule(Rule):
         return (1, 0) if node.op == "Gemm" and attr(node, "transB", 0) else (0, 1)
 
     def analyze(self, node: gs.Node, ctx: Analysis) -> None:
-        weight = constant_values(node.inputs[1])
+        weight = constant_shape(node.inputs[1])
         layout = ctx.layout(node.inputs[0])
         rank_ok = ctx.rank(node.inputs[0]) == 2
-        if weight is None or weight.ndim != 2 or not rank_ok or attr(node, "transA", 0):
-            why = ("has a computed weight" if weight is None or weight.ndim != 2
+        if weight is None or len(weight) != 2 or not rank_ok or attr(node, "transA", 0):
+            why = ("has a computed weight" if weight is None or len(weight) != 2
                    else "multiplies a tensor that is not [batch, features]")
             block_inputs(node, ctx, why)
-            if node.op == "MatMul" and weight is None:
-                return
-            if weight is not None and weight.ndim == 2:
-                ctx.set_layout(node.outputs[0], ctx.opaque(weight.shape[self._weight_axes(node)[1]], f"{node.op} {node.name} {why}"))
+            if weight is not None and len(weight) == 2:
+                ctx.set_layout(node.outputs[0], ctx.opaque(weight[self._weight_axes(node)[1]], f"{node.op} {node.name} {why}"))
             return
         in_axis, out_axis = self._weight_axes(node)
         if layout is not None:
-            if width(layout) != weight.shape[in_axis]:
-                ctx.block(layout, f"{node.op} {node.name} reads {weight.shape[in_axis]} features, "
+            if width(layout) != weight[in_axis]:
+                ctx.block(layout, f"{node.op} {node.name} reads {weight[in_axis]} features, "
                                   f"the channels upstream give {width(layout)}")
             else:
                 ctx.edit(SliceParam(node, 1, in_axis, layout))
                 ctx.consume(node, self)
-        out = ctx.new_space(weight.shape[out_axis], node)
+        out = ctx.new_space(weight[out_axis], node)
         ctx.edit(SliceParam(node, 1, out_axis, out))
         if node.op == "Gemm" and len(node.inputs) > 2 and node.inputs[2].name:
             bias = constant_values(node.inputs[2])
@@ -159,18 +159,20 @@ class GemmRule(Rule):
         return [ctx.scale_nodes[node.name]]  # BN1d folded in: the column's mean output (~beta)
 
     def compensate(self, node, ctx, dead, removed):
-        weight = constant_values(node.inputs[1]).astype(np.float64)
+        weight = constant_values(node.inputs[1])
         in_axis, _ = self._weight_axes(node)
         layout = ctx.layout(node.inputs[0])
         repeat = np.concatenate([np.full(s.size, s.repeat) for s in layout])
         value, missing = _removed_rows(dead, removed, repeat)
-        delta = value @ (weight if in_axis == 0 else weight.T)
+        rows = np.flatnonzero(value)
+        taps = np.take(weight, rows, axis=in_axis).astype(np.float64)
+        delta = value[rows] @ (taps if in_axis == 0 else taps.T)
         if node.op == "Gemm":
             delta = delta * attr(node, "alpha", 1.0)
         return Compensation(delta, True, missing)
 
     def add_bias(self, node, delta, graph):
-        dtype = constant_values(node.inputs[1]).dtype
+        dtype = node.inputs[1].dtype
         if node.op == "Gemm":
             beta = attr(node, "beta", 1.0)
             bias = constant_values(node.inputs[2]) if len(node.inputs) > 2 else None

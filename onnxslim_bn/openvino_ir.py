@@ -1,0 +1,83 @@
+"""Hand the pruned model to OpenVINO: IR export and an output check against onnxruntime."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from .errors import BnSlimError
+
+# OpenVINO's CPU plugin computes in FP32 when asked to; FP16 weights cost about 3 decimal digits.
+TOLERANCE = {False: 1e-4, True: 2e-2}  # of the largest |output|, by --fp16
+
+
+@dataclass
+class OpenVinoResult:
+    xml: str
+    fp16: bool
+    max_abs_diff: float  # OpenVINO vs onnxruntime on the pruned model, same inputs
+    max_abs_value: float
+    passed: bool
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _openvino():
+    try:
+        import openvino
+    except ImportError as exc:  # a broken install, since openvino is a dependency
+        raise BnSlimError("--openvino needs the openvino package: pip install openvino") from exc
+    return openvino
+
+
+def compile_cpu(model, threads: int | None = None, fp32: bool = True):
+    """A compiled OpenVINO CPU model from an ov.Model or a file path."""
+    ov = _openvino()
+    config = {"INFERENCE_PRECISION_HINT": "f32"} if fp32 else {}
+    if threads:
+        config["INFERENCE_NUM_THREADS"] = int(threads)
+    return ov.Core().compile_model(model, "CPU", config)
+
+
+def export_ir(model: onnx.ModelProto, out_dir: str | os.PathLike, name: str, fp16: bool,
+              feeds: dict[str, np.ndarray], reference: list[np.ndarray]) -> OpenVinoResult:
+    """Convert ``model`` to IR in ``out_dir`` (``name.xml`` + ``name.bin``) and compare
+    OpenVINO's outputs with ``reference`` (onnxruntime's, on ``feeds``).
+
+    Files appear in ``out_dir`` only after the check passed, each by an atomic rename.
+    """
+    ov = _openvino()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out_dir, prefix=".ir-") as tmp:
+        onnx_path = Path(tmp) / "model.onnx"
+        onnx.save_model(model, onnx_path, save_as_external_data=model.ByteSize() > 2**31 - 2**20)
+        ov_model = ov.convert_model(str(onnx_path))
+        xml = Path(tmp) / f"{name}.xml"
+        ov.save_model(ov_model, str(xml), compress_to_fp16=fp16)
+        compiled = compile_cpu(str(xml))
+        request = compiled.create_infer_request()
+        outputs = []
+        n = len(next(iter(feeds.values())))
+        batch = compiled.inputs[0].get_partial_shape()[0]
+        step = batch.get_length() if batch.is_static else n
+        for i in range(0, n, step):
+            result = request.infer({k: v[i : i + step] for k, v in feeds.items()})
+            outputs.append([result[o] for o in compiled.outputs])
+        got = [np.concatenate(parts) for parts in zip(*outputs)]
+        diff = max(float(np.max(np.abs(a.astype(np.float64) - b.astype(np.float64)))) for a, b in zip(got, reference))
+        scale = max(float(np.max(np.abs(r))) for r in reference)
+        passed = diff <= TOLERANCE[fp16] * max(scale, 1.0)
+        if not passed:
+            raise BnSlimError(f"{out_dir / (name + '.xml')}: OpenVINO's outputs differ from onnxruntime's by {diff:.3g} "
+                              f"(outputs up to {scale:.3g}); nothing was written. Try without --fp16 or report the model")
+        for suffix in (".bin", ".xml"):  # .xml last: a reader never sees an .xml without its .bin
+            shutil.move(str(xml.with_suffix(suffix)), str(out_dir / f"{name}{suffix}"))
+    return OpenVinoResult(str(out_dir / f"{name}.xml"), fp16, diff, scale, passed)
