@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 OUT    := out
 
-.PHONY: demo test fixtures clean
+.PHONY: demo test fixtures bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,10 @@ test: $(VENV)/.installed
 
 fixtures: $(VENV)/.fixtures
 	$(BIN)/python fixtures/train.py
+
+# Measures, asserts nothing; needs torch (fixtures extra) to build the ResNet-50-sized model.
+bench: $(VENV)/.fixtures
+	$(BIN)/python bench/run.py
 
 clean:
 	rm -rf $(VENV) $(OUT) .pytest_cache

@@ -156,7 +156,7 @@ def prune(model: onnx.ModelProto | str | os.PathLike, options: PruneOptions | No
         model=prep.source, output=None, options=_options_dict(options),
         before=measure(prep.model, prep.shapes, prep.size_bytes), after=measure(pruned, pruned_shapes),
         verification=verification, surgery=stats, spaces=describe_spaces(prep.analysis, plan),
-        notes=prep.notes, seconds=seconds)
+        notes=prep.notes, seconds=seconds, chosen_channels=plan.chosen)
     return PruneResult(pruned, report, feeds, outputs)
 
 

@@ -27,7 +27,8 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--keep", nargs="+", default=[], metavar="PATTERN",
                         help="never prune layers whose node name matches (fnmatch), e.g. --keep '/head/*'")
     parser.add_argument("--min-channels", type=int, default=4, help="channels a layer keeps at least (default 4)")
-    parser.add_argument("--round-to", type=int, default=1, help="round kept widths up to a multiple of N (default 1)")
+    parser.add_argument("--round-to", type=int, default=8,
+                        help="round kept widths up to a multiple of N, in layers of at least 4N channels (default 8; 1 = exact ratio)")
     parser.add_argument("-v", "--verbose", action="store_true", help="per-layer detail and debug logging")
 
 

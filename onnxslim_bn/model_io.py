@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from pathlib import Path
@@ -11,8 +12,31 @@ from google.protobuf.message import DecodeError
 
 from .errors import BnSlimError
 
-# A protobuf cannot exceed 2 GiB; above this we write the weights as external data.
-_PROTO_LIMIT = 2**31 - 2**20
+# A protobuf cannot exceed 2 GiB; models whose weights come near it travel as external data.
+PROTO_LIMIT = 2**31 - 2**27
+
+
+def too_large_for_protobuf(model: onnx.ModelProto) -> bool:
+    from .metrics import weight_bytes
+
+    return weight_bytes(model) > PROTO_LIMIT
+
+
+def _save_external(model: onnx.ModelProto, path: Path) -> None:
+    """Save with the weights in ``<name>.data`` beside ``path``, leaving ``model`` as it was
+    (onnx.save_model moves the weights out of the proto in memory; they are read back)."""
+    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=path.name + ".data", size_threshold=1024)
+    onnx.external_data_helper.load_external_data_for_model(model, str(path.parent))
+
+
+@contextlib.contextmanager
+def as_file(model: onnx.ModelProto):
+    """A temporary path holding ``model`` (weights as external data), for tools that need one."""
+    with tempfile.TemporaryDirectory(prefix="onnx-bnslim-") as tmp:
+        path = Path(tmp) / "model.onnx"
+        _save_external(model, path)
+        yield path
 
 
 def load_model(path: str | os.PathLike) -> onnx.ModelProto:
@@ -49,33 +73,17 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike) -> int:
         raise BnSlimError(f"{path}: the output folder {directory} does not exist; create it or pass another -o")
     if not os.access(directory, os.W_OK):
         raise BnSlimError(f"{path}: the output folder {directory} is not writable; pass another -o")
-    from .metrics import weight_bytes
-
-    external = weight_bytes(model) > _PROTO_LIMIT - 2**26  # ByteSize() would serialize the whole model
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
-    os.close(fd)
+    external = too_large_for_protobuf(model)
     data_name = path.name + ".data"
-    try:
+    with tempfile.TemporaryDirectory(prefix=f".{path.name}.", dir=directory) as tmp:
+        staged = Path(tmp) / path.name
         if external:
-            tmp_data = Path(tmp).name + ".data"
-            onnx.save_model(model, tmp, save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=tmp_data, size_threshold=1024)
-            # The model names its data file; rewrite the name before the rename.
-            saved = onnx.load(tmp, load_external_data=False)
-            for tensor in onnx.external_data_helper._get_all_tensors(saved):
-                for entry in tensor.external_data:
-                    if entry.key == "location":
-                        entry.value = data_name
-            with open(tmp, "wb") as f:
-                f.write(saved.SerializeToString())
-            os.replace(directory / tmp_data, directory / data_name)
+            _save_external(model, staged)
+            os.replace(staged.with_name(data_name), directory / data_name)
         else:
-            with open(tmp, "wb") as f:
+            with open(staged, "wb") as f:
                 f.write(model.SerializeToString())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        os.replace(staged, path)  # the model last: it never names a data file that is not there
     size = path.stat().st_size
     if external:
         size += (directory / data_name).stat().st_size

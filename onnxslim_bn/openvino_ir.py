@@ -12,6 +12,7 @@ import numpy as np
 import onnx
 
 from .errors import BnSlimError
+from .model_io import as_file
 
 # OpenVINO's CPU plugin computes in FP32 when asked to; FP16 weights cost about 3 decimal digits.
 TOLERANCE = {False: 1e-4, True: 2e-2}  # of the largest |output|, by --fp16
@@ -57,9 +58,8 @@ def export_ir(model: onnx.ModelProto, out_dir: str | os.PathLike, name: str, fp1
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out_dir, prefix=".ir-") as tmp:
-        onnx_path = Path(tmp) / "model.onnx"
-        onnx.save_model(model, onnx_path, save_as_external_data=model.ByteSize() > 2**31 - 2**20)
-        ov_model = ov.convert_model(str(onnx_path))
+        with as_file(model) as onnx_path:
+            ov_model = ov.convert_model(str(onnx_path))
         xml = Path(tmp) / f"{name}.xml"
         ov.save_model(ov_model, str(xml), compress_to_fp16=fp16)
         compiled = compile_cpu(str(xml))

@@ -77,6 +77,7 @@ class Report:
     notes: list[str] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
     openvino: "OpenVinoResult | None" = None
+    chosen_channels: int = 0  # what the ranking chose before rounding widths
 
     @property
     def removed_channels(self) -> int:
@@ -90,6 +91,7 @@ class Report:
         return {
             "model": self.model, "output": self.output, "options": self.options,
             "removed_channels": self.removed_channels, "prunable_channels": self.prunable_channels,
+            "chosen_channels": self.chosen_channels,
             "before": self.before.to_dict(), "after": self.after.to_dict(),
             "verification": None if self.verification is None else self.verification.to_dict(),
             "compensation": asdict(self.surgery), "coverage": coverage(self.spaces),
@@ -111,9 +113,13 @@ class Report:
             rows.append((op, self.before.ops.get(op, 0), self.after.ops.get(op, 0), _int))
         body = [(name, fmt(a), fmt(b), _change(a, b)) for name, a, b, fmt in rows]
         lines = grid(("", "Original", "Pruned", "Change"), body)
-        lines.append(f"Removed {self.removed_channels} of {self.prunable_channels} prunable channels "
-                     f"in {sum(1 for s in self.spaces if s.kept < s.channels)} spaces"
-                     f" ({sum(1 for s in self.spaces if s.blocked)} spaces left alone; `onnx-bnslim inspect` says why).")
+        cut, alone = sum(1 for s in self.spaces if s.kept < s.channels), sum(1 for s in self.spaces if s.blocked)
+        lines.append(f"Removed {self.removed_channels} of {self.prunable_channels} prunable channels in {_n(cut, 'space')} "
+                     f"({_n(alone, 'space')} left alone; `onnx-bnslim inspect` says why).")
+        if self.chosen_channels > self.removed_channels:
+            lines.append(f"The ranking chose {self.chosen_channels}; rounding widths to multiples of "
+                         f"{self.options.get('round_to')} kept {self.chosen_channels - self.removed_channels} of them "
+                         "(--round-to 1 for the exact ratio).")
         if self.surgery.compensated_layers:
             lines.append(f"Removed channels' constants folded into {self.surgery.compensated_layers} layers' bias"
                          + (f" ({self.surgery.approximate_layers} padded convs: exact inside, approximate at borders)"
@@ -172,6 +178,10 @@ def grid(header: tuple, body: list[tuple]) -> list[str]:
         cells = [f" {str(c):<{w}} " if i == 0 else f" {str(c):>{w}} " for i, (c, w) in enumerate(zip(r, widths))]
         return "|" + "|".join(cells) + "|"
     return [rule, line(header), rule, *(line(r) for r in body), rule]
+
+
+def _n(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
 
 
 def _int(n: int) -> str:

@@ -10,6 +10,7 @@ import numpy as np
 import onnx
 
 from .errors import BnSlimError
+from .model_io import as_file, too_large_for_protobuf
 from .shapes import graph_inputs
 
 log = logging.getLogger(__name__)
@@ -54,7 +55,10 @@ def session(model: onnx.ModelProto, what: str):
     options = ort.SessionOptions()
     options.log_severity_level = 3
     try:
-        return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        if not too_large_for_protobuf(model):
+            return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        with as_file(model) as path:  # over 2 GB: from a file with external data
+            return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises its own unexported exception types
         raise BnSlimError(f"{what}: onnxruntime cannot load it ({str(exc).splitlines()[0]})") from exc
 
@@ -62,7 +66,11 @@ def session(model: onnx.ModelProto, what: str):
 def check_model(model: onnx.ModelProto, what: str) -> None:
     """onnx.checker with full (strict shape inference) checks."""
     try:
-        onnx.checker.check_model(model, full_check=True)
+        if too_large_for_protobuf(model):
+            with as_file(model) as path:
+                onnx.checker.check_model(str(path), full_check=True)
+        else:
+            onnx.checker.check_model(model, full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
         raise BnSlimError(f"{what}: the ONNX checker rejects it ({str(exc).splitlines()[0]})") from exc
 

@@ -28,7 +28,7 @@ def digest(p) -> str:
 
 def test_prune_writes_model_table_and_json_report(vgg, capsys):
     report = vgg.with_name("report.json")
-    assert main([str(vgg), "--ratio", "0.1", "--report", str(report), "-v"]) == 0
+    assert main([str(vgg), "--ratio", "0.1", "--round-to", "1", "--report", str(report), "-v"]) == 0
     out = capsys.readouterr().out
     slim = vgg.with_name("vgg.slim.onnx")
     assert slim.is_file()
@@ -105,3 +105,23 @@ def test_bad_input_is_one_line_nonzero_no_output_input_untouched(case, tmp_path,
 def test_missing_file_is_one_line(tmp_path, capsys):
     assert main([str(tmp_path / "absent.onnx"), "--ratio", "0.5"]) == 1
     assert "no such file" in capsys.readouterr().err
+
+
+def test_external_data_models_load_prune_and_save(tmp_path, monkeypatch, capsys):
+    # the dynamo exporter writes external data even for small models; models over 2 GB must use it
+    model = onnx.load(str(path("resnet")))
+    source = tmp_path / "ext.onnx"
+    onnx.save_model(model, str(source), save_as_external_data=True, location="ext.onnx.data", size_threshold=0)
+    assert (tmp_path / "ext.onnx.data").is_file()
+    from onnxslim_bn import model_io
+
+    monkeypatch.setattr(model_io, "PROTO_LIMIT", 1000)  # treat every model as over the protobuf limit
+    out = tmp_path / "out.onnx"
+    assert main([str(source), "--ratio", "0.3", "-o", str(out), "--openvino", str(tmp_path / "ir")]) == 0
+    assert "max |diff|" in capsys.readouterr().out
+    assert (tmp_path / "out.onnx.data").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ext.onnx", "ext.onnx.data", "ir", "out.onnx", "out.onnx.data"]
+    import onnxruntime as ort
+
+    x = np.random.default_rng(0).standard_normal((2, 3, 16, 16)).astype(np.float32)
+    assert ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0].shape == (2, 10)

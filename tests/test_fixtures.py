@@ -29,7 +29,7 @@ def test_fixture_channels_called_dead_are_dead(name):
 def test_pruned_at_its_sparsity_keeps_accuracy(name):
     model = onnx.load(str(path(name)))
     ratio = sparsity(name)
-    result = prune(model, ratio=ratio, min_channels=1)
+    result = prune(model, ratio=ratio, min_channels=1, round_to=1)
     report = result.report
     assert report.removed_channels == int(np.floor(ratio * report.prunable_channels + 1e-9))
     assert report.after.macs < report.before.macs
@@ -54,7 +54,7 @@ def test_dead_channels_with_zero_beta_are_reproduced_exactly(name):
             gamma[dead], beta[dead] = 0.0, 0.0
             by_name[node.input[1]].CopyFrom(numpy_helper.from_array(gamma, node.input[1]))
             by_name[node.input[2]].CopyFrom(numpy_helper.from_array(beta, node.input[2]))
-    result = prune(model, threshold=DEAD, min_channels=1)
+    result = prune(model, threshold=DEAD, min_channels=1, round_to=1)
     assert result.report.removed_channels > 0
     x = heldout()[0][:200]
     np.testing.assert_allclose(run(result.model, {"input": x})[0], run(model, {"input": x})[0], atol=1e-5, rtol=0)
@@ -64,9 +64,19 @@ def test_dead_channels_with_zero_beta_are_reproduced_exactly(name):
 @pytest.mark.parametrize("ratio", [0.1, 0.3, 0.5, 0.7, 0.9])
 def test_ratio_sweep_yields_valid_models(name, ratio):
     # prune() runs the checker, shape inference and onnxruntime, and compares output shapes
-    result = prune(str(path(name)), ratio=ratio)
+    result = prune(str(path(name)), ratio=ratio, round_to=1)
     report = result.report
     assert 0 < report.removed_channels <= ratio * report.prunable_channels + 1
     assert all(s.kept >= min(4, s.channels) for s in report.spaces)
+    x = heldout()[0][:8]
+    assert run(result.model, {"input": x})[0].shape == (8, 10)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_default_rounding_keeps_widths_of_eight(name):
+    result = prune(str(path(name)), ratio=0.5)
+    for space in result.report.spaces:
+        if space.blocked is None and space.channels >= 32:
+            assert space.kept % 8 == 0 or space.kept == space.channels, space
     x = heldout()[0][:8]
     assert run(result.model, {"input": x})[0].shape == (8, 10)

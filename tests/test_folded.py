@@ -15,7 +15,7 @@ FORMS = ["ts-folded", "dynamo-folded", "dynamo-kept"]
 
 def removed_channels(model, ratio, **kwargs) -> tuple[set, object]:
     """Removed (producer position, channel) pairs; producers matched by graph order."""
-    result = prune(model, ratio=ratio, min_channels=1, **kwargs)
+    result = prune(model, ratio=ratio, min_channels=1, round_to=1, **kwargs)
     proto = model if isinstance(model, onnx.ModelProto) else onnx.load(str(model))
     order = [n.name for n in proto.graph.node if n.op_type in ("Conv", "Gemm")]
     removed = set()
@@ -94,7 +94,7 @@ def test_split_bn_mul_add_as_tf_and_paddle_write_it(opset):
     y = b.gemm(h, 6, 3)
     model = b.model({"x": [2, 3, 7, 7]}, [y])
     assert {s.source for s in inspect(model).spaces if s.blocked is None} == {"mul"}
-    result = prune(model, ratio=4 / 14, min_channels=1)
+    result = prune(model, ratio=4 / 14, min_channels=1, round_to=1)
     assert result.report.removed_channels == 4
     assert sorted(weight_shapes(result.model).values()) == [[3, 5], [5, 3, 3, 3], [5, 5]]
     x = random_input([2, 3, 7, 7])
@@ -114,7 +114,7 @@ def test_folded_conv_is_reproduced_when_its_dead_channels_are_exactly_folded():
     bias.CopyFrom(onnx.numpy_helper.from_array(bv, bias.name))
     y = b.conv(b.op("Sigmoid", [x]), 8, 4, k=1)
     model = b.model({"x": [1, 3, 6, 6]}, [y])
-    result = prune(model, ratio=3 / 8, min_channels=1)
+    result = prune(model, ratio=3 / 8, min_channels=1, round_to=1)
     assert result.report.removed_channels == 3
     assert result.report.spaces[0].source == "folded"
     x = random_input([1, 3, 6, 6])

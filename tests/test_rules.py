@@ -28,6 +28,7 @@ def assert_same(model, pruned, shape, name="x", seed=1, interior=None):
 def slim(model, **kwargs):
     kwargs.setdefault("threshold", 1e-6)
     kwargs.setdefault("min_channels", 1)
+    kwargs.setdefault("round_to", 1)
     return prune(model, **kwargs)
 
 
