@@ -88,4 +88,4 @@ def random_input(shape: list[int], seed: int = 1) -> np.ndarray:
 def weight_shapes(model: onnx.ModelProto) -> dict[str, list[int]]:
     """Node name -> shape of its weight (input 1) for Conv / Gemm / MatMul."""
     inits = {t.name: list(t.dims) for t in model.graph.initializer}
-    return {n.name: inits.get(n.input[1]) for n in model.graph.node if n.op_type in ("Conv", "Gemm", "MatMul")}
+    return {n.name: inits.get(n.input[1]) for n in model.graph.node if n.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul")}

@@ -18,13 +18,25 @@ def _removed_rows(dead: np.ndarray, removed: np.ndarray, repeat: np.ndarray | in
 
 @register
 class ConvRule(Rule):
-    """Conv: output channels open a space; input channels are sliced off the weight.
+    """Conv and ConvTranspose: output channels open a space; input channels are sliced off
+    the weight (Conv weight [C_out, C_in/g, k...], ConvTranspose weight [C_in, C_out/g, k...]).
 
     Depthwise (group == C_in == C_out) couples its input and output channels instead.
     Other grouped convolutions block both sides.
     """
 
-    ops = ("Conv",)
+    ops = ("Conv", "ConvTranspose")
+
+    @staticmethod
+    def _axes(node: gs.Node) -> tuple[int, int]:
+        """(input-channel axis, output-channel axis) of the weight."""
+        return (0, 1) if node.op == "ConvTranspose" else (1, 0)
+
+    def _channels(self, node: gs.Node, weight: tuple[int, ...]) -> tuple[int, int]:
+        group = attr(node, "group", 1)
+        if node.op == "ConvTranspose":
+            return weight[0], weight[1] * group
+        return weight[1] * group, weight[0]
 
     def analyze(self, node: gs.Node, ctx: Analysis) -> None:
         weight = constant_shape(node.inputs[1])
@@ -32,7 +44,7 @@ class ConvRule(Rule):
             block_inputs(node, ctx, "has a computed weight")
             return
         group = attr(node, "group", 1)
-        c_out, c_in = weight[0], weight[1] * group
+        (c_in, c_out), (in_axis, out_axis) = self._channels(node, weight), self._axes(node)
         bias_ok = len(node.inputs) < 3 or not node.inputs[2].name or isinstance(node.inputs[2], gs.Constant)
         layout = ctx.layout(node.inputs[0])
         if not bias_ok:
@@ -40,18 +52,18 @@ class ConvRule(Rule):
         if group == 1:
             if layout is not None and bias_ok:
                 if width(layout) != c_in or any(s.repeat != 1 for s in layout):
-                    ctx.block(layout, f"Conv {node.name} reads {c_in} channels from a tensor laid out as {width(layout)}")
+                    ctx.block(layout, f"{node.op} {node.name} reads {c_in} channels from a tensor laid out as {width(layout)}")
                 else:
-                    ctx.edit(SliceParam(node, 1, 1, layout))
+                    ctx.edit(SliceParam(node, 1, in_axis, layout))
                     ctx.consume(node, self)
             out = ctx.new_space(c_out, node)
             if not bias_ok:
-                ctx.block(out, f"Conv {node.name} has a computed bias")
-            ctx.edit(SliceParam(node, 1, 0, out))
+                ctx.block(out, f"{node.op} {node.name} has a computed bias")
+            ctx.edit(SliceParam(node, 1, out_axis, out))
             ctx.edit(SliceParam(node, 2, 0, out))
             ctx.set_layout(node.outputs[0], out)
         elif group == c_in == c_out and layout is not None and bias_ok:
-            ctx.edit(SliceParam(node, 1, 0, layout))
+            ctx.edit(SliceParam(node, 1, 0, layout))  # [C, 1, k...] either way
             ctx.edit(SliceParam(node, 2, 0, layout))
             ctx.edit(SetGroup(node, layout))
             for seg in layout:
@@ -61,32 +73,40 @@ class ConvRule(Rule):
             why = (f"is a grouped convolution (group={group}, {c_in} -> {c_out} channels)"
                    if group != 1 else "has a computed bias")
             block_inputs(node, ctx, why)
-            ctx.set_layout(node.outputs[0], ctx.opaque(c_out, f"Conv {node.name} {why}"))
+            ctx.set_layout(node.outputs[0], ctx.opaque(c_out, f"{node.op} {node.name} {why}"))
 
     def dead_values(self, node, ctx, inputs):
-        c_out = constant_shape(node.inputs[1])[0]
+        c_out = self._channels(node, constant_shape(node.inputs[1]))[1]
         bias = _bias(node, c_out)
         unknown = np.full(c_out, np.nan)
         if attr(node, "group", 1) != 1 and inputs[0] is not None:  # depthwise: constant in, constant out
             weight = constant_values(node.inputs[1])
-            unknown = inputs[0] * weight.reshape(c_out, -1).sum(1) + bias
+            unknown = inputs[0] * weight.reshape(c_out, -1).sum(1) / self._phases(node) + bias
         if node.name in ctx.scale_nodes:  # BN folded in: the channel's mean output (~beta)
             return [np.where(np.isfinite(unknown), unknown, ctx.scale_nodes[node.name])]
         return [unknown]
 
+    @staticmethod
+    def _phases(node: gs.Node) -> int:
+        """A strided ConvTranspose spreads each tap over stride^d output phases."""
+        return int(np.prod(attr(node, "strides", [1]))) if node.op == "ConvTranspose" else 1
+
     def compensate(self, node, ctx, dead, removed):
         weight = constant_values(node.inputs[1])
+        in_axis, out_axis = self._axes(node)
         value, missing = _removed_rows(dead, removed)
         rows = np.flatnonzero(value)  # only the removed channels' taps are read, summed in float64
-        taps = weight[:, rows].reshape(weight.shape[0], len(rows), -1) if len(rows) else np.zeros((weight.shape[0], 0, 1))
-        delta = taps.sum(2, dtype=np.float64) @ value[rows]
+        taps = np.moveaxis(np.take(weight, rows, axis=in_axis), [out_axis, in_axis], [0, 1])
+        taps = taps.reshape(taps.shape[0], len(rows), -1) if len(rows) else np.zeros((taps.shape[0], 0, 1))
+        delta = taps.sum(2, dtype=np.float64) @ value[rows] / self._phases(node)
         unpadded = not any(attr(node, "pads", [0])) and attr(node, "auto_pad", "NOTSET") in ("NOTSET", "VALID")
-        exact = unpadded or all(k == 1 for k in weight.shape[2:])
+        exact = (unpadded or all(k == 1 for k in weight.shape[2:])) and self._phases(node) == 1
         return Compensation(delta, exact, missing)
 
     def add_bias(self, node, delta, graph):
         weight = node.inputs[1]
-        bias = (_bias(node, weight.shape[0]) + delta).astype(weight.dtype)
+        c_out = self._channels(node, tuple(weight.shape))[1]
+        bias = (_bias(node, c_out) + delta).astype(weight.dtype)
         if len(node.inputs) > 2 and isinstance(node.inputs[2], gs.Constant):
             replace_constant(node, 2, bias)
         else:

@@ -1,0 +1,143 @@
+"""Property-based fuzz: random CNN graphs from the supported op set, pruned and checked.
+
+Each drawn graph has BatchNorms whose "dead" channels have gamma = beta = 0 exactly. Pruning at
+a random ratio must give a model that passes the checker, runs in onnxruntime and keeps its
+output shapes; pruning exactly the dead channels (a tiny threshold) must reproduce the
+original outputs within 1e-5. ``make fuzz`` runs many more examples (FUZZ_EXAMPLES).
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
+
+from onnxslim_bn import BnSlimError, prune
+from tests.graphs import Builder, random_input, run
+
+EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "500"))
+# activations with f(0) = 0: a dead channel stays exactly 0 through them, borders included
+ACTIVATIONS = ["Relu", "LeakyRelu", "Tanh", "Clip", "Identity", "HardSwish", "Elu"]
+BLOCKS = ["cba", "residual", "concat", "concat-input", "se", "depthwise", "pool", "pad", "resize", "mul-const", "up"]
+HEADS = ["gap-gemm", "flatten-gemm", "conv", "reshape-gemm", "matmul"]
+
+
+class Net:
+    """Draws layers into a Builder while tracking the current tensor and its channel count."""
+
+    def __init__(self, draw, opset: int, size: int):
+        self.draw, self.b = draw, Builder(seed=draw(st.integers(0, 2**16)), opset=opset)
+        self.size = self.input_size = size
+        self.c = self.width()
+        self.x = self.cba("x", 3, self.c)
+
+    def width(self) -> int:
+        return self.draw(st.integers(2, 10))
+
+    def act(self, x: str) -> str:
+        op = self.draw(st.sampled_from(ACTIVATIONS if self.b.opset >= 14 else ACTIVATIONS[:-2] + ["Elu"]))
+        if op == "Clip":
+            if self.b.opset < 11:
+                return self.b.op("Clip", [x], min=0.0, max=6.0)
+            return self.b.op("Clip", [x, self.b.const(np.float32(0.0)), self.b.const(np.float32(6.0))])
+        return self.b.op(op, [x], **({"alpha": 0.2} if op == "LeakyRelu" else {}))
+
+    def bn(self, x: str, c: int) -> str:
+        dead = np.flatnonzero(np.array(self.draw(st.lists(st.booleans(), min_size=c, max_size=c))))
+        return self.b.bn(x, c, dead, beta_dead=0.0)
+
+    def cba(self, x: str, cin: int, cout: int, k: int = 3, group: int = 1) -> str:
+        return self.act(self.bn(self.b.conv(x, cin, cout, k=k, group=group), cout))
+
+    def block(self, kind: str) -> None:
+        b, x, c = self.b, self.x, self.c
+        if kind == "cba":
+            w = self.width()
+            self.x, self.c = self.cba(x, c, w, k=self.draw(st.sampled_from([1, 3]))), w
+        elif kind == "residual":
+            mid = self.width()
+            self.x = b.op("Add", [x, self.bn(b.conv(self.cba(x, c, mid), mid, c), c)])
+        elif kind == "concat-input" and self.size == self.input_size:  # the graph input joins in
+            self.x, self.c = b.op("Concat", [x, "x"], axis=1), c + 3
+        elif kind in ("concat", "concat-input"):
+            w = self.width()
+            self.x, self.c = b.op("Concat", [x, self.cba(x, c, w)], axis=1), c + w
+        elif kind == "se":
+            hidden = max(1, c // 2)
+            s = b.op("Relu", [b.conv(b.op("GlobalAveragePool", [x]), c, hidden, k=1, bias=True)])
+            gate = b.op("Sigmoid", [b.conv(s, hidden, c, k=1, bias=True)])
+            self.x = b.op("Mul", [x, gate])
+        elif kind == "depthwise":
+            self.x = self.cba(x, c, c, k=3, group=c)
+        elif kind == "pool":
+            op = self.draw(st.sampled_from(["MaxPool", "AveragePool"]))
+            self.x = b.op(op, [x], kernel_shape=[3, 3], pads=[1, 1, 1, 1], strides=[1, 1])
+        elif kind == "pad":
+            pads = [0, 0, 1, 1, 0, 0, 1, 1]
+            if b.opset < 11:
+                self.x = b.op("Pad", [x], pads=pads)
+            else:
+                self.x = b.op("Pad", [x, b.const(np.array(pads, np.int64))])
+            self.size += 2
+        elif kind == "resize" and b.opset >= 11:
+            roi = "" if b.opset >= 13 else b.const(np.zeros(0, np.float32))
+            self.x = b.op("Resize", [x, roi, b.const(np.array([1, 1, 2, 2], np.float32))], mode="nearest")
+            self.size *= 2
+        elif kind == "up":  # UNet decoder: ConvTranspose, stride 2
+            w = self.width()
+            weight = b.const(b.rng.standard_normal((c, w, 2, 2)).astype(np.float32) * 0.3)
+            up = b.op("ConvTranspose", [x, weight], kernel_shape=[2, 2], strides=[2, 2])
+            self.x, self.c = self.act(self.bn(up, w)), w
+            self.size *= 2
+        elif kind == "mul-const":
+            scale = b.rng.uniform(0.5, 2.0, (c, 1, 1)).astype(np.float32)
+            self.x = b.op("Mul", [x, b.const(scale)])
+
+    def head(self, kind: str) -> str:
+        b, x, c = self.b, self.x, self.c
+        if kind == "gap-gemm":
+            return b.gemm(b.op("Flatten", [b.op("GlobalAveragePool", [x])], axis=1), c, 4)
+        if kind == "flatten-gemm":
+            return b.gemm(b.op("Flatten", [x], axis=1), c * self.size * self.size, 4, trans_b=False)
+        if kind == "reshape-gemm":
+            flat = b.op("Reshape", [x, b.const(np.array([0, -1], np.int64))])
+            return b.gemm(flat, c * self.size * self.size, 4)
+        if kind == "matmul":
+            flat = b.op("Flatten", [b.op("GlobalAveragePool", [x])], axis=1)
+            return b.op("MatMul", [flat, b.const(b.rng.standard_normal((c, 4)).astype(np.float32))])
+        return b.conv(x, c, 2, k=1)
+
+
+@st.composite
+def networks(draw):
+    opset = draw(st.sampled_from([9, 11, 13, 15, 17]))
+    size = draw(st.sampled_from([4, 6]))
+    net = Net(draw, opset, size)
+    for kind in draw(st.lists(st.sampled_from(BLOCKS), min_size=1, max_size=5)):
+        net.block(kind)
+    out = net.head(draw(st.sampled_from(HEADS)))
+    return net.b.model({"x": [2, 3, size, size]}, [out]), [2, 3, size, size]
+
+
+@settings(max_examples=EXAMPLES, deadline=None, derandomize="FUZZ_EXAMPLES" not in os.environ, database=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(networks(), st.floats(0.05, 0.95))
+def test_random_graphs_prune_to_valid_faithful_models(drawn, ratio):
+    model, shape = drawn
+    x = random_input(shape)
+    original = run(model, {"x": x})[0]
+    try:
+        exact = prune(model, threshold=1e-6, min_channels=1, round_to=1)
+    except BnSlimError as err:  # legitimate only when nothing at all can be pruned
+        assert "blocked" in str(err) or "nothing to prune" in str(err), err
+        event("nothing prunable")
+        return
+    event(f"removed {min(exact.report.removed_channels, 5)}+ dead channels" if exact.report.removed_channels >= 5
+          else f"removed {exact.report.removed_channels} dead channels")
+    got = run(exact.model, {"x": x})[0]
+    assert got.shape == original.shape
+    np.testing.assert_allclose(got, original, atol=1e-5, rtol=1e-5)
+    rough = prune(model, ratio=ratio)  # checker, shape inference and onnxruntime run inside
+    assert run(rough.model, {"x": x})[0].shape == original.shape
