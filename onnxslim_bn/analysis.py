@@ -29,12 +29,25 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Segment:
-    """``size`` consecutive channels of one space; each channel spans ``repeat`` entries
-    (``repeat`` > 1 after a C*H*W flatten, where channel c owns entries c*H*W .. (c+1)*H*W-1)."""
+    """``size`` consecutive channels of one space, from channel ``offset`` of the space (a
+    Split or Slice on the channel axis takes part of a space); each channel spans ``repeat``
+    entries (``repeat`` > 1 after a C*H*W flatten: channel c owns entries c*H*W .. (c+1)*H*W-1)."""
 
     space: int
     size: int
     repeat: int = 1
+    offset: int = 0
+
+
+def cut(layout: Layout, start: int, end: int) -> Layout:
+    """The channels [start, end) of a layout, as segments (of parts) of the same spaces."""
+    out, pos = [], 0
+    for seg in layout:
+        lo, hi = max(start, pos), min(end, pos + seg.size)
+        if lo < hi:
+            out.append(Segment(seg.space, hi - lo, seg.repeat, seg.offset + lo - pos))
+        pos += seg.size
+    return tuple(out)
 
 
 Layout = tuple[Segment, ...]
@@ -56,6 +69,7 @@ class ScoreSource:
     node: str
     kind: str  # "bn" | "mul" | "folded"
     values: np.ndarray
+    offset: int = 0  # the first channel of the space it scores (a BN after a Split sees a part)
 
 
 @dataclass
@@ -67,16 +81,23 @@ class Space:
     coupled: list[str] = field(default_factory=list)
     sources: list[ScoreSource] = field(default_factory=list)
     blocked: list[str] = field(default_factory=list)
+    # (offset, size) parts that Split / Slice take: each must keep at least one channel
+    parts: list[tuple[int, int]] = field(default_factory=list)
 
     def scores(self) -> np.ndarray | None:
         """Channel importance: the largest |scale| over every source in the space.
 
         A channel of a residual group (several BNs write into it) is removed only when every
         BN that writes it has a small scale: the max is the reduction that keeps this safe.
+        A channel no source scores (a BN saw only part of a split space) is never removed.
         """
         if not self.sources:
             return None
-        return np.max(np.stack([np.abs(s.values.astype(np.float64)) for s in self.sources]), axis=0)
+        full = np.full(self.size, np.nan)
+        for s in self.sources:
+            window = slice(s.offset, s.offset + len(s.values))
+            full[window] = np.fmax(full[window], np.abs(s.values.astype(np.float64)))
+        return np.where(np.isnan(full), np.inf, full)
 
     @property
     def source_kinds(self) -> list[str]:
@@ -179,9 +200,16 @@ class Analysis:
                 space.blocked.append(reason)
         log.debug("blocked: %s", reason)
 
+    def whole(self, seg: Segment) -> bool:
+        return seg.offset == 0 and seg.size == self.space(seg.space).size
+
     def merge(self, a: Layout, b: Layout, node: gs.Node) -> bool:
-        """Join two layouts channel by channel; blocks both when their segments differ."""
-        if [s.size for s in a] != [s.size for s in b] or any(s.repeat != 1 for s in a + b):
+        """Join two layouts channel by channel; blocks both when their segments differ.
+
+        Parts of spaces (after a Split) join only with the very same part."""
+        same = [(self.find(s.space), s.offset, s.size) for s in a] == [(self.find(s.space), s.offset, s.size) for s in b]
+        partial = not all(self.whole(s) for s in a + b)
+        if [s.size for s in a] != [s.size for s in b] or any(s.repeat != 1 for s in a + b) or (partial and not same):
             reason = (f"{node.op} {node.name} joins tensors whose channel groups differ "
                       f"({_sizes(a)} vs {_sizes(b)})")
             self.block(a, reason)
@@ -196,12 +224,16 @@ class Analysis:
             into, other = self.spaces[keep], self.spaces[gone]
             into.producers += other.producers
             into.coupled += other.coupled
+            into.parts += other.parts
             into.sources += other.sources
             into.blocked += [r for r in other.blocked if r not in into.blocked]
         return True
 
-    def resolve(self, layout: Layout) -> Layout:
-        return tuple(Segment(self.find(s.space), s.size, s.repeat) for s in layout)
+    def take_part(self, layout: Layout) -> None:
+        """Record that these channels travel as a part of their spaces (Split / Slice)."""
+        for seg in layout:
+            if not self.whole(seg):
+                self.space(seg.space).parts.append((seg.offset, seg.size))
 
     # ------------------------------------------------------------------ recording
     def set_layout(self, tensor: gs.Tensor, layout: Layout) -> None:
@@ -211,7 +243,8 @@ class Analysis:
         values = np.asarray(values).reshape(-1)
         offset = 0
         for seg in layout:
-            self.space(seg.space).sources.append(ScoreSource(node.name, kind, values[offset : offset + seg.size]))
+            self.space(seg.space).sources.append(
+                ScoreSource(node.name, kind, values[offset : offset + seg.size], seg.offset))
             offset += seg.size
 
     def edit(self, edit: Edit) -> None:

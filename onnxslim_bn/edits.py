@@ -87,3 +87,50 @@ class SetShapeEntry:
         values = constant_values(self.node.inputs[self.index]).copy()
         values[self.entry] = len(keep(self.layout))
         replace_constant(self.node, self.index, values)
+
+
+@dataclass
+class SetSplitSizes:
+    """Split on the channel axis: the output widths follow the kept channels of each part.
+
+    Written as the ``split`` attribute before opset 13 and as input 1 from 13 (an equal split
+    or ``num_outputs`` becomes explicit, since pruning may make the parts unequal)."""
+
+    node: gs.Node
+    parts: list[Layout]
+    opset: int
+
+    def apply(self, keep: KeepIndex) -> None:
+        sizes = np.array([len(keep(p)) for p in self.parts], np.int64)
+        if self.opset < 13:
+            self.node.attrs["split"] = [int(v) for v in sizes]
+            return
+        self.node.attrs.pop("num_outputs", None)
+        if len(self.node.inputs) > 1:
+            replace_constant(self.node, 1, sizes)
+        else:
+            self.node.inputs.append(gs.Constant(f"{self.node.name}_split_slim", sizes))
+
+
+@dataclass
+class SetSliceRange:
+    """Slice on the channel axis: start and end move to the kept channels before and inside."""
+
+    node: gs.Node
+    entry: int  # position of the channel axis in starts / ends
+    before: Layout  # channels before the slice's start
+    inside: Layout
+    opset: int
+
+    def apply(self, keep: KeepIndex) -> None:
+        start = len(keep(self.before))
+        end = start + len(keep(self.inside))
+        if self.opset < 10:
+            starts, ends = list(self.node.attrs["starts"]), list(self.node.attrs["ends"])
+            starts[self.entry], ends[self.entry] = start, end
+            self.node.attrs["starts"], self.node.attrs["ends"] = starts, ends
+            return
+        for index, value in ((1, start), (2, end)):
+            values = constant_values(self.node.inputs[index]).copy()
+            values[self.entry] = value
+            replace_constant(self.node, index, values)

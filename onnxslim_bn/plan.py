@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .analysis import Analysis, Layout
+from .analysis import Analysis, Layout, Segment
 from .errors import BnSlimError
 
 
@@ -53,15 +53,19 @@ class Plan:
     analysis: Analysis
     chosen: int = 0  # channels the ranking chose, before --round-to kept some of them
 
-    def _kept(self, space: int, size: int) -> np.ndarray:
-        root = self.analysis.find(space)
-        return self.kept.get(root, np.arange(size))
+    def _kept(self, seg: Segment) -> np.ndarray:
+        """Kept channels of the segment, numbered from its own first channel."""
+        root = self.analysis.find(seg.space)
+        idx = self.kept.get(root)
+        if idx is None:
+            return np.arange(seg.size)
+        return idx[(idx >= seg.offset) & (idx < seg.offset + seg.size)] - seg.offset
 
     def keep_index(self, layout: Layout) -> np.ndarray:
         """Indices along the channel axis of a tensor with this layout that survive."""
         parts, offset = [], 0
         for seg in layout:
-            idx = self._kept(seg.space, seg.size)
+            idx = self._kept(seg)
             if seg.repeat == 1:
                 parts.append(offset + idx)
             else:
@@ -74,38 +78,53 @@ class Plan:
         parts = []
         for seg in layout:
             mask = np.ones(seg.size, bool)
-            mask[self._kept(seg.space, seg.size)] = False
+            mask[self._kept(seg)] = False
             parts.append(mask)
         return np.concatenate(parts) if parts else np.zeros(0, bool)
 
 
 def select(analysis: Analysis, options: PruneOptions) -> Plan:
-    """Rank every prunable channel by importance and choose which go."""
+    """Rank every prunable channel by importance and choose which go.
+
+    One global ranking over all prunable spaces (``ratio``: the lowest ``ratio`` of them go;
+    ``threshold``: all below it go), walked greedily so that every space keeps
+    ``min_channels`` and every part a Split takes keeps at least one channel. Kept widths are
+    then rounded up to a multiple of ``round_to`` by putting back the best removed channels.
+    """
     spaces = analysis.prunable()
     scores = {s.id: s.scores() for s in spaces}
-    limit = {s.id: max(0, s.size - min(s.size, options.min_channels)) for s in spaces}
-    count = dict.fromkeys(scores, 0)
+    flat = np.concatenate([scores[s.id] for s in spaces]) if spaces else np.zeros(0)
+    owner = np.concatenate([np.full(s.size, i) for i, s in enumerate(spaces)]) if spaces else np.zeros(0, int)
+    channel = np.concatenate([np.arange(s.size) for s in spaces]) if spaces else np.zeros(0, int)
+    order = np.argsort(flat, kind="stable")  # global ranking; ties keep graph order
     if options.threshold is not None:
-        for s in spaces:
-            count[s.id] = min(limit[s.id], int((scores[s.id] < options.threshold).sum()))
+        order = order[flat[order] < options.threshold]
+        target = len(order)
     else:
-        total = sum(s.size for s in spaces)
-        target = int(math.floor(options.ratio * total + 1e-9))
-        flat = np.concatenate([scores[s.id] for s in spaces]) if spaces else np.zeros(0)
-        owner = np.concatenate([np.full(s.size, s.id) for s in spaces]) if spaces else np.zeros(0, int)
-        chosen = 0
-        for i in np.argsort(flat, kind="stable"):  # global ranking; ties keep graph order
-            if chosen == target:
-                break
-            sid = int(owner[i])
-            if count[sid] < limit[sid]:
-                count[sid] += 1
-                chosen += 1
+        target = int(math.floor(options.ratio * len(flat) + 1e-9))
+    removed = {s.id: np.zeros(s.size, bool) for s in spaces}
+    left = {s.id: s.size - min(s.size, options.min_channels) for s in spaces}
+    part_left = {s.id: [[o, n, n - min(n, options.min_channels)] for o, n in set(s.parts)] for s in spaces}
+    chosen = 0
+    for i in order:
+        if chosen == target:
+            break
+        space, c = spaces[owner[i]], int(channel[i])
+        parts = [p for p in part_left[space.id] if p[0] <= c < p[0] + p[1]]
+        if left[space.id] == 0 or any(p[2] == 0 for p in parts):
+            continue
+        left[space.id] -= 1
+        for p in parts:
+            p[2] -= 1
+        removed[space.id][c] = True
+        chosen += 1
     kept = {}
     for s in spaces:
-        keep_n = s.size - count[s.id]
-        if s.size >= 4 * options.round_to:
-            keep_n = min(s.size, math.ceil(keep_n / options.round_to) * options.round_to)
-        order = np.argsort(-scores[s.id], kind="stable")  # most important first
-        kept[s.id] = np.sort(order[:keep_n])
-    return Plan(kept, analysis, chosen=sum(count.values()))
+        gone = removed[s.id]
+        if s.size >= 4 * options.round_to and not s.parts:
+            keep_n = s.size - int(gone.sum())
+            extra = min(s.size, math.ceil(keep_n / options.round_to) * options.round_to) - keep_n
+            back = np.flatnonzero(gone)[np.argsort(-scores[s.id][gone], kind="stable")[:extra]]
+            gone[back] = False
+        kept[s.id] = np.flatnonzero(~gone)
+    return Plan(kept, analysis, chosen=chosen)

@@ -11,7 +11,8 @@ from __future__ import annotations
 import os
 
 import numpy as np
-from hypothesis import HealthCheck, event, given, settings
+import onnx
+from hypothesis import HealthCheck, event, given, note, settings
 from hypothesis import strategies as st
 
 from onnxslim_bn import BnSlimError, prune
@@ -20,7 +21,7 @@ from tests.graphs import Builder, random_input, run
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "500"))
 # activations with f(0) = 0: a dead channel stays exactly 0 through them, borders included
 ACTIVATIONS = ["Relu", "LeakyRelu", "Tanh", "Clip", "Identity", "HardSwish", "Elu"]
-BLOCKS = ["cba", "residual", "concat", "concat-input", "se", "depthwise", "pool", "pad", "resize", "mul-const", "up"]
+BLOCKS = ["cba", "residual", "concat", "concat-input", "se", "depthwise", "pool", "pad", "resize", "mul-const", "up", "csp", "slice"]
 HEADS = ["gap-gemm", "flatten-gemm", "conv", "reshape-gemm", "matmul"]
 
 
@@ -91,6 +92,15 @@ class Net:
             up = b.op("ConvTranspose", [x, weight], kernel_shape=[2, 2], strides=[2, 2])
             self.x, self.c = self.act(self.bn(up, w)), w
             self.size *= 2
+        elif kind == "csp" and c % 2 == 0 and b.opset >= 11:  # YOLO C2f: split, bottleneck on one half, concat
+            h = c // 2
+            sizes = b.const(np.array([h, h], np.int64))
+            parts = b.op("Split", [x, sizes] if b.opset >= 13 else [x], n_out=2, axis=1,
+                         **({} if b.opset >= 13 else {"split": [h, h]}))
+            self.x, self.c = b.op("Concat", [parts[0], parts[1], self.cba(parts[1], h, h)], axis=1), 3 * h
+        elif kind == "slice" and c > 2 and b.opset >= 10:
+            bounds = [b.const(np.array(v, np.int64)) for v in ([1], [c - 1], [1])]
+            self.x, self.c = b.op("Slice", [x, *bounds]), c - 2
         elif kind == "mul-const":
             scale = b.rng.uniform(0.5, 2.0, (c, 1, 1)).astype(np.float32)
             self.x = b.op("Mul", [x, b.const(scale)])
@@ -126,6 +136,8 @@ def networks(draw):
 @given(networks(), st.floats(0.05, 0.95))
 def test_random_graphs_prune_to_valid_faithful_models(drawn, ratio):
     model, shape = drawn
+    note(" ".join(f"{n.op_type}({','.join(n.input)})->{','.join(n.output)}" for n in model.graph.node))
+    note(str({t.name: (list(t.dims), onnx.numpy_helper.to_array(t).ravel()[:8].round(3).tolist()) for t in model.graph.initializer}))
     x = random_input(shape)
     original = run(model, {"x": x})[0]
     try:

@@ -356,3 +356,64 @@ def test_conv_transpose_opens_and_consumes_spaces(stride, beta_dead):
     else:  # a strided ConvTranspose spreads a removed constant unevenly: exact only with beta = 0
         assert result.report.surgery.compensated_layers == 0 or result.report.surgery.approximate_layers
         assert_same(model, result.model, [1, 3, 6, 6])
+
+
+@pytest.mark.parametrize("opset", [11, 13, 18])
+@pytest.mark.parametrize("explicit", [True, False])
+def test_split_on_channels_as_csp_blocks_do(opset, explicit):
+    # YOLO C2f: conv -> split in two -> one half through a bottleneck -> concat of all
+    b = Builder(opset=opset)
+    a = b.op("Relu", [b.bn(b.conv("x", 3, 8), 8, np.array([1, 2, 5, 6]), None)])
+    if opset < 13:
+        halves = b.op("Split", [a], n_out=2, axis=1, **({"split": [4, 4]} if explicit else {}))
+    elif opset < 18 or explicit:
+        halves = b.op("Split", [a] + ([b.const(np.array([4, 4], np.int64))] if explicit else []), n_out=2, axis=1)
+    else:
+        halves = b.op("Split", [a], n_out=2, axis=1, num_outputs=2)
+    body = b.op("Relu", [b.bn(b.conv(halves[1], 4, 4), 4, np.array([3]), None)])
+    y = b.conv(b.op("Concat", [halves[0], halves[1], body], axis=1), 12, 3, k=1)
+    model = b.model({"x": [1, 3, 6, 6]}, [y])
+    result = slim(model)
+    assert result.report.removed_channels == 5
+    assert_same(model, result.model, [1, 3, 6, 6])
+
+
+def test_split_parts_each_keep_a_channel():
+    b = Builder(opset=13)
+    a = b.op("Relu", [b.bn(b.conv("x", 3, 6), 6, np.array([0, 1, 2]), None)])  # the whole first part is dead
+    first, second = b.op("Split", [a, b.const(np.array([3, 3], np.int64))], n_out=2, axis=1)
+    y = b.op("Add", [b.conv(first, 3, 2, k=1), b.conv(second, 3, 2, k=1)])
+    model = b.model({"x": [1, 3, 5, 5]}, [y])
+    result = slim(model)
+    assert result.report.removed_channels == 2  # one channel of the dead part stays
+    assert_same(model, result.model, [1, 3, 5, 5])
+
+
+@pytest.mark.parametrize("opset", [9, 13])
+def test_slice_of_channels_and_of_space(opset):
+    b = Builder(opset=opset)
+    a = b.op("Relu", [b.bn(b.conv("x", 3, 8), 8, np.array([0, 3, 6]), None)])
+    if opset < 10:
+        part = b.op("Slice", [a], starts=[2, 1], ends=[7, 100], axes=[1, 2])
+    else:
+        part = b.op("Slice", [a, *(b.const(np.array(v, np.int64)) for v in ([2, 1], [7, 100], [1, 2], [1, 1]))])
+    y = b.conv(part, 5, 3, k=1)
+    model = b.model({"x": [1, 3, 5, 5]}, [y])
+    result = slim(model)
+    assert result.report.removed_channels == 3  # 3 and 6 inside [2, 7), and 0, which the slice drops anyway
+    assert_same(model, result.model, [1, 3, 5, 5])
+
+
+@pytest.mark.parametrize("mode", [{"threshold": 1e-6}, {"ratio": 0.5}])
+def test_regression_fuzz_slice_then_flatten_keeps_the_part_offset(mode):
+    # found by test_fuzz: Flatten rebuilt the layout without the Slice's offset, so the Gemm
+    # after it was cut for the wrong channels (onnxruntime: "GEMM: Dimension mismatch")
+    b = Builder(opset=11)
+    a = b.op("Relu", [b.bn(b.conv("x", 3, 6), 6, np.array([4]), 0.0)])
+    part = b.op("Slice", [a, *(b.const(np.array(v, np.int64)) for v in ([1], [5], [1]))])
+    y = b.gemm(b.op("Flatten", [b.op("GlobalAveragePool", [part])], axis=1), 4, 4)
+    model = b.model({"x": [2, 3, 4, 4]}, [y])
+    result = slim(model, **mode) if "threshold" in mode else prune(model, **mode)
+    assert result.report.removed_channels >= 1
+    if "threshold" in mode:
+        assert_same(model, result.model, [2, 3, 4, 4])

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from ..analysis import Analysis, Layout, Segment
-from ..edits import SetShapeEntry, constant_values
+from ..analysis import Analysis, Layout, Segment, channels, cut, width
+from ..edits import SetShapeEntry, SetSliceRange, SetSplitSizes, constant_values
 from . import Rule, attr, block_inputs, carrying, opset, register, used
 
 
@@ -168,7 +168,7 @@ class ConcatRule(Rule):
 
 
 def _flattened(layout: Layout, spatial: int) -> Layout:
-    return tuple(Segment(s.space, s.size, s.repeat * spatial) for s in layout)
+    return tuple(Segment(s.space, s.size, s.repeat * spatial, s.offset) for s in layout)
 
 
 @register
@@ -293,3 +293,114 @@ class ShapeRule(Rule):
         if any(o is node.outputs[0] for o in ctx.graph.outputs):
             ctx.block(layout, f"Shape {node.name} is a graph output")
 
+
+
+@register
+class SplitRule(Rule):
+    """Split on the channel axis (YOLO's CSP blocks): each output carries a part of the input's
+    spaces; every part keeps at least one channel, and the split sizes are rewritten."""
+
+    ops = ("Split",)
+
+    def analyze(self, node: gs.Node, ctx: Analysis) -> None:
+        layout = ctx.layout(node.inputs[0])
+        if layout is None:
+            return
+        rank = ctx.rank(node.inputs[0])
+        axis = attr(node, "axis", 0)
+        if rank is None or (axis + rank if axis < 0 else axis) != 1:
+            block_inputs(node, ctx, "splits an axis other than the channels")
+            return
+        if any(s.repeat != 1 for s in layout):
+            block_inputs(node, ctx, "splits flattened features")
+            return
+        total = width(layout)
+        if opset(ctx) < 13:
+            sizes = attr(node, "split")
+        else:
+            sizes = constant_values(node.inputs[1]) if len(node.inputs) > 1 and node.inputs[1].name else None
+            if len(node.inputs) > 1 and node.inputs[1].name and sizes is None:
+                block_inputs(node, ctx, "has computed split sizes")
+                return
+        if sizes is None:  # equal parts
+            n = len(node.outputs)
+            if total % n:
+                block_inputs(node, ctx, f"splits {total} channels into {n} unequal parts it does not spell out")
+                return
+            sizes = [total // n] * n
+        bounds = np.concatenate([[0], np.cumsum(np.asarray(sizes, np.int64).reshape(-1))])
+        parts = [cut(layout, int(lo), int(hi)) for lo, hi in zip(bounds[:-1], bounds[1:])]
+        for out, part in zip(node.outputs, parts):
+            ctx.take_part(part)
+            ctx.set_layout(out, part)
+        ctx.edit(SetSplitSizes(node, parts, opset(ctx)))
+
+    def dead_values(self, node, ctx, inputs):
+        if inputs[0] is None:
+            return [None] * len(node.outputs)
+        out, start = [], 0
+        for tensor in node.outputs:
+            size = channels(ctx.layout(tensor))
+            out.append(inputs[0][start : start + size])
+            start += size
+        return out
+
+
+@register
+class SliceRule(Rule):
+    """Slice: spatial slicing passes the channels through; a step-1 slice of the channel axis
+    takes a part of the input's spaces (starts/ends: attributes before opset 10, inputs from 10)."""
+
+    ops = ("Slice",)
+
+    def _channel_range(self, node: gs.Node, ctx: Analysis) -> tuple[int, int, int] | str | None:
+        """(entry in starts/ends, first, end) of the channels taken; None when the channel axis
+        is not sliced; a reason when the slice cannot be followed."""
+        rank = ctx.rank(node.inputs[0])
+        if opset(ctx) < 10:
+            starts, ends, axes, steps = attr(node, "starts"), attr(node, "ends"), attr(node, "axes"), None
+        else:
+            given = [len(node.inputs) > i and bool(node.inputs[i].name) for i in range(1, 5)]
+            values = [constant_values(node.inputs[i]) if given[i - 1] else None for i in range(1, 5)]
+            if any(g and v is None for g, v in zip(given, values)):
+                return "has computed bounds"
+            starts, ends, axes, steps = values
+        if starts is None or ends is None or rank is None:
+            return "has bounds onnx-bnslim cannot read"
+        starts, ends = [int(v) for v in np.reshape(starts, -1)], [int(v) for v in np.reshape(ends, -1)]
+        axes = list(range(len(starts))) if axes is None else [a + rank if a < 0 else a for a in
+                                                               (int(v) for v in np.reshape(axes, -1))]
+        steps = [1] * len(starts) if steps is None else [int(v) for v in np.reshape(steps, -1)]
+        if 0 in axes:
+            return "slices the batch axis"
+        if 1 not in axes:
+            return None
+        entry = axes.index(1)
+        total = width(ctx.layout(node.inputs[0]))
+        if steps[entry] != 1:
+            return f"takes every {steps[entry]}th channel"
+        lo, hi = (min(max(v + total if v < 0 else v, 0), total) for v in (starts[entry], ends[entry]))
+        return (entry, lo, hi) if hi > lo else "takes no channel"
+
+    def analyze(self, node: gs.Node, ctx: Analysis) -> None:
+        layout = ctx.layout(node.inputs[0])
+        if layout is None:
+            return
+        bounds = self._channel_range(node, ctx)
+        if bounds is None:
+            ctx.set_layout(node.outputs[0], layout)
+        elif isinstance(bounds, str) or any(s.repeat != 1 for s in layout):
+            ctx.block(layout, f"Slice {node.name} {bounds if isinstance(bounds, str) else 'slices flattened features'}")
+        else:
+            entry, lo, hi = bounds
+            part = cut(layout, lo, hi)
+            ctx.take_part(part)
+            ctx.edit(SetSliceRange(node, entry, cut(layout, 0, lo), part, opset(ctx)))
+            ctx.set_layout(node.outputs[0], part)
+
+    def dead_values(self, node, ctx, inputs):
+        bounds = self._channel_range(node, ctx)
+        if inputs[0] is None or bounds is None:
+            return [inputs[0]]
+        _, lo, hi = bounds
+        return [inputs[0][lo:hi]]
