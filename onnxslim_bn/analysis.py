@@ -133,6 +133,7 @@ class Analysis:
         self.layouts: dict[str, Layout] = {}
         self.spaces: list[Space] = []
         self._parent: list[int] = []
+        self._offset: list[int] = []  # channel offset of a space inside its parent
         self.edits: list[Edit] = []
         self.consumers: list[Consumer] = []
         self.unsupported: dict[str, int] = {}
@@ -167,29 +168,45 @@ class Analysis:
         return total
 
     # ------------------------------------------------------------------ spaces
+    def locate(self, space: int) -> tuple[int, int]:
+        """(root, offset): the space's channels are channels offset.. of the root space.
+
+        A union-find whose links carry offsets: a whole space joined to a part of another
+        (a residual Add on one half of a Split) lives inside it from that offset on."""
+        path, node, offset = [], space, 0
+        while self._parent[node] != node:
+            path.append(node)
+            offset += self._offset[node]
+            node = self._parent[node]
+        for visited in path:  # path compression, keeping each node's total offset
+            step = self._offset[visited]
+            self._parent[visited], self._offset[visited] = node, offset
+            offset -= step
+        return node, self._offset[space] if path else 0
+
     def find(self, space: int) -> int:
-        root = space
-        while self._parent[root] != root:
-            root = self._parent[root]
-        while self._parent[space] != root:  # path compression
-            self._parent[space], space = root, self._parent[space]
-        return root
+        return self.locate(space)[0]
 
     def space(self, space: int) -> Space:
         return self.spaces[self.find(space)]
 
+    def where(self, seg: Segment) -> tuple[int, int, int]:
+        """(root, first channel in the root, size) of a segment."""
+        root, offset = self.locate(seg.space)
+        return root, offset + seg.offset, seg.size
+
+    def _add(self, space: Space) -> Layout:
+        self.spaces.append(space)
+        self._parent.append(space.id)
+        self._offset.append(0)
+        return (Segment(space.id, space.size),)
+
     def new_space(self, size: int, producer: gs.Node) -> Layout:
-        sid = len(self.spaces)
-        self.spaces.append(Space(sid, size, producers=[producer.name]))
-        self._parent.append(sid)
-        return (Segment(sid, size),)
+        return self._add(Space(len(self.spaces), size, producers=[producer.name]))
 
     def opaque(self, size: int, reason: str) -> Layout:
         """Channels that flow on but cannot be removed (a graph input inside a Concat, ...)."""
-        sid = len(self.spaces)
-        self.spaces.append(Space(sid, size, blocked=[reason]))
-        self._parent.append(sid)
-        return (Segment(sid, size),)
+        return self._add(Space(len(self.spaces), size, blocked=[reason]))
 
     def block(self, layout: Layout | None, reason: str) -> None:
         if not layout:
@@ -201,39 +218,52 @@ class Analysis:
         log.debug("blocked: %s", reason)
 
     def whole(self, seg: Segment) -> bool:
-        return seg.offset == 0 and seg.size == self.space(seg.space).size
+        root, first, size = self.where(seg)
+        return first == 0 and size == self.spaces[root].size
 
     def merge(self, a: Layout, b: Layout, node: gs.Node) -> bool:
         """Join two layouts channel by channel; blocks both when their segments differ.
 
-        Parts of spaces (after a Split) join only with the very same part."""
-        same = [(self.find(s.space), s.offset, s.size) for s in a] == [(self.find(s.space), s.offset, s.size) for s in b]
-        partial = not all(self.whole(s) for s in a + b)
-        if [s.size for s in a] != [s.size for s in b] or any(s.repeat != 1 for s in a + b) or (partial and not same):
+        Whole spaces join whole spaces; a whole space may join a part of another (it then
+        lives inside it); two different parts cannot join."""
+        pairs = list(zip(a, b))
+        fits = len(a) == len(b) and all(sa.size == sb.size and sa.repeat == sb.repeat == 1 for sa, sb in pairs)
+        if fits:
+            for sa, sb in pairs:
+                wa, wb = self.where(sa), self.where(sb)
+                if wa != wb and wa[0] == wb[0] or not (self.whole(sa) or self.whole(sb)) and wa != wb:
+                    fits = False
+        if not fits:
             reason = (f"{node.op} {node.name} joins tensors whose channel groups differ "
                       f"({_sizes(a)} vs {_sizes(b)})")
             self.block(a, reason)
             self.block(b, reason)
             return False
-        for sa, sb in zip(a, b):
-            ra, rb = self.find(sa.space), self.find(sb.space)
+        for sa, sb in pairs:
+            (ra, fa, _), (rb, fb, _) = self.where(sa), self.where(sb)
             if ra == rb:
                 continue
-            keep, gone = (ra, rb) if ra < rb else (rb, ra)
-            self._parent[gone] = keep
-            into, other = self.spaces[keep], self.spaces[gone]
-            into.producers += other.producers
-            into.coupled += other.coupled
-            into.parts += other.parts
-            into.sources += other.sources
-            into.blocked += [r for r in other.blocked if r not in into.blocked]
+            if self.whole(sb) and (not self.whole(sa) or ra < rb):
+                self._attach(rb, ra, fa)  # b's space lives inside a's root from channel fa
+            else:
+                self._attach(ra, rb, fb)
         return True
+
+    def _attach(self, gone: int, keep: int, offset: int) -> None:
+        self._parent[gone], self._offset[gone] = keep, offset
+        into, other = self.spaces[keep], self.spaces[gone]
+        into.producers += other.producers
+        into.coupled += other.coupled
+        into.parts += [(o + offset, n) for o, n in other.parts]
+        into.sources += [ScoreSource(s.node, s.kind, s.values, s.offset + offset) for s in other.sources]
+        into.blocked += [r for r in other.blocked if r not in into.blocked]
 
     def take_part(self, layout: Layout) -> None:
         """Record that these channels travel as a part of their spaces (Split / Slice)."""
         for seg in layout:
             if not self.whole(seg):
-                self.space(seg.space).parts.append((seg.offset, seg.size))
+                root, first, size = self.where(seg)
+                self.spaces[root].parts.append((first, size))
 
     # ------------------------------------------------------------------ recording
     def set_layout(self, tensor: gs.Tensor, layout: Layout) -> None:
@@ -243,8 +273,8 @@ class Analysis:
         values = np.asarray(values).reshape(-1)
         offset = 0
         for seg in layout:
-            self.space(seg.space).sources.append(
-                ScoreSource(node.name, kind, values[offset : offset + seg.size], seg.offset))
+            root, first, size = self.where(seg)
+            self.spaces[root].sources.append(ScoreSource(node.name, kind, values[offset : offset + size], first))
             offset += seg.size
 
     def edit(self, edit: Edit) -> None:

@@ -55,11 +55,11 @@ class Plan:
 
     def _kept(self, seg: Segment) -> np.ndarray:
         """Kept channels of the segment, numbered from its own first channel."""
-        root = self.analysis.find(seg.space)
+        root, first, size = self.analysis.where(seg)
         idx = self.kept.get(root)
         if idx is None:
-            return np.arange(seg.size)
-        return idx[(idx >= seg.offset) & (idx < seg.offset + seg.size)] - seg.offset
+            return np.arange(size)
+        return idx[(idx >= first) & (idx < first + size)] - first
 
     def keep_index(self, layout: Layout) -> np.ndarray:
         """Indices along the channel axis of a tensor with this layout that survive."""

@@ -275,7 +275,8 @@ class SqueezeRule(_SameLayout):
 
 @register
 class ShapeRule(Rule):
-    """Shape of a channel-carrying tensor is fine when only the batch size is read from it."""
+    """Shape of a channel-carrying tensor is fine when only other dims are read from it
+    (``Shape(x)[0]`` for the batch, ``[2]``, ``[3]`` for the spatial size), never the channel count."""
 
     ops = ("Shape",)
 
@@ -283,16 +284,19 @@ class ShapeRule(Rule):
         layout = ctx.layout(node.inputs[0])
         if layout is None:
             return
-        if attr(node, "end") == 1 and attr(node, "start", 0) == 0:
+        rank = ctx.rank(node.inputs[0]) or 0
+        start, end = attr(node, "start", 0), attr(node, "end", rank)
+        start, end = (v + rank if v < 0 else v for v in (start, end))
+        if not start <= 1 < end:
             return
         for consumer in node.outputs[0].outputs:
             index = constant_values(consumer.inputs[1]) if consumer.op == "Gather" else None
-            if index is None or attr(consumer, "axis", 0) != 0 or index.reshape(-1).tolist() != [0]:
+            read = None if index is None else {int(i) + (rank if i < 0 else 0) + start for i in index.reshape(-1)}
+            if read is None or attr(consumer, "axis", 0) != 0 or 1 in read:
                 ctx.block(layout, f"Shape {node.name} reads the channel count (used by {consumer.op} {consumer.name})")
                 return
         if any(o is node.outputs[0] for o in ctx.graph.outputs):
             ctx.block(layout, f"Shape {node.name} is a graph output")
-
 
 
 @register
