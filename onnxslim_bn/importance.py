@@ -46,19 +46,28 @@ def candidates(analysis: Analysis) -> list[tuple[gs.Node, gs.Tensor, str]]:
     by_name = {n.name: n for n in analysis.nodes}
     kept_bn = {n.inputs[0].inputs[0].op for n in analysis.nodes
                if n.op == "BatchNormalization" and n.inputs[0].inputs and len(n.inputs[0].outputs) == 1}
+    kept_bn |= {n.op for n in analysis.nodes if n.op in ("Conv", "ConvTranspose", "Gemm") and n.outputs
+                and _split_scale(n, analysis) is not None}  # BN written as Mul + Add: not folded either
     found = []
     for space in analysis.roots():
         if space.sources or not space.producers or space.blocked:
             continue
         for name in space.producers + space.coupled:
             node = by_name[name]
-            out = node.outputs[0]
-            users = list(out.outputs)
-            if len(users) == 1 and users[0].op == "Mul" and _per_channel_constant(users[0], analysis):
-                found.append((users[0], users[0].outputs[0], "mul"))
+            scale = _split_scale(node, analysis)
+            if scale is not None:
+                found.append((scale, scale.outputs[0], "mul"))
             elif node.op not in kept_bn and _has_bias(node):
-                found.append((node, out, "folded"))
+                found.append((node, node.outputs[0], "folded"))
     return found
+
+
+def _split_scale(node: gs.Node, analysis: Analysis) -> gs.Node | None:
+    """The per-channel Mul that is a layer's only consumer: the scale of a split BN."""
+    users = list(node.outputs[0].outputs)
+    if len(users) == 1 and users[0].op == "Mul" and _per_channel_constant(users[0], analysis):
+        return users[0]
+    return None
 
 
 def _per_channel_constant(node: gs.Node, analysis: Analysis) -> bool:

@@ -60,7 +60,7 @@ class Builder:
         inputs = [x, w] + ([self.const(self.rng.standard_normal(n).astype(np.float32) * 0.1, "gb")] if bias else [])
         return self.op("Gemm", inputs, transB=int(trans_b))
 
-    def model(self, inputs: dict[str, list], outputs: list[str]) -> onnx.ModelProto:
+    def model(self, inputs: dict[str, list], outputs: list[str], output_shapes: dict[str, list] | None = None) -> onnx.ModelProto:
         graph = helper.make_graph(
             self.nodes, "test",
             [helper.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, s in inputs.items()],
@@ -71,7 +71,10 @@ class Builder:
         inferred = onnx.shape_inference.infer_shapes(model).graph
         inferred = {v.name: v for v in list(inferred.value_info) + list(inferred.output)}
         for out in model.graph.output:  # graph outputs need a shape to pass the checker
-            out.type.CopyFrom(inferred[out.name].type)
+            if output_shapes and out.name in output_shapes:
+                out.type.CopyFrom(helper.make_tensor_type_proto(TensorProto.FLOAT, output_shapes[out.name]))
+            else:
+                out.type.CopyFrom(inferred[out.name].type)
         onnx.checker.check_model(model, full_check=True)
         return model
 
