@@ -15,6 +15,7 @@ chosen which channels to keep.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Protocol
 
@@ -83,6 +84,9 @@ class Space:
     blocked: list[str] = field(default_factory=list)
     # (offset, size) parts that Split / Slice take: each must keep at least one channel
     parts: list[tuple[int, int]] = field(default_factory=list)
+    # a grouped Conv reads or writes the space in `groups` equal blocks: each block loses
+    # the same number of channels, so that every group keeps the same width
+    groups: int = 1
 
     def scores(self) -> np.ndarray | None:
         """Channel importance: the largest |scale| over every source in the space.
@@ -255,8 +259,28 @@ class Analysis:
         into.producers += other.producers
         into.coupled += other.coupled
         into.parts += [(o + offset, n) for o, n in other.parts]
+        if other.groups > 1:
+            self._group(keep, other.groups if offset == 0 and other.size == into.size else 0)
         into.sources += [ScoreSource(s.node, s.kind, s.values, s.offset + offset) for s in other.sources]
         into.blocked += [r for r in other.blocked if r not in into.blocked]
+
+    def group(self, layout: Layout, groups: int, node: gs.Node) -> bool:
+        """Require equal removal in ``groups`` blocks of the channels of a whole-space layout."""
+        if len(layout) != 1 or not self.whole(layout[0]):
+            self.block(layout, f"{node.op} {node.name} is a grouped convolution over channels of several layers")
+            return False
+        return self._group(self.find(layout[0].space), groups, node)
+
+    def _group(self, root: int, groups: int, node: gs.Node | None = None) -> bool:
+        space = self.spaces[root]
+        both = math.lcm(space.groups, groups) if groups else 0
+        if not both or space.size % both:
+            where = f"{node.op} {node.name}" if node is not None else "a grouped convolution"
+            if f"{where} splits the channels into groups that do not fit" not in space.blocked:
+                space.blocked.append(f"{where} splits the channels into groups that do not fit")
+            return False
+        space.groups = both
+        return True
 
     def take_part(self, layout: Layout) -> None:
         """Record that these channels travel as a part of their spaces (Split / Slice)."""

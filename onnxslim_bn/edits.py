@@ -134,3 +134,24 @@ class SetSliceRange:
             values = constant_values(self.node.inputs[index]).copy()
             values[self.entry] = value
             replace_constant(self.node, index, values)
+
+
+@dataclass
+class SliceGroupedInput:
+    """A grouped Conv's weight [C_out, C_in/g, k...]: each group's rows keep the kept input
+    channels of that group (the same count in every group; the plan sees to it)."""
+
+    node: gs.Node
+    layout: Layout
+    groups: int
+
+    def apply(self, keep: KeepIndex) -> None:
+        values = constant_values(self.node.inputs[1])
+        per_group = width(self.layout) // self.groups
+        kept = keep(self.layout)
+        rows = values.shape[0] // self.groups
+        parts = []
+        for j in range(self.groups):
+            local = kept[(kept >= j * per_group) & (kept < (j + 1) * per_group)] - j * per_group
+            parts.append(values[j * rows:(j + 1) * rows][:, local])
+        replace_constant(self.node, 1, np.concatenate(parts, axis=0))

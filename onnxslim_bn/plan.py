@@ -121,7 +121,15 @@ def select(analysis: Analysis, options: PruneOptions) -> Plan:
     kept = {}
     for s in spaces:
         gone = removed[s.id]
-        if s.size >= 4 * options.round_to and not s.parts:
+        if s.groups > 1:  # the same number from every group: the lowest-scored of what was chosen
+            blocks = gone.reshape(s.groups, -1)
+            per_block = int(blocks.sum(1).min())
+            block_scores = np.where(blocks, scores[s.id].reshape(s.groups, -1), np.inf)
+            order = np.argsort(block_scores, axis=1, kind="stable")[:, :per_block]
+            gone = np.zeros_like(blocks)
+            np.put_along_axis(gone, order, True, axis=1)
+            gone = gone.reshape(-1)
+        elif s.size >= 4 * options.round_to and not s.parts:
             keep_n = s.size - int(gone.sum())
             extra = min(s.size, math.ceil(keep_n / options.round_to) * options.round_to) - keep_n
             back = np.flatnonzero(gone)[np.argsort(-scores[s.id][gone], kind="stable")[:extra]]

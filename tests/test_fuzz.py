@@ -21,7 +21,7 @@ from tests.graphs import Builder, random_input, run
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "500"))
 # activations with f(0) = 0: a dead channel stays exactly 0 through them, borders included
 ACTIVATIONS = ["Relu", "LeakyRelu", "Tanh", "Clip", "Identity", "HardSwish", "Elu"]
-BLOCKS = ["cba", "residual", "concat", "concat-input", "se", "depthwise", "pool", "pad", "resize", "mul-const", "up", "csp", "slice"]
+BLOCKS = ["cba", "residual", "concat", "concat-input", "se", "depthwise", "pool", "pad", "resize", "mul-const", "up", "csp", "slice", "grouped"]
 HEADS = ["gap-gemm", "flatten-gemm", "conv", "reshape-gemm", "matmul"]
 
 
@@ -101,6 +101,9 @@ class Net:
         elif kind == "slice" and c > 2 and b.opset >= 10:
             bounds = [b.const(np.array(v, np.int64)) for v in ([1], [c - 1], [1])]
             self.x, self.c = b.op("Slice", [x, *bounds]), c - 2
+        elif kind == "grouped" and c % 2 == 0:  # ResNeXt: 2 groups
+            w = 2 * self.draw(st.integers(1, 5))
+            self.x, self.c = self.cba(x, c, w, k=self.draw(st.sampled_from([1, 3])), group=2), w
         elif kind == "mul-const":
             scale = b.rng.uniform(0.5, 2.0, (c, 1, 1)).astype(np.float32)
             self.x = b.op("Mul", [x, b.const(scale)])

@@ -306,7 +306,8 @@ def test_graph_output_blocks():
 
 
 @pytest.mark.parametrize("case,reason", [
-    ("transpose", "Transpose"), ("grouped", "grouped convolution"), ("channel-pad", "pads the channel axis"),
+    ("transpose", "Transpose"), ("grouped", "grouped convolution over channels of several layers"),
+    ("channel-pad", "pads the channel axis"),
     ("reshape", "changes the channel axis"), ("concat-h", "axis other than the channels"),
 ])
 def test_unknown_or_channel_mixing_ops_block_with_a_reason(case, reason):
@@ -315,7 +316,7 @@ def test_unknown_or_channel_mixing_ops_block_with_a_reason(case, reason):
     if case == "transpose":
         a = b.op("Transpose", [a], perm=[0, 1, 3, 2])
     elif case == "grouped":
-        a = b.conv(a, 8, 8, group=2)
+        a = b.conv(b.op("Concat", [a, b.op("Relu", [stem(b)])], axis=1), 16, 8, group=2)
     elif case == "channel-pad":
         a = b.op("Pad", [a, b.const(np.array([0, 1, 0, 0, 0, 1, 0, 0], np.int64))])
     elif case == "reshape":
@@ -417,3 +418,19 @@ def test_regression_fuzz_slice_then_flatten_keeps_the_part_offset(mode):
     assert result.report.removed_channels >= 1
     if "threshold" in mode:
         assert_same(model, result.model, [2, 3, 4, 4])
+
+
+@pytest.mark.parametrize("beta_dead", [0.0, None])
+def test_grouped_conv_removes_equal_numbers_per_group(beta_dead):
+    # ResNeXt: 1x1 conv -> BN -> grouped 3x3 (4 groups of 3) -> BN -> 1x1
+    b = Builder()
+    a = b.op("Relu", [b.bn(b.conv("x", 3, 12, k=1), 12, np.array([0, 1, 4, 7, 10]), beta_dead)])  # 2, 1, 1, 1 per group
+    g = b.op("Relu", [b.bn(b.conv(a, 12, 8, group=4, pad=0, k=1), 8, np.array([0, 3, 5, 6]), beta_dead)])  # 1 per group
+    y = b.conv(g, 8, 3, k=1)
+    model = b.model({"x": [1, 3, 5, 5]}, [y])
+    result = slim(model)
+    shapes = weight_shapes(result.model)
+    grouped = next(n for n in result.model.graph.node if any(a.name == "group" and a.i == 4 for a in n.attribute))
+    assert shapes[grouped.name] == [4, 2, 1, 1]  # 4 groups x (3 - 1) inputs, 4 groups x (2 - 1) outputs
+    assert result.report.removed_channels == 4 + 4
+    assert_same(model, result.model, [1, 3, 5, 5])

@@ -6,7 +6,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from ..analysis import Analysis, width
-from ..edits import SetGroup, SliceParam, constant_shape, constant_values, replace_constant
+from ..edits import SetGroup, SliceGroupedInput, SliceParam, constant_shape, constant_values, replace_constant
 from . import Compensation, Rule, attr, block_inputs, register
 
 
@@ -62,7 +62,9 @@ class ConvRule(Rule):
             ctx.edit(SliceParam(node, 1, out_axis, out))
             ctx.edit(SliceParam(node, 2, 0, out))
             ctx.set_layout(node.outputs[0], out)
-        elif group == c_in == c_out and layout is not None and bias_ok:
+        elif group != c_in or c_in != c_out:
+            self._grouped(node, ctx, layout, group, c_in, c_out, bias_ok)
+        elif layout is not None and bias_ok:  # depthwise
             ctx.edit(SliceParam(node, 1, 0, layout))  # [C, 1, k...] either way
             ctx.edit(SliceParam(node, 2, 0, layout))
             ctx.edit(SetGroup(node, layout))
@@ -70,16 +72,34 @@ class ConvRule(Rule):
                 ctx.space(seg.space).coupled.append(node.name)
             ctx.set_layout(node.outputs[0], layout)
         else:
-            why = (f"is a grouped convolution (group={group}, {c_in} -> {c_out} channels)"
-                   if group != 1 else "has a computed bias")
+            why = "has a computed bias" if not bias_ok else "is a depthwise convolution of channels no layer produces"
             block_inputs(node, ctx, why)
             ctx.set_layout(node.outputs[0], ctx.opaque(c_out, f"{node.op} {node.name} {why}"))
+
+    def _grouped(self, node: gs.Node, ctx: Analysis, layout, group: int, c_in: int, c_out: int, bias_ok: bool) -> None:
+        """1 < group < C: both sides lose the same number of channels in every group."""
+        if node.op != "Conv" or not bias_ok:
+            block_inputs(node, ctx, f"is a grouped {node.op} (group={group})")
+            ctx.set_layout(node.outputs[0], ctx.opaque(c_out, f"{node.op} {node.name} is grouped (group={group})"))
+            return
+        if layout is not None:
+            if width(layout) != c_in or any(s.repeat != 1 for s in layout):
+                ctx.block(layout, f"Conv {node.name} reads {c_in} channels from a tensor laid out as {width(layout)}")
+            elif ctx.group(layout, group, node):
+                ctx.edit(SliceGroupedInput(node, layout, group))
+                ctx.consume(node, self)
+        out = ctx.new_space(c_out, node)
+        ctx.group(out, group, node)
+        ctx.edit(SliceParam(node, 1, 0, out))
+        ctx.edit(SliceParam(node, 2, 0, out))
+        ctx.set_layout(node.outputs[0], out)
 
     def dead_values(self, node, ctx, inputs):
         c_out = self._channels(node, constant_shape(node.inputs[1]))[1]
         bias = _bias(node, c_out)
         unknown = np.full(c_out, np.nan)
-        if attr(node, "group", 1) != 1 and inputs[0] is not None:  # depthwise: constant in, constant out
+        depthwise = attr(node, "group", 1) == self._channels(node, constant_shape(node.inputs[1]))[0] == c_out
+        if attr(node, "group", 1) != 1 and depthwise and inputs[0] is not None:  # constant in, constant out
             weight = constant_values(node.inputs[1])
             unknown = inputs[0] * weight.reshape(c_out, -1).sum(1) / self._phases(node) + bias
         if node.name in ctx.scale_nodes:  # BN folded in: the channel's mean output (~beta)
@@ -95,10 +115,16 @@ class ConvRule(Rule):
         weight = constant_values(node.inputs[1])
         in_axis, out_axis = self._axes(node)
         value, missing = _removed_rows(dead, removed)
-        rows = np.flatnonzero(value)  # only the removed channels' taps are read, summed in float64
-        taps = np.moveaxis(np.take(weight, rows, axis=in_axis), [out_axis, in_axis], [0, 1])
-        taps = taps.reshape(taps.shape[0], len(rows), -1) if len(rows) else np.zeros((taps.shape[0], 0, 1))
-        delta = taps.sum(2, dtype=np.float64) @ value[rows] / self._phases(node)
+        group = attr(node, "group", 1)
+        if group > 1:  # grouped: output o of group j reads only group j's inputs
+            per, rows = len(value) // group, weight.shape[0] // group
+            sums = weight.reshape(weight.shape[0], weight.shape[1], -1).sum(2, dtype=np.float64)
+            delta = np.concatenate([sums[j * rows:(j + 1) * rows] @ value[j * per:(j + 1) * per] for j in range(group)])
+        else:
+            rows = np.flatnonzero(value)  # only the removed channels' taps are read, summed in float64
+            taps = np.moveaxis(np.take(weight, rows, axis=in_axis), [out_axis, in_axis], [0, 1])
+            taps = taps.reshape(taps.shape[0], len(rows), -1) if len(rows) else np.zeros((taps.shape[0], 0, 1))
+            delta = taps.sum(2, dtype=np.float64) @ value[rows] / self._phases(node)
         unpadded = not any(attr(node, "pads", [0])) and attr(node, "auto_pad", "NOTSET") in ("NOTSET", "VALID")
         exact = (unpadded or all(k == 1 for k in weight.shape[2:])) and self._phases(node) == 1
         return Compensation(delta, exact, missing)
