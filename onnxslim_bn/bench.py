@@ -115,6 +115,9 @@ def _ort_runner(path: Path, threads: int):
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.log_severity_level = 3
+    # Interleaved sessions must not spin-wait for work after a run: one would steal the cores
+    # the other needs, and whichever runs second would look slower than it is.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     sess = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     return lambda feeds: sess.run(None, feeds)
 
