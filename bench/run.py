@@ -8,7 +8,6 @@ import datetime
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 from pathlib import Path

@@ -140,7 +140,6 @@ class Analysis:
         self._offset: list[int] = []  # channel offset of a space inside its parent
         self.edits: list[Edit] = []
         self.consumers: list[Consumer] = []
-        self.unsupported: dict[str, int] = {}
         # nodes that act as the BN scale of a space without BN (folded producers, split-BN Muls),
         # with the mean of their output: the constant a removed channel is replaced by
         self.scale_nodes: dict[str, np.ndarray] = {}
@@ -314,18 +313,6 @@ class Analysis:
     def prunable(self) -> list[Space]:
         return [s for s in self.roots() if not s.blocked and s.sources and s.producers]
 
-    def skipped(self) -> list[tuple[Space, str]]:
-        """Spaces that will not be pruned, each with the first reason."""
-        out = []
-        for s in self.roots():
-            if not s.producers:
-                continue
-            if s.blocked:
-                out.append((s, s.blocked[0]))
-            elif not s.sources:
-                out.append((s, f"no BatchNorm scale ranks the channels of {s.producers[0]}"))
-        return out
-
 
 def _sizes(layout: Layout) -> str:
     return "+".join(str(s.size) for s in layout)
@@ -344,7 +331,6 @@ def analyze(graph: gs.Graph, shapes: dict[str, list[int | str | None]],
         rule = RULES.get(node.op)
         if rule is None:
             if carrying:
-                ctx.unsupported[node.op] = ctx.unsupported.get(node.op, 0) + 1
                 for t in carrying:
                     ctx.block(ctx.layout(t), f"{node.op} {node.name} is not an op onnx-bnslim can follow")
             continue

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-from onnx import helper, numpy_helper
+from onnx import helper
 
 from onnxslim_bn import inspect, prune
 from tests.graphs import Builder, random_input, run

@@ -396,8 +396,8 @@ def test_slice_of_channels_and_of_space(opset):
     a = b.op("Relu", [b.bn(b.conv("x", 3, 8), 8, np.array([0, 3, 6]), None)])
     if opset < 10:
         part = b.op("Slice", [a], starts=[2, 1], ends=[7, 100], axes=[1, 2])
-    else:
-        part = b.op("Slice", [a, *(b.const(np.array(v, np.int64)) for v in ([2, 1], [7, 100], [1, 2], [1, 1]))])
+    else:  # axes out of order: the bounds follow the axes' order, not the tensor's
+        part = b.op("Slice", [a, *(b.const(np.array(v, np.int64)) for v in ([1, 2], [100, 7], [-2, 1], [1, 1]))])
     y = b.conv(part, 5, 3, k=1)
     model = b.model({"x": [1, 3, 5, 5]}, [y])
     result = slim(model)

@@ -86,6 +86,11 @@ def block_inputs(node: gs.Node, ctx: Analysis, why: str) -> None:
         ctx.block(layout, f"{node.op} {node.name} {why}")
 
 
+def is_channel_axis(axis: int, rank: int | None) -> bool:
+    """Whether ``axis`` (negative counts from the end) is axis 1 of a tensor of this rank."""
+    return rank is not None and (axis + rank if axis < 0 else axis) == 1
+
+
 def used(tensor: gs.Tensor, ctx: Analysis) -> bool:
     return bool(tensor.outputs) or any(tensor is o for o in ctx.graph.outputs)
 

@@ -10,7 +10,7 @@ import onnx_graphsurgeon as gs
 
 from ..analysis import Analysis, channels
 from ..edits import SliceParam, constant_values
-from . import Rule, attr, block_inputs, carrying, opset, register, used
+from . import Rule, attr, block_inputs, carrying, register, used
 
 
 @register

@@ -7,7 +7,7 @@ import onnx_graphsurgeon as gs
 
 from ..analysis import Analysis, Layout, Segment, channels, cut, width
 from ..edits import SetShapeEntry, SetSliceRange, SetSplitSizes, constant_values
-from . import Rule, attr, block_inputs, carrying, opset, register, used
+from . import Rule, attr, block_inputs, carrying, is_channel_axis, opset, register, used
 
 
 def _axes(node: gs.Node, ctx: Analysis, input_index: int, since: int) -> list[int] | None:
@@ -22,7 +22,8 @@ def _axes(node: gs.Node, ctx: Analysis, input_index: int, since: int) -> list[in
 
 
 def _norm(axes: list[int], rank: int) -> list[int]:
-    return sorted(a + rank if a < 0 else a for a in axes)
+    """Non-negative axes, in the given order (pads, scales and slice bounds follow that order)."""
+    return [a + rank if a < 0 else a for a in axes]
 
 
 class _SameLayout(Rule):
@@ -141,9 +142,7 @@ class ConcatRule(Rule):
         flowing = carrying(node, ctx)
         if not flowing:
             return
-        rank = ctx.rank(node.outputs[0])
-        axis = attr(node, "axis", 1)
-        if rank is None or (axis + rank if axis < 0 else axis) != 1:
+        if not is_channel_axis(attr(node, "axis", 1), ctx.rank(node.outputs[0])):
             block_inputs(node, ctx, "concatenates along an axis other than the channels")
             return
         parts: list[Segment] = []
@@ -182,9 +181,8 @@ class FlattenRule(Rule):
         if layout is None:
             return
         rank = ctx.rank(node.inputs[0])
-        axis = attr(node, "axis", 1)
         spatial = None if rank is None else ctx.static_dims(node.inputs[0], range(2, rank))
-        if rank is None or (axis + rank if axis < 0 else axis) != 1 or spatial is None:
+        if not is_channel_axis(attr(node, "axis", 1), rank) or spatial is None:
             ctx.block(layout, f"Flatten {node.name} does not keep the channels on axis 1 with a static spatial size")
             return
         ctx.set_layout(node.outputs[0], _flattened(layout, spatial))
@@ -310,9 +308,7 @@ class SplitRule(Rule):
         layout = ctx.layout(node.inputs[0])
         if layout is None:
             return
-        rank = ctx.rank(node.inputs[0])
-        axis = attr(node, "axis", 0)
-        if rank is None or (axis + rank if axis < 0 else axis) != 1:
+        if not is_channel_axis(attr(node, "axis", 0), ctx.rank(node.inputs[0])):
             block_inputs(node, ctx, "splits an axis other than the channels")
             return
         if any(s.repeat != 1 for s in layout):
@@ -372,8 +368,7 @@ class SliceRule(Rule):
         if starts is None or ends is None or rank is None:
             return "has bounds onnx-bnslim cannot read"
         starts, ends = [int(v) for v in np.reshape(starts, -1)], [int(v) for v in np.reshape(ends, -1)]
-        axes = list(range(len(starts))) if axes is None else [a + rank if a < 0 else a for a in
-                                                               (int(v) for v in np.reshape(axes, -1))]
+        axes = list(range(len(starts))) if axes is None else _norm([int(v) for v in np.reshape(axes, -1)], rank)
         steps = [1] * len(starts) if steps is None else [int(v) for v in np.reshape(steps, -1)]
         if 0 in axes:
             return "slices the batch axis"
