@@ -14,7 +14,7 @@ from . import __version__
 from .api import inspect, prune, to_openvino
 from .bench import RUNTIMES, benchmark
 from .errors import BnSlimError
-from .model_io import save_model
+from .model_io import save_model, write_text
 from .plan import PruneOptions
 from .report import inspect_table
 from .shapes import parse_input_shapes
@@ -88,7 +88,7 @@ def run_bench(argv: list[str]) -> int:
           f"{result.runs} interleaved runs each; median (10th-90th percentile)")
     print(result.table(markdown=args.markdown))
     if args.json:
-        _write_text(Path(args.json), json.dumps(result.to_dict(), indent=2) + "\n")
+        write_text(Path(args.json), json.dumps(result.to_dict(), indent=2) + "\n")
     return 0
 
 
@@ -97,9 +97,14 @@ def _output_path(model: str, output: str | None) -> Path:
     out = Path(output) if output else src.with_name(src.stem + ".slim.onnx")
     if out.exists() and src.exists() and out.resolve() == src.resolve():
         raise BnSlimError(f"{out}: the output would overwrite the input model; pass another -o")
-    if not out.parent.is_dir():
-        raise BnSlimError(f"{out}: the output folder {out.parent} does not exist; create it or pass another -o")
+    _check_folder(out, "-o")
     return out
+
+
+def _check_folder(path: Path, flag: str) -> None:
+    """Fail before any work when an output could not be written at the end."""
+    if not path.parent.is_dir():
+        raise BnSlimError(f"{path}: the output folder {path.parent} does not exist; create it or pass another {flag}")
 
 
 def _options(args: argparse.Namespace, **extra) -> PruneOptions:
@@ -111,6 +116,8 @@ def run_prune(argv: list[str]) -> int:
     args = _prune_parser().parse_args(argv)
     _logging(args.verbose)
     out = _output_path(args.model, args.output)
+    if args.report:
+        _check_folder(Path(args.report), "--report")
     options = _options(args, ratio=args.ratio, threshold=args.threshold, data=args.data,
                        max_error=args.max_error, verify=not args.no_verify)
     if args.fp16 and not args.openvino:
@@ -128,7 +135,7 @@ def run_prune(argv: list[str]) -> int:
     print(f"onnx-bnslim {__version__}: {args.model} -> {out}")
     print(result.report.table(verbose=args.verbose))
     if args.report:
-        _write_text(Path(args.report), result.report.to_json() + "\n")
+        write_text(Path(args.report), result.report.to_json() + "\n")
     return 0
 
 
@@ -147,16 +154,6 @@ def run_inspect(argv: list[str]) -> int:
         for note in result.notes:
             print(f"Note: {note}")
     return 0
-
-
-def _write_text(path: Path, text: str) -> None:
-    import os
-    import tempfile
-
-    fd, tmp = tempfile.mkstemp(dir=path.parent if str(path.parent) else ".", prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def _logging(verbose: bool) -> None:

@@ -62,32 +62,42 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
     return model
 
 
-def save_model(model: onnx.ModelProto, path: str | os.PathLike) -> int:
-    """Write ``model`` to ``path`` atomically (temp file + rename); return its size in bytes.
-
-    Models too large for one protobuf are written with their weights in ``<name>.data``.
-    """
-    path = Path(path)
+@contextlib.contextmanager
+def _staged(path: Path):
+    """A path to write ``path``'s content to; it replaces ``path`` in one rename on success."""
     directory = path.parent if str(path.parent) else Path(".")
     if not directory.is_dir():
-        raise BnSlimError(f"{path}: the output folder {directory} does not exist; create it or pass another -o")
+        raise BnSlimError(f"{path}: the output folder {directory} does not exist; create it or pass another path")
     if not os.access(directory, os.W_OK):
-        raise BnSlimError(f"{path}: the output folder {directory} is not writable; pass another -o")
-    external = too_large_for_protobuf(model)
-    data_name = path.name + ".data"
+        raise BnSlimError(f"{path}: the output folder {directory} is not writable; pass another path")
     with tempfile.TemporaryDirectory(prefix=f".{path.name}.", dir=directory) as tmp:
         staged = Path(tmp) / path.name
+        yield staged
+        os.replace(staged, path)
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    """Write a text file (a JSON report) atomically."""
+    with _staged(Path(path)) as staged:
+        staged.write_text(text)
+
+
+def save_model(model: onnx.ModelProto, path: str | os.PathLike) -> int:
+    """Write ``model`` to ``path`` atomically (staged, then renamed); return its size in bytes.
+
+    Models too large for one protobuf are written with their weights in ``<name>.data``; the
+    data file is moved in first, so the model never names a data file that is not there.
+    """
+    path = Path(path)
+    external = too_large_for_protobuf(model)
+    data = path.with_name(path.name + ".data")
+    with _staged(path) as staged:
         if external:
             _save_external(model, staged)
-            os.replace(staged.with_name(data_name), directory / data_name)
+            os.replace(staged.with_name(data.name), data)
         else:
-            with open(staged, "wb") as f:
-                f.write(model.SerializeToString())
-        os.replace(staged, path)  # the model last: it never names a data file that is not there
-    size = path.stat().st_size
-    if external:
-        size += (directory / data_name).stat().st_size
-    return size
+            staged.write_bytes(model.SerializeToString())
+    return path.stat().st_size + (data.stat().st_size if external else 0)
 
 
 def _first_line(exc: BaseException) -> str:

@@ -80,6 +80,7 @@ BAD = {
     "output-is-input": (lambda p: shutil.copy(path("vgg"), p), ["-o", "{model}"], "overwrite the input"),
     "output-folder-missing": (lambda p: shutil.copy(path("vgg"), p), ["-o", "{dir}/nope/out.onnx"], "does not exist"),
     "output-under-a-file": (lambda p: shutil.copy(path("vgg"), p), ["-o", "{model}/out.onnx"], "does not exist"),
+    "report-folder-missing": (lambda p: shutil.copy(path("vgg"), p), ["--report", "{dir}/nope/r.json"], "does not exist"),
     "bad-input-shapes": (lambda p: shutil.copy(path("vgg"), p), ["--input-shapes", "input:1,x"], "NAME:D0,D1"),
     "unknown-input": (lambda p: shutil.copy(path("vgg"), p), ["--input-shapes", "img:1,3,16,16"], "model's inputs"),
 }
