@@ -328,7 +328,11 @@ def analyze(graph: gs.Graph, shapes: dict[str, list[int | str | None]],
     ctx.nodes = list(graph.nodes)
     for node in ctx.nodes:
         carrying = [t for t in node.inputs if t.name in ctx.layouts]
-        rule = RULES.get(node.op)
+        for sub in node.subgraphs(recursive=True):  # If / Loop bodies read outer tensors implicitly
+            for name in sub.tensors():
+                if name in ctx.layouts:
+                    ctx.block(ctx.layouts[name], f"{node.op} {node.name} reads '{name}' inside its subgraph")
+        rule = RULES.get(node.op) if node.domain in ("", "ai.onnx", None) else None
         if rule is None:
             if carrying:
                 for t in carrying:

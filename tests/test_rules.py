@@ -434,3 +434,28 @@ def test_grouped_conv_removes_equal_numbers_per_group(beta_dead):
     assert shapes[grouped.name] == [4, 2, 1, 1]  # 4 groups x (3 - 1) inputs, 4 groups x (2 - 1) outputs
     assert result.report.removed_channels == 4 + 4
     assert_same(model, result.model, [1, 3, 5, 5])
+
+
+def test_subgraphs_and_other_domains_block():
+    from onnx import TensorProto, helper
+
+    b = Builder(opset=17)
+    a = b.op("Relu", [stem(b)])
+    then = helper.make_graph([helper.make_node("Identity", [a], ["t_out"])], "then", [],
+                             [helper.make_tensor_value_info("t_out", TensorProto.FLOAT, None)])
+    other = helper.make_graph([helper.make_node("Neg", [a], ["e_out"])], "else", [],
+                              [helper.make_tensor_value_info("e_out", TensorProto.FLOAT, None)])
+    cond = b.const(np.array(True))
+    branch = b.op("If", [cond], then_branch=then, else_branch=other)
+    y = b.op("ReduceSum", [branch], keepdims=0)
+    model = b.model({"x": [1, 3, 5, 5]}, [y])
+    assert any("inside its subgraph" in r for r in blocked(model))
+    b = Builder(opset=17)
+    a = b.op("Relu", [stem(b)])
+    b.nodes.append(helper.make_node("Conv", [a, b.const(np.ones((2, 8, 1, 1), np.float32))], ["custom"], domain="com.example",
+                                    name="custom_conv"))
+    graph = helper.make_graph(b.nodes, "t", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 5, 5])],
+                              [helper.make_tensor_value_info("custom", TensorProto.FLOAT, None)], initializer=b.inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.example", 1)])
+    reasons = [s.blocked for s in inspect(model, options=None).spaces if s.blocked]
+    assert any("Conv custom_conv is not an op onnx-bnslim can follow" in r for r in reasons), reasons
