@@ -80,3 +80,13 @@ def test_default_rounding_keeps_widths_of_eight(name):
             assert space.kept % 8 == 0 or space.kept == space.channels, space
     x = heldout()[0][:8]
     assert run(result.model, {"input": x})[0].shape == (8, 10)
+
+
+def test_keep_pattern_protects_layers_by_node_name():
+    protected = "/layers/layers.2/*"
+    result = prune(str(path("resnet")), ratio=0.5, round_to=1, keep=[protected])
+    by_producer = {p: s for s in result.report.spaces for p in s.producers}
+    hit = [s for p, s in by_producer.items() if p.startswith("/layers/layers.2/")]
+    assert hit and all(s.kept == s.channels for s in hit)
+    assert all("protected by --keep" in s.blocked for s in hit)
+    assert result.report.removed_channels > 0  # the rest is still pruned
