@@ -17,7 +17,7 @@ from .analysis import Analysis, analyze
 from .errors import BnSlimError
 from .fold import fold_constants
 from .importance import add_data_scores, candidates
-from .metrics import measure
+from .metrics import measure, weight_bytes
 from .model_io import load_model
 from .openvino_ir import OpenVinoResult, export_ir
 from .plan import Plan, PruneOptions, select
@@ -141,6 +141,7 @@ def prune(model: onnx.ModelProto | str | os.PathLike, options: PruneOptions | No
     prep = _prepare(model, options)
     if not prep.analysis.prunable():
         raise _nothing_to_prune(prep)
+    before = measure(prep.graph, prep.shapes, prep.size_bytes or weight_bytes(prep.model))
     plan: Plan = select(prep.analysis, options)
     stats = apply(prep.analysis, plan)
     pruned = _export(prep)
@@ -154,7 +155,7 @@ def prune(model: onnx.ModelProto | str | os.PathLike, options: PruneOptions | No
     seconds["verify"] = time.perf_counter() - clock
     report = Report(
         model=prep.source, output=None, options=_options_dict(options),
-        before=measure(prep.model, prep.shapes, prep.size_bytes), after=measure(pruned, pruned_shapes),
+        before=before, after=measure(prep.graph, pruned_shapes, weight_bytes(pruned)),
         verification=verification, surgery=stats, spaces=describe_spaces(prep.analysis, plan),
         notes=prep.notes, seconds=seconds, chosen_channels=plan.chosen)
     return PruneResult(pruned, report, feeds, outputs)

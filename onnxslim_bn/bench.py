@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnx_graphsurgeon as gs
 
 from .errors import BnSlimError
 from .metrics import measure
@@ -173,7 +174,7 @@ def _mac_ratio(models: list[onnx.ModelProto], given: dict[str, list[int]], sourc
     macs = []
     for model in models:
         shapes, _ = resolve_input_shapes(model, given, source)
-        macs.append(measure(model, infer_shapes(model, shapes, source)).macs)
+        macs.append(measure(gs.import_onnx(model), infer_shapes(model, shapes, source), 0).macs)
     if not macs[1]:
         raise BnSlimError(f"{source}: the pruned model has no MACs to count; are these the right two files?")
     return macs[0] / macs[1]

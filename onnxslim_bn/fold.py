@@ -51,17 +51,20 @@ def fold_constants(graph: gs.Graph) -> int:
     for node in list(graph.toposort().nodes):
         if len(node.outputs) != 1 or node.outputs[0].name in graph_outputs:
             continue
-        if node.op == "Constant":
-            value = _constant_node_value(node)
-        elif node.op in FOLDABLE:
-            call = _as_constant_call(node)
-            value = None if call is None else evaluate(*call, graph.opset)
-        else:
-            continue
-        if value is None or value.size > MAX_FOLDED:
-            continue
         out = node.outputs[0]
-        const = gs.Constant(out.name + "_folded", value)
+        if node.op == "Identity" and isinstance(node.inputs[0], gs.Constant):
+            const = node.inputs[0]  # shared parameters (torch writes Identity for them) stay one tensor
+        else:
+            if node.op == "Constant":
+                value = _constant_node_value(node)
+            elif node.op in FOLDABLE:
+                call = _as_constant_call(node)
+                value = None if call is None else evaluate(*call, graph.opset)
+            else:
+                continue
+            if value is None or value.size > MAX_FOLDED:
+                continue
+            const = gs.Constant(out.name + "_folded", value)
         for consumer in list(out.outputs):
             for i, t in enumerate(consumer.inputs):
                 if t is out:

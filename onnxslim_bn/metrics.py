@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import onnx
+import onnx_graphsurgeon as gs
 
 
 @dataclass
@@ -22,50 +23,29 @@ class Metrics:
         return asdict(self)
 
 
-_WEIGHTED = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+def measure(graph: gs.Graph, shapes: dict[str, list], size_bytes: int) -> Metrics:
+    """Count a graph. ``shapes`` come from :func:`onnxslim_bn.shapes.infer_shapes` with fixed
+    inputs; each op's output channels and MACs come from its rule (:meth:`Rule.layer_cost`)."""
+    from .rules import RULES
 
-
-def measure(model: onnx.ModelProto, shapes: dict[str, list], size_bytes: int | None = None) -> Metrics:
-    """Count a model. ``shapes`` come from :func:`onnxslim_bn.shapes.infer_shapes` with fixed inputs."""
-    inits = {t.name: t for t in model.graph.initializer}
-    params = sum(int(np.prod(t.dims)) for t in inits.values())
-    for node in model.graph.node:
-        if node.op_type == "Constant":
-            for a in node.attribute:
-                if a.name == "value":
-                    params += int(np.prod(a.t.dims))
+    params = sum(int(np.prod(t.shape)) for t in graph.tensors().values() if isinstance(t, gs.Constant))
     layers, channels, macs = {}, 0, 0
-    for node in model.graph.node:
-        if node.op_type not in _WEIGHTED or len(node.input) < 2 or node.input[1] not in inits:
+    for node in graph.nodes:
+        rule = RULES.get(node.op)
+        cost = None if rule is None else rule.layer_cost(node, shapes)
+        if cost is None:
             continue
-        w = list(inits[node.input[1]].dims)
-        out_shape = shapes.get(node.output[0]) or []
-        out_n = _static_prod(out_shape)
-        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-        if node.op_type == "Conv":
-            out_c = w[0]
-            per_out = int(np.prod(w[1:]))  # (C_in / group) * kernel
-            layer_macs = out_n * per_out
-        elif node.op_type == "ConvTranspose":
-            group = attrs.get("group", 1)
-            out_c = w[1] * group
-            in_shape = shapes.get(node.input[0]) or []
-            layer_macs = _static_prod(in_shape) * int(np.prod(w[1:]))
-        else:
-            trans_b = node.op_type == "Gemm" and attrs.get("transB", 0)
-            out_c = w[0] if trans_b else w[1]
-            k = w[1] if trans_b else w[0]
-            layer_macs = out_n * k
+        out_c, layer_macs = cost
         channels += out_c
         macs += layer_macs
-        layers[node.name] = {"op": node.op_type, "out_channels": out_c, "macs": layer_macs}
-    return Metrics(channels, params, macs, size_bytes if size_bytes is not None else weight_bytes(model),
-                   dict(Counter(n.op_type for n in model.graph.node)), layers)
+        layers[node.name] = {"op": node.op, "out_channels": out_c, "macs": layer_macs}
+    return Metrics(channels, params, macs, size_bytes, dict(Counter(n.op for n in graph.nodes)), layers)
 
 
-def _static_prod(shape: list) -> int:
+def static_prod(shape: list | None) -> int:
+    """Product of a shape's dims; 0 when any is unknown."""
     n = 1
-    for d in shape:
+    for d in shape or [None]:
         if not isinstance(d, int):
             return 0
         n *= d

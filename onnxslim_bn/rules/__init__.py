@@ -62,6 +62,10 @@ class Rule:
         """For consumers only: add ``delta`` (kept output channels) to the node's bias."""
         raise NotImplementedError
 
+    def layer_cost(self, node: gs.Node, shapes: dict[str, list]) -> tuple[int, int] | None:
+        """For layers with weights: (output channels, multiply-accumulates) at these shapes."""
+        return None
+
 
 def _unknown(ctx: Analysis, tensor: gs.Tensor) -> np.ndarray | None:
     layout = ctx.layout(tensor)

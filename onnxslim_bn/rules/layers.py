@@ -6,6 +6,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from ..analysis import Analysis, width
+from ..metrics import static_prod
 from ..edits import SetGroup, SliceGroupedInput, SliceParam, constant_shape, constant_values, replace_constant
 from . import Compensation, Rule, attr, block_inputs, register
 
@@ -106,6 +107,15 @@ class ConvRule(Rule):
             return [np.where(np.isfinite(unknown), unknown, ctx.scale_nodes[node.name])]
         return [unknown]
 
+    def layer_cost(self, node, shapes):
+        weight = constant_shape(node.inputs[1])
+        if weight is None:
+            return None
+        per_output = int(np.prod(weight[1:]))  # (C_in / group) * kernel taps, or (C_out / group) * taps
+        if node.op == "ConvTranspose":  # every input pixel scatters into C_out / group * taps outputs
+            return self._channels(node, weight)[1], static_prod(shapes.get(node.inputs[0].name)) * per_output
+        return weight[0], static_prod(shapes.get(node.outputs[0].name)) * per_output
+
     @staticmethod
     def _phases(node: gs.Node) -> int:
         """A strided ConvTranspose spreads each tap over stride^d output phases."""
@@ -203,6 +213,13 @@ class GemmRule(Rule):
         if node.name not in ctx.scale_nodes:
             return super().dead_values(node, ctx, inputs)
         return [ctx.scale_nodes[node.name]]  # BN1d folded in: the column's mean output (~beta)
+
+    def layer_cost(self, node, shapes):
+        weight = constant_shape(node.inputs[1])
+        if weight is None or len(weight) != 2:
+            return None
+        in_axis, out_axis = self._weight_axes(node)
+        return weight[out_axis], static_prod(shapes.get(node.outputs[0].name)) * weight[in_axis]
 
     def compensate(self, node, ctx, dead, removed):
         weight = constant_values(node.inputs[1])
