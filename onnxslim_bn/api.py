@@ -84,6 +84,7 @@ class _Prepared:
     shapes: dict[str, list]
     graph: gs.Graph
     analysis: Analysis
+    session: object | None = None  # onnxruntime session of the original, when calibration built one
 
 
 def _prepare(model, options: PruneOptions) -> _Prepared:
@@ -92,12 +93,15 @@ def _prepare(model, options: PruneOptions) -> _Prepared:
     shapes = infer_shapes(proto, input_shapes, source)
     graph = _import(proto)
     analysis = analyze(graph, shapes, options.protects if options.keep else None)
-    if candidates(analysis):
+    found, sess = candidates(analysis), None
+    if found:  # one session of the original serves the calibration and, later, the check
+        names = [t.name for _, t, _ in found]
+        sess = verify.session(proto, source, extra_outputs=names)
         feeds, described = verify.make_inputs(proto, input_shapes, options.data, options.seed, calibration=True)
-        add_data_scores(analysis, proto, feeds, source)
+        add_data_scores(analysis, found, verify.run(sess, feeds, verify.static_batch(proto), names))
         notes.append(f"no BatchNormalization for some layers: their BN scale was recovered from activation statistics "
                      f"on {described}" + ("" if options.data else "; pass --data with real inputs for a closer estimate"))
-    return _Prepared(proto, source, size, input_shapes, notes, shapes, graph, analysis)
+    return _Prepared(proto, source, size, input_shapes, notes, shapes, graph, analysis, sess)
 
 
 def _nothing_to_prune(prep: _Prepared) -> BnSlimError:
@@ -186,9 +190,10 @@ def _verify(prep: _Prepared, pruned: onnx.ModelProto, options: PruneOptions):
     what = f"{prep.source} (pruned)"
     verify.check_model(pruned, what)
     feeds, described = verify.make_inputs(prep.model, prep.input_shapes, options.data, options.seed)
-    before = verify.run(verify.session(prep.model, prep.source), feeds)
-    after = verify.run(verify.session(pruned, what), feeds)
     names = [o.name for o in prep.model.graph.output]
+    batch = verify.static_batch(prep.model)
+    before = verify.run(prep.session or verify.session(prep.model, prep.source), feeds, batch, names)
+    after = verify.run(verify.session(pruned, what), feeds, batch, names)
     result = verify.compare(names, before, after, described, what)
     if options.max_error is not None and result.max_abs_diff > options.max_error:
         raise BnSlimError(f"{what}: max |pruned - original| = {result.max_abs_diff:.3g} exceeds --max-error "

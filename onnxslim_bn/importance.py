@@ -25,7 +25,6 @@ from __future__ import annotations
 import logging
 
 import numpy as np
-import onnx
 import onnx_graphsurgeon as gs
 
 from .analysis import Analysis
@@ -83,32 +82,13 @@ def _has_bias(node: gs.Node) -> bool:
     return bias is not None and bias.ndim >= 1 and bias.size > 1
 
 
-def add_data_scores(analysis: Analysis, model: onnx.ModelProto, feeds: dict[str, np.ndarray], source: str) -> int:
-    """Score every space that has no BN with the deviation of its scale nodes' outputs.
-
-    Returns the number of tensors measured. Runs the *original* model once in onnxruntime.
-    """
-    from .verify import run, session, static_batch
-
-    found = candidates(analysis)
-    if not found:
-        return 0
-    names = [t.name for _, t, _ in found]
-    existing = {o.name for o in model.graph.output}
-    extra = [onnx.helper.make_empty_tensor_value_info(n) for n in names if n not in existing]
-    model.graph.output.extend(extra)  # a session with the scale tensors as outputs ...
-    try:
-        sess = session(model, source)
-    finally:
-        for _ in extra:  # ... and the caller's model exactly as it was
-            model.graph.output.pop()
-    outputs = [o.name for o in sess.get_outputs()]
-    values = dict(zip(outputs, run(sess, feeds, batch=static_batch(model) or 256)))
-    for node, tensor, kind in found:
-        act = values[tensor.name].astype(np.float64)
+def add_data_scores(analysis: Analysis, found: list[tuple[gs.Node, gs.Tensor, str]], values: list[np.ndarray]) -> None:
+    """Score the spaces of ``found`` (see :func:`candidates`) with the per-channel deviation
+    of each scale tensor over the calibration batch (``values``, in the same order)."""
+    for (node, tensor, kind), act in zip(found, values):
+        act = act.astype(np.float64)
         axes = tuple(a for a in range(act.ndim) if a != 1)
         analysis.add_scores(analysis.layout(tensor), act.std(axis=axes), kind, node)
         # what a removed channel is replaced by: its mean output (beta, for a BN with gamma ~ 0)
         analysis.scale_nodes[node.name] = act.mean(axis=axes)
     log.info("scored %d layers from activation statistics (%s)", len(found), ", ".join(sorted({k for *_, k in found})))
-    return len(found)

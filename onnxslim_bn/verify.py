@@ -48,8 +48,9 @@ class Verification:
         return {**asdict(self), "max_abs_diff": self.max_abs_diff, "cosine": self.cosine}
 
 
-def session(model: onnx.ModelProto, what: str):
-    """An onnxruntime CPU session for a model held in memory.
+def session(model: onnx.ModelProto, what: str, extra_outputs: list[str] = ()):
+    """An onnxruntime CPU session for a model held in memory, with intermediate tensors as
+    ``extra_outputs`` if asked (the model is left exactly as it was).
 
     Graph optimizations are off: the check runs the graph as written, and on a 1 GB model
     onnxruntime's optimizer alone costs 9 s and 3 GB (bench uses full optimizations)."""
@@ -58,6 +59,9 @@ def session(model: onnx.ModelProto, what: str):
     options = ort.SessionOptions()
     options.log_severity_level = 3
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    known = {o.name for o in model.graph.output}
+    added = [onnx.helper.make_empty_tensor_value_info(n) for n in extra_outputs if n not in known]
+    model.graph.output.extend(added)
     try:
         if not too_large_for_protobuf(model):
             return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
@@ -65,6 +69,9 @@ def session(model: onnx.ModelProto, what: str):
             return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises its own unexported exception types
         raise BnSlimError(f"{what}: onnxruntime cannot load it ({str(exc).splitlines()[0]})") from exc
+    finally:
+        for _ in added:
+            model.graph.output.pop()
 
 
 def check_model(model: onnx.ModelProto, what: str) -> None:
@@ -126,12 +133,14 @@ def static_batch(model: onnx.ModelProto) -> int | None:
     return None
 
 
-def run(sess, feeds: dict[str, np.ndarray], batch: int = 256) -> list[np.ndarray]:
-    """Run a session, in chunks along the batch axis when the inputs are large."""
+def run(sess, feeds: dict[str, np.ndarray], batch: int | None, outputs: list[str] | None = None) -> list[np.ndarray]:
+    """Run a session (all outputs, or the named ones), in chunks of ``batch`` along the batch
+    axis: the model's fixed batch size, or 256 at a time when it is dynamic."""
+    batch = batch or 256
     n = min(len(v) for v in feeds.values()) if feeds else 0
     if n <= batch:
-        return sess.run(None, feeds)
-    chunks = [sess.run(None, {k: v[i : i + batch] for k, v in feeds.items()}) for i in range(0, n, batch)]
+        return sess.run(outputs, feeds)
+    chunks = [sess.run(outputs, {k: v[i : i + batch] for k, v in feeds.items()}) for i in range(0, n, batch)]
     return [np.concatenate(parts) for parts in zip(*chunks)]
 
 

@@ -126,3 +126,16 @@ def test_external_data_models_load_prune_and_save(tmp_path, monkeypatch, capsys)
 
     x = np.random.default_rng(0).standard_normal((2, 3, 16, 16)).astype(np.float32)
     assert ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0].shape == (2, 10)
+
+
+def test_fixed_batch_model_checks_many_samples_in_batches(tmp_path, capsys):
+    # calibration (folded BN) and the check feed a batch-1 model 1000 held-out samples, one at a time
+    model = onnx.load(str(path("vgg", "ts-folded")))
+    for value in list(model.graph.input) + list(model.graph.output):
+        value.type.tensor_type.shape.dim[0].Clear()
+        value.type.tensor_type.shape.dim[0].dim_value = 1
+    source = tmp_path / "b1.onnx"
+    onnx.save(model, str(source))
+    data = str(path("heldout").with_suffix(".npz"))
+    assert main([str(source), "--ratio", "0.15", "--data", data, "-o", str(tmp_path / "out.onnx")]) == 0
+    assert "input: [1000, 3, 16, 16]" in capsys.readouterr().out
