@@ -143,6 +143,8 @@ class Analysis:
         # nodes that act as the BN scale of a space without BN (folded producers, split-BN Muls),
         # with the mean of their output: the constant a removed channel is replaced by
         self.scale_nodes: dict[str, np.ndarray] = {}
+        # the model fixes every input dimension but the batch: inferred sizes hold for any run
+        self.static_sizes = all(all(isinstance(d, int) for d in (t.shape or [None])[1:]) for t in graph.inputs)
         self.nodes: list[gs.Node] = []
 
     # ------------------------------------------------------------------ reading the graph

@@ -147,7 +147,7 @@ def prune(model: onnx.ModelProto | str | os.PathLike, options: PruneOptions | No
         raise _nothing_to_prune(prep)
     before = measure(prep.graph, prep.shapes, prep.size_bytes or weight_bytes(prep.model))
     plan: Plan = select(prep.analysis, options)
-    stats = apply(prep.analysis, plan)
+    stats = apply(prep.analysis, plan, options.exact_borders)
     pruned = _export(prep)
     seconds = {"prune": time.perf_counter() - clock}
 

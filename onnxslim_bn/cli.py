@@ -45,6 +45,9 @@ def _prune_parser() -> argparse.ArgumentParser:
     parser.add_argument("-o", "--output", help="output path (default: <model>.slim.onnx beside the input)")
     parser.add_argument("--data", help=".npz of real inputs (arrays named after the model inputs) for the check")
     parser.add_argument("--max-error", type=float, help="fail, writing nothing, if max |pruned - original| exceeds this")
+    parser.add_argument("--exact-borders", action="store_true",
+                        help="compensate removed channels exactly at the borders of padded convs too "
+                             "(adds an Add of a constant map per such layer; needs static image sizes)")
     parser.add_argument("--no-verify", action="store_true", help="skip the onnxruntime comparison (the checker still runs)")
     parser.add_argument("--report", help="write the report as JSON to this path")
     parser.add_argument("--openvino", metavar="OUT_DIR", help="also write OpenVINO IR here, checked against onnxruntime")
@@ -119,7 +122,7 @@ def run_prune(argv: list[str]) -> int:
     if args.report:
         _check_folder(Path(args.report), "--report")
     options = _options(args, ratio=args.ratio, threshold=args.threshold, data=args.data,
-                       max_error=args.max_error, verify=not args.no_verify)
+                       max_error=args.max_error, verify=not args.no_verify, exact_borders=args.exact_borders)
     if args.fp16 and not args.openvino:
         raise BnSlimError("--fp16 applies to the OpenVINO IR: add --openvino OUT_DIR")
     if args.openvino and args.no_verify:

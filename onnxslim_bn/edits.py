@@ -42,6 +42,15 @@ def replace_constant(node: gs.Node, index: int, values: np.ndarray) -> None:
         node.inputs[index] = gs.Constant(name, values)
 
 
+def add_after(graph: gs.Graph, node: gs.Node, values: np.ndarray, name: str) -> None:
+    """Insert ``output + values`` behind ``node``; its consumers keep reading the same tensor name."""
+    out = node.outputs[0]
+    pre = gs.Variable(f"{out.name}_{name}_in", dtype=out.dtype)
+    node.outputs[0] = pre
+    graph.nodes.append(gs.Node("Add", f"{node.name}_{name}", inputs=[pre, gs.Constant(f"{node.name}_{name}", values)],
+                               outputs=[out]))
+
+
 @dataclass
 class SliceParam:
     """Keep, along ``axis`` of constant input ``index``, the entries of the kept channels."""

@@ -28,6 +28,7 @@ class PruneOptions:
     max_error: float | None = None  # fail when max |pruned - original| exceeds this
     verify: bool = True
     seed: int = 0
+    exact_borders: bool = False  # padded convs: add the border correction as a constant map
 
     def validate(self) -> None:
         if (self.ratio is None) == (self.threshold is None):

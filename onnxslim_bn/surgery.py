@@ -9,6 +9,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from .analysis import Analysis
+from .edits import add_after
 from .plan import Plan
 from .rules import RULES, Compensation
 
@@ -41,8 +42,11 @@ def dead_values(analysis: Analysis) -> dict[str, np.ndarray]:
     return dead
 
 
-def apply(analysis: Analysis, plan: Plan) -> SurgeryStats:
-    """Edit ``analysis.graph`` in place so that it computes with the kept channels only."""
+def apply(analysis: Analysis, plan: Plan, exact_borders: bool = False) -> SurgeryStats:
+    """Edit ``analysis.graph`` in place so that it computes with the kept channels only.
+
+    With ``exact_borders``, a padded Conv with static sizes also gets an ``Add`` of the border
+    correction, so that removed constant channels are compensated exactly everywhere."""
     stats = SurgeryStats()
     dead = dead_values(analysis)
     pending: list[tuple[gs.Node, Compensation]] = []
@@ -60,10 +64,13 @@ def apply(analysis: Analysis, plan: Plan) -> SurgeryStats:
         edit.apply(plan.keep_index)
     for node, comp in pending:
         out = analysis.layout(node.outputs[0])
-        delta = comp.delta if out is None else comp.delta[plan.keep_index(out)]
-        RULES[node.op].add_bias(node, delta, analysis.graph)
+        kept = slice(None) if out is None else plan.keep_index(out)
+        RULES[node.op].add_bias(node, comp.delta[kept], analysis.graph)
         stats.compensated_layers += 1
-        stats.approximate_layers += not comp.exact
+        border = comp.border() if exact_borders and comp.border is not None else None
+        if border is not None:
+            add_after(analysis.graph, node, border[kept][None].astype(np.float32), "border")
+        stats.approximate_layers += not comp.exact and border is None
     graph = analysis.graph
     ends = {t.name for t in graph.inputs + graph.outputs}
     for tensor in graph.tensors().values():  # shapes inside the graph are stale now

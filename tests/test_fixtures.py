@@ -90,3 +90,23 @@ def test_keep_pattern_protects_layers_by_node_name():
     assert hit and all(s.kept == s.channels for s in hit)
     assert all("protected by --keep" in s.blocked for s in hit)
     assert result.report.removed_channels > 0  # the rest is still pruned
+
+
+@pytest.mark.parametrize("name", ["resnet", "densenet"])
+def test_exact_borders_reproduce_dead_channels_with_live_beta(name):
+    # gamma exactly 0 but beta kept: the removed channels carry constants through padded convs
+    model = onnx.load(str(path(name)))
+    by_name = {t.name: t for t in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "BatchNormalization" and node.input[1] in by_name:
+            gamma = numpy_helper.to_array(by_name[node.input[1]]).copy()
+            gamma[np.abs(gamma) < DEAD] = 0.0
+            by_name[node.input[1]].CopyFrom(numpy_helper.from_array(gamma, node.input[1]))
+    x = heldout()[0][:100]
+    want = run(model, {"input": x})[0]
+    rough = prune(model, threshold=DEAD, min_channels=1, round_to=1)
+    exact = prune(model, threshold=DEAD, min_channels=1, round_to=1, exact_borders=True)
+    assert exact.report.removed_channels == rough.report.removed_channels > 0
+    assert rough.report.surgery.approximate_layers > 0 and exact.report.surgery.approximate_layers == 0
+    np.testing.assert_allclose(run(exact.model, {"input": x})[0], want, atol=1e-4, rtol=1e-4)
+    assert np.abs(run(rough.model, {"input": x})[0] - want).max() > 1e-3  # the border error it removes

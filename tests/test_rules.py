@@ -459,3 +459,19 @@ def test_subgraphs_and_other_domains_block():
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.example", 1)])
     reasons = [s.blocked for s in inspect(model, options=None).spaces if s.blocked]
     assert any("Conv custom_conv is not an op onnx-bnslim can follow" in r for r in reasons), reasons
+
+
+def test_exact_borders_adds_the_border_correction():
+    b = Builder()
+    y = b.conv(b.op("Relu", [stem(b, beta_dead=None)]), 8, 4, k=3)
+    model = b.model({"x": [1, 3, 8, 8]}, [y])
+    result = slim(model, exact_borders=True)
+    assert result.report.surgery.approximate_layers == 0
+    assert sum(n.op_type == "Add" for n in result.model.graph.node) == 1
+    assert_same(model, result.model, [1, 3, 8, 8])  # borders included
+    b = Builder()  # a dynamic image size: the map would not fit every size, so it is not added
+    y = b.conv(b.op("Relu", [stem(b, beta_dead=None)]), 8, 4, k=3)
+    model = b.model({"x": [1, 3, "H", "W"]}, [y], {y: [1, 4, "H", "W"]})
+    result = slim(model, exact_borders=True, input_shapes={"x": [1, 3, 8, 8]})
+    assert result.report.surgery.approximate_layers == 1
+    assert not any(n.op_type == "Add" for n in result.model.graph.node)

@@ -15,7 +15,7 @@ Adding an op is adding one rule class here (and its test); nothing else dispatch
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Callable, ClassVar
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -42,6 +42,9 @@ class Compensation:
     delta: np.ndarray
     exact: bool  # False: exact inside the image, approximate where padding meets the border
     missing: int  # removed channels whose constant value is unknown (not compensated)
+    # for a padded Conv with static sizes: the border correction [C_out, H_out, W_out] that makes
+    # it exact (computed on demand: --exact-borders)
+    border: Callable[[], np.ndarray] | None = None
 
 
 class Rule:

@@ -7,7 +7,8 @@ import onnx_graphsurgeon as gs
 
 from ..analysis import Analysis, width
 from ..metrics import static_prod
-from ..edits import SetGroup, SliceGroupedInput, SliceParam, constant_shape, constant_values, replace_constant
+from ..edits import (SetGroup, SliceGroupedInput, SliceParam, add_after, constant_shape, constant_values,
+                     replace_constant)
 from . import Compensation, Rule, attr, block_inputs, register
 
 
@@ -137,7 +138,10 @@ class ConvRule(Rule):
             delta = taps.sum(2, dtype=np.float64) @ value[rows] / self._phases(node)
         unpadded = not any(attr(node, "pads", [0])) and attr(node, "auto_pad", "NOTSET") in ("NOTSET", "VALID")
         exact = (unpadded or all(k == 1 for k in weight.shape[2:])) and self._phases(node) == 1
-        return Compensation(delta, exact, missing)
+        border = None
+        if not exact and node.op == "Conv" and group == 1:
+            border = lambda: _border_correction(node, ctx, weight, value, delta)  # noqa: E731
+        return Compensation(delta, exact, missing, border)
 
     def add_bias(self, node, delta, graph):
         weight = node.inputs[1]
@@ -147,6 +151,27 @@ class ConvRule(Rule):
             replace_constant(node, 2, bias)
         else:
             _set_input(node, 2, gs.Constant(f"{node.name}_bias_slim", bias))
+
+
+def _border_correction(node: gs.Node, ctx: Analysis, weight: np.ndarray, value: np.ndarray,
+                       delta: np.ndarray) -> np.ndarray | None:
+    """What zero padding takes from the removed constants near the border, per output pixel.
+
+    Output (y, x) sees kernel tap (ky, kx) only where it falls inside the input; the bias
+    already adds every tap, so the correction subtracts the taps that fall on padding.
+    Needs a 2-D Conv with explicit pads and static input and output sizes."""
+    in_shape, out_shape = ctx.shape(node.inputs[0]), ctx.shape(node.outputs[0])
+    if not ctx.static_sizes or weight.ndim != 4 or attr(node, "auto_pad", "NOTSET") not in ("NOTSET", "VALID") or \
+            not all(isinstance(d, int) for d in (in_shape or [None])[2:] + (out_shape or [None])[2:]):
+        return None
+    pads, strides, dilations = attr(node, "pads", [0] * 4), attr(node, "strides", [1, 1]), attr(node, "dilations", [1, 1])
+    rows = np.flatnonzero(value)
+    kernel = np.einsum("ocyx,c->oyx", weight[:, rows].astype(np.float64), value[rows])  # [C_out, kh, kw]
+    inside = [np.array([[0 <= o * strides[a] - pads[a] + k * dilations[a] < in_shape[2 + a]
+                         for o in range(out_shape[2 + a])] for k in range(weight.shape[2 + a])], np.float64)
+              for a in (0, 1)]
+    full = np.einsum("oyx,yh,xw->ohw", kernel, inside[0], inside[1])
+    return full - delta[:, None, None]
 
 
 def _set_input(node: gs.Node, index: int, tensor: gs.Tensor) -> None:
@@ -245,8 +270,4 @@ class GemmRule(Rule):
                 _set_input(node, 2, gs.Constant(f"{node.name}_bias_slim", delta.astype(dtype)))
                 node.attrs["beta"] = 1.0
             return
-        out = node.outputs[0]  # MatMul has no bias: add one behind it, keeping the tensor's name
-        pre = gs.Variable(f"{out.name}_pre_bias", dtype=out.dtype)
-        node.outputs[0] = pre
-        graph.nodes.append(gs.Node("Add", f"{node.name}_bias", outputs=[out],
-                                   inputs=[pre, gs.Constant(f"{node.name}_bias", delta.astype(dtype))]))
+        add_after(graph, node, delta.astype(dtype), "bias")  # MatMul has no bias: an Add behind it
