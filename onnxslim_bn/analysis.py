@@ -17,7 +17,8 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, Protocol
+from typing import TYPE_CHECKING, Protocol
+from collections.abc import Callable
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -125,7 +126,7 @@ class Consumer:
     """A node whose weights read a channel-carrying input (compensation happens here)."""
 
     node: gs.Node
-    rule: "Rule"
+    rule: Rule
 
 
 class Analysis:
@@ -305,7 +306,7 @@ class Analysis:
     def edit(self, edit: Edit) -> None:
         self.edits.append(edit)
 
-    def consume(self, node: gs.Node, rule: "Rule") -> None:
+    def consume(self, node: gs.Node, rule: Rule) -> None:
         self.consumers.append(Consumer(node, rule))
 
     # ------------------------------------------------------------------ results

@@ -36,7 +36,7 @@ class Timing:
     p90_ms: float
 
     @classmethod
-    def of(cls, seconds: list[float]) -> "Timing":
+    def of(cls, seconds: list[float]) -> Timing:
         ms = np.asarray(seconds) * 1e3
         return cls(float(np.median(ms)), float(np.percentile(ms, 10)), float(np.percentile(ms, 90)))
 

@@ -93,7 +93,7 @@ def _as_constant_call(node: gs.Node) -> tuple[str, list[np.ndarray | None], dict
         source = node.inputs[0]
         if not isinstance(source, gs.Constant):
             return None
-        start, end = attrs.get("start", 0), attrs.get("end", None)
+        start, end = attrs.get("start", 0), attrs.get("end")
         return "Identity", [np.array(source.shape[start:end], np.int64)], {}
     if node.op == "CastLike":
         value, like = node.inputs

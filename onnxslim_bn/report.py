@@ -76,7 +76,7 @@ class Report:
     spaces: list[SpaceReport]
     notes: list[str] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
-    openvino: "OpenVinoResult | None" = None
+    openvino: OpenVinoResult | None = None
     chosen_channels: int = 0  # what the ranking chose before rounding widths
 
     @property

@@ -152,7 +152,7 @@ def _fold_shape_arithmetic(light: onnx.ModelProto, shapes: dict[str, list]) -> b
             dims = shapes.get(node.input[0])
             if not _is_static(dims):
                 continue
-            value = np.array(dims[attrs.get("start", 0):attrs.get("end", None)], np.int64)
+            value = np.array(dims[attrs.get("start", 0):attrs.get("end")], np.int64)
         else:
             args = [known.get(i) if i else None for i in node.input]
             if any(i and (a is None or a.size > 64) for i, a in zip(node.input, args)):

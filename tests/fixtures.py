@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +18,7 @@ def path(name: str, form: str = "") -> Path:
     return FIXTURES / f"{name}{'.' + form if form else ''}.onnx"
 
 
-@lru_cache(maxsize=None)
+@cache
 def heldout() -> tuple[np.ndarray, np.ndarray]:
     data = np.load(FIXTURES / "heldout.npz")
     return data["input"].astype(np.float32), data["label"]
@@ -28,7 +28,7 @@ def manifest() -> dict:
     return json.loads((FIXTURES / "manifest.json").read_text())
 
 
-@lru_cache(maxsize=None)
+@cache
 def sparsity(name: str, form: str = "") -> float:
     """The fixture's own sparsity level: the fraction of prunable channels scored below DEAD."""
     spaces = [s for s in inspect(str(path(name, form))).spaces if s.blocked is None]

@@ -15,17 +15,18 @@ Adding an op is adding one rule class here (and its test); nothing else dispatch
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, ClassVar
+from typing import ClassVar
+from collections.abc import Callable
 
 import numpy as np
 import onnx_graphsurgeon as gs
 
 from ..analysis import Analysis, Layout, channels
 
-RULES: dict[str, "Rule"] = {}
+RULES: dict[str, Rule] = {}
 
 
-def register(cls: type["Rule"]) -> type["Rule"]:
+def register(cls: type[Rule]) -> type[Rule]:
     """Class decorator: one instance of the rule serves every op type it names."""
     instance = cls()
     for op in cls.ops:
