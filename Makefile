@@ -31,6 +31,7 @@ fuzz: $(VENV)/.installed
 
 fixtures: $(VENV)/.fixtures
 	$(BIN)/python fixtures/train.py
+	$(BIN)/python fixtures/architectures.py
 
 # Measures, asserts nothing; needs torch (fixtures extra) to build the ResNet-50-sized model.
 bench: $(VENV)/.fixtures
