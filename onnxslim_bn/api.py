@@ -15,7 +15,7 @@ import onnx_graphsurgeon as gs
 from . import verify
 from .analysis import Analysis, analyze
 from .errors import BnSlimError
-from .fold import fold_constants
+from .fold import fold_constants, split_sequences
 from .importance import add_data_scores, candidates
 from .metrics import measure, weight_bytes
 from .model_io import load_model
@@ -71,6 +71,8 @@ def _import(model: onnx.ModelProto) -> gs.Graph:
     """The graph, with Constant nodes and constant sub-computations turned into constants."""
     graph = gs.import_onnx(model)
     fold_constants(graph)
+    if graph.opset >= 13:  # Split takes its sizes as an input from opset 13
+        split_sequences(graph)
     return graph
 
 

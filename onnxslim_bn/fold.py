@@ -74,6 +74,41 @@ def fold_constants(graph: gs.Graph) -> int:
     return folded
 
 
+def split_sequences(graph: gs.Graph) -> int:
+    """``SplitToSequence`` read only by ``SequenceAt`` with constant indices (torch.split through
+    the dynamo exporter with ``optimize=False``) becomes the plain ``Split`` it stands for."""
+    rewritten = 0
+    for node in list(graph.nodes):
+        if node.op != "SplitToSequence" or node.attrs.get("keepdims", 1) != 1 or len(node.inputs) < 2:
+            continue
+        sizes = constant_values(node.inputs[1])
+        readers = list(node.outputs[0].outputs)
+        picks = [constant_values(r.inputs[1]) if r.op == "SequenceAt" else None for r in readers]
+        if sizes is None or sizes.ndim != 1 or any(p is None for p in picks) or \
+                any(node.outputs[0] is o for o in graph.outputs):
+            continue
+        parts: list[gs.Variable | None] = [None] * len(sizes)
+        for reader, pick in zip(readers, picks):  # the first reader's tensor becomes the part ...
+            tensor, index = reader.outputs[0], int(pick) % len(sizes)
+            reader.outputs.clear()
+            if parts[index] is None:
+                parts[index] = tensor
+                continue
+            for consumer in list(tensor.outputs):  # ... and later readers of the same part use it
+                for i, t in enumerate(consumer.inputs):
+                    if t is tensor:
+                        consumer.inputs[i] = parts[index]
+        parts = [p if p is not None else gs.Variable(f"{node.name}_unused_{i}", dtype=node.inputs[0].dtype)
+                 for i, p in enumerate(parts)]
+        graph.nodes.append(gs.Node("Split", f"{node.name}_split", {"axis": node.attrs.get("axis", 0)},
+                                   inputs=[node.inputs[0], gs.Constant(f"{node.name}_sizes", sizes.astype(np.int64))],
+                                   outputs=parts))
+        node.outputs.clear()
+        rewritten += 1
+    graph.cleanup().toposort()
+    return rewritten
+
+
 def _constant_node_value(node: gs.Node) -> np.ndarray | None:
     if isinstance(node.attrs.get("value"), gs.Constant):
         return np.asarray(node.attrs["value"].values)

@@ -76,7 +76,7 @@ def _per_channel_constant(node: gs.Node, analysis: Analysis) -> bool:
 
 
 def _has_bias(node: gs.Node) -> bool:
-    if node.op not in ("Conv", "Gemm") or len(node.inputs) < 3:
+    if node.op not in ("Conv", "ConvTranspose", "Gemm") or len(node.inputs) < 3:
         return False
     bias = constant_values(node.inputs[2])
     return bias is not None and bias.ndim >= 1 and bias.size > 1

@@ -129,3 +129,22 @@ def test_no_bn_and_no_usable_scale_names_the_export_flags():
     message = str(err.value)
     for flag in ("do_constant_folding=False", "optimize=False", "--skip-fuse-bn", "FusionConvBN"):
         assert flag in message
+
+
+def test_folded_conv_transpose_is_scored_like_a_folded_conv():
+    # a UNet decoder exported with BN folded into its ConvTranspose (dynamo's optimizer does it)
+    dead = np.array([0, 3])
+    b = Builder()
+    a = b.op("Relu", [b.bn(b.conv("x", 3, 8), 8, np.array([1]), 0.0)])  # 0 into a strided ConvTranspose: exact
+    w = b.rng.standard_normal((8, 6, 2, 2)).astype(np.float32) * 0.3
+    w[:, dead] = 0.0  # gamma = 0 folded in: the dead output channels have zero columns ...
+    bias = (b.rng.standard_normal(6) * 0.2).astype(np.float32)  # ... and output their bias
+    up = b.op("ConvTranspose", [a, b.const(w), b.const(bias)], kernel_shape=[2, 2], strides=[2, 2])
+    y = b.conv(b.op("Relu", [up]), 6, 3, k=1)
+    model = b.model({"x": [1, 3, 4, 4]}, [y])
+    result = prune(model, ratio=3 / 14, min_channels=1, round_to=1)
+    kinds = {s.producers[0].startswith("ConvTranspose"): s.source for s in result.report.spaces if s.blocked is None}
+    assert kinds[True] == "folded"
+    assert result.report.removed_channels == 3
+    x = random_input([1, 3, 4, 4])
+    np.testing.assert_allclose(run(result.model, {"x": x})[0], run(model, {"x": x})[0], atol=1e-5, rtol=0)

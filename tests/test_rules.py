@@ -475,3 +475,19 @@ def test_exact_borders_adds_the_border_correction():
     result = slim(model, exact_borders=True, input_shapes={"x": [1, 3, 8, 8]})
     assert result.report.surgery.approximate_layers == 1
     assert not any(n.op_type == "Add" for n in result.model.graph.node)
+
+
+def test_split_to_sequence_as_the_dynamo_exporter_writes_torch_split():
+    # dynamo, optimize=False: torch.split -> SplitToSequence + SequenceAt
+    b = Builder(opset=18)
+    a = b.op("Relu", [b.bn(b.conv("x", 3, 8), 8, np.array([1, 2, 5, 6]), None)])
+    seq = b.op("SplitToSequence", [a, b.const(np.array([4, 4], np.int64))], axis=1)
+    first = b.op("SequenceAt", [seq, b.const(np.array(0, np.int64))])
+    second = b.op("SequenceAt", [seq, b.const(np.array(1, np.int64))])
+    body = b.op("Relu", [b.bn(b.conv(second, 4, 4), 4, np.array([3]), None)])
+    y = b.conv(b.op("Concat", [first, second, body], axis=1), 12, 3, k=1)
+    model = b.model({"x": [1, 3, 6, 6]}, [y])
+    result = slim(model)
+    assert result.report.removed_channels == 5
+    assert not any(n.op_type == "SplitToSequence" for n in result.model.graph.node)
+    assert_same(model, result.model, [1, 3, 6, 6])
