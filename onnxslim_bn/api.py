@@ -111,8 +111,8 @@ def _nothing_to_prune(prep: _Prepared) -> BnSlimError:
     if not prep.analysis.spaces:
         return BnSlimError(f"{prep.source}: no Conv or Gemm layer with a constant weight; nothing to prune")
     if "BatchNormalization" not in ops and not any(s.sources for s in prep.analysis.spaces):
-        return BnSlimError(f"{prep.source}: no BatchNormalization node and no BN scale in the layers "
-                           f"(the exporter folded BN away); re-export with BN kept: {KEEP_BN_FLAGS}")
+        return BnSlimError(f"{prep.source}: no BatchNormalization node and no layer whose BN scale can be recovered "
+                           f"(a Conv/Gemm with a bias); if it was trained with BN, re-export with BN kept: {KEEP_BN_FLAGS}")
     reasons = sorted({s.blocked[0] for s in prep.analysis.roots() if s.blocked and s.producers})
     return BnSlimError(f"{prep.source}: every BN-scaled channel group is blocked, e.g. {reasons[0] if reasons else 'unknown'}; "
                        "run `onnx-bnslim inspect` for the full list")
@@ -141,6 +141,8 @@ def prune(model: onnx.ModelProto | str | os.PathLike, options: PruneOptions | No
     :class:`PruneOptions` or as its fields by keyword: ``prune("m.onnx", ratio=0.5)``.
     Raises :class:`BnSlimError` when the model cannot be pruned or the check fails.
     """
+    if options is not None and kwargs:
+        raise TypeError("prune() takes options=PruneOptions(...) or its fields as keywords, not both")
     options = options or PruneOptions(**kwargs)
     options.validate()
     clock = time.perf_counter()
