@@ -29,6 +29,7 @@ import onnx_graphsurgeon as gs
 
 from .analysis import Analysis
 from .edits import constant_values
+from .rules import RULES
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +46,8 @@ def candidates(analysis: Analysis) -> list[tuple[gs.Node, gs.Tensor, str]]:
     by_name = {n.name: n for n in analysis.nodes}
     kept_bn = {n.inputs[0].inputs[0].op for n in analysis.nodes
                if n.op == "BatchNormalization" and n.inputs[0].inputs and len(n.inputs[0].outputs) == 1}
-    kept_bn |= {n.op for n in analysis.nodes if n.op in ("Conv", "ConvTranspose", "Gemm") and n.outputs
-                and _split_scale(n, analysis) is not None}  # BN written as Mul + Add: not folded either
+    kept_bn |= {by_name[p].op for s in analysis.roots() for p in s.producers
+                if _split_scale(by_name[p], analysis) is not None}  # BN written as Mul + Add: not folded either
     found = []
     for space in analysis.roots():
         if space.sources or not space.producers or space.blocked:
@@ -56,7 +57,7 @@ def candidates(analysis: Analysis) -> list[tuple[gs.Node, gs.Tensor, str]]:
             scale = _split_scale(node, analysis)
             if scale is not None:
                 found.append((scale, scale.outputs[0], "mul"))
-            elif node.op not in kept_bn and _has_bias(node):
+            elif node.op not in kept_bn and RULES[node.op].bias(node) is not None:
                 found.append((node, node.outputs[0], "folded"))
     return found
 
@@ -73,13 +74,6 @@ def _per_channel_constant(node: gs.Node, analysis: Analysis) -> bool:
     values = [constant_values(t) for t in node.inputs]
     const = next((v for v in values if v is not None), None)
     return const is not None and const.size > 1 and const.size == analysis.static_dims(node.outputs[0], [1])
-
-
-def _has_bias(node: gs.Node) -> bool:
-    if node.op not in ("Conv", "ConvTranspose", "Gemm") or len(node.inputs) < 3:
-        return False
-    bias = constant_values(node.inputs[2])
-    return bias is not None and bias.ndim >= 1 and bias.size > 1
 
 
 def add_data_scores(analysis: Analysis, found: list[tuple[gs.Node, gs.Tensor, str]], values: list[np.ndarray]) -> None:

@@ -66,6 +66,11 @@ class Rule:
         """For consumers only: add ``delta`` (kept output channels) to the node's bias."""
         raise NotImplementedError
 
+    def bias(self, node: gs.Node) -> np.ndarray | None:
+        """For layers with weights: the constant per-output-channel bias, if there is one
+        (a BatchNorm folded into the layer always leaves one)."""
+        return None
+
     def layer_cost(self, node: gs.Node, shapes: dict[str, list]) -> tuple[int, int] | None:
         """For layers with weights: (output channels, multiply-accumulates) at these shapes."""
         return None

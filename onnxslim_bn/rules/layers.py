@@ -108,6 +108,9 @@ class ConvRule(Rule):
             return [np.where(np.isfinite(unknown), unknown, ctx.scale_nodes[node.name])]
         return [unknown]
 
+    def bias(self, node):
+        return _bias_input(node)
+
     def layer_cost(self, node, shapes):
         weight = constant_shape(node.inputs[1])
         if weight is None:
@@ -174,6 +177,12 @@ def _border_correction(node: gs.Node, ctx: Analysis, weight: np.ndarray, value: 
     return full - delta[:, None, None]
 
 
+def _bias_input(node: gs.Node) -> np.ndarray | None:
+    """Input 2 of Conv / ConvTranspose / Gemm when it is a constant vector of several channels."""
+    bias = constant_values(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2].name else None
+    return bias if bias is not None and bias.ndim >= 1 and bias.size > 1 else None
+
+
 def _set_input(node: gs.Node, index: int, tensor: gs.Tensor) -> None:
     while len(node.inputs) < index:
         node.inputs.append(gs.Variable.empty())
@@ -238,6 +247,9 @@ class GemmRule(Rule):
         if node.name not in ctx.scale_nodes:
             return super().dead_values(node, ctx, inputs)
         return [ctx.scale_nodes[node.name]]  # BN1d folded in: the column's mean output (~beta)
+
+    def bias(self, node):
+        return _bias_input(node) if node.op == "Gemm" else None  # MatMul has none
 
     def layer_cost(self, node, shapes):
         weight = constant_shape(node.inputs[1])
