@@ -172,11 +172,15 @@ def inspect_table(spaces: list[SpaceReport], ratio: float | None) -> str:
 
 
 def grid(header: tuple, body: list[tuple]) -> list[str]:
+    """An ASCII table: figures right-aligned, words left-aligned."""
     widths = [max(len(str(r[i])) for r in [header, *body]) for i in range(len(header))]
+    figures = [i > 0 and all(str(r[i])[:1] in "0123456789+-." or not str(r[i]) for r in body) for i in range(len(header))]
     rule = "+" + "+".join("-" * (w + 2) for w in widths) + "+"
-    def line(r, left_first=True):
-        cells = [f" {str(c):<{w}} " if i == 0 else f" {str(c):>{w}} " for i, (c, w) in enumerate(zip(r, widths))]
+
+    def line(row: tuple) -> str:
+        cells = [f" {str(c):>{w}} " if right else f" {str(c):<{w}} " for c, w, right in zip(row, widths, figures)]
         return "|" + "|".join(cells) + "|"
+
     return [rule, line(header), rule, *(line(r) for r in body), rule]
 
 
