@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
-from collections.abc import Callable
 
 import numpy as np
 import onnx_graphsurgeon as gs
+
+from .shapes import known_product
 
 if TYPE_CHECKING:
     from .rules import Rule
@@ -164,14 +166,9 @@ class Analysis:
     def static_dims(self, tensor: gs.Tensor, axes: range | list[int]) -> int | None:
         """Product of the given dims when all are known integers, else None."""
         shape = self.shape(tensor)
-        if shape is None:
+        if shape is None or any(a >= len(shape) for a in axes):
             return None
-        total = 1
-        for a in axes:
-            if a >= len(shape) or not isinstance(shape[a], int):
-                return None
-            total *= shape[a]
-        return total
+        return known_product([shape[a] for a in axes])
 
     # ------------------------------------------------------------------ spaces
     def locate(self, space: int) -> tuple[int, int]:

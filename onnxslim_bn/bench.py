@@ -22,7 +22,8 @@ from .errors import BnSlimError
 from .metrics import measure
 from .model_io import load_model
 from .report import grid
-from .shapes import graph_inputs, infer_shapes, resolve_input_shapes
+from .shapes import infer_shapes, resolve_input_shapes
+from .verify import make_inputs, static_batch
 
 log = logging.getLogger(__name__)
 
@@ -181,14 +182,8 @@ def _mac_ratio(models: list[onnx.ModelProto], given: dict[str, list[int]], sourc
 
 
 def _feeds(model: onnx.ModelProto, given: dict[str, list[int]], batch: int, source: str) -> dict[str, np.ndarray] | None:
+    """Seeded inputs of this batch size; None when the model fixes another."""
+    if static_batch(model) not in (None, batch):
+        return None
     shapes, _ = resolve_input_shapes(model, given, source)
-    rng = np.random.default_rng(0)
-    feeds = {}
-    for value in graph_inputs(model):
-        dim0 = value.type.tensor_type.shape.dim[0]
-        shape = list(shapes[value.name])
-        if dim0.HasField("dim_value") and dim0.dim_value != batch:
-            return None
-        shape[0] = batch
-        feeds[value.name] = rng.standard_normal(shape).astype(np.float32)
-    return feeds
+    return make_inputs(model, {k: [batch, *v[1:]] for k, v in shapes.items()}, None, seed=0)[0]

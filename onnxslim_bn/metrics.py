@@ -42,16 +42,6 @@ def measure(graph: gs.Graph, shapes: dict[str, list], size_bytes: int) -> Metric
     return Metrics(channels, params, macs, size_bytes, dict(Counter(n.op for n in graph.nodes)), layers)
 
 
-def static_prod(shape: list | None) -> int:
-    """Product of a shape's dims; 0 when any is unknown."""
-    n = 1
-    for d in shape or [None]:
-        if not isinstance(d, int):
-            return 0
-        n *= d
-    return n
-
-
 def weight_bytes(model: onnx.ModelProto) -> int:
     """Bytes of the initializers, without serializing the model (ByteSize() would, in full)."""
     total = 0

@@ -52,7 +52,7 @@ class Plan:
 
     kept: dict[int, np.ndarray]
     analysis: Analysis
-    chosen: int = 0  # channels the ranking chose, before --round-to kept some of them
+    chosen: int = 0  # channels the ranking chose, before rounding widths (and evening out groups) kept some
 
     def _kept(self, seg: Segment) -> np.ndarray:
         """Kept channels of the segment, numbered from its own first channel."""
@@ -126,9 +126,9 @@ def select(analysis: Analysis, options: PruneOptions) -> Plan:
             blocks = gone.reshape(s.groups, -1)
             per_block = int(blocks.sum(1).min())
             block_scores = np.where(blocks, scores[s.id].reshape(s.groups, -1), np.inf)
-            order = np.argsort(block_scores, axis=1, kind="stable")[:, :per_block]
+            picks = np.argsort(block_scores, axis=1, kind="stable")[:, :per_block]
             gone = np.zeros_like(blocks)
-            np.put_along_axis(gone, order, True, axis=1)
+            np.put_along_axis(gone, picks, True, axis=1)
             gone = gone.reshape(-1)
         elif s.size >= 4 * options.round_to and not s.parts:
             keep_n = s.size - int(gone.sum())

@@ -118,8 +118,8 @@ class Report:
                      f"({_n(alone, 'space')} left alone; `onnx-bnslim inspect` says why).")
         if self.chosen_channels > self.removed_channels:
             lines.append(f"The ranking chose {self.chosen_channels}; rounding widths to multiples of "
-                         f"{self.options.get('round_to')} kept {self.chosen_channels - self.removed_channels} of them "
-                         "(--round-to 1 for the exact ratio).")
+                         f"{self.options.get('round_to')} (and equal counts per conv group) kept "
+                         f"{self.chosen_channels - self.removed_channels} of them (--round-to 1 for the exact ratio).")
         if self.surgery.compensated_layers:
             lines.append(f"Removed channels' constants folded into {self.surgery.compensated_layers} layers' bias"
                          + (f" ({self.surgery.approximate_layers} padded convs: exact inside, approximate at borders)"

@@ -169,6 +169,18 @@ def _fold_shape_arithmetic(light: onnx.ModelProto, shapes: dict[str, list]) -> b
     return folded
 
 
+def known_product(dims: list | None) -> int | None:
+    """Product of the dims when every one is a known integer, else None."""
+    if dims is None:
+        return None
+    total = 1
+    for d in dims:
+        if not isinstance(d, int):
+            return None
+        total *= d
+    return total
+
+
 def _is_static(shape: list | None) -> bool:
     return shape is not None and all(isinstance(d, int) for d in shape)
 

@@ -25,6 +25,15 @@ def assert_same(model, pruned, shape, name="x", seed=1, interior=None):
     np.testing.assert_allclose(b, a, atol=TOL, rtol=RTOL)
 
 
+def prunes_exactly(b: Builder, y: str, shape: list[int], removed: int):
+    """Build the model ending in ``y``, prune its dead channels, check count and numbers."""
+    model = b.model({"x": shape}, [y])
+    result = slim(model)
+    assert result.report.removed_channels == removed
+    assert_same(model, result.model, shape)
+    return result
+
+
 def slim(model, **kwargs):
     kwargs.setdefault("threshold", 1e-6)
     kwargs.setdefault("min_channels", 1)
@@ -79,10 +88,7 @@ def test_clip_attribute_and_input_forms(opset):
 def test_batchnorm_opsets(opset):
     b = Builder(opset=opset)
     y = b.conv(b.op("Relu", [stem(b)]), 8, 4, k=1)
-    model = b.model({"x": [1, 3, 5, 5]}, [y])
-    result = slim(model)
-    assert result.report.removed_channels == 3
-    assert_same(model, result.model, [1, 3, 5, 5])
+    prunes_exactly(b, y, [1, 3, 5, 5], removed=3)
 
 
 def test_padded_consumer_is_exact_inside_and_with_zero_beta_everywhere():
@@ -118,10 +124,7 @@ def test_elementwise_with_constant(op, shape):
         x = b.op("Relu", [x])
         value = np.float32(2.0)
     y = b.conv(b.op(op, [x, b.const(value)]), 8, 4, k=1)
-    model = b.model({"x": [1, 3, 5, 5]}, [y])
-    result = slim(model)
-    assert result.report.removed_channels == 3
-    assert_same(model, result.model, [1, 3, 5, 5])
+    prunes_exactly(b, y, [1, 3, 5, 5], removed=3)
 
 
 def test_residual_add_merges_spaces_and_removes_only_channels_dead_in_every_bn():
@@ -242,10 +245,7 @@ def test_pooling(op, attrs, opset):
     else:
         pooled = b.op(op, [a], **attrs)
     y = b.conv(pooled, 8, 4, k=1)
-    model = b.model({"x": [1, 3, 6, 6]}, [y])
-    result = slim(model)
-    assert result.report.removed_channels == 3
-    assert_same(model, result.model, [1, 3, 6, 6])
+    prunes_exactly(b, y, [1, 3, 6, 6], removed=3)
 
 
 @pytest.mark.parametrize("opset", [7, 11, 18])
@@ -258,10 +258,7 @@ def test_pad_off_the_channel_axis(opset):
     else:
         a = b.op("Pad", [b.op("Relu", [stem(b, beta_dead=0.0)]), b.const(np.array(pads, np.int64))], mode="reflect")
     y = b.conv(a, 8, 4, k=1)
-    model = b.model({"x": [1, 3, 6, 6]}, [y])
-    result = slim(model)
-    assert result.report.removed_channels == 3
-    assert_same(model, result.model, [1, 3, 6, 6])
+    prunes_exactly(b, y, [1, 3, 6, 6], removed=3)
 
 
 @pytest.mark.parametrize("form", ["Resize-scales", "Resize-sizes", "Upsample"])
@@ -275,10 +272,7 @@ def test_resize(form):
     else:
         up = b.op("Resize", [a, "", "", b.const(np.array([1, 8, 10, 10], np.int64))], mode="linear")
     y = b.conv(up, 8, 4, k=1)
-    model = b.model({"x": [1, 3, 5, 5]}, [y])
-    result = slim(model)
-    assert result.report.removed_channels == 3
-    assert_same(model, result.model, [1, 3, 5, 5])
+    prunes_exactly(b, y, [1, 3, 5, 5], removed=3)
 
 
 def test_squeeze_unsqueeze_round_trip_as_tf2onnx_writes_se():
@@ -287,10 +281,7 @@ def test_squeeze_unsqueeze_round_trip_as_tf2onnx_writes_se():
     s = b.op("Squeeze", [b.op("GlobalAveragePool", [a]), b.const(np.array([2, 3], np.int64))])
     u = b.op("Unsqueeze", [b.op("Relu", [s]), b.const(np.array([2, 3], np.int64))])
     y = b.conv(b.op("Mul", [a, u]), 8, 4, k=1)
-    model = b.model({"x": [1, 3, 5, 5]}, [y])
-    result = slim(model)
-    assert result.report.removed_channels == 3
-    assert_same(model, result.model, [1, 3, 5, 5])
+    prunes_exactly(b, y, [1, 3, 5, 5], removed=3)
 
 
 def blocked(model) -> list[str]:
@@ -373,10 +364,7 @@ def test_split_on_channels_as_csp_blocks_do(opset, explicit):
         halves = b.op("Split", [a], n_out=2, axis=1, num_outputs=2)
     body = b.op("Relu", [b.bn(b.conv(halves[1], 4, 4), 4, np.array([3]), None)])
     y = b.conv(b.op("Concat", [halves[0], halves[1], body], axis=1), 12, 3, k=1)
-    model = b.model({"x": [1, 3, 6, 6]}, [y])
-    result = slim(model)
-    assert result.report.removed_channels == 5
-    assert_same(model, result.model, [1, 3, 6, 6])
+    prunes_exactly(b, y, [1, 3, 6, 6], removed=5)
 
 
 def test_split_parts_each_keep_a_channel():

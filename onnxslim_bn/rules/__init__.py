@@ -14,9 +14,9 @@ Adding an op is adding one rule class here (and its test); nothing else dispatch
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
-from collections.abc import Callable
 
 import numpy as np
 import onnx_graphsurgeon as gs

@@ -6,9 +6,16 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from ..analysis import Analysis, width
-from ..metrics import static_prod
-from ..edits import (SetGroup, SliceGroupedInput, SliceParam, add_after, constant_shape, constant_values,
-                     replace_constant)
+from ..edits import (
+    SetGroup,
+    SliceGroupedInput,
+    SliceParam,
+    add_after,
+    constant_shape,
+    constant_values,
+    replace_constant,
+)
+from ..shapes import known_product
 from . import Compensation, Rule, attr, block_inputs, register
 
 
@@ -117,8 +124,8 @@ class ConvRule(Rule):
             return None
         per_output = int(np.prod(weight[1:]))  # (C_in / group) * kernel taps, or (C_out / group) * taps
         if node.op == "ConvTranspose":  # every input pixel scatters into C_out / group * taps outputs
-            return self._channels(node, weight)[1], static_prod(shapes.get(node.inputs[0].name)) * per_output
-        return weight[0], static_prod(shapes.get(node.outputs[0].name)) * per_output
+            return self._channels(node, weight)[1], (known_product(shapes.get(node.inputs[0].name)) or 0) * per_output
+        return weight[0], (known_product(shapes.get(node.outputs[0].name)) or 0) * per_output
 
     @staticmethod
     def _phases(node: gs.Node) -> int:
@@ -256,7 +263,7 @@ class GemmRule(Rule):
         if weight is None or len(weight) != 2:
             return None
         in_axis, out_axis = self._weight_axes(node)
-        return weight[out_axis], static_prod(shapes.get(node.outputs[0].name)) * weight[in_axis]
+        return weight[out_axis], (known_product(shapes.get(node.outputs[0].name)) or 0) * weight[in_axis]
 
     def compensate(self, node, ctx, dead, removed):
         weight = constant_values(node.inputs[1])

@@ -208,27 +208,20 @@ class ReshapeRule(Rule):
         if in_shape is None or out_shape is None:
             ctx.block(layout, f"Reshape {node.name} has shapes shape inference could not find")
             return
-        width = sum(s.size * s.repeat for s in layout)
+        features = width(layout)
         if len(out_shape) == 2 and len(in_shape) >= 2:  # flatten into [N, features]
             spatial = ctx.static_dims(node.inputs[0], range(2, len(in_shape)))
-            out = None if spatial is None else _flattened(layout, spatial)
-            if out is not None and target is not None and target.size == 2:
-                first, second = (int(v) for v in target.reshape(-1))
-                if second == width * spatial:  # spelled out: rewrite it
-                    ctx.edit(SetShapeEntry(node, 1, 1, out))
-                if second == width * spatial or (second == -1 and first != -1):
-                    ctx.set_layout(node.outputs[0], out)
-                    return
-            tail = _computed_target_tail(node.inputs[1])
-            if out is not None and target is None and tail is not None:
-                concat, value = tail
-                if value == width * spatial:  # spelled out in the computed target: rewrite it
-                    ctx.edit(SetShapeEntry(concat, len(concat.inputs) - 1, 0, out))
-                if value in (-1, width * spatial):
+            entry = _feature_entry(node)
+            if spatial is not None and entry is not None:
+                holder, index, position, value, batch_given = entry
+                out = _flattened(layout, spatial)
+                if value == features * spatial:  # the width is spelled out: rewrite it
+                    ctx.edit(SetShapeEntry(holder, index, position, out))
+                if value == features * spatial or (value == -1 and batch_given):
                     ctx.set_layout(node.outputs[0], out)
                     return
         elif len(in_shape) == 2 and len(out_shape) > 2 and all(d == 1 for d in out_shape[2:]) \
-                and target is not None and len(target) == len(out_shape) and target[1] == width \
+                and target is not None and len(target) == len(out_shape) and target[1] == features \
                 and all(s.repeat == 1 for s in layout):
             ctx.edit(SetShapeEntry(node, 1, 1, layout))
             ctx.set_layout(node.outputs[0], layout)
@@ -239,17 +232,25 @@ class ReshapeRule(Rule):
         return [inputs[0]]
 
 
-def _computed_target_tail(tensor: gs.Tensor) -> tuple[gs.Node, int] | None:
-    """A computed [batch, features] target: Concat(<batch size from Shape>, <constant>), as
-    torch writes ``x.view(x.size(0), -1)`` (TorchScript: -1; dynamo: the width spelled out).
-    Returns the Concat and the constant feature count."""
-    producer = tensor.inputs[0] if tensor.inputs else None
+def _feature_entry(node: gs.Node) -> tuple[gs.Node, int, int, int, bool] | None:
+    """Where a [batch, features] Reshape target keeps its feature count: (node holding the
+    constant, its input index, the entry, the value, whether the batch entry is given).
+
+    Either a constant ``[N or 0, F or -1]``, or a computed ``Concat(<batch from Shape>, [F])`` as
+    torch writes ``x.view(x.size(0), -1)`` (TorchScript: F = -1; dynamo: the width spelled out)."""
+    target = constant_values(node.inputs[1])
+    if target is not None:
+        if target.size != 2:
+            return None
+        first, second = (int(v) for v in target.reshape(-1))
+        return node, 1, 1, second, first != -1
+    producer = node.inputs[1].inputs[0] if node.inputs[1].inputs else None
     if producer is None or producer.op != "Concat" or len(producer.inputs) != 2:
         return None
     last = constant_values(producer.inputs[-1])
     if last is None or last.size != 1 or constant_values(producer.inputs[0]) is not None:
         return None
-    return producer, int(last.reshape(-1)[0])
+    return producer, 1, 0, int(last.reshape(-1)[0]), True
 
 
 @register
