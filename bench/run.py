@@ -1,5 +1,6 @@
-"""`make bench`: prune the fixtures and a ResNet-50-sized model, time them side by side in
-onnxruntime and OpenVINO, and write BENCHMARKS.md. Numbers, not tests: nothing is asserted."""
+"""`make bench`: prune every fixture, every architecture fixture and a ResNet-50-sized model at
+default settings, time each pair with `onnx-bnslim bench`'s method in onnxruntime and OpenVINO at
+batch 1 and 32, and write BENCHMARKS.md. Numbers, not tests: nothing is asserted."""
 
 from __future__ import annotations
 
@@ -10,23 +11,45 @@ import os
 import platform
 import subprocess
 import sys
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
+import onnx
 import onnxruntime
-import openvino
 
 from onnxslim_bn import prune, save_model
-from onnxslim_bn.bench import benchmark
+from onnxslim_bn.bench import RUNTIMES, BenchResult, benchmark
+from onnxslim_bn.hardware import channel_block
+from onnxslim_bn.latency import TableStats, layer_latency_table, layer_shapes, predicted_ms
+from onnxslim_bn.openvino_ir import available as openvino_available
+from onnxslim_bn.shapes import infer_shapes, resolve_input_shapes
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "out" / "bench"
+FIXTURES = ("vgg", "resnet", "densenet", "mobilenetv2")
+ARCH = ("efficientnet", "grouped", "mobilenetv3", "shufflenet", "unet", "yolo")
+ARCH_RATIO = 0.4  # fixtures/architectures.py kills this fraction of every BN's channels
+
+
+@dataclass
+class Case:
+    name: str
+    path: Path
+    ratio: float
+    runs: int
+    options: dict
 
 
 def machine() -> str:
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor() or "unknown CPU")
+    ov = "not installed"
+    if openvino_available():
+        import openvino
+        ov = openvino.__version__.split("-")[0]
     return (f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.release()}, Python {platform.python_version()}, "
-            f"onnxruntime {onnxruntime.__version__}, OpenVINO {openvino.__version__.split('-')[0]}")
+            f"onnxruntime {onnxruntime.__version__}, OpenVINO {ov}")
 
 
 def tool_cost(model: Path, out: Path) -> dict:
@@ -39,50 +62,118 @@ def tool_cost(model: Path, out: Path) -> dict:
     report = out.with_suffix(".json")
     args = [str(model), "--ratio", "0.5", "--no-verify", "-o", str(out), "--report", str(report)]
     peak = peak_mb(f"import onnxslim_bn.cli, onnxruntime\nassert onnxslim_bn.cli.main({args!r}) == 0")
-    seconds = json.loads(report.read_text())["seconds"]
+    data = json.loads(report.read_text())
+    seconds = (data.get("result") or data).get("seconds", {})  # the report, possibly inside an envelope
     return {"model_mb": model.stat().st_size / 2**20, "baseline_mb": baseline, "peak_mb": peak, **seconds}
+
+
+def speed(row) -> str:
+    return f"{row.speedup:.2f}x ({row.efficiency:.2f})"
+
+
+def summary(done: list[tuple[Case, object, BenchResult]]) -> list[str]:
+    """One line per model: speed-up and its share of the MAC ideal per runtime and batch."""
+    cols = [(r.runtime, r.batch) for r in done[0][2].rows] if done else []
+    head = ["Model", "Ratio", "Ideal (MACs)", *[f"{rt} b{b}" for rt, b in cols], "Slower than original"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for case, result, timing in done:
+        rows = {(r.runtime, r.batch): r for r in timing.rows}
+        slower = [f"{rt} b{b}" for (rt, b), r in rows.items() if r.speedup < 1.0]
+        cells = [case.name, f"{case.ratio}", f"{timing.rows[0].ideal:.2f}x" if timing.rows else "-",
+                 *[speed(rows[c]) if c in rows else "-" for c in cols], ", ".join(slower) or "none"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def latency_check(original: Path, pruned: Path, batch: int) -> str:
+    """Build the onnxruntime latency table of ``original`` (no cache: its real cost) and compare
+    the speed-up it predicts for ``pruned`` with nothing else (the bench's measurement is beside it)."""
+    model = onnx.load(str(original))
+    shapes = infer_shapes(model, resolve_input_shapes(model, {}, str(original))[0], str(original))
+    stats = TableStats()
+    curves = layer_latency_table(model, shapes, runtime="onnxruntime", batch=batch, cache=False, stats=stats)
+    small = onnx.load(str(pruned))
+    small_shapes = infer_shapes(small, resolve_input_shapes(small, {}, str(pruned))[0], str(pruned))
+    widths = {n: (s.c_in, s.c_out) for n, s in layer_shapes(small, small_shapes, batch).items() if n in curves}
+    full, cut = predicted_ms(curves), predicted_ms(curves, widths)
+    return (f"Latency table (onnxruntime, batch {batch}, cache off): {stats.layers} layers, {stats.shapes} distinct "
+            f"shapes timed in {stats.seconds:.1f} s; the layers alone sum to {full:.2f} ms for the original and "
+            f"{cut:.2f} ms at the pruned widths: a predicted {full / cut:.2f}x.")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=int, default=30, help="timed runs per model on the fixtures")
-    parser.add_argument("--big-runs", type=int, default=10, help="timed runs per model on the ResNet-50-sized model")
+    parser.add_argument("--runs", type=int, default=30, help="timed runs per model on the small models")
+    parser.add_argument("--big-runs", type=int, default=12, help="timed runs per model on the ResNet-50-sized model")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds the runs are spread over")
+    parser.add_argument("--only", nargs="+", help="only these model names (for a quick look)")
+    parser.add_argument("--budget-min", type=float, default=17.0,
+                        help="wall-clock budget: past 60%% of it, the remaining models get a third of the runs")
     args = parser.parse_args()
+    clock = time.perf_counter()
     OUT.mkdir(parents=True, exist_ok=True)
     big = ROOT / "out" / "resnet50.onnx"
     if not big.exists():
         subprocess.run([sys.executable, str(ROOT / "fixtures" / "resnet50.py"), str(big)], check=True)
+    block, why = channel_block()
+    runtimes = tuple(r for r in RUNTIMES if r != "openvino" or openvino_available())
 
     cost = tool_cost(big, OUT / "resnet50.cost.onnx")  # first: a child forked from a big parent counts its pages
-    sections = []
-    cases = [(name, ROOT / "fixtures" / f"{name}.onnx", ratio, 8, args.runs)
-             for name in ("vgg", "resnet", "densenet", "mobilenetv2") for ratio in (0.3, 0.5, 0.7)]
-    cases += [("resnet50", big, 0.5, r, args.big_runs) for r in (1, 8, 16)]
-    for name, path, ratio, round_to, runs in cases:
-        result = prune(str(path), ratio=ratio, round_to=round_to)
-        pruned = OUT / f"{name}.r{ratio}.round{round_to}.onnx"
+    cases = [Case(n, ROOT / "fixtures" / f"{n}.onnx", r, args.runs, {}) for n in FIXTURES for r in (0.3, 0.5, 0.7)]
+    cases += [Case(n, ROOT / "fixtures" / "arch" / f"{n}.onnx", ARCH_RATIO, args.runs, {}) for n in ARCH]
+    cases += [Case("resnet50", big, 0.5, args.big_runs, {}),
+              Case("resnet50 (--round-to 1)", big, 0.5, args.big_runs, {"round_to": 1})]
+    if args.only:
+        cases = [c for c in cases if c.name.split()[0] in args.only]
+    done, sections, extra, reduced = [], [], [], []
+    for case in cases:
+        if time.perf_counter() - clock > 0.6 * args.budget_min * 60 and case.runs > 4:
+            case.runs = max(4, case.runs // 3)  # a busy machine: finish in time, and say so
+            reduced.append(case.name)
+        result = prune(str(case.path), ratio=case.ratio, **case.options)
+        stem = case.name.split()[0] + "".join(f".{k}{v}" for k, v in case.options.items())
+        pruned = OUT / f"{stem}.r{case.ratio}.onnx"
         save_model(result.model, pruned)
-        print(f"{name} ratio {ratio} round-to {round_to}: {result.report.removed_channels} channels removed", flush=True)
-        timing = benchmark(path, pruned, batches=(1, 32), runs=runs, warmup=3, progress=sys.stderr.isatty())
-        head = (f"### {name}, ratio {ratio}, --round-to {round_to}\n\n"
-                f"MACs {result.report.before.macs:,} -> {result.report.after.macs:,}; "
-                f"check max |diff| {result.report.verification.max_abs_diff:.3g}, cosine {result.report.verification.cosine:.6f}\n")
+        report = result.report
+        print(f"{case.name} ratio {case.ratio}: {report.removed_channels} channels removed", flush=True)
+        timing = benchmark(case.path, pruned, batches=(1, 32), runs=case.runs, warmup=3, runtimes=runtimes,
+                           rounds=min(args.rounds, case.runs), progress=True)
+        done.append((case, result, timing))
+        check = report.verification
+        head = (f"### {case.name}, ratio {case.ratio}\n\n"
+                f"--round-to {report.options.get('round_to', 'default')}; MACs {report.before.macs:,} -> "
+                f"{report.after.macs:,}" + (f"; check max |diff| {check.max_abs_diff:.3g}, cosine {check.cosine:.6f}"
+                                           if check else "") + "\n")
         sections.append(head + "\n" + timing.table(markdown=True) + "\n")
+        if case.name == "resnet50":
+            extra.append(latency_check(case.path, pruned, 1))
+            print(extra[-1], flush=True)
+    minutes = (time.perf_counter() - clock) / 60
     text = [
         "# Benchmarks", "",
-        f"Written by `make bench` on {datetime.date.today()}: {machine()}.", "",
-        "Original and pruned model run interleaved (A B A B ...) after 3 warm-up runs, all cores, FP32; "
-        "median latency and 10th-90th percentile in ms. *Ideal* is the MAC ratio; *measured / ideal* how much of "
-        "it the runtime delivers. The machine is shared: compare ratios within one row, not across runs.", "",
+        f"Written by `make bench` on {datetime.date.today()} in {minutes:.1f} min: {machine()}.", "",
+        f"`--round-to auto` on this machine: a block of {block} ({why}).", "",
+        "How the timings are taken (`onnx-bnslim bench`): one runtime at a time (the other runtime's sessions "
+        f"are released); original (A) and pruned (B) alternate A B, B A, ... after 3 warm-up runs of each; "
+        f"onnxruntime sessions do not spin-wait; {args.rounds} rounds with sessions built afresh; all cores, FP32. "
+        "Median latency and 10th-90th percentile in ms over all rounds; *Rounds* is the range of the per-round "
+        "speed-ups. *Ideal* is the MAC ratio; *measured / ideal* how much of it the runtime delivers. "
+        "The machine is shared: compare within one row, not across runs.", "",
+        "## Summary: speed-up (measured / ideal)", "",
+        *summary(done), "",
+        *([f"Runs cut to a third to finish within {args.budget_min:.0f} min (the machine was slow): "
+           f"{', '.join(reduced)}.", ""] if reduced else []),
         "## The tool's own cost on the ResNet-50-sized model", "",
         f"{cost['model_mb']:.0f} MB ONNX, ratio 0.5, verification off: load + analyse + prune "
-        f"{cost['prune']:.2f} s, save {cost['save']:.2f} s; peak RSS {cost['peak_mb']:.0f} MB against "
-        f"{cost['baseline_mb']:.0f} MB for the interpreter with the package and onnxruntime imported "
-        f"({(cost['peak_mb'] - cost['baseline_mb']) / cost['model_mb']:.2f}x the model's size above it).", "",
+        f"{cost.get('prune', float('nan')):.2f} s, save {cost.get('save', float('nan')):.2f} s; peak RSS "
+        f"{cost['peak_mb']:.0f} MB against {cost['baseline_mb']:.0f} MB for the interpreter with the package and "
+        f"onnxruntime imported ({(cost['peak_mb'] - cost['baseline_mb']) / cost['model_mb']:.2f}x the model's size "
+        "above it).", "",
+        *([*extra, ""] if extra else []),
         "## Latency", "", *sections,
     ]
     (ROOT / "BENCHMARKS.md").write_text("\n".join(text))
-    print(f"wrote {ROOT / 'BENCHMARKS.md'}")
+    print(f"wrote {ROOT / 'BENCHMARKS.md'} in {minutes:.1f} min")
 
 
 if __name__ == "__main__":

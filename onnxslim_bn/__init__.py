@@ -9,6 +9,6 @@ from .api import InspectResult, PruneResult, inspect, prune, to_openvino
 from .errors import BnSlimError
 from .model_io import load_model, save_model
 from .plan import PruneOptions
+from .version import __version__
 
-__all__ = ["BnSlimError", "InspectResult", "PruneOptions", "PruneResult", "inspect", "load_model", "prune", "save_model", "to_openvino"]
-__version__ = "0.1.0"
+__all__ = ["BnSlimError", "InspectResult", "PruneOptions", "PruneResult", "inspect", "load_model", "prune", "save_model", "to_openvino", "__version__"]

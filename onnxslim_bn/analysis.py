@@ -124,6 +124,18 @@ class Edit(Protocol):
 
 
 @dataclass
+class Selector:
+    """A BatchNorm that is one reader among several of a tensor (pre-activation layouts,
+    DenseNet): it scores only its own branch. Its output is a space of its own (``space``),
+    fed through a ``Gather`` of the kept channels of ``source`` (the shared tensor's layout),
+    which stays whole for the other readers. The shared channels it keeps stay in ``source``."""
+
+    node: gs.Node
+    source: Layout
+    space: int
+
+
+@dataclass
 class Consumer:
     """A node whose weights read a channel-carrying input (compensation happens here)."""
 
@@ -143,6 +155,7 @@ class Analysis:
         self._offset: list[int] = []  # channel offset of a space inside its parent
         self.edits: list[Edit] = []
         self.consumers: list[Consumer] = []
+        self.selectors: list[Selector] = []
         # nodes that act as the BN scale of a space without BN (folded producers, split-BN Muls),
         # with the mean of their output: the constant a removed channel is replaced by
         self.scale_nodes: dict[str, np.ndarray] = {}
@@ -206,6 +219,12 @@ class Analysis:
 
     def new_space(self, size: int, producer: gs.Node) -> Layout:
         return self._add(Space(len(self.spaces), size, producers=[producer.name]))
+
+    def select(self, source: Layout, node: gs.Node) -> Layout:
+        """A branch of its own for a reader BN: a new space, one channel per channel of ``source``."""
+        layout = self._add(Space(len(self.spaces), channels(source), producers=[node.name]))
+        self.selectors.append(Selector(node, source, layout[0].space))
+        return layout
 
     def opaque(self, size: int, reason: str) -> Layout:
         """Channels that flow on but cannot be removed (a graph input inside a Concat, ...)."""
@@ -301,6 +320,12 @@ class Analysis:
             offset += seg.size
 
     def edit(self, edit: Edit) -> None:
+        index, layout = getattr(edit, "index", None), getattr(edit, "layout", None)
+        if index is not None and index < len(edit.node.inputs):
+            tensor = edit.node.inputs[index]
+            if any(tensor is out for out in self.graph.outputs):  # slicing it would change the interface
+                self.block(layout, f"{edit.node.op} {edit.node.name} reads '{tensor.name}', which is also a graph output")
+                return
         self.edits.append(edit)
 
     def consume(self, node: gs.Node, rule: Rule) -> None:
@@ -311,7 +336,20 @@ class Analysis:
         return [s for s in self.spaces if self.find(s.id) == s.id]
 
     def prunable(self) -> list[Space]:
-        return [s for s in self.roots() if not s.blocked and s.sources and s.producers]
+        """Spaces whose channels a score ranks, or that reader BNs may empty (see Selector)."""
+        read = {self.find(seg.space) for sel in self.selectors for seg in sel.source}
+        return [s for s in self.roots() if not s.blocked and s.producers and (s.sources or s.id in read)]
+
+    def channel_ids(self, layout: Layout) -> tuple[np.ndarray, np.ndarray]:
+        """(root space, channel in the root) of every channel of a layout, in layout order."""
+        roots, index = [], []
+        for seg in layout:
+            root, first, size = self.where(seg)
+            roots.append(np.full(size, root))
+            index.append(np.arange(first, first + size))
+        if not roots:
+            return np.zeros(0, int), np.zeros(0, int)
+        return np.concatenate(roots), np.concatenate(index)
 
 
 def _sizes(layout: Layout) -> str:

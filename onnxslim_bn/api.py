@@ -2,26 +2,32 @@
 
 from __future__ import annotations
 
+import difflib
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from . import verify
+from . import data, verify
 from .analysis import Analysis, analyze
-from .errors import BnSlimError
+from .data import Samples
+from .errors import BnSlimError, CheckFailed
 from .fold import fold_constants, split_sequences
 from .importance import add_data_scores, candidates
 from .metrics import measure, weight_bytes
-from .model_io import load_model
+from .edits import fix_tensor_names
+from .interface import (account, check_interface, check_size, copy_origins, fix_node_names, fix_proto_node_names,
+                        needs_node_names, remember_node_metadata, restore_interface, settle_copies)
+from .model_io import check_input, load_model_and_files
 from .openvino_ir import OpenVinoResult, export_ir
 from .plan import Plan, PruneOptions, select
-from .report import Report, SpaceReport, describe_spaces
+from .reconstruct import ReconstructionReport, reconstruct
+from .report import Report, SpaceReport, describe_spaces, run_metadata, weight_name
 from .shapes import infer_shapes, resolve_input_shapes, skeleton
 from .surgery import apply
 
@@ -39,6 +45,7 @@ class PruneResult:
     # the check's inputs and the pruned model's onnxruntime outputs on them (empty without a check)
     check_inputs: dict[str, np.ndarray] = field(default_factory=dict)
     check_outputs: list[np.ndarray] = field(default_factory=list)
+    reconstruction: ReconstructionReport | None = None  # when compensation was by reconstruction
 
 
 def to_openvino(result: PruneResult, out_dir: str | os.PathLike, name: str = "model", fp16: bool = False) -> OpenVinoResult:
@@ -58,18 +65,43 @@ class InspectResult:
     ratio: float | None
 
 
-def _load(model: onnx.ModelProto | str | os.PathLike) -> tuple[onnx.ModelProto, str, int | None]:
-    """The model, a name for messages, and its file size when it came from a file."""
+def _load(model: onnx.ModelProto | str | os.PathLike, strict: bool = True,
+          runtime: bool = True) -> tuple[onnx.ModelProto, str, int | None, list[str]]:
+    """The model, a name for messages, its size on disk when it came from a file, and notes.
+
+    The input is checked before any work: onnx.checker (a stale declared output shape is
+    dropped, with a note; a ModelProto passed in is then copied, never modified) and an
+    onnxruntime load. Either failing is one line about the input; without ``strict``
+    (inspect), a note; without ``runtime`` (no onnxruntime check wanted) a failed load is a note.
+    Unnamed and repeated node names are made unique (onnxruntime refuses repeats)."""
     if isinstance(model, onnx.ModelProto):
-        return model, model.graph.name or "<model>", None
-    proto = load_model(model)
-    data = Path(model).with_name(Path(model).name + ".data")
-    return proto, str(model), Path(model).stat().st_size + (data.stat().st_size if data.is_file() else 0)
+        proto, source, size = model, model.graph.name or "<model>", None
+    else:
+        (proto, files), source = load_model_and_files(model), str(model)
+        size = sum(p.stat().st_size for p in files)
+    if needs_node_names(proto):
+        if proto is model:  # never modify the caller's model
+            proto = onnx.ModelProto()
+            proto.CopyFrom(model)
+        fix_proto_node_names(proto)
+    notes: list[str] = []
+    try:
+        proto, notes = check_input(proto, source, copy=proto is model)
+        verify.session(proto, f"{source} (the input model)")  # loads, or one line saying why not
+    except BnSlimError as exc:
+        if strict and (runtime or "onnxruntime cannot load" not in str(exc)):
+            raise
+        notes.append(f"{exc}; " + ("pruning will refuse it" if not strict else "the result is checked by onnx.checker only"))
+    return proto, source, size, notes
 
 
 def _import(model: onnx.ModelProto) -> gs.Graph:
-    """The graph, with Constant nodes and constant sub-computations turned into constants."""
+    """The graph, with Constant nodes and constant sub-computations turned into constants,
+    every node named uniquely (node names are optional and may repeat in ONNX) and node
+    metadata remembered for the export."""
     graph = gs.import_onnx(model)
+    remember_node_metadata(model, graph)
+    fix_node_names(graph)
     fold_constants(graph)
     if graph.opset >= 13:  # Split takes its sizes as an input from opset 13
         split_sequences(graph)
@@ -87,23 +119,44 @@ class _Prepared:
     graph: gs.Graph
     analysis: Analysis
     session: object | None = None  # onnxruntime session of the original, when calibration built one
+    # data.Samples: the calibration's share of --data and the check's (disjoint when calibration ran, data.split)
+    calibration: Samples | None = None
+    check: Samples | None = None
+    calibration_count: int = 0  # samples the calibration ran on (seeded or data); 0 when none ran
 
 
-def _prepare(model, options: PruneOptions) -> _Prepared:
-    proto, source, size = _load(model)
+def _prepare(model, options: PruneOptions, strict: bool = True) -> _Prepared:
+    proto, source, size, checked = _load(model, strict, options.verify)
     input_shapes, notes = resolve_input_shapes(proto, options.input_shapes, source)
+    notes = checked + notes
     shapes = infer_shapes(proto, input_shapes, source)
     graph = _import(proto)
-    analysis = analyze(graph, shapes, options.protects if options.keep else None)
-    found, sess = candidates(analysis), None
+    protected = _protected(graph, options)
+    analysis = analyze(graph, shapes, protected.__contains__ if options.keep else None)
+    if options.keep:
+        _check_keep(analysis, options, protected, source)
+    samples = None if options.data is None else data.load(options.data, proto, input_shapes, options.preprocess)
+    calibration = check = samples
+    found, sess, count = candidates(analysis), None, 0
+    # Calibration: activation statistics of the original (scale recovery). With data, it takes its
+    # share of the samples (data.split) and the check the rest; a stage that needs calibration
+    # later (reconstruction) takes the same share.
     if found:  # one session of the original serves the calibration and, later, the check
         names = [t.name for _, t, _ in found]
         sess = verify.session(proto, source, extra_outputs=names)
-        feeds, described = verify.make_inputs(proto, input_shapes, options.data, options.seed, calibration=True)
+        if samples is not None:
+            calibration, check, split_note = data.split(samples, options.calibration_samples)
+            notes.extend([split_note] if split_note else [])
+            feeds, described = calibration.arrays, calibration.describe()
+        else:
+            feeds, described = verify.make_inputs(proto, input_shapes, None, options.seed, calibration=True)
+            described = f"{verify.count(feeds)} seeded N(0,1) samples"
+        count = verify.count(feeds)
         add_data_scores(analysis, found, verify.run(sess, feeds, verify.static_batch(proto), names))
         notes.append(f"no BatchNormalization for some layers: their BN scale was recovered from activation statistics "
-                     f"on {described}" + ("" if options.data else "; pass --data with real inputs for a closer estimate"))
-    return _Prepared(proto, source, size, input_shapes, notes, shapes, graph, analysis, sess)
+                     f"on {described}" + ("" if samples is not None else "; pass --data with real inputs for a closer estimate"))
+    return _Prepared(proto, source, size, input_shapes, notes, shapes, graph, analysis, sess,
+                     calibration if count else None, check, count)
 
 
 def _nothing_to_prune(prep: _Prepared) -> BnSlimError:
@@ -122,13 +175,14 @@ def inspect(model: onnx.ModelProto | str | os.PathLike, ratio: float | None = No
             options: PruneOptions | None = None) -> InspectResult:
     """The channel spaces of a model, their importance statistics, and why any are blocked.
 
-    With ``ratio``, also how many channels each space would lose at that ratio.
+    With ``ratio`` (or ``options.threshold``), also how many channels each space would lose.
     """
     options = options or PruneOptions()
-    prep = _prepare(model, options)
+    prep = _prepare(model, options, strict=False)  # an invalid input is a note here, an error in prune
     plan = None
-    if ratio is not None:
-        options = PruneOptions(**{**asdict(options), "ratio": ratio, "threshold": None})
+    if ratio is not None or options.threshold is not None:
+        if ratio is not None:
+            options = PruneOptions(**{**asdict(options), "ratio": ratio, "threshold": None})
         options.validate()
         plan = select(prep.analysis, options)
     return InspectResult(describe_spaces(prep.analysis, plan), prep.notes, ratio)
@@ -152,24 +206,63 @@ def prune(model: onnx.ModelProto | str | os.PathLike, options: PruneOptions | No
     before = measure(prep.graph, prep.shapes, prep.size_bytes or weight_bytes(prep.model))
     plan: Plan = select(prep.analysis, options)
     stats = apply(prep.analysis, plan, options.exact_borders)
-    pruned = _export(prep)
+    given, resolved = _options_given(options, kwargs), _options_resolved(options, prep)
+    pruned = _export(prep, run_metadata(resolved), options.allow_growth)
     seconds = {"prune": time.perf_counter() - clock}
+    reconstruction = None
+    if _compensation(options) == "reconstruct":
+        clock = time.perf_counter()
+        pruned, reconstruction = _reconstruct(prep, pruned, options)
+        seconds["reconstruct"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
     pruned_shapes = infer_shapes(pruned, prep.input_shapes, "the pruned model")
     verification, feeds, outputs = None, {}, []
     if options.verify:
         verification, feeds, outputs = _verify(prep, pruned, options)
+    else:  # the checker runs even without the onnxruntime comparison
+        verify.check_model(pruned, f"{prep.source} (pruned)")
     seconds["verify"] = time.perf_counter() - clock
     report = Report(
-        model=prep.source, output=None, options=_options_dict(options),
+        model=prep.source, output=None, options=resolved, options_given=given,
         before=before, after=measure(prep.graph, pruned_shapes, weight_bytes(pruned)),
         verification=verification, surgery=stats, spaces=describe_spaces(prep.analysis, plan),
-        notes=prep.notes, seconds=seconds, chosen_channels=plan.chosen)
-    return PruneResult(pruned, report, feeds, outputs)
+        notes=prep.notes, seconds=seconds, chosen_channels=plan.chosen, selection=plan.summary())
+    if verification is not None and verification.failed:
+        raise CheckFailed(f"{prep.source} (pruned): the check failed: {verification.failed}; nothing was written. "
+                          "Lower --ratio or relax the gate", report)
+    return PruneResult(pruned, report, feeds, outputs, reconstruction)
 
 
-def _export(prep: _Prepared) -> onnx.ModelProto:
+def _compensation(options: PruneOptions) -> str:
+    if options.compensation == "auto":
+        return "reconstruct" if options.data is not None else "bias"
+    return options.compensation
+
+
+def _reconstruct(prep: _Prepared, pruned: onnx.ModelProto, options: PruneOptions):
+    """Refit the layers whose inputs were pruned on the calibration share of the data (split
+    from the check's here when no scale recovery split it already)."""
+    if prep.check is None:
+        raise BnSlimError(f"{prep.source}: --compensation reconstruct refits layers on calibration data; "
+                          "pass --data (an .npz, .npy or a folder of images) or use --compensation bias")
+    if prep.calibration is None:
+        prep.calibration, prep.check, note = data.split(prep.check, options.calibration_samples)
+        prep.calibration_count = prep.calibration.count
+        prep.notes.extend([note] if note else [])
+    refit, result = reconstruct(prep.model, pruned, prep.calibration.arrays, seed=options.seed)
+    prep.notes.append(result.summary())
+    for label, reason in result.skipped:
+        prep.notes.append(f"reconstruction left {label} as bias folding made it: {reason}")
+    return refit, result
+
+
+def _export(prep: _Prepared, metadata: dict[str, str], allow_growth: bool = False) -> onnx.ModelProto:
+    """The pruned graph as a model with the input's interface (inputs, outputs, IR, opsets,
+    metadata), unique tensor names, and weights no larger than the input's (see interface)."""
+    settle_copies(prep.graph)
+    fix_tensor_names(prep.graph)
+    origins = copy_origins(prep.graph)
     pruned = gs.export_onnx(prep.graph, do_type_check=False)
     original = prep.model
     pruned.ir_version = original.ir_version
@@ -179,7 +272,11 @@ def _export(prep: _Prepared) -> onnx.ModelProto:
     pruned.doc_string = original.doc_string
     del pruned.metadata_props[:]
     pruned.metadata_props.extend(original.metadata_props)
-    pruned.metadata_props.add(key="onnx-bnslim", value="pruned")
+    for key, value in metadata.items():  # what was done: tool, version, options (report.run_metadata)
+        pruned.metadata_props.add(key=key, value=value)
+    restore_interface(pruned, original, prep.graph)
+    check_interface(original, pruned, prep.source)
+    check_size(account(original, pruned, origins), allow_growth, prep.source)
     try:  # annotate shapes from a weight-less copy: no second copy of the weights in memory
         inferred = onnx.shape_inference.infer_shapes(skeleton(pruned, None), strict_mode=True)
         known = {t.name for t in pruned.graph.initializer} | {t.name for t in pruned.graph.input}
@@ -191,23 +288,94 @@ def _export(prep: _Prepared) -> onnx.ModelProto:
 
 
 def _verify(prep: _Prepared, pruned: onnx.ModelProto, options: PruneOptions):
+    """The check (verify's module doc): checker, then both models in onnxruntime on the check's
+    samples (the data's check share, else seeded N(0,1) samples), compared output by output and
+    gated. A failed gate is recorded in ``failed``; :func:`prune` raises after building the report."""
     what = f"{prep.source} (pruned)"
     verify.check_model(pruned, what)
-    feeds, described = verify.make_inputs(prep.model, prep.input_shapes, options.data, options.seed)
-    names = [o.name for o in prep.model.graph.output]
     batch = verify.static_batch(prep.model)
+    notes = []
+    if prep.check is not None:
+        feeds, count = prep.check.arrays, prep.check.count
+        apart = ", also used for calibration" if prep.calibration_count and prep.check is prep.calibration else \
+            ", not used for calibration"
+        described = f"{prep.check.describe()}{apart}"
+        if count < verify.CHECK_SAMPLES:
+            notes.append(f"the check ran on {count} samples only; pass at least {verify.CHECK_SAMPLES} for a check "
+                         "that can tell a small agreement loss from chance")
+    else:
+        count = verify.check_sample_count(prep.model, options.check_samples)
+        feeds = verify.random_inputs(prep.model, prep.input_shapes, options.seed, count, stream=1)
+        described = f"{count} seeded N(0,1) samples, not used for calibration"
+    notes.extend(n for n in [verify.padding_note(count, batch, "check")] if n)
+    names = [o.name for o in prep.model.graph.output]
     before = verify.run(prep.session or verify.session(prep.model, prep.source), feeds, batch, names)
-    after = verify.run(verify.session(pruned, what), feeds, batch, names)
-    result = verify.compare(names, before, after, described, what)
-    if options.max_error is not None and result.max_abs_diff > options.max_error:
-        raise BnSlimError(f"{what}: max |pruned - original| = {result.max_abs_diff:.3g} exceeds --max-error "
-                          f"{options.max_error:g}; nothing was written. Lower --ratio or raise --max-error")
-    return result, feeds, after
+    padded = verify.pad(feeds, batch)  # whole batches, for the OpenVINO check too
+    after_padded = verify.run(verify.session(pruned, what), padded, batch, names)
+    after = verify.first_samples(after_padded, count, verify.count(padded))
+    result = verify.compare(prep.model, names, before, after, count, described, what)
+    result.random, result.calibration_samples = prep.check is None, prep.calibration_count
+    result.disjoint = prep.check is None or prep.calibration is None or prep.check is not prep.calibration
+    for o in result.outputs:
+        if o.near_constant:
+            notes.append(f"random inputs do not exercise output '{o.name}' of this model (nearly constant on them, "
+                         f"|values| up to {o.max_abs_value:.3g}); pass --data" if result.random else
+                         f"output '{o.name}' is nearly constant on the check samples: the check says little about it")
+        if o.nonfinite and not o.nonfinite_mismatch:
+            notes.append(f"output '{o.name}' is NaN/Inf at {o.nonfinite} positions in both models alike; "
+                         "its metrics cover the finite positions")
+    result.notes = notes
+    result.failed = result.gate(options.max_error, options.min_cosine, options.max_rel_error)
+    return result, padded, after_padded
 
 
-def _options_dict(options: PruneOptions) -> dict:
-    out = asdict(options)
-    return {k: v for k, v in out.items() if v not in (None, [], {})}
+def _options_given(options: PruneOptions, kwargs: dict) -> dict:
+    """The options as the caller gave them: the keywords, or the fields set away from their defaults."""
+    given = dict(kwargs) if kwargs else {k: getattr(options, k) for k in asdict(PruneOptions())
+                                        if not _same(getattr(options, k), getattr(PruneOptions(), k))}
+    if "data" in given:  # arrays in memory are described, not copied into the report
+        given["data"] = data.describe_option(given["data"])
+    return given
+
+
+def _same(a, b) -> bool:
+    """Equal option values; arrays (in-memory data) never equal a default."""
+    arrays = isinstance(a, np.ndarray) or (isinstance(a, dict) and any(isinstance(v, np.ndarray) for v in a.values()))
+    return not arrays and a == b
+
+
+def _options_resolved(options: PruneOptions, prep: _Prepared) -> dict:
+    """Every option as the run used it: defaults filled in, input shapes fixed, --keep resolved to layers."""
+    out = asdict(options) if options.data is None or isinstance(options.data, (str, os.PathLike)) else \
+        asdict(replace(options, data=None))
+    out["data"] = data.describe_option(options.data)
+    out["input_shapes"] = {k: list(v) for k, v in prep.input_shapes.items()}
+    layers = {name for s in prep.analysis.spaces for name in s.producers}
+    out["protected_layers"] = sorted(_protected(prep.graph, options) & layers)
+    return out
+
+
+def _protected(graph: gs.Graph, options: PruneOptions) -> set[str]:
+    """Names of the nodes a --keep pattern matches, by node name or by the name of a weight it reads."""
+    if not options.keep:
+        return set()
+    return {n.name for n in graph.nodes if options.protects(n.name, _weights(n))}
+
+
+def _weights(node: gs.Node) -> list[str]:
+    return [t.name for t in node.inputs if isinstance(t, gs.Constant)] + [weight_name(node)]
+
+
+def _check_keep(analysis: Analysis, options: PruneOptions, protected: set[str], source: str) -> None:
+    """Every --keep pattern must name at least one layer (a Conv / Gemm / MatMul that opens channels)."""
+    layers = [n for n in analysis.nodes if any(n.name in s.producers for s in analysis.spaces)]
+    for pattern in options.keep:
+        if any(PruneOptions(keep=[pattern]).protects(n.name, _weights(n)) for n in layers):
+            continue
+        names = sorted({n.name for n in layers} | {weight_name(n) for n in layers})
+        close = difflib.get_close_matches(pattern, names, n=3, cutoff=0.3) or names[:3]
+        raise BnSlimError(f"{source}: --keep '{pattern}' matches no layer's node or weight name; closest: "
+                          f"{', '.join(close)} (patterns are fnmatch, e.g. 'layer4.*' or '/layer4/*')")
 
 
 __all__ = ["PruneResult", "InspectResult", "prune", "inspect", "to_openvino"]

@@ -1,33 +1,51 @@
-"""Latency of the original and the pruned model side by side, in onnxruntime and OpenVINO.
+"""Latency of the original and the pruned model side by side, in onnxruntime and OpenVINO, measured
+so that the comparison cannot fool its reader.
 
-The two models run interleaved (A B A B ...) after a warm-up, so that a shared, noisy machine
-slows both alike; the table quotes medians, the 10th-90th percentile spread, the measured
-speed-up, the ideal one (the MAC ratio) and their quotient.
+- Only two models that take the same inputs and give the same outputs (names, ranks, dtypes) are
+  compared.
+- One runtime per round: both models' sessions of one runtime exist while it is timed, then are
+  released; the other runtime's threads are never running beside them.
+- Within a round the models alternate in the order A B B A A B ..., so neither always runs second.
+- onnxruntime sessions do not spin-wait after a run (intra- and inter-op): a spinning session
+  steals the cores of the one timed next.
+- Several rounds (sessions built afresh each time); the table quotes the median over all runs
+  and the 10th-90th percentile spread, and warns when the spread is wide (p90 / p10 > 1.3).
+
+Also :func:`probe`, the quick check after pruning that the pruned model is faster, naming the
+layers that grew when it is not.
 """
 
 from __future__ import annotations
 
+import gc
+import json
 import logging
 import os
+import re
 import sys
+import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TextIO
 
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from . import openvino_ir
 from .errors import BnSlimError
 from .metrics import measure
-from .model_io import load_model
+from .model_io import as_file, load_model, too_large_for_protobuf
 from .report import grid
-from .shapes import infer_shapes, resolve_input_shapes
+from .shapes import graph_inputs, infer_shapes, resolve_input_shapes
 from .verify import make_inputs, static_batch
 
 log = logging.getLogger(__name__)
 
 RUNTIMES = ("onnxruntime", "openvino")
+WIDE_SPREAD = 1.3  # p90 / p10 above this: the machine was busy, the medians are less sure
 
 
 @dataclass
@@ -41,6 +59,10 @@ class Timing:
         ms = np.asarray(seconds) * 1e3
         return cls(float(np.median(ms)), float(np.percentile(ms, 10)), float(np.percentile(ms, 90)))
 
+    @property
+    def spread(self) -> float:
+        return self.p90_ms / self.p10_ms if self.p10_ms > 0 else float("inf")
+
 
 @dataclass
 class BenchRow:
@@ -49,6 +71,7 @@ class BenchRow:
     original: Timing
     pruned: Timing
     ideal: float  # MACs(original) / MACs(pruned)
+    round_speedups: list[float] = field(default_factory=list)  # ratio of the medians, one per round
 
     @property
     def speedup(self) -> float:
@@ -68,22 +91,25 @@ class BenchResult:
     pruned: str
     threads: int
     runs: int
+    rounds: int = 1
     rows: list[BenchRow] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return {"original": self.original, "pruned": self.pruned, "threads": self.threads, "runs": self.runs,
-                "rows": [r.to_dict() for r in self.rows], "notes": self.notes}
+                "rounds": self.rounds, "rows": [r.to_dict() for r in self.rows], "notes": self.notes}
 
     def table(self, markdown: bool = False) -> str:
-        head = ("Runtime", "Batch", "Original ms", "Pruned ms", "Speed-up", "Ideal (MACs)", "Measured / ideal")
+        head = ("Runtime", "Batch", "Original ms", "Pruned ms", "Speed-up", "Rounds", "Ideal (MACs)", "Measured / ideal")
         body = [(r.runtime, str(r.batch), _fmt(r.original), _fmt(r.pruned), f"{r.speedup:.2f}x",
-                 f"{r.ideal:.2f}x", f"{r.efficiency:.2f}") for r in self.rows]
+                 _rounds(r.round_speedups), f"{r.ideal:.2f}x", f"{r.efficiency:.2f}") for r in self.rows]
         if markdown:
             lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
             lines += ["| " + " | ".join(row) + " |" for row in body]
         else:
             lines = grid(head, body)
+        if markdown and self.notes:
+            lines.append("")  # a line right below a Markdown table would join it
         lines += [f"Note: {n}" for n in self.notes]
         return "\n".join(lines)
 
@@ -92,42 +118,65 @@ def _fmt(t: Timing) -> str:
     return f"{t.median_ms:.3f} ({t.p10_ms:.3f}-{t.p90_ms:.3f})"
 
 
-class _Progress:
-    """A one-line progress bar on stderr (silent when disabled)."""
+def _rounds(speedups: list[float]) -> str:
+    """The per-round speed-ups' range: how much one round alone could have said otherwise."""
+    if len(speedups) < 2:
+        return "-"
+    return f"{min(speedups):.2f}-{max(speedups):.2f}x"
 
-    def __init__(self, total: int, enabled: bool):
+
+class _Progress:
+    """Progress on a stream: a bar redrawn in place on a terminal, one line per step elsewhere
+    (logs, CI), nothing when disabled."""
+
+    def __init__(self, total: int, enabled: bool, stream: TextIO | None = None):
+        self.stream = stream or sys.stderr
         self.total, self.done, self.enabled = total, 0, enabled
+        self.tty = enabled and hasattr(self.stream, "isatty") and self.stream.isatty()
+        self.clock = time.perf_counter()
 
     def step(self, label: str) -> None:
         self.done += 1
-        if self.enabled:
+        if not self.enabled:
+            return
+        if self.tty:
             filled = int(30 * self.done / self.total)
-            sys.stderr.write(f"\r[{'#' * filled}{'.' * (30 - filled)}] {self.done}/{self.total} {label:<24}")
-            sys.stderr.flush()
+            self.stream.write(f"\r[{'#' * filled}{'.' * (30 - filled)}] {self.done}/{self.total} {label:<32}")
+        else:
+            self.stream.write(f"bench: {self.done}/{self.total} {label} ({time.perf_counter() - self.clock:.1f} s)\n")
+        self.stream.flush()
 
     def close(self) -> None:
-        if self.enabled:
-            sys.stderr.write("\n")
+        if self.tty:
+            self.stream.write("\n")
+            self.stream.flush()
 
 
-def _ort_runner(path: Path, threads: int):
+def _ort_session(model: str | Path | bytes, threads: int, profile: str | None = None):
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.log_severity_level = 3
-    # Interleaved sessions must not spin-wait for work after a run: one would steal the cores
-    # the other needs, and whichever runs second would look slower than it is.
+    # Sessions timed alternately must not spin-wait for work after a run: one would steal the
+    # cores the other needs, and whichever runs second would look slower than it is.
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    sess = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    options.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    if profile:
+        options.enable_profiling = True
+        options.profile_file_prefix = profile
+    return ort.InferenceSession(model if isinstance(model, bytes) else str(model), options,
+                                providers=["CPUExecutionProvider"])
+
+
+def _ort_runner(path: Path, threads: int) -> Callable[[dict], object]:
+    sess = _ort_session(path, threads)
     return lambda feeds: sess.run(None, feeds)
 
 
-def _ov_runner(path: Path, threads: int):
-    from .openvino_ir import compile_cpu
-
-    compiled = compile_cpu(str(path), threads)
+def _ov_runner(path: Path, threads: int) -> Callable[[dict], object]:
+    compiled = openvino_ir.compile_cpu(str(path), threads)
     request = compiled.create_infer_request()
     return lambda feeds: request.infer(feeds)
 
@@ -135,40 +184,117 @@ def _ov_runner(path: Path, threads: int):
 _RUNNERS = {"onnxruntime": _ort_runner, "openvino": _ov_runner}
 
 
+def _runtimes(asked: tuple[str, ...], notes: list[str]) -> tuple[str, ...]:
+    for name in asked:
+        if name not in _RUNNERS:
+            raise BnSlimError(f"unknown runtime '{name}'; choose from {', '.join(RUNTIMES)}")
+    if "openvino" in asked and not openvino_ir.available():
+        rest = tuple(r for r in asked if r != "openvino")
+        if not rest:
+            raise BnSlimError(f"OpenVINO is not installed ({openvino_ir.INSTALL_HINT}); time with onnxruntime instead")
+        notes.append(f"OpenVINO is not installed, so only onnxruntime was timed: {openvino_ir.INSTALL_HINT}")
+        log.warning("OpenVINO is not installed: timing onnxruntime alone")
+        return rest
+    return asked
+
+
+def check_same_interface(first: onnx.ModelProto, second: onnx.ModelProto, names: tuple[str, str]) -> None:
+    """Raise when the two models do not take the same inputs and give the same outputs (names,
+    ranks, element types): their timings would not compare the same work."""
+    for kind, a, b in (("input", graph_inputs(first), graph_inputs(second)),
+                       ("output", list(first.graph.output), list(second.graph.output))):
+        sig_a, sig_b = [_signature(v) for v in a], [_signature(v) for v in b]
+        if sig_a == sig_b:
+            continue
+        if [s[0] for s in sig_a] != [s[0] for s in sig_b]:
+            detail = f"{kind}s {[s[0] for s in sig_a]} vs {[s[0] for s in sig_b]}"
+        else:
+            x, y = next((x, y) for x, y in zip(sig_a, sig_b) if x != y)
+            detail = (f"{kind} '{x[0]}' is rank {x[1]} {_dtype(x[2])} vs rank {y[1]} "
+                      f"{_dtype(y[2])}")
+        raise BnSlimError(f"{names[0]} and {names[1]} differ in their {detail}; bench compares a model with its own "
+                          "pruned version: pass the original and the file onnx-bnslim wrote from it")
+
+
+def _dtype(elem_type: int) -> str:
+    return onnx.TensorProto.DataType.Name(elem_type) if elem_type else "untyped"
+
+
+def _signature(value: onnx.ValueInfoProto) -> tuple[str, int, int]:
+    t = value.type.tensor_type
+    return value.name, len(t.shape.dim) if t.HasField("shape") else -1, t.elem_type
+
+
 def benchmark(original: str | os.PathLike, pruned: str | os.PathLike, batches: tuple[int, ...] = (1, 32),
               threads: int | None = None, runs: int = 30, warmup: int = 5, runtimes: tuple[str, ...] = RUNTIMES,
-              input_shapes: dict[str, list[int]] | None = None, progress: bool = False) -> BenchResult:
-    """Time both models; every batch size and runtime is one row."""
+              input_shapes: dict[str, list[int]] | None = None, progress: bool = False,
+              rounds: int = 3, stream: TextIO | None = None) -> BenchResult:
+    """Time both models; every runtime and batch size is one row.
+
+    ``runs`` timed runs per model and row in all, spread over ``rounds`` rounds; ``warmup``
+    untimed runs of each model start every round. ``progress``: a bar on a terminal, one line per
+    round and runtime otherwise (on ``stream``, stderr by default).
+    """
     threads = threads or os.cpu_count() or 1
     paths = [Path(original), Path(pruned)]
     models = [load_model(p) for p in paths]
-    for name in runtimes:
-        if name not in _RUNNERS:
-            raise BnSlimError(f"unknown runtime '{name}'; choose from {', '.join(RUNTIMES)}")
-    if runs < 1 or warmup < 0:
-        raise BnSlimError("--runs must be at least 1 and --warmup at least 0")
-    result = BenchResult(str(paths[0]), str(paths[1]), threads, runs)
+    check_same_interface(models[0], models[1], (str(paths[0]), str(paths[1])))
+    if runs < 1 or warmup < 0 or rounds < 1:
+        raise BnSlimError("--runs and --rounds must be at least 1 and --warmup at least 0")
+    notes: list[str] = []
+    runtimes = _runtimes(tuple(runtimes), notes)
+    rounds = min(rounds, runs)
+    per_round = -(-runs // rounds)
+    result = BenchResult(str(paths[0]), str(paths[1]), threads, per_round * rounds, rounds, notes=notes)
     ideal = _mac_ratio(models, input_shapes or {}, str(paths[0]))
-    bar = _Progress(len(runtimes) * len(batches) * (warmup + runs), progress)
-    for runtime in runtimes:
-        runners = [_RUNNERS[runtime](p, threads) for p in paths]
-        for batch in batches:
-            feeds = _feeds(models[0], input_shapes or {}, batch, str(paths[0]))
-            if feeds is None:
-                result.notes.append(f"batch {batch} skipped: the model's batch size is fixed")
-                bar.done += warmup + runs
-                continue
-            times: list[list[float]] = [[], []]
-            for i in range(warmup + runs):
-                for k, run in enumerate(runners):  # A B A B ...: both see the same machine load
-                    start = time.perf_counter()
-                    run(feeds)
-                    if i >= warmup:
-                        times[k].append(time.perf_counter() - start)
-                bar.step(f"{runtime} batch {batch}")
-            result.rows.append(BenchRow(runtime, batch, Timing.of(times[0]), Timing.of(times[1]), ideal))
+    feeds = {b: _feeds(models[0], input_shapes or {}, b, str(paths[0])) for b in batches}
+    for b, f in feeds.items():
+        if f is None:
+            notes.append(f"batch {b} skipped: the model's batch size is fixed at {static_batch(models[0])}")
+    batches = tuple(b for b in batches if feeds[b] is not None)
+    del models
+    times = {(rt, b): ([], [], []) for rt in runtimes for b in batches}  # original, pruned, per-round speed-ups
+    bar = _Progress(rounds * len(runtimes), progress, stream)
+    for r in range(rounds):
+        for runtime in runtimes:
+            runners = [_RUNNERS[runtime](p, threads) for p in paths]
+            for batch in batches:
+                a, b, speedups = times[runtime, batch]
+                got = _alternate(runners, feeds[batch], warmup, per_round)
+                a.extend(got[0])
+                b.extend(got[1])
+                speedups.append(float(np.median(got[0]) / np.median(got[1])))
+            del runners
+            gc.collect()  # release this runtime's sessions and threads before the next round
+            bar.step(f"round {r + 1}/{rounds} {runtime} batch {', '.join(map(str, batches))}")
     bar.close()
+    wide = []
+    for runtime in runtimes:
+        for batch in batches:
+            a, b, speedups = times[runtime, batch]
+            row = BenchRow(runtime, batch, Timing.of(a), Timing.of(b), ideal, speedups)
+            result.rows.append(row)
+            if max(row.original.spread, row.pruned.spread) > WIDE_SPREAD:
+                wide.append(f"{runtime} batch {batch} ({row.original.spread:.2f} / {row.pruned.spread:.2f})")
+    if wide:
+        notes.append(f"wide spread, p90/p10 above {WIDE_SPREAD} (original / pruned): {', '.join(wide)}; the machine "
+                     "was busy, so those medians are less sure: rerun with more --runs on an idle machine")
     return result
+
+
+def _alternate(runners: list[Callable[[dict], object]], feeds: dict, warmup: int, runs: int) -> list[list[float]]:
+    """Seconds per run of each runner, alternating A B, B A, A B, ... after ``warmup`` runs of each."""
+    for _ in range(warmup):
+        for run in runners:
+            run(feeds)
+    times: list[list[float]] = [[] for _ in runners]
+    for i in range(runs):
+        order = range(len(runners)) if i % 2 == 0 else reversed(range(len(runners)))
+        for k in order:
+            start = time.perf_counter()
+            runners[k](feeds)
+            times[k].append(time.perf_counter() - start)
+    return times
 
 
 def _mac_ratio(models: list[onnx.ModelProto], given: dict[str, list[int]], source: str) -> float:
@@ -187,3 +313,154 @@ def _feeds(model: onnx.ModelProto, given: dict[str, list[int]], batch: int, sour
         return None
     shapes, _ = resolve_input_shapes(model, given, source)
     return make_inputs(model, {k: [batch, *v[1:]] for k, v in shapes.items()}, None, seed=0)[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# the probe after pruning
+
+
+@dataclass
+class Blame:
+    """A layer that takes longer in the pruned model than in the original."""
+
+    node: str  # the original graph's node (the layer, when the runtime fused it with what follows)
+    op: str
+    original_ms: float
+    pruned_ms: float  # 0.0 / original_ms 0.0: the node exists in one model only
+
+
+@dataclass
+class ProbeResult:
+    original_ms: float
+    pruned_ms: float
+    runs: int
+    blame: list[Blame] = field(default_factory=list)
+
+    @property
+    def speedup(self) -> float:
+        return self.original_ms / self.pruned_ms
+
+    @property
+    def faster(self) -> bool:
+        return self.pruned_ms < self.original_ms
+
+    def message(self) -> str | None:
+        """One line for the user when the pruned model is not faster, else None."""
+        if self.faster:
+            return None
+        names = ", ".join(f"{b.node} ({b.original_ms:.3f} -> {b.pruned_ms:.3f} ms)" for b in self.blame[:3])
+        return (f"the pruned model is not faster in onnxruntime ({self.original_ms:.3f} -> {self.pruned_ms:.3f} ms, "
+                f"{self.speedup:.2f}x over {self.runs} alternating runs)"
+                + (f"; slower layers: {names}" if names else "")
+                + "; try --round-to auto or keep those layers (--keep)")
+
+    def summary(self) -> str:
+        """One line either way: the warning, or how much faster the pruned model ran."""
+        return self.message() or (f"probe: the pruned model ran {self.speedup:.2f}x faster in onnxruntime "
+                                  f"({self.original_ms:.3f} -> {self.pruned_ms:.3f} ms, {self.runs} alternating runs)")
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "speedup": self.speedup, "faster": self.faster}
+
+
+def probe_inputs(model: onnx.ModelProto, input_shapes: dict[str, list[int]] | None = None, batch: int = 1,
+                 source: str = "the model") -> dict[str, np.ndarray]:
+    """Seeded inputs for :func:`probe` at ``batch`` (the model's own batch size when it fixes one)."""
+    fixed = static_batch(model)
+    return _feeds(model, input_shapes or {}, fixed or batch, source)
+
+
+def probe(original: onnx.ModelProto, pruned: onnx.ModelProto, feeds: dict[str, np.ndarray], runs: int = 10,
+          threads: int | None = None, warmup: int = 2, profile_runs: int = 3) -> ProbeResult:
+    """A quick check that ``pruned`` is faster than ``original`` in onnxruntime on ``feeds``.
+
+    ``runs`` alternating runs of each (A B B A ..., spinning off) after ``warmup``. When the
+    pruned model is not faster, both are profiled (onnxruntime's profiler, ``profile_runs`` runs)
+    and the nodes whose time grew are named, most grown first.
+    """
+    threads = threads or os.cpu_count() or 1
+    with _proto_source(original) as a, _proto_source(pruned) as b:
+        sessions = [_ort_session(a, threads), _ort_session(b, threads)]
+        runners = [lambda f, s=s: s.run(None, f) for s in sessions]
+        times = _alternate(runners, feeds, warmup, max(runs, 1))
+        del runners, sessions
+        result = ProbeResult(float(np.median(times[0]) * 1e3), float(np.median(times[1]) * 1e3), max(runs, 1))
+        if not result.faster:
+            result.blame = _blame(original, _node_times(a, feeds, threads, profile_runs),
+                                  _node_times(b, feeds, threads, profile_runs))
+    return result
+
+
+class _proto_source:
+    """Serialized bytes of a model, or a temporary file when it is too large for one protobuf."""
+
+    def __init__(self, model: onnx.ModelProto):
+        self.model, self.ctx = model, None
+
+    def __enter__(self) -> bytes | Path:
+        if not too_large_for_protobuf(self.model):
+            return self.model.SerializeToString()
+        self.ctx = as_file(self.model)
+        return self.ctx.__enter__()
+
+    def __exit__(self, *exc) -> None:
+        if self.ctx is not None:
+            self.ctx.__exit__(*exc)
+
+
+def _node_times(model: bytes | Path, feeds: dict, threads: int, runs: int) -> dict[str, tuple[str, float]]:
+    """Median kernel ms per executed node (onnxruntime's names after its graph optimizations)."""
+    with tempfile.TemporaryDirectory(prefix="onnx-bnslim-profile-") as tmp:
+        sess = _ort_session(model, threads, profile=str(Path(tmp) / "profile"))
+        for _ in range(max(runs, 1) + 1):
+            sess.run(None, feeds)
+        events = json.loads(Path(sess.end_profiling()).read_text())
+    per: dict[str, list[float]] = {}
+    ops: dict[str, str] = {}
+    for e in events:
+        if e.get("cat") != "Node" or not e.get("name", "").endswith("_kernel_time"):
+            continue
+        name = e["name"][: -len("_kernel_time")]
+        per.setdefault(name, []).append(e["dur"] / 1e3)
+        ops[name] = e.get("args", {}).get("op_name", "")
+    # the first run allocates: drop it (every node appears once per run)
+    return {n: (ops[n], float(np.median(v[1:] if len(v) > 1 else v))) for n, v in per.items()}
+
+
+def _blame(original: onnx.ModelProto, before: dict[str, tuple[str, float]], after: dict[str, tuple[str, float]],
+           grew: float = 1.1, floor_ms: float = 0.005) -> list[Blame]:
+    """Per original layer (the runtime's fused and layout nodes summed into it), those whose time
+    grew by more than ``grew`` times plus ``floor_ms``, most grown first."""
+    sums: dict[str, list] = {}
+    for k, times in enumerate((before, after)):
+        for name, (op, ms) in times.items():
+            layer = _layer_of(original, name)
+            entry = sums.setdefault(layer, [op, 0.0, 0.0])
+            entry[1 + k] += ms
+    found = [Blame(layer, op, t0, t1) for layer, (op, t0, t1) in sums.items() if t1 > grew * t0 + floor_ms]
+    return sorted(found, key=lambda b: b.original_ms - b.pruned_ms)
+
+
+_LAYERS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+
+
+def _layer_of(model: onnx.ModelProto, profiled: str) -> str:
+    """The original node behind an onnxruntime node name: the same name, or, for a node the
+    runtime renamed after a tensor (``<tensor>_nchwc`` when it fused a Conv with its BN / ReLU),
+    the layer that tensor comes from."""
+    names = {n.name for n in model.graph.node}
+    if profiled in names:
+        return profiled
+    base = re.sub(r"_token_\d+$", "", profiled)
+    if base in ("ReorderInput", "ReorderOutput"):  # the runtime's layout changes, summed
+        return f"{base} (layout changes)"
+    producer = {o: n for n in model.graph.node for o in n.output}
+    tensor = profiled.removesuffix("_nchwc")
+    node = producer.get(tensor)
+    for _ in range(6):  # back through the activation / BN / Add the runtime fused into the layer
+        if node is None or node.op_type in _LAYERS:
+            break
+        node = next((producer[i] for i in node.input if i in producer), None)
+    if node is not None and node.op_type in _LAYERS:
+        return node.name or node.output[0]
+    return profiled

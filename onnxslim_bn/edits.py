@@ -7,6 +7,7 @@ axis 0 and as consumer along axis 1) compose.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,23 +33,91 @@ def constant_shape(tensor: gs.Tensor) -> tuple[int, ...] | None:
     return tuple(tensor.shape) if isinstance(tensor, gs.Constant) else None
 
 
+def graph_names(graph: gs.Graph) -> set[str]:
+    """Every tensor and node name in ``graph`` (top level)."""
+    names = {n.name for n in graph.nodes}
+    for node in graph.nodes:
+        names.update(t.name for t in node.inputs)
+        names.update(t.name for t in node.outputs)
+    names.update(t.name for t in graph.inputs + graph.outputs)
+    names.discard("")
+    return names
+
+
+def unique_name(graph: gs.Graph, base: str, taken: set[str] | None = None) -> str:
+    """``base``, or ``base_2``, ``base_3``, ...: the first not used by any tensor or node of
+    ``graph`` nor in ``taken``. Node names are optional and may repeat in ONNX, so a name built
+    from one is never assumed to be unique."""
+    names = graph_names(graph) | (taken or set())
+    if base and base not in names:
+        return base
+    k = 2
+    while f"{base}_{k}" in names:
+        k += 1
+    return f"{base}_{k}"
+
+
+def _fingerprint(values: np.ndarray) -> tuple:
+    values = np.ascontiguousarray(values)
+    return values.dtype.str, values.shape, hashlib.sha256(values.tobytes()).hexdigest()
+
+
 def replace_constant(node: gs.Node, index: int, values: np.ndarray) -> None:
-    """Give input ``index`` of ``node`` new values without touching other users of the tensor."""
+    """Give input ``index`` of ``node`` new values without touching other users of the tensor.
+
+    A weight shared by several nodes stays one tensor when they all get the same values: the
+    readers switch to one new Constant per distinct value (remembered on the original tensor),
+    and the original's last reader takes that Constant too rather than making a second one.
+    Copies get provisional names; :func:`fix_tensor_names` makes them unique before export.
+    """
     old = node.inputs[index]
-    if isinstance(old, gs.Constant) and len(old.outputs) == 1:
+    copies: dict[tuple, gs.Constant] | None = getattr(old, "_bnslim_copies", None)
+    shared = isinstance(old, gs.Constant) and (bool(copies) or len(old.outputs) > 1)
+    if shared and tuple(old.shape) == values.shape and np.array_equal(constant_values(old), values):
+        return  # keeps every channel: nothing to copy
+    key = _fingerprint(values) if shared else None
+    if copies and key in copies:
+        node.inputs[index] = copies[key]
+    elif isinstance(old, gs.Constant) and len(old.outputs) == 1:
         old.values = values
     else:
-        name = f"{old.name or node.name + '_in' + str(index)}_slim_{node.name}"
-        node.inputs[index] = gs.Constant(name, values)
+        origin = getattr(old, "_bnslim_from", None) or old.name  # a copy of a copy names the first weight
+        copy = gs.Constant(f"{origin or node.name + '_in' + str(index)}_slim", values)
+        copy._bnslim_from = origin  # a derived copy, told apart in the size accounting
+        if key is not None:
+            if copies is None:
+                copies = old._bnslim_copies = {}
+            copies[key] = copy
+        node.inputs[index] = copy
+
+
+def fix_tensor_names(graph: gs.Graph) -> int:
+    """Rename every tensor whose name a distinct, earlier tensor of the graph already has (the
+    copies and constants the tool created); return how many were renamed."""
+    seen: dict[str, gs.Tensor] = {}
+    clashes: dict[int, gs.Tensor] = {}
+    tensors = list(graph.inputs) + list(graph.outputs)
+    for node in graph.nodes:
+        tensors.extend(node.inputs)
+        tensors.extend(node.outputs)
+    for tensor in tensors:
+        if tensor.name and seen.setdefault(tensor.name, tensor) is not tensor:
+            clashes[id(tensor)] = tensor
+    taken = set(seen)
+    for tensor in clashes.values():
+        tensor.name = unique_name(graph, tensor.name, taken)
+        taken.add(tensor.name)
+    return len(clashes)
 
 
 def add_after(graph: gs.Graph, node: gs.Node, values: np.ndarray, name: str) -> None:
     """Insert ``output + values`` behind ``node``; its consumers keep reading the same tensor name."""
     out = node.outputs[0]
-    pre = gs.Variable(f"{out.name}_{name}_in", dtype=out.dtype)
+    pre = gs.Variable(unique_name(graph, f"{out.name}_{name}_in"), dtype=out.dtype)
+    const = gs.Constant(unique_name(graph, f"{node.name}_{name}", {pre.name}), values)
+    add_name = unique_name(graph, f"{node.name}_{name}", {pre.name, const.name})
     node.outputs[0] = pre
-    graph.nodes.append(gs.Node("Add", f"{node.name}_{name}", inputs=[pre, gs.Constant(f"{node.name}_{name}", values)],
-                               outputs=[out]))
+    graph.nodes.append(gs.Node("Add", add_name, inputs=[pre, const], outputs=[out]))
 
 
 @dataclass
@@ -164,3 +233,29 @@ class SliceGroupedInput:
             local = kept[(kept >= j * per_group) & (kept < (j + 1) * per_group)] - j * per_group
             parts.append(values[j * rows:(j + 1) * rows][:, local])
         replace_constant(self.node, 1, np.concatenate(parts, axis=0))
+
+
+@dataclass
+class SelectChannels:
+    """A reader BN's branch (:class:`onnxslim_bn.analysis.Selector`): ``Gather`` on axis 1 of the
+    shared tensor picks the channels the branch keeps (inserted only when it drops some)."""
+
+    node: gs.Node
+    source: Layout
+    branch: Layout
+    graph: gs.Graph
+
+    def apply(self, keep: KeepIndex) -> None:
+        have, want = keep(self.source), keep(self.branch)
+        if len(have) == len(want):
+            return
+        index = np.searchsorted(have, want)
+        if np.any(index >= len(have)) or not np.array_equal(have[index], want):
+            raise RuntimeError(f"{self.node.name}: the branch keeps channels the shared tensor lost")
+        shared = self.node.inputs[0]
+        name = unique_name(self.graph, f"{shared.name}_select")
+        index_name = unique_name(self.graph, name + "_index", {name})
+        picked = gs.Variable(name, dtype=shared.dtype)
+        self.graph.nodes.append(gs.Node("Gather", name, attrs={"axis": 1}, outputs=[picked],
+                                        inputs=[shared, gs.Constant(index_name, index.astype(np.int64))]))
+        self.node.inputs[0] = picked

@@ -8,3 +8,15 @@ class BnSlimError(Exception):
 
     The command line prints it as one line on stderr and exits non-zero, without a traceback.
     """
+
+
+class CheckFailed(BnSlimError):
+    """The onnxruntime check of the pruned model failed (a gate, or NaN/Inf where the original has none).
+
+    ``report`` is the run's :class:`onnxslim_bn.report.Report` with ``verification.failed`` set, so
+    that a caller (the CLI's ``--report``) can still record why; no model is written.
+    """
+
+    def __init__(self, message: str, report: object):
+        super().__init__(message)
+        self.report = report

@@ -30,11 +30,28 @@ class OpenVinoResult:
         return asdict(self)
 
 
-def _openvino():
+INSTALL_HINT = "pip install 'onnx-bnslim[openvino]'"
+
+
+def available() -> bool:
+    """Whether OpenVINO can be imported (it is an optional extra: ``onnx-bnslim[openvino]``)."""
     try:
-        import openvino
-    except ImportError as exc:  # a broken install, since openvino is a dependency
-        raise BnSlimError("--openvino needs the openvino package: pip install openvino") from exc
+        import openvino  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def require(what: str = "--openvino") -> None:
+    """Fail in one line, before any work, when ``what`` needs OpenVINO and it is not installed."""
+    if not available():
+        raise BnSlimError(f"{what} needs OpenVINO, which is not installed: {INSTALL_HINT}")
+
+
+def _openvino():
+    require("the OpenVINO hand-off")
+    import openvino
+
     return openvino
 
 

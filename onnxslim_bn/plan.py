@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fnmatch
 import math
+import os
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -18,21 +19,43 @@ class PruneOptions:
 
     ratio: float | None = None  # fraction of all prunable channels to remove (netslim's meaning)
     threshold: float | None = None  # or: remove every channel whose importance is below this
+    target_macs: float | None = None  # or: keep at most this fraction of the MACs
+    target_params: float | None = None  # or: keep at most this fraction of the layer parameters
     min_channels: int = 4  # a space never drops below this many channels
+    # a layer loses at most this fraction of its live channels (those above the dead cluster)
+    max_layer_ratio: float = 0.75
     # kept widths are rounded up to a multiple of this (runtimes run widths of 8k much faster),
     # except in spaces narrower than 4 * round_to, where the rounding would be most of the layer
     round_to: int = 8
-    keep: list[str] = field(default_factory=list)  # fnmatch patterns of node names never pruned
+    keep: list[str] = field(default_factory=list)  # fnmatch patterns of node or weight names never pruned
     input_shapes: dict[str, list[int]] = field(default_factory=dict)
-    data: str | None = None  # .npz of inputs for the check (else seeded random inputs)
-    max_error: float | None = None  # fail when max |pruned - original| exceeds this
+    # inputs for calibration and the check (onnxslim_bn.data): a path (.npz, .npy, a folder of images
+    # or of .npy samples) or arrays {input name: array}; else seeded N(0,1) inputs
+    data: str | os.PathLike | dict | np.ndarray | None = None
+    preprocess: str | None = None  # images in a --data folder: "size=224 mean=... std=..." (data.parse_preprocess)
+    calibration_samples: int | None = None  # the first N data samples calibrate, the rest check (default: half)
+    check_samples: int = 32  # seeded check samples without data (rounded up to whole fixed batches)
+    max_error: float | None = None  # fail when max |pruned - original| exceeds this (any output)
+    max_rel_error: float | None = None  # fail when max |diff| / max |original| exceeds this (any output)
+    min_cosine: float | None = None  # fail when an output's cosine similarity falls below this
     verify: bool = True
     seed: int = 0
     exact_borders: bool = False  # padded convs: add the border correction as a constant map
+    # removed channels: "bias" folds their constants into the next layer's bias, "reconstruct" refits
+    # the next layers on calibration data (reconstruct.py), "auto": reconstruct when data is given
+    compensation: str = "auto"
+    allow_growth: bool = False  # accept weights >10% over the input's (shared weights sliced per reader)
 
     def validate(self) -> None:
-        if (self.ratio is None) == (self.threshold is None):
-            raise BnSlimError("give exactly one of --ratio (e.g. --ratio 0.5) or --threshold (e.g. --threshold 1e-3)")
+        given = [v is not None for v in (self.ratio, self.threshold, self.target_macs, self.target_params)]
+        if sum(given) != 1:
+            raise BnSlimError("give exactly one of --ratio (e.g. --ratio 0.5), --threshold (e.g. --threshold 1e-3), "
+                              "--target-macs (e.g. --target-macs 0.5) or --target-params")
+        for flag, value in (("--target-macs", self.target_macs), ("--target-params", self.target_params)):
+            if value is not None and not 0.0 < value < 1.0:
+                raise BnSlimError(f"{flag} {value} is outside (0, 1); pass the fraction to keep, e.g. {flag} 0.5")
+        if not 0.0 < self.max_layer_ratio <= 1.0:
+            raise BnSlimError(f"--max-layer-ratio {self.max_layer_ratio} is outside (0, 1], e.g. --max-layer-ratio 0.75")
         if self.ratio is not None and not 0.0 < self.ratio < 1.0:
             raise BnSlimError(f"--ratio {self.ratio} is outside (0, 1); pass the fraction of channels to remove, e.g. --ratio 0.5")
         if self.threshold is not None and self.threshold <= 0:
@@ -41,9 +64,24 @@ class PruneOptions:
             raise BnSlimError(f"--min-channels {self.min_channels} must be at least 1")
         if self.round_to < 1:
             raise BnSlimError(f"--round-to {self.round_to} must be at least 1")
+        if self.max_error is not None and not self.max_error >= 0:
+            raise BnSlimError(f"--max-error {self.max_error} must be 0 or more, e.g. --max-error 1e-3")
+        if self.max_rel_error is not None and not self.max_rel_error >= 0:
+            raise BnSlimError(f"--max-rel-error {self.max_rel_error} must be 0 or more, e.g. --max-rel-error 0.05")
+        if self.min_cosine is not None and not -1.0 <= self.min_cosine <= 1.0:
+            raise BnSlimError(f"--min-cosine {self.min_cosine} is outside [-1, 1], e.g. --min-cosine 0.99")
+        if self.check_samples < 1:
+            raise BnSlimError(f"--check-samples {self.check_samples} must be at least 1 (default 32)")
+        if self.calibration_samples is not None and self.calibration_samples < 1:
+            raise BnSlimError(f"--calibration-samples {self.calibration_samples} must be at least 1")
+        if self.preprocess and self.data is None:
+            raise BnSlimError("--preprocess applies to a folder of images: add --data IMAGE_FOLDER")
+        if self.compensation not in ("auto", "bias", "reconstruct"):
+            raise BnSlimError(f"--compensation {self.compensation!r}: choose auto, bias or reconstruct")
 
-    def protects(self, node_name: str) -> bool:
-        return any(fnmatch.fnmatchcase(node_name, p) for p in self.keep)
+    def protects(self, node_name: str, weights: tuple[str, ...] | list[str] = ()) -> bool:
+        """Whether a ``keep`` pattern (fnmatch) matches the layer's node name or one of its weight names."""
+        return any(fnmatch.fnmatchcase(name, p) for p in self.keep for name in (node_name, *weights))
 
 
 @dataclass
@@ -53,6 +91,25 @@ class Plan:
     kept: dict[int, np.ndarray]
     analysis: Analysis
     chosen: int = 0  # channels the ranking chose, before rounding widths (and evening out groups) kept some
+    dead_level: float = 0.0  # scores at or below this are the dead cluster (see dead_level())
+    live_removed: int = 0  # removed channels scored above the dead level
+    max_removed_score: float | None = None
+    unsafe_kept: int = 0  # channels below the cut kept: their replacement is not a known constant
+    ranked: int = 0  # channels the ranking may remove (scored, with a known replacement everywhere)
+    unsafe_where: dict[str, int] = field(default_factory=dict)  # consumer -> channels it made unsafe
+    capped: int = 0  # channels the per-layer cap (max_layer_ratio) kept
+    derived_removed: int = 0  # shared channels removed because every reader BN's branch dropped them
+    branch_kept: int = 0  # chosen channels a reader BN's branch still reads (so the shared tensor keeps them)
+    budget: dict = field(default_factory=dict)  # for --target-macs / --target-params: target and reached
+
+    def summary(self) -> dict:
+        """What the selection did, for the report: every channel the ranking chose is removed,
+        or kept for one of the reasons counted here."""
+        return {"ranked": self.ranked, "chosen": self.chosen, "dead_level": self.dead_level, "live_removed": self.live_removed,
+                "max_removed_score": self.max_removed_score, "kept_unknown_replacement": self.unsafe_kept,
+                "unknown_replacement_at": dict(self.unsafe_where), "kept_by_layer_cap": self.capped,
+                "kept_by_branches": self.branch_kept, "removed_by_branches": self.derived_removed,
+                "budget": dict(self.budget)}
 
     def _kept(self, seg: Segment) -> np.ndarray:
         """Kept channels of the segment, numbered from its own first channel."""
@@ -84,56 +141,298 @@ class Plan:
         return np.concatenate(parts) if parts else np.zeros(0, bool)
 
 
-def select(analysis: Analysis, options: PruneOptions) -> Plan:
-    """Rank every prunable channel by importance and choose which go.
+def dead_level(scores: np.ndarray) -> float:
+    """The score at or below which channels count as dead, or 0 (exact zeros only) when the
+    scores show no dead cluster -- as in models trained without the L1 penalty.
 
-    One global ranking over all prunable spaces (``ratio``: the lowest ``ratio`` of them go;
-    ``threshold``: all below it go), walked greedily so that every space keeps
-    ``min_channels`` and every part a Split takes keeps at least one channel. Kept widths are
-    then rounded up to a multiple of ``round_to`` by putting back the best removed channels.
+    Network Slimming's sparsity leaves the log-scores bimodal: live gammas around 0.1-1, dead
+    ones decades below. The split is Otsu's threshold on log10 scores, accepted when the two
+    classes explain at least 80% of the variance (a single normal mode explains 64%) and their
+    means lie at least two decades apart (a layer whose gammas all shrank together, a decade or
+    so below the rest, is alive: the next BN renormalises it); the level is the highest score
+    of the lower class."""
+    values = np.sort(np.asarray(scores, np.float64)[np.isfinite(scores)])
+    if len(values) < 4 or values[-1] <= 0:
+        return 0.0
+    logs = np.log10(np.maximum(values, values[-1] * 1e-12))
+    n = np.arange(1, len(logs))
+    low_mean = np.cumsum(logs)[:-1] / n
+    high_mean = (logs.sum() - np.cumsum(logs)[:-1]) / (len(logs) - n)
+    between = n * (len(logs) - n) * (low_mean - high_mean) ** 2 / len(logs) ** 2
+    k = int(np.argmax(between))
+    total = logs.var()
+    if total <= 0 or between[k] / total < 0.8 or high_mean[k] - low_mean[k] < 2.0:
+        return float(values[0]) if values[0] == 0 else 0.0
+    return float(values[k])
+
+
+class Costs:
+    """MACs and parameters of the graph's layers as a function of the kept channels.
+
+    A layer's MACs and weights scale with the kept fraction of its output channels times the
+    kept fraction of its input channels (a depthwise conv: its channels once). Channels are
+    numbered globally (root space offset + channel) so that a plan is costed with numpy."""
+
+    def __init__(self, analysis: Analysis):
+        from .edits import constant_shape
+        from .rules import RULES
+
+        self.analysis = analysis
+        roots = analysis.roots()
+        self.offset = {s.id: o for s, o in zip(roots, np.cumsum([0] + [s.size for s in roots]))}
+        self.total_channels = sum(s.size for s in roots)
+        self.layers: list[tuple[float, float, tuple | None, tuple | None]] = []
+        for node in analysis.nodes:
+            rule = RULES.get(node.op) if node.domain in ("", "ai.onnx", None) else None
+            cost = None if rule is None else rule.layer_cost(node, analysis.shapes)
+            if cost is None:
+                continue
+            weight = constant_shape(node.inputs[1])
+            params = float(np.prod(weight)) if weight is not None else 0.0
+            out, inp = analysis.layout(node.outputs[0]), analysis.layout(node.inputs[0])
+            if out is not None and inp is not None and out == inp:  # depthwise: one set of channels
+                inp = None
+            self.layers.append((float(cost[1]), params, self._index(out), self._index(inp)))
+
+    def _index(self, layout: Layout | None) -> tuple[np.ndarray, np.ndarray] | None:
+        if not layout:
+            return None
+        roots, index = self.analysis.channel_ids(layout)
+        repeat = np.concatenate([np.full(s.size, s.repeat) for s in layout]).astype(np.float64)
+        return np.array([self.offset[r] for r in roots], np.int64) + index, repeat / repeat.sum()
+
+    def flat(self, removed: dict[int, np.ndarray]) -> np.ndarray:
+        gone = np.zeros(self.total_channels, bool)
+        for root, mask in removed.items():
+            gone[self.offset[root]:self.offset[root] + len(mask)] = mask
+        return gone
+
+    def totals(self, removed: dict[int, np.ndarray]) -> tuple[float, float]:
+        """(MACs, parameters) with the channels flagged in ``removed`` (per root space) gone."""
+        kept = ~self.flat(removed)
+        macs = params = 0.0
+        for layer_macs, layer_params, out, inp in self.layers:
+            f = 1.0
+            for side in (out, inp):
+                if side is not None:
+                    f *= float(side[1] @ kept[side[0]])
+            macs += layer_macs * f
+            params += layer_params * f
+        return macs, params
+
+    def per_channel(self, which: int) -> np.ndarray:
+        """First-order saving (MACs or parameters) of removing each channel alone, globally numbered."""
+        saved = np.zeros(self.total_channels)
+        for layer in self.layers:
+            for side in layer[2:]:
+                if side is not None:
+                    np.add.at(saved, side[0], layer[which] * side[1])
+        return saved
+
+
+def select(analysis: Analysis, options: PruneOptions) -> Plan:
+    """Choose which channels go.
+
+    One global ranking by importance over every prunable space, walked greedily from the least
+    important channel: ``ratio`` takes that fraction of the ranked channels, ``threshold`` every
+    channel below it, ``target_macs`` / ``target_params`` as many as it takes to reach the
+    budget (ranked by importance per MAC or parameter saved). The walk skips a channel when
+
+    - its replacement value is not a known constant at some consumer (:mod:`.replacement`),
+    - its space would fall below ``min_channels``, or a Split / Slice part below one channel,
+    - its layer would lose more than ``max_layer_ratio`` of its live channels (channels in the
+      dead cluster, see :func:`dead_level`, are not limited).
+
+    Then grouped convs even out their groups, kept widths are rounded up to a multiple of
+    ``round_to`` by putting back the best removed channels, and a tensor read by several BNs
+    (see :class:`onnxslim_bn.analysis.Selector`) loses the channels every one of them dropped.
     """
-    spaces = analysis.prunable()
+    from .replacement import dead_values, unsafe_channels
+
+    unsafe = unsafe_channels(analysis, dead_values(analysis))
+    spaces = [s for s in analysis.prunable() if s.sources]
     scores = {s.id: s.scores() for s in spaces}
     flat = np.concatenate([scores[s.id] for s in spaces]) if spaces else np.zeros(0)
-    owner = np.concatenate([np.full(s.size, i) for i, s in enumerate(spaces)]) if spaces else np.zeros(0, int)
-    channel = np.concatenate([np.arange(s.size) for s in spaces]) if spaces else np.zeros(0, int)
-    order = np.argsort(flat, kind="stable")  # global ranking; ties keep graph order
-    if options.threshold is not None:
-        order = order[flat[order] < options.threshold]
-        target = len(order)
+    level = dead_level(flat)
+    walk = _Walk(analysis, spaces, scores, unsafe, level, options)
+    if options.target_macs is None and options.target_params is None:
+        order = np.argsort(flat, kind="stable")  # global ranking; ties keep graph order
+        removable = ~walk.unsafe_flat
+        if options.threshold is not None:
+            order = order[flat[order] < options.threshold]
+            target = int(removable[order].sum())
+        else:  # a fraction of the channels that can go: those with a known replacement everywhere
+            target = int(math.floor(options.ratio * int(removable.sum()) + 1e-9))
+        plan = walk.plan(order, target)
+        plan.ranked = int(removable.sum())
     else:
-        target = int(math.floor(options.ratio * len(flat) + 1e-9))
-    removed = {s.id: np.zeros(s.size, bool) for s in spaces}
-    left = {s.id: s.size - min(s.size, options.min_channels) for s in spaces}
-    part_left = {s.id: [[o, n, n - min(n, options.min_channels)] for o, n in set(s.parts)] for s in spaces}
-    chosen = 0
-    for i in order:
-        if chosen == target:
-            break
-        space, c = spaces[owner[i]], int(channel[i])
-        parts = [p for p in part_left[space.id] if p[0] <= c < p[0] + p[1]]
-        if left[space.id] == 0 or any(p[2] == 0 for p in parts):
-            continue
-        left[space.id] -= 1
-        for p in parts:
-            p[2] -= 1
-        removed[space.id][c] = True
-        chosen += 1
-    kept = {}
-    for s in spaces:
-        gone = removed[s.id]
+        plan = _within_budget(analysis, walk, flat, options)
+    plan.unsafe_where = unsafe.where
+    return plan
+
+
+class _Walk:
+    """The greedy walk over a ranking, with every constraint of :func:`select`."""
+
+    def __init__(self, analysis, spaces, scores, unsafe, level, options):
+        self.analysis, self.spaces, self.scores, self.unsafe = analysis, spaces, scores, unsafe
+        self.level, self.options = level, options
+        self.owner = np.concatenate([np.full(s.size, i) for i, s in enumerate(spaces)]) if spaces else np.zeros(0, int)
+        self.channel = np.concatenate([np.arange(s.size) for s in spaces]) if spaces else np.zeros(0, int)
+        self.flat = np.concatenate([scores[s.id] for s in spaces]) if spaces else np.zeros(0)
+        self.unsafe_flat = np.concatenate([unsafe.mask.get(s.id, np.zeros(s.size, bool)) for s in spaces]) \
+            if spaces else np.zeros(0, bool)
+
+    def removed(self, order: np.ndarray, target: int) -> tuple[dict[int, np.ndarray], dict]:
+        options, spaces = self.options, self.spaces
+        cap = options.max_layer_ratio
+        removed = {s.id: np.zeros(s.size, bool) for s in spaces}
+        left = {s.id: s.size - min(s.size, options.min_channels) for s in spaces}
+        live_left = {s.id: int(math.floor(cap * int((self.scores[s.id] > self.level).sum()) + 1e-9)) for s in spaces}
+        part_left = {s.id: [[o, n, n - min(n, options.min_channels)] for o, n in set(s.parts)] for s in spaces}
+        stats = {"chosen": 0, "unsafe": 0, "capped": 0}
+        for i in order:
+            if stats["chosen"] == target:
+                break
+            space, c = spaces[self.owner[i]], int(self.channel[i])
+            if self.unsafe_flat[i]:  # below the cut, but it cannot go: not a candidate
+                stats["unsafe"] += 1
+                continue
+            parts = [p for p in part_left[space.id] if p[0] <= c < p[0] + p[1]]
+            if left[space.id] == 0 or any(p[2] == 0 for p in parts):
+                continue
+            live = self.flat[i] > self.level
+            if live and live_left[space.id] == 0:
+                stats["capped"] += 1
+                continue
+            left[space.id] -= 1
+            live_left[space.id] -= live
+            for p in parts:
+                p[2] -= 1
+            removed[space.id][c] = True
+            stats["chosen"] += 1
+        for s in spaces:
+            removed[s.id] = self._finish(s, removed[s.id])
+        self.branch_kept = 0
+        stats["derived"] = self._derive(removed)
+        stats["branch_kept"] = self.branch_kept
+        return removed, stats
+
+    def _finish(self, s, gone: np.ndarray) -> np.ndarray:
+        """Even out groups, round the kept width up to a multiple of round_to."""
+        options, scores = self.options, self.scores[s.id]
+        gone = gone.copy()
         if s.groups > 1:  # the same number from every group: the lowest-scored of what was chosen
             blocks = gone.reshape(s.groups, -1)
             per_block = int(blocks.sum(1).min())
-            block_scores = np.where(blocks, scores[s.id].reshape(s.groups, -1), np.inf)
+            block_scores = np.where(blocks, scores.reshape(s.groups, -1), np.inf)
             picks = np.argsort(block_scores, axis=1, kind="stable")[:, :per_block]
             gone = np.zeros_like(blocks)
             np.put_along_axis(gone, picks, True, axis=1)
-            gone = gone.reshape(-1)
-        elif s.size >= 4 * options.round_to and not s.parts:
+            return gone.reshape(-1)
+        if s.size >= 4 * options.round_to and not s.parts:
             keep_n = s.size - int(gone.sum())
             extra = min(s.size, math.ceil(keep_n / options.round_to) * options.round_to) - keep_n
-            back = np.flatnonzero(gone)[np.argsort(-scores[s.id][gone], kind="stable")[:extra]]
+            back = np.flatnonzero(gone)[np.argsort(-scores[gone], kind="stable")[:extra]]
             gone[back] = False
-        kept[s.id] = np.flatnonzero(~gone)
-    return Plan(kept, analysis, chosen=chosen)
+        return gone
+
+    def _derive(self, removed: dict[int, np.ndarray]) -> int:
+        """A tensor read by reader BNs keeps every channel one of their branches keeps; a shared
+        space without a score of its own loses the channels all of them dropped (when nothing
+        else reads them with an unknown value). Returns how many channels that removed."""
+        analysis, extra = self.analysis, 0
+        readers: dict[int, list] = {}
+        for sel in analysis.selectors:
+            for root in {analysis.find(seg.space) for seg in sel.source}:
+                readers.setdefault(root, []).append(sel)
+        for root in sorted(readers, reverse=True):  # a branch's own space is newer than what it reads
+            space = analysis.spaces[root]
+            if space.blocked or not space.producers:
+                continue
+            keep = np.zeros(space.size, bool)
+            for sel in readers[root]:
+                own = (Segment(sel.space, analysis.spaces[sel.space].size),)
+                dropped = _flags(analysis, own, removed)
+                roots, index = analysis.channel_ids(sel.source)
+                keep[index[(roots == root) & ~dropped]] = True
+            if root in removed:  # scored too: what a branch still reads stays
+                self.branch_kept += int((removed[root] & keep).sum())
+                removed[root] &= ~keep
+                continue
+            gone = ~keep & ~self.unsafe.mask.get(root, np.zeros(space.size, bool))
+            gone = _respect(space, gone, self.options.min_channels, self.options.round_to)
+            removed[root] = gone
+            extra += int(gone.sum())
+        return extra
+
+    def plan(self, order: np.ndarray, target: int) -> Plan:
+        removed, stats = self.removed(order, target)
+        kept = {root: np.flatnonzero(~gone) for root, gone in removed.items()}
+        plan = Plan(kept, self.analysis, chosen=stats["chosen"], dead_level=self.level,
+                    unsafe_kept=stats["unsafe"], capped=stats["capped"], derived_removed=stats["derived"],
+                    branch_kept=stats["branch_kept"])
+        gone_scores = np.concatenate([self.scores[s.id][removed[s.id]] for s in self.spaces]) if self.spaces else np.zeros(0)
+        gone_scores = gone_scores[np.isfinite(gone_scores)]
+        plan.live_removed = int((gone_scores > self.level).sum())
+        plan.max_removed_score = float(gone_scores.max()) if len(gone_scores) else None
+        return plan
+
+
+def _flags(analysis: Analysis, layout: Layout, removed: dict[int, np.ndarray]) -> np.ndarray:
+    """Per channel of ``layout``: whether ``removed`` (per root space) flags it."""
+    roots, index = analysis.channel_ids(layout)
+    return np.array([bool(removed[r][i]) if r in removed else False for r, i in zip(roots, index)], bool)
+
+
+def _respect(space, gone: np.ndarray, min_channels: int, round_to: int) -> np.ndarray:
+    """Put channels back so that the space keeps min_channels, every part one channel, and a
+    width that is a multiple of round_to; grouped spaces lose nothing (their groups would have
+    to be evened out across every reader)."""
+    gone = gone.copy()
+    if space.groups > 1:
+        return np.zeros_like(gone)
+    for offset, size in set(space.parts):
+        part = gone[offset:offset + size]
+        if part.all():
+            part[0] = False
+    short = min(space.size, min_channels) - int((~gone).sum())
+    if short > 0:
+        gone[np.flatnonzero(gone)[:short]] = False
+    if space.size >= 4 * round_to and not space.parts:
+        keep_n = int((~gone).sum())
+        extra = min(space.size, math.ceil(keep_n / round_to) * round_to) - keep_n
+        gone[np.flatnonzero(gone)[:extra]] = False
+    return gone
+
+
+def _within_budget(analysis: Analysis, walk: _Walk, flat: np.ndarray, options: PruneOptions) -> Plan:
+    """The fewest channels, taken in order of importance per unit of cost, that bring the MACs
+    (or parameters) to the budget: a bisection over the length of the walk, each candidate
+    plan costed exactly (rounding and derived removals included)."""
+    costs = Costs(analysis)
+    which = 0 if options.target_macs is not None else 1
+    fraction = options.target_macs if which == 0 else options.target_params
+    full = costs.totals({})[which]
+    per_channel = _channel_costs(analysis, walk, costs, which)
+    order = np.argsort(flat / np.maximum(per_channel, 1e-30), kind="stable")
+    lo, hi, best = 0, len(order), None
+    while lo <= hi:
+        mid = (lo + hi) // 2
+        removed, _ = walk.removed(order, mid)
+        reached = costs.totals(removed)[which]
+        if reached <= fraction * full:
+            best, hi = mid, mid - 1
+        else:
+            lo = mid + 1
+    plan = walk.plan(order, len(order) if best is None else best)
+    reached = costs.totals({r: ~np.isin(np.arange(analysis.spaces[r].size), k) for r, k in plan.kept.items()})[which]
+    plan.budget = {"metric": ("macs", "params")[which], "target": fraction, "reached": reached / full if full else 1.0}
+    return plan
+
+
+def _channel_costs(analysis: Analysis, walk: _Walk, costs: Costs, which: int) -> np.ndarray:
+    """What removing each ranked channel alone saves (MACs or parameters), in walk order."""
+    saved = costs.per_channel(which)
+    return np.concatenate([saved[costs.offset[s.id]:costs.offset[s.id] + s.size] for s in walk.spaces]) \
+        if walk.spaces else np.zeros(0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -13,6 +14,78 @@ from .openvino_ir import OpenVinoResult
 from .plan import Plan
 from .surgery import SurgeryStats
 from .verify import Verification
+from .version import __version__
+
+# The JSON every command writes (prune's report, inspect, bench, sweep, --export-widths) carries
+# this number. Bump it whenever a key is added, removed or renamed; tests/test_schema.py holds the
+# key set of each document and fails when it changes without a bump.
+SCHEMA_VERSION = 1
+
+# Blocked reasons as data: a stable code per kind of reason, derived from the reason's text.
+# (Until the analysis records reasons with their code, this table is the one place that knows
+# them; a reason object with a ``code`` attribute is taken as it is.)
+_REASON_CODES: tuple[tuple[str, str], ...] = (
+    ("protected by --keep", "protected"),
+    ("reach the graph output", "graph-output"),
+    ("is a graph output", "shape-read"),
+    ("is not an op onnx-bnslim can follow", "unknown-op"),
+    ("changes the channel axis", "reshape-channel-axis"),
+    ("moves the channel axis", "transpose-channel-axis"),
+    ("turns flattened features into channels", "flatten-to-channels"),
+    ("reads the channel count", "shape-read"),
+    ("inside its subgraph", "subgraph"),
+    ("joins tensors whose channel groups differ", "join-mismatch"),
+    ("grouped convolution", "grouped-conv"),
+    ("is grouped (group=", "grouped-conv"),
+    ("is a grouped", "grouped-conv"),
+    ("splits the channels into groups", "grouped-conv"),
+    ("depthwise convolution of channels no layer produces", "depthwise-unproduced"),
+    ("computed", "computed-parameter"),
+    ("BatchNormalization", "batchnorm-unsupported"),
+    ("second output in use", "second-output"),
+    ("non-float type", "cast-non-float"),
+    ("a constant of shape", "per-entry-constant"),
+    ("per entry", "per-entry-constant"),
+    ("laid out as", "width-mismatch"),
+    ("features, ", "width-mismatch"),
+    ("is not [batch, features]", "matmul-not-2d"),
+    ("unknown rank", "unknown-shape"),
+    ("shape inference could not find", "unknown-shape"),
+    ("Flatten", "flatten-unsupported"),
+    ("Slice", "slice-unsupported"),
+    ("takes every", "slice-unsupported"),
+    ("takes no channel", "slice-unsupported"),
+    ("slices the batch axis", "slice-unsupported"),
+    ("mixes in", "concat-foreign-input"),
+    ("scales the channel axis", "resize-channel-axis"),
+    ("pads the channel axis", "pad-channel-axis"),
+    ("reduces over", "reduce-channel-axis"),
+    ("axes that are not spelled out", "unknown-axes"),
+    ("indices that depend on the channel count", "channel-indices"),
+    ("no BatchNorm scale", "no-scale"),
+)
+
+
+def reason_code(reason: object) -> str:
+    """The stable code of a blocked reason ("graph-output", "unknown-op", "protected", ...)."""
+    code = getattr(reason, "code", None)
+    if isinstance(code, str):
+        return code
+    text = str(reason)
+    return next((c for needle, c in _REASON_CODES if needle in text), "other")
+
+
+@dataclass
+class SpaceLayer:
+    """One layer that writes (part of) a space: its output channels ``at``.. are the space's
+    channels ``offset``.. (``channels`` of them)."""
+
+    node: str
+    op: str
+    weight: str  # the weight initializer's name (what the training code calls the layer), else the node name
+    offset: int
+    channels: int
+    at: int = 0
 
 
 @dataclass
@@ -30,6 +103,44 @@ class SpaceReport:
     blocked: str | None  # the first reason it cannot be pruned
     scores: list[float] = field(default_factory=list)  # per channel, in channel order
     removed: list[int] = field(default_factory=list)  # indices of the removed channels
+    label: str = ""  # the first producer's weight name (e.g. layer1.0.conv1.weight), else its node name
+    blocked_code: str | None = None  # reason_code(blocked)
+    reasons: list[dict] = field(default_factory=list)  # every reason: {"code", "text"}
+    layers: list[SpaceLayer] = field(default_factory=list)  # producers and depthwise convs, with their place
+
+
+def weight_name(node) -> str:
+    """The name of a layer's weight initializer (input 1 of Conv / Gemm / MatMul, else the first
+    constant input with two or more dims), or the node name when there is none."""
+    import onnx_graphsurgeon as gs
+
+    consts = [(i, t) for i, t in enumerate(node.inputs) if isinstance(t, gs.Constant) and len(t.shape) >= 2]
+    if not consts:
+        return node.name
+    index, tensor = next(((i, t) for i, t in consts if i == 1), consts[0])
+    return getattr(tensor, "_bnslim_from", None) or tensor.name  # a sliced copy of a shared weight names it
+
+
+def _layers(analysis: Analysis, space_id: int) -> list[SpaceLayer]:
+    """Where each producer and depthwise conv of a root space writes into it."""
+    root = analysis.find(space_id)
+    space = analysis.spaces[root]
+    by_name = {}
+    for node in analysis.nodes:
+        by_name.setdefault(node.name, node)
+    out: list[SpaceLayer] = []
+    for name in dict.fromkeys(space.producers + space.coupled):
+        node = by_name.get(name)
+        layout = analysis.layout(node.outputs[0]) if node is not None and node.outputs else None
+        if node is None or layout is None:
+            continue
+        at = 0
+        for seg in layout:
+            seg_root, first, size = analysis.where(seg)
+            if seg_root == root:
+                out.append(SpaceLayer(name, node.op, weight_name(node), first, size, at))
+            at += size
+    return out
 
 
 def describe_spaces(analysis: Analysis, plan: Plan | None) -> list[SpaceReport]:
@@ -38,9 +149,11 @@ def describe_spaces(analysis: Analysis, plan: Plan | None) -> list[SpaceReport]:
         if not space.producers:
             continue
         scores = space.scores()
-        reason = space.blocked[0] if space.blocked else (None if scores is not None else
-                 f"no BatchNorm scale ranks the channels of {space.producers[0]}")
+        reasons = list(space.blocked) or ([] if scores is not None else
+                                          [f"no BatchNorm scale ranks the channels of {space.producers[0]}"])
+        reason = str(reasons[0]) if reasons else None
         removed = plan.removed_mask((Segment(space.id, space.size),)) if plan is not None else np.zeros(space.size, bool)
+        layers = _layers(analysis, space.id)
         out.append(SpaceReport(
             producers=space.producers, channels=space.size, kept=int(space.size - removed.sum()),
             removed=[int(i) for i in np.flatnonzero(removed)],
@@ -48,20 +161,72 @@ def describe_spaces(analysis: Analysis, plan: Plan | None) -> list[SpaceReport]:
             score_min=None if scores is None else float(scores.min()),
             score_median=None if scores is None else float(np.median(scores)),
             score_max=None if scores is None else float(scores.max()),
-            blocked=reason, scores=[] if scores is None else [float(v) for v in scores]))
+            blocked=reason, scores=[] if scores is None else [float(v) for v in scores],
+            label=layers[0].weight if layers else space.producers[0],
+            blocked_code=None if reason is None else reason_code(reasons[0]),
+            reasons=[{"code": reason_code(r), "text": str(r)} for r in reasons], layers=layers))
     return out
 
 
 def coverage(spaces: list[SpaceReport]) -> dict:
-    """Share of layer output channels that sit in prunable spaces; blocked ones by reason."""
+    """Share of layer output channels that sit in prunable spaces; blocked ones by reason and by code."""
     total = sum(s.channels for s in spaces)
     prunable = sum(s.channels for s in spaces if s.blocked is None)
     reasons: dict[str, int] = {}
+    codes: dict[str, int] = {}
     for s in spaces:
         if s.blocked is not None:
             reasons[s.blocked] = reasons.get(s.blocked, 0) + s.channels
+            code = s.blocked_code or reason_code(s.blocked)
+            codes[code] = codes.get(code, 0) + s.channels
     return {"channels": total, "prunable_channels": prunable,
-            "prunable_fraction": prunable / total if total else 0.0, "blocked_by_reason": reasons}
+            "prunable_fraction": prunable / total if total else 0.0,
+            "blocked_by_code": codes, "blocked_by_reason": reasons}
+
+
+def envelope(kind: str, payload: dict) -> dict:
+    """A JSON document of one command: schema and tool version first, then the payload."""
+    return {"schema_version": SCHEMA_VERSION, "tool_version": __version__, "kind": kind, **payload}
+
+
+def dumps(doc: dict) -> str:
+    """Strict JSON (a score of infinity, "never removed", becomes null), indented."""
+    def clean(value):
+        if isinstance(value, float) and not math.isfinite(value):
+            return None
+        if isinstance(value, dict):
+            return {k: clean(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [clean(v) for v in value]
+        return value
+    return json.dumps(clean(doc), indent=2, allow_nan=False, default=str)
+
+
+def run_metadata(options: dict) -> dict[str, str]:
+    """What the pruned model's metadata_props record about the run: tool, version, options."""
+    return {"onnx-bnslim": "pruned", "onnx-bnslim.version": __version__,
+            "onnx-bnslim.options": json.dumps(options, sort_keys=True, default=str)}
+
+
+def export_widths(report: Report) -> dict:
+    """Per layer: weight name, original and kept width, kept channel indices (``--export-widths``).
+
+    A layer whose output spans several spaces (a depthwise conv after a concatenation) gets its
+    pieces put back in its own channel order."""
+    pieces: dict[str, list[tuple[int, SpaceLayer, list[int]]]] = {}
+    for space in report.spaces:
+        gone = set(space.removed)
+        for layer in space.layers:
+            kept = [c for c in range(layer.channels) if layer.offset + c not in gone]
+            pieces.setdefault(layer.node, []).append((layer.at, layer, kept))
+    layers = []
+    for node, parts in pieces.items():
+        parts.sort(key=lambda p: p[0])
+        first = parts[0][1]
+        kept = [at + c for at, _, idx in parts for c in idx]
+        layers.append({"weight": first.weight, "node": node, "op": first.op,
+                       "original": sum(p[1].channels for p in parts), "kept": len(kept), "kept_indices": kept})
+    return envelope("widths", {"model": report.model, "output": report.output, "layers": layers})
 
 
 @dataclass
@@ -78,6 +243,8 @@ class Report:
     seconds: dict[str, float] = field(default_factory=dict)
     openvino: OpenVinoResult | None = None
     chosen_channels: int = 0  # what the ranking chose before rounding widths
+    selection: dict = field(default_factory=dict)  # Plan.summary(): live channels removed, what was kept and why
+    options_given: dict = field(default_factory=dict)  # what the caller set; ``options`` is every option as resolved
 
     @property
     def removed_channels(self) -> int:
@@ -88,19 +255,20 @@ class Report:
         return sum(s.channels for s in self.spaces if s.blocked is None)
 
     def to_dict(self) -> dict:
-        return {
-            "model": self.model, "output": self.output, "options": self.options,
+        return envelope("prune", {
+            "model": self.model, "output": self.output,
+            "options": {"given": self.options_given, "resolved": self.options},
             "removed_channels": self.removed_channels, "prunable_channels": self.prunable_channels,
-            "chosen_channels": self.chosen_channels,
+            "chosen_channels": self.chosen_channels, "selection": self.selection,
             "before": self.before.to_dict(), "after": self.after.to_dict(),
             "verification": None if self.verification is None else self.verification.to_dict(),
             "compensation": asdict(self.surgery), "coverage": coverage(self.spaces),
             "spaces": [asdict(s) for s in self.spaces], "notes": self.notes, "seconds": self.seconds,
             "openvino": None if self.openvino is None else self.openvino.to_dict(),
-        }
+        })
 
     def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2)
+        return dumps(self.to_dict())
 
     def table(self, verbose: bool = False) -> str:
         rows = [
@@ -109,32 +277,30 @@ class Report:
             ("MACs", self.before.macs, self.after.macs, _si),
             ("Model size", self.before.size_bytes, self.after.size_bytes, _bytes),
         ]
-        for op in sorted(set(self.before.ops) | set(self.after.ops)):
-            rows.append((op, self.before.ops.get(op, 0), self.after.ops.get(op, 0), _int))
+        for op in sorted(set(self.before.ops) | set(self.after.ops)):  # op rows: what changed (-v: every op)
+            if verbose or self.before.ops.get(op, 0) != self.after.ops.get(op, 0):
+                rows.append((op, self.before.ops.get(op, 0), self.after.ops.get(op, 0), _int))
         body = [(name, fmt(a), fmt(b), _change(a, b)) for name, a, b, fmt in rows]
         lines = grid(("", "Original", "Pruned", "Change"), body)
         cut, alone = sum(1 for s in self.spaces if s.kept < s.channels), sum(1 for s in self.spaces if s.blocked)
         lines.append(f"Removed {self.removed_channels} of {self.prunable_channels} prunable channels in {_n(cut, 'space')} "
                      f"({_n(alone, 'space')} left alone; `onnx-bnslim inspect` says why).")
-        if self.chosen_channels > self.removed_channels:
-            lines.append(f"The ranking chose {self.chosen_channels}; rounding widths to multiples of "
-                         f"{self.options.get('round_to')} (and equal counts per conv group) kept "
-                         f"{self.chosen_channels - self.removed_channels} of them (--round-to 1 for the exact ratio).")
+        lines.extend(selection_lines(self.selection, self.chosen_channels, self.removed_channels, self.options))
         if self.surgery.compensated_layers:
             lines.append(f"Removed channels' constants folded into {self.surgery.compensated_layers} layers' bias"
-                         + (f" ({self.surgery.approximate_layers} padded convs: exact inside, approximate at borders)"
-                            if self.surgery.approximate_layers else "") + ".")
-        if self.surgery.uncompensated_channels:
-            lines.append(f"{self.surgery.uncompensated_channels} removed channels carry no constant value "
-                         "(not after a BN): their contribution is dropped.")
+                         + (f", {self.surgery.border_maps} with a border map (--exact-borders)"
+                            if self.surgery.border_maps else "") + ".")
+        if self.surgery.approximate:
+            worst = {k: v for k, v in self.surgery.approximate.items() if v is not None}
+            sizes = ", ".join(f"{k} {v:.3g}" for k, v in sorted(worst.items(), key=lambda kv: -kv[1])[:5])
+            lines.append(f"Approximate at the borders (zero padding meets removed constants) in "
+                         f"{_n(len(self.surgery.approximate), 'layer')}"
+                         + (f"; largest |error| added: {sizes}" if sizes else "; dynamic image size, not measured")
+                         + ". --exact-borders makes them exact for fixed image sizes.")
+        if self.surgery.uncompensated_channels:  # the plan keeps such channels: a bug if it shows
+            lines.append(f"{self.surgery.uncompensated_channels} removed channels carry no known constant value.")
         if self.verification is not None:
-            v = self.verification
-            scale = max(o.max_abs_value for o in v.outputs)
-            line = f"Check (onnxruntime, {v.inputs}): max |diff| {v.max_abs_diff:.3g} (outputs up to {scale:.3g}), cosine {v.cosine:.6f}"
-            top1 = [o.top1_agreement for o in v.outputs if o.top1_agreement is not None]
-            if top1:
-                line += f", top-1 agreement {min(top1):.2%}"
-            lines.append(line)
+            lines.extend(check_lines(self.verification))
         if self.openvino is not None:
             ov = self.openvino
             lines.append(f"OpenVINO IR ({'FP16' if ov.fp16 else 'FP32'}): {ov.xml}; max |diff| vs onnxruntime {ov.max_abs_diff:.3g}")
@@ -143,6 +309,61 @@ class Report:
             lines.append("")
             lines.extend(layer_table(self.before, self.after))
         return "\n".join(lines)
+
+
+def selection_lines(sel: dict, chosen: int, removed: int, options: dict) -> list[str]:
+    """How the chosen channels became the removed ones, and how many of them were alive."""
+    lines = []
+    if not sel:
+        return lines
+    if sel.get("kept_unknown_replacement"):
+        where = ", ".join(list(sel.get("unknown_replacement_at", {}))[:3])
+        lines.append(f"{sel['kept_unknown_replacement']} channels below the cut stay: their value is not a known "
+                     f"constant where {where} reads them (a gate, a pad value, a border effect); they are not ranked.")
+    kept = [(sel.get("kept_by_branches", 0), "another reader BN's branch still uses them")]
+    rounded = chosen - removed + sel.get("removed_by_branches", 0) - sum(n for n, _ in kept)
+    if rounded > 0:
+        kept.append((rounded, f"rounding widths to multiples of {options.get('round_to')} and evening out conv groups "
+                              "(--round-to 1 for the exact ratio)"))
+    reasons = "; ".join(f"{n} because {why}" for n, why in kept if n > 0)
+    if reasons:
+        lines.append(f"The ranking chose {chosen}; kept {reasons}.")
+    if sel.get("removed_by_branches"):
+        lines.append(f"{sel['removed_by_branches']} shared channels removed: every reader BN's branch dropped them.")
+    if sel.get("kept_by_layer_cap"):
+        lines.append(f"{sel['kept_by_layer_cap']} live channels passed over: their layer reached --max-layer-ratio "
+                     f"{options.get('max_layer_ratio')}.")
+    level, top = sel.get("dead_level", 0.0), sel.get("max_removed_score")
+    if top is not None:
+        dead = f"the scores' dead cluster ends at {level:.3g}" if level > 0 else "the scores show no dead cluster"
+        lines.append(f"Live channels removed: {sel.get('live_removed', 0)} ({dead}); largest score removed {top:.3g}.")
+    budget = sel.get("budget") or {}
+    if budget:
+        lines.append(f"Budget: {budget['metric']} at most {budget['target']:.1%} of the original; reached {budget['reached']:.1%}.")
+    return lines
+
+
+def check_lines(v: Verification) -> list[str]:
+    """The check: inputs (count, source, calibration), worst metrics, one line per output when
+    there are several, its notes, and the failure."""
+    def metrics(o) -> str:
+        text = (f"max |diff| {o.max_abs_diff:.3g} (outputs up to {o.max_abs_value:.3g}, relative {o.max_rel_diff:.3g}), "
+                f"cosine {o.cosine:.6f}")
+        if o.top1_agreement is not None:
+            text += f", top-1 agreement {o.top1_agreement:.2%}"
+            text += f" over {o.top1_positions} positions" if o.top1_positions != o.samples else ""
+        return text
+
+    head = f"Check (onnxruntime, {v.inputs})"
+    if len(v.outputs) == 1:
+        lines = [f"{head}: {metrics(v.outputs[0])}"]
+    else:
+        lines = [f"{head}, {len(v.outputs)} outputs:"]
+        lines.extend(f"  '{o.name}' {o.shape}: {metrics(o)}" for o in v.outputs)
+    lines.extend(f"Note (check): {n}" for n in v.notes)
+    if v.failed:
+        lines.append(f"Check FAILED: {v.failed}")
+    return lines
 
 
 def layer_table(before: Metrics, after: Metrics) -> list[str]:
@@ -154,20 +375,22 @@ def layer_table(before: Metrics, after: Metrics) -> list[str]:
     return grid(("Layer", "Op", "Channels", "MACs"), body)
 
 
-def inspect_table(spaces: list[SpaceReport], ratio: float | None) -> str:
+def inspect_table(spaces: list[SpaceReport], ratio: float | None, threshold: float | None = None) -> str:
+    budget = f"at {ratio:g}" if ratio is not None else f"below {threshold:g}" if threshold is not None else None
     body = []
     for s in spaces:
-        head = s.producers[0] + (f" (+{len(s.producers) - 1})" if len(s.producers) > 1 else "")
+        head = (s.label or s.producers[0]) + (f" (+{len(s.producers) - 1})" if len(s.producers) > 1 else "")
         stats = "-" if s.score_min is None else f"{s.score_min:.2g} / {s.score_median:.2g} / {s.score_max:.2g}"
-        lose = "" if ratio is None or s.blocked else str(s.channels - s.kept)
+        lose = "" if budget is None or s.blocked else str(s.channels - s.kept)
         body.append((head, str(s.channels), s.source or "-", stats, lose, s.blocked or "prunable"))
     cov = coverage(spaces)
-    lines = grid(("Space (producer)", "Channels", "Source", "|scale| min / median / max",
-                   f"Removed at {ratio}" if ratio is not None else "Removed", "Status"), body)
+    lines = grid(("Space (first layer's weight)", "Channels", "Source", "|scale| min / median / max",
+                   f"Removed {budget}" if budget is not None else "Removed", "Status"), body)
     lines.append(f"Coverage: {cov['prunable_channels']} of {cov['channels']} layer output channels "
                  f"({cov['prunable_fraction']:.1%}) are prunable.")
+    codes = {s.blocked: s.blocked_code for s in spaces if s.blocked}
     for reason, n in sorted(cov["blocked_by_reason"].items(), key=lambda kv: -kv[1]):
-        lines.append(f"  blocked ({n} channels): {reason}")
+        lines.append(f"  blocked ({n} channels) [{codes.get(reason) or reason_code(reason)}]: {reason}")
     return "\n".join(lines)
 
 

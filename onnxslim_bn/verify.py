@@ -1,14 +1,40 @@
-"""Proof on every run: checker, shape inference, and onnxruntime numbers against the original."""
+"""Proof on every run: checker, shape inference, and onnxruntime numbers against the original.
+
+What the check compares, on what
+--------------------------------
+Inputs: with data, the check's share of it (:func:`onnxslim_bn.data.split`: disjoint from the
+calibration samples). Without, ``CHECK_SAMPLES`` (32) seeded samples per input drawn from the
+standard normal N(0, 1), rounded up to whole batches when the model fixes its batch size, from
+a random stream apart from the calibration's; integer and bool inputs need data. A fixed batch
+size B is fed in chunks of B; a last partial chunk is padded with copies of its last sample and
+the padding's outputs are dropped.
+
+Per output, over the positions where both models give finite values:
+
+- ``max_abs_diff`` = max |pruned - original|;
+- ``max_rel_diff`` = max_abs_diff / max |original| (one scale per output: logits and maps alike
+  are judged against their own range);
+- ``cosine`` of the flattened outputs;
+- ``top1_agreement``, only for class scores: 2-D ``[N, K]`` outputs (class axis 1), and 3-D
+  ``[N, T, K]`` sequences whose last op works along the last axis (Softmax / LogSoftmax over it,
+  MatMul / Gemm, or a bias Add after a MatMul): argmax over the class axis, agreement over every
+  sample (and sequence position), K > 1;
+- non-finite values are compared position by position: NaN, +Inf and -Inf must sit at the
+  same positions in both models, else the check fails whatever the gates;
+- ``near_constant``: the standard deviation of the original's finite values over all samples
+  and positions is at most ``NEAR_CONSTANT`` (1e-3) x max(1, max |original|): such an output is not
+  exercised by these inputs (a text detector on noise), so agreement on it proves little.
+"""
 
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import onnx
 
+from . import data
 from .errors import BnSlimError
 from .model_io import as_file, too_large_for_protobuf
 from .shapes import graph_inputs
@@ -24,28 +50,68 @@ _NUMPY = {
 @dataclass
 class OutputCheck:
     name: str
-    shape: list[int]
+    shape: list[int]  # of the compared outputs, all samples
+    samples: int
     max_abs_diff: float
     max_abs_value: float  # of the original output, to put max |diff| in scale
+    max_rel_diff: float  # max |diff| / max |original|
     cosine: float
-    top1_agreement: float | None  # for [batch, classes] outputs: argmax agreement
+    top1_agreement: float | None  # class-like outputs only (see the module doc)
+    top1_positions: int = 0  # argmax comparisons behind top1_agreement (samples x sequence positions)
+    nonfinite: int = 0  # positions non-finite in both models, alike (left out of the metrics)
+    nonfinite_mismatch: int = 0  # positions finite in one model and not the other, or NaN vs Inf
+    near_constant: bool = False
 
 
 @dataclass
 class Verification:
-    inputs: str  # where the inputs came from
+    inputs: str  # where the check's inputs came from, e.g. "32 seeded N(0,1) samples, not used for calibration"
     outputs: list[OutputCheck]
+    samples: int = 0
+    random: bool = True  # seeded inputs rather than data
+    calibration_samples: int = 0  # samples the calibration used (0: no calibration ran)
+    disjoint: bool = True  # check samples not used for calibration
+    notes: list[str] = field(default_factory=list)
+    failed: str | None = None  # why the check failed (a gate, or NaN/Inf where the original has none)
 
     @property
     def max_abs_diff(self) -> float:
         return max((o.max_abs_diff for o in self.outputs), default=0.0)
 
     @property
+    def max_rel_diff(self) -> float:
+        return max((o.max_rel_diff for o in self.outputs), default=0.0)
+
+    @property
     def cosine(self) -> float:
         return min((o.cosine for o in self.outputs), default=1.0)
 
+    @property
+    def top1_agreement(self) -> float | None:
+        return min((o.top1_agreement for o in self.outputs if o.top1_agreement is not None), default=None)
+
+    def gate(self, max_error: float | None = None, min_cosine: float | None = None,
+             max_rel_error: float | None = None) -> str | None:
+        """Why the check fails (every reason, joined), or None. Comparisons are written so that
+        a NaN metric fails: ``not (x <= limit)``."""
+        reasons = []
+        for o in self.outputs:
+            if o.nonfinite_mismatch:
+                reasons.append(f"output '{o.name}' is NaN/Inf at {o.nonfinite_mismatch} positions where the other "
+                               "model differs (finite, or another kind)")
+            if max_error is not None and not o.max_abs_diff <= max_error:
+                reasons.append(f"output '{o.name}': max |pruned - original| = {o.max_abs_diff:.3g} "
+                               f"exceeds --max-error {max_error:g}")
+            if max_rel_error is not None and not o.max_rel_diff <= max_rel_error:
+                reasons.append(f"output '{o.name}': max relative diff {o.max_rel_diff:.3g} "
+                               f"exceeds --max-rel-error {max_rel_error:g}")
+            if min_cosine is not None and not o.cosine >= min_cosine:
+                reasons.append(f"output '{o.name}': cosine {o.cosine:.6f} is below --min-cosine {min_cosine:g}")
+        return "; ".join(reasons) or None
+
     def to_dict(self) -> dict:
-        return {**asdict(self), "max_abs_diff": self.max_abs_diff, "cosine": self.cosine}
+        return {**asdict(self), "max_abs_diff": self.max_abs_diff, "max_rel_diff": self.max_rel_diff,
+                "cosine": self.cosine, "top1_agreement": self.top1_agreement}
 
 
 def session(model: onnx.ModelProto, what: str, extra_outputs: list[str] = ()):
@@ -86,42 +152,52 @@ def check_model(model: onnx.ModelProto, what: str) -> None:
         raise BnSlimError(f"{what}: the ONNX checker rejects it ({str(exc).splitlines()[0]})") from exc
 
 
-CALIBRATION_BATCH = 16
+CHECK_SAMPLES = data.CHECK_SAMPLES  # seeded check samples without data
+CALIBRATION_BATCH = 16  # seeded calibration samples without data
+NEAR_CONSTANT = 1e-3  # see the module doc
+CHUNK = 256  # samples per onnxruntime run when the batch size is dynamic
 
 
-def make_inputs(model: onnx.ModelProto, shapes: dict[str, list[int]], data: str | None, seed: int,
-                calibration: bool = False) -> tuple[dict[str, np.ndarray], str]:
-    """Inputs for the comparison: the user's .npz, or seeded standard-normal noise.
+def random_inputs(model: onnx.ModelProto, shapes: dict[str, list[int]], seed: int, samples: int | None = None,
+                  stream: int = 0) -> dict[str, np.ndarray]:
+    """Seeded standard-normal inputs of ``shapes`` (axis 0 set to ``samples`` when given).
 
-    For ``calibration`` (activation statistics) noise comes in 16 samples or more (whole
-    batches when the model's batch size is fixed).
-    """
-    inputs = graph_inputs(model)
-    if data:
-        path = Path(data)
-        try:
-            archive = np.load(path)
-        except (OSError, ValueError) as exc:
-            raise BnSlimError(f"{path}: cannot read it as .npz ({exc}); save inputs with numpy.savez(path, input_name=array)") from exc
-        feeds = {}
-        for value in inputs:
-            if value.name not in archive.files:
-                raise BnSlimError(f"{path}: has no array '{value.name}' (it has {archive.files}); name the arrays after the model inputs")
-            dtype = _NUMPY.get(value.type.tensor_type.elem_type, np.float32)
-            feeds[value.name] = archive[value.name].astype(dtype)
-        return feeds, f"{path.name} ({', '.join(f'{k}: {list(v.shape)}' for k, v in feeds.items())})"
-    rng = np.random.default_rng(seed)
+    ``stream`` 0 is ``default_rng(seed)``; another stream draws from ``default_rng([seed, stream])``,
+    independent of it (the check uses stream 1, the calibration stream 0)."""
+    rng = np.random.default_rng(seed if stream == 0 else [seed, stream])
     feeds = {}
-    for value in inputs:
+    for value in graph_inputs(model):
         dtype = _NUMPY.get(value.type.tensor_type.elem_type)
         if dtype is None or not np.issubdtype(dtype, np.floating):
-            raise BnSlimError(f"input '{value.name}' is not a float tensor: pass real inputs with --data inputs.npz")
+            kind = onnx.TensorProto.DataType.Name(value.type.tensor_type.elem_type).lower()
+            raise BnSlimError(f"input '{value.name}' is a {kind} tensor, which N(0,1) noise cannot stand for: "
+                              f"pass real inputs with --data (an .npz with an array '{value.name}')")
         shape = list(shapes[value.name])
-        if calibration and shape:  # whole batches of the model's own batch size
-            step = static_batch(model) or CALIBRATION_BATCH
-            shape[0] = step * -(-CALIBRATION_BATCH // step)
+        if samples is not None and shape:
+            shape[0] = samples
         feeds[value.name] = rng.standard_normal(shape).astype(dtype)
+    return feeds
+
+
+def make_inputs(model: onnx.ModelProto, shapes: dict[str, list[int]], data: None, seed: int,
+                calibration: bool = False) -> tuple[dict[str, np.ndarray], str]:
+    """Seeded standard-normal inputs of exactly ``shapes`` (bench), or for ``calibration`` 16
+    samples or more (whole batches when the model's batch size is fixed). Data goes through
+    :mod:`onnxslim_bn.data`."""
+    if data is not None:
+        raise ValueError("make_inputs draws seeded inputs; read data with onnxslim_bn.data.load")
+    samples = None
+    if calibration:
+        step = static_batch(model) or CALIBRATION_BATCH
+        samples = step * -(-CALIBRATION_BATCH // step)
+    feeds = random_inputs(model, shapes, seed, samples)
     return feeds, "seeded random normal " + ", ".join(f"{k}: {list(v.shape)}" for k, v in feeds.items())
+
+
+def check_sample_count(model: onnx.ModelProto, wanted: int = CHECK_SAMPLES) -> int:
+    """``wanted`` rounded up to whole batches of the model's fixed batch size."""
+    step = static_batch(model) or 1
+    return step * -(-wanted // step)
 
 
 def static_batch(model: onnx.ModelProto) -> int | None:
@@ -133,27 +209,124 @@ def static_batch(model: onnx.ModelProto) -> int | None:
     return None
 
 
+def padding_note(count: int, batch: int | None, what: str) -> str | None:
+    """The note for ``count`` samples run in fixed batches of ``batch``, when the last is partial."""
+    if not batch or count % batch == 0:
+        return None
+    return (f"the model's batch size is fixed at {batch}: the last {count % batch} of the {count} {what} samples were "
+            f"padded to a whole batch with copies of the last one (their outputs are dropped)")
+
+
+def count(feeds: dict[str, np.ndarray]) -> int:
+    """Samples in ``feeds``: the shortest axis 0 (scalar inputs, fed whole to every chunk, aside)."""
+    return min((len(v) for v in feeds.values() if v.ndim), default=1 if feeds else 0)
+
+
+def pad(feeds: dict[str, np.ndarray], batch: int | None) -> dict[str, np.ndarray]:
+    """``feeds`` padded to whole batches of a fixed ``batch`` with copies of the last sample."""
+    n = count(feeds)
+    extra = -n % batch if batch and n else 0
+    if not extra:
+        return feeds
+    return {k: np.concatenate([v, np.repeat(v[-1:], extra, axis=0)]) if v.ndim else v for k, v in feeds.items()}
+
+
+def _batch_axis(shape: tuple[int, ...], size: int) -> int | None:
+    """An output's batch axis: the first as long as the samples run (axis 0 when none is; None for scalars)."""
+    return next((a for a, d in enumerate(shape) if d == size), 0) if shape else None
+
+
+def first_samples(outputs: list[np.ndarray], n: int, total: int) -> list[np.ndarray]:
+    """The outputs of the first ``n`` of ``total`` samples (padding dropped)."""
+    if n == total:
+        return outputs
+    out = []
+    for o in outputs:
+        axis = _batch_axis(o.shape, total)
+        out.append(o if axis is None or o.shape[axis] != total else np.take(o, np.arange(n), axis=axis))
+    return out
+
+
 def run(sess, feeds: dict[str, np.ndarray], batch: int | None, outputs: list[str] | None = None) -> list[np.ndarray]:
-    """Run a session (all outputs, or the named ones), in chunks of ``batch`` along the batch
-    axis: the model's fixed batch size, or 256 at a time when it is dynamic."""
-    batch = batch or 256
-    n = min(len(v) for v in feeds.values()) if feeds else 0
-    if n <= batch:
-        return sess.run(outputs, feeds)
-    chunks = [sess.run(outputs, {k: v[i : i + batch] for k, v in feeds.items()}) for i in range(0, n, batch)]
-    return [np.concatenate(parts) for parts in zip(*chunks)]
+    """Run a session (all outputs, or the named ones) over every sample of ``feeds``.
+
+    ``batch`` is the model's fixed batch size: samples go in chunks of exactly that many, the
+    last padded with copies of its last sample and the padding's outputs dropped. With a
+    dynamic batch (None) they go ``CHUNK`` at a time. Chunks are joined along each output's
+    batch axis (the first axis as long as the chunk; axis 0 when none is)."""
+    n = count(feeds)
+    feeds = pad(feeds, batch)
+    total = count(feeds)
+    step = batch or CHUNK
+    chunks = [sess.run(outputs, {k: v[i : i + step] if v.ndim else v for k, v in feeds.items()})
+              for i in range(0, max(total, 1), step)]
+    joined = []
+    for parts in zip(*chunks):
+        axis = _batch_axis(parts[0].shape, min(step, total))
+        joined.append(parts[0] if len(parts) == 1 or axis is None else np.concatenate(parts, axis=axis))
+    return first_samples(joined, n, total)
 
 
-def compare(names: list[str], before: list[np.ndarray], after: list[np.ndarray], inputs: str, what: str) -> Verification:
+def class_axis(model: onnx.ModelProto, name: str, rank: int) -> int | None:
+    """The class axis of output ``name`` when it looks like class scores (see the module doc)."""
+    if rank == 2:
+        return 1
+    if rank != 3:
+        return None
+    producers = {o: n for n in model.graph.node for o in n.output}
+    node = producers.get(name)
+    while node is not None and node.op_type in ("Identity", "Cast"):
+        node = producers.get(node.input[0])
+    if node is None:
+        return None
+    if node.op_type in ("Softmax", "LogSoftmax"):
+        opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13)
+        axis = next((a.i for a in node.attribute if a.name == "axis"), -1 if opset >= 13 else 1)
+        return 2 if axis in (-1, 2) else None
+    if node.op_type in ("MatMul", "Gemm"):
+        return 2
+    if node.op_type == "Add" and any(i in producers and producers[i].op_type == "MatMul" for i in node.input):
+        return 2
+    return None
+
+
+def _kinds(a: np.ndarray) -> np.ndarray:
+    """0 finite, 1 NaN, 2 +Inf, 3 -Inf, per position."""
+    kinds = np.zeros(a.shape, np.int8)
+    if np.issubdtype(a.dtype, np.floating):
+        kinds[np.isnan(a)] = 1
+        kinds[np.isposinf(a)] = 2
+        kinds[np.isneginf(a)] = 3
+    return kinds
+
+
+def compare_output(name: str, a: np.ndarray, b: np.ndarray, samples: int, axis: int | None) -> OutputCheck:
+    """The metrics of the module doc for one output: ``a`` the original's, ``b`` the pruned model's."""
+    ka, kb = _kinds(a), _kinds(b)
+    finite = (ka == 0) & (kb == 0)
+    x, y = a[finite].astype(np.float64), b[finite].astype(np.float64)
+    diff = float(np.max(np.abs(x - y), initial=0.0))
+    scale = float(np.max(np.abs(x), initial=0.0))
+    rel = diff / scale if scale > 0 else (0.0 if diff == 0 else float("inf"))
+    denom = np.linalg.norm(x) * np.linalg.norm(y)
+    cosine = float(x @ y / denom) if denom > 0 else float(np.array_equal(x, y))
+    top1, positions = None, 0
+    if axis is not None and a.shape[axis] > 1:
+        picks_a, picks_b = a.argmax(axis), b.argmax(axis)
+        top1, positions = float((picks_a == picks_b).mean()), int(picks_a.size)
+    near = bool(x.size) and float(x.std()) <= NEAR_CONSTANT * max(1.0, scale)
+    return OutputCheck(name, list(a.shape), samples, diff, scale, rel, cosine, top1, positions,
+                       nonfinite=int(np.count_nonzero((ka != 0) & (ka == kb))),
+                       nonfinite_mismatch=int(np.count_nonzero(ka != kb)), near_constant=near)
+
+
+def compare(model: onnx.ModelProto, names: list[str], before: list[np.ndarray], after: list[np.ndarray],
+            samples: int, inputs: str, what: str) -> Verification:
+    """Compare every output of the original (``before``) and pruned (``after``) models."""
     checks = []
     for name, a, b in zip(names, before, after):
         if a.shape != b.shape:
             raise BnSlimError(f"{what}: output '{name}' changed shape {list(a.shape)} -> {list(b.shape)}; "
                               "this is a bug in onnx-bnslim, please report it with the model")
-        a64, b64 = a.astype(np.float64).ravel(), b.astype(np.float64).ravel()
-        denom = np.linalg.norm(a64) * np.linalg.norm(b64)
-        cosine = float(a64 @ b64 / denom) if denom > 0 else float(np.array_equal(a64, b64))
-        top1 = float((a.argmax(-1) == b.argmax(-1)).mean()) if a.ndim == 2 and a.shape[1] > 1 else None
-        checks.append(OutputCheck(name, list(a.shape), float(np.max(np.abs(a64 - b64), initial=0.0)),
-                                  float(np.max(np.abs(a64), initial=0.0)), cosine, top1))
-    return Verification(inputs, checks)
+        checks.append(compare_output(name, a, b, samples, class_axis(model, name, a.ndim)))
+    return Verification(inputs, checks, samples=samples)

@@ -18,7 +18,8 @@ from tests.graphs import run
 ARCH = Path(__file__).resolve().parent.parent / "fixtures" / "arch"
 # prunable share of layer output channels we reach, and the reason for what stays
 EXPECTED = {
-    "mobilenetv3": (0.85, None), "efficientnet": (0.80, None), "unet": (0.95, None), "yolo": (0.90, "Reshape"),
+    # the SE convs and the head Linear never had a BN: no scale ranks them, in any export form
+    "mobilenetv3": (0.76, "no BatchNorm scale"), "efficientnet": (0.75, None), "unet": (0.95, None), "yolo": (0.90, "Reshape"),
     "grouped": (0.90, None), "shufflenet": (0.55, "the channel"),  # Shape reads the channel count, or Reshape changes the channel axis
 }
 FORMS = ["", ".folded", ".dynamo", ".dynamo-kept"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 
 import numpy as np
@@ -46,7 +47,7 @@ def test_inspect_lists_spaces_and_reasons(vgg, capsys):
     assert main(["inspect", str(vgg), "--ratio", "0.5"]) == 0
     out = capsys.readouterr().out
     assert "Coverage:" in out and "graph output" in out and "bn" in out
-    assert main(["inspect", str(vgg), "--json"]) == 0
+    assert main(["inspect", str(vgg), "--json", "-"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["coverage"]["prunable_fraction"] > 0.9
 
@@ -138,4 +139,5 @@ def test_fixed_batch_model_checks_many_samples_in_batches(tmp_path, capsys):
     onnx.save(model, str(source))
     data = str(path("heldout").with_suffix(".npz"))
     assert main([str(source), "--ratio", "0.15", "--data", data, "-o", str(tmp_path / "out.onnx")]) == 0
-    assert "input: [1000, 3, 16, 16]" in capsys.readouterr().out
+    # the check's inputs are held-out samples the calibration did not use: hundreds, through a batch-1 model
+    assert re.search(r"\b\d{3,} samples of heldout\.npz", capsys.readouterr().out)

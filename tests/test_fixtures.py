@@ -31,7 +31,11 @@ def test_pruned_at_its_sparsity_keeps_accuracy(name):
     ratio = sparsity(name)
     result = prune(model, ratio=ratio, min_channels=1, round_to=1)
     report = result.report
-    assert report.removed_channels == int(np.floor(ratio * report.prunable_channels + 1e-9))
+    sel = report.selection  # every channel here has a known replacement: all of them are ranked
+    assert sel["ranked"] == report.prunable_channels and sel["kept_unknown_replacement"] == 0
+    assert report.chosen_channels == int(np.floor(ratio * sel["ranked"] + 1e-9))
+    # round_to=1: every chosen channel is removed unless a reader BN's branch keeps it
+    assert report.removed_channels == report.chosen_channels - sel["kept_by_branches"] + sel["removed_by_branches"]
     assert report.after.macs < report.before.macs
     before, after = accuracy(model), accuracy(result.model)
     assert abs(after - before) <= 0.005, (before, after)

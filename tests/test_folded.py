@@ -15,12 +15,15 @@ FORMS = ["ts-folded", "dynamo-folded", "dynamo-kept"]
 
 def removed_channels(model, ratio, **kwargs) -> tuple[set, object]:
     """Removed (producer position, channel) pairs; producers matched by graph order."""
-    result = prune(model, ratio=ratio, min_channels=1, round_to=1, **kwargs)
+    result = prune(model, ratio=ratio, min_channels=1, round_to=1, compensation="bias", exact_borders=True, **kwargs)
     proto = model if isinstance(model, onnx.ModelProto) else onnx.load(str(model))
     order = [n.name for n in proto.graph.node if n.op_type in ("Conv", "Gemm")]
+    # a reader BN's branch (its own space, written by the BN): no exporter folds those
+    branches = {p for s in result.report.spaces for p in s.producers if p not in order}
+    order_bn = [n.name for n in proto.graph.node if n.name in branches]
     removed = set()
     for space in result.report.spaces:
-        key = min(order.index(p) for p in space.producers)
+        key = min(order.index(p) if p in order else len(order) + order_bn.index(p) for p in space.producers)
         removed |= {(key, i) for i in space.removed}
     return removed, result
 

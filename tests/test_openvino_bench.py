@@ -80,3 +80,30 @@ def test_bench_cli_json_and_fixed_batch_note(pair, tmp_path, capsys):
     data = json.loads(out.read_text())
     assert [r["batch"] for r in data["rows"]] == [2]
     assert "| onnxruntime | 2 |" in capsys.readouterr().out
+
+
+def test_latency_table_in_both_runtimes():
+    """Every kind of layer is found in each runtime's profile (conv, depthwise conv, Gemm)."""
+    from onnxslim_bn.latency import TableStats, layer_latency_table
+    from onnxslim_bn.shapes import infer_shapes
+    from tests.graphs import Builder
+
+    b = Builder(3)
+    y = b.op("Relu", [b.conv("x", 3, 32, bias=True)])
+    y = b.conv(y, 32, 32, group=32)  # depthwise
+    y = b.op("Flatten", [b.op("GlobalAveragePool", [y])])
+    model = b.model({"x": ["N", 3, 8, 8]}, [b.gemm(y, 32, 10)])
+    shapes = infer_shapes(model, {"x": [1, 3, 8, 8]}, "tiny")
+    layers = [n.name for n in model.graph.node if n.op_type in ("Conv", "Gemm")]
+    for runtime in ("onnxruntime", "openvino"):
+        stats = TableStats()
+        curves = layer_latency_table(model, shapes, runtime=runtime, batch=2, threads=1, cache=False, block=16,
+                                     stats=stats)
+        assert list(curves) == layers and stats.timed == 3
+        conv, depthwise, gemm = (curves[n] for n in layers)
+        assert conv.c_in == [3] and conv.c_out == [16, 32] and not conv.tied
+        assert depthwise.tied and depthwise.c_out == [16, 32]
+        assert gemm.c_in == [16, 32] and gemm.c_out == [10]
+        for curve in curves.values():
+            assert all(ms > 0 for row in curve.ms for ms in row)
+            assert curve.off_block_out > 0 and curve.off_block_in > 0

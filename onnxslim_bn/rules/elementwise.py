@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 
@@ -9,14 +10,18 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from ..analysis import Analysis, channels
-from ..edits import SliceParam, constant_values
+from ..edits import SelectChannels, SliceParam, constant_values
 from . import Rule, attr, block_inputs, carrying, register, used
 
 
 @register
 class BatchNormRule(Rule):
     """BatchNormalization (opset 7 on): passes the space on, slices its four parameters, and
-    gives the space its importance, |gamma|. A removed channel outputs beta."""
+    gives the space its importance, |gamma|. A removed channel outputs beta.
+
+    A BN that is the only reader of its input scores the producer's channels. A BN that is one
+    reader among several (pre-activation ResNets, DenseNet) scores only its own branch: it
+    selects its channels with a Gather, as Network Slimming's channel-selection layer does."""
 
     ops = ("BatchNormalization",)
 
@@ -34,9 +39,17 @@ class BatchNormRule(Rule):
         elif any(s.repeat != 1 for s in layout):
             ctx.block(layout, f"BatchNormalization {node.name} normalizes flattened features")
         else:
+            source = node.inputs[0]
+            if len(source.outputs) > 1 or any(source is o for o in ctx.graph.outputs):
+                # one reader among several: its gamma says nothing of what the others read
+                own = ctx.select(layout, node)
+                ctx.edit(SelectChannels(node, layout, own, ctx.graph))
+                layout = own
             for index in range(1, 5):
                 ctx.edit(SliceParam(node, index, 0, layout))
             ctx.add_scores(layout, params[0], "bn", node)
+            ctx.set_layout(node.outputs[0], layout)
+            return
         ctx.set_layout(node.outputs[0], layout)
 
     def dead_values(self, node, ctx, inputs):
@@ -59,9 +72,9 @@ def _hard_sigmoid(node: gs.Node) -> Callable[[np.ndarray], np.ndarray]:
 def _clip(node: gs.Node) -> Callable[[np.ndarray], np.ndarray]:
     low, high = attr(node, "min", -np.inf), attr(node, "max", np.inf)
     if len(node.inputs) > 1 and node.inputs[1].name:
-        low = float(constant_values(node.inputs[1]))
+        low = float(constant_values(node.inputs[1]).reshape(-1)[0])  # a scalar, or shape [1] in some exports
     if len(node.inputs) > 2 and node.inputs[2].name:
-        high = float(constant_values(node.inputs[2]))
+        high = float(constant_values(node.inputs[2]).reshape(-1)[0])
     return lambda x: np.clip(x, low, high)
 
 
@@ -122,12 +135,16 @@ class UnaryRule(Rule):
         if layout is None:
             return
         others = [t for t in node.inputs[1:] if t.name and not isinstance(t, gs.Constant)]
+        why = None
         if others:
-            ctx.block(layout, f"{node.op} {node.name} takes a computed parameter")
+            why = "takes a computed parameter"
         elif any(used(t, ctx) for t in node.outputs[1:]):
-            ctx.block(layout, f"{node.op} {node.name} has a second output in use")
+            why = "has a second output in use"
         elif node.op == "Cast" and not _is_float(attr(node, "to")):
-            ctx.block(layout, f"Cast {node.name} casts the channels to a non-float type")
+            why = "casts the channels to a non-float type"
+        if why is not None:  # a blocked op passes no layout on
+            ctx.block(layout, f"{node.op} {node.name} {why}")
+            return
         ctx.set_layout(node.outputs[0], layout)
 
     def dead_values(self, node, ctx, inputs):
@@ -183,21 +200,19 @@ class ElementwiseRule(Rule):
         computed = [t for t in node.inputs if ctx.layout(t) is None and not isinstance(t, gs.Constant)]
         if computed:
             block_inputs(node, ctx, f"combines the channels with '{computed[0].name}', which onnx-bnslim cannot follow")
-            ctx.set_layout(node.outputs[0], flowing[0][1])
             return
         if node.op == "Pow" and flowing[0][0] != 0:
             block_inputs(node, ctx, "raises a constant to the power of the channels")
-            ctx.set_layout(node.outputs[0], flowing[0][1])
             return
         layout = flowing[0][1]
-        if any(ctx.rank(node.inputs[i]) != rank for i, _ in flowing):
-            block_inputs(node, ctx, "broadcasts the channel axis")
-        for _, other in flowing[1:]:
-            ctx.merge(layout, other, node)
-        for index, tensor in enumerate(node.inputs):
-            if isinstance(tensor, gs.Constant):
-                _per_channel_axis(tensor, rank, layout, node, ctx, index)
-        ctx.set_layout(node.outputs[0], layout)
+        if rank is None or any(ctx.rank(node.inputs[i]) != rank for i, _ in flowing):
+            block_inputs(node, ctx, "broadcasts the channel axis" if rank is not None else "has an output of unknown rank")
+            return
+        joined = all([ctx.merge(layout, other, node) for _, other in flowing[1:]])
+        kept = all([_per_channel_axis(t, rank, layout, node, ctx, i)
+                    for i, t in enumerate(node.inputs) if isinstance(t, gs.Constant)])
+        if joined and kept:
+            ctx.set_layout(node.outputs[0], layout)
 
     def dead_values(self, node, ctx, inputs):
         size = channels(ctx.layout(node.outputs[0]))
@@ -206,10 +221,10 @@ class ElementwiseRule(Rule):
             if dead is None:
                 dead = _channel_vector(tensor, ctx.rank(node.outputs[0]), size)
             values.append(dead)
-        with np.errstate(all="ignore"):
-            out = BINARY[node.op](values[0], values[1])
+        with np.errstate(all="ignore"):  # Max / Min are variadic (1 input or more); the others binary
+            out = functools.reduce(BINARY[node.op], values)
             if node.op == "Mul":  # 0 * (anything finite or not) is 0: a gated dead channel stays dead
-                out = np.where((values[0] == 0) | (values[1] == 0), 0.0, out)
+                out = np.where(np.any([v == 0 for v in values], axis=0), 0.0, out)
         if node.name in ctx.scale_nodes:  # a split BN's scale: the channel's mean output
             out = np.where(np.isfinite(out), out, ctx.scale_nodes[node.name])
         return [out]
@@ -248,6 +263,8 @@ def _channel_vector(tensor: gs.Tensor, rank: int | None, size: int) -> np.ndarra
     values = values.astype(np.float64)
     if values.size == 1:
         return np.full(size, float(values.reshape(-1)[0]))
+    if rank is None:
+        return np.full(size, np.nan)
     axis = 1 - (rank - values.ndim)
     if axis >= 0 and values.size == values.shape[axis]:
         return np.broadcast_to(values.reshape(-1), (size,)).copy()

@@ -14,6 +14,7 @@ from ..edits import (
     constant_shape,
     constant_values,
     replace_constant,
+    unique_name,
 )
 from ..shapes import known_product
 from . import Compensation, Rule, attr, block_inputs, register
@@ -111,6 +112,8 @@ class ConvRule(Rule):
         if attr(node, "group", 1) != 1 and depthwise and inputs[0] is not None:  # constant in, constant out
             weight = constant_values(node.inputs[1])
             unknown = inputs[0] * weight.reshape(c_out, -1).sum(1) / self._phases(node) + bias
+            if not self._uniform(node, weight.shape[2:]):  # padding or overlap: not constant near the border
+                unknown = np.where(inputs[0] == 0, bias, np.nan)
         if node.name in ctx.scale_nodes:  # BN folded in: the channel's mean output (~beta)
             return [np.where(np.isfinite(unknown), unknown, ctx.scale_nodes[node.name])]
         return [unknown]
@@ -126,6 +129,16 @@ class ConvRule(Rule):
         if node.op == "ConvTranspose":  # every input pixel scatters into C_out / group * taps outputs
             return self._channels(node, weight)[1], (known_product(shapes.get(node.inputs[0].name)) or 0) * per_output
         return weight[0], (known_product(shapes.get(node.outputs[0].name)) or 0) * per_output
+
+    @staticmethod
+    def _uniform(node: gs.Node, kernel: tuple[int, ...]) -> bool:
+        """Whether a constant input gives the same value at every output position: a Conv with
+        no padding; a ConvTranspose only as a 1x1, stride-1 map (else taps overlap unevenly)."""
+        unpadded = not any(attr(node, "pads", [0])) and attr(node, "auto_pad", "NOTSET") in ("NOTSET", "VALID")
+        if node.op == "ConvTranspose":
+            return unpadded and all(k == 1 for k in kernel) and all(s == 1 for s in attr(node, "strides", [1])) \
+                and not any(attr(node, "output_padding", [0]))
+        return unpadded
 
     @staticmethod
     def _phases(node: gs.Node) -> int:
@@ -146,11 +159,8 @@ class ConvRule(Rule):
             taps = np.moveaxis(np.take(weight, rows, axis=in_axis), [out_axis, in_axis], [0, 1])
             taps = taps.reshape(taps.shape[0], len(rows), -1) if len(rows) else np.zeros((taps.shape[0], 0, 1))
             delta = taps.sum(2, dtype=np.float64) @ value[rows] / self._phases(node)
-        unpadded = not any(attr(node, "pads", [0])) and attr(node, "auto_pad", "NOTSET") in ("NOTSET", "VALID")
-        exact = (unpadded or all(k == 1 for k in weight.shape[2:])) and self._phases(node) == 1
-        border = None
-        if not exact and node.op == "Conv" and group == 1:
-            border = lambda: _border_correction(node, ctx, weight, value, delta)  # noqa: E731
+        exact = self._uniform(node, weight.shape[2:])
+        border = None if exact else (lambda: _border_map(node, ctx, weight, value, delta))
         return Compensation(delta, exact, missing, border)
 
     def add_bias(self, node, delta, graph):
@@ -160,28 +170,39 @@ class ConvRule(Rule):
         if len(node.inputs) > 2 and isinstance(node.inputs[2], gs.Constant):
             replace_constant(node, 2, bias)
         else:
-            _set_input(node, 2, gs.Constant(f"{node.name}_bias_slim", bias))
+            _set_input(node, 2, gs.Constant(unique_name(graph, f"{node.name}_bias_slim"), bias))
 
 
-def _border_correction(node: gs.Node, ctx: Analysis, weight: np.ndarray, value: np.ndarray,
-                       delta: np.ndarray) -> np.ndarray | None:
-    """What zero padding takes from the removed constants near the border, per output pixel.
+def _border_map(node: gs.Node, ctx: Analysis, weight: np.ndarray, value: np.ndarray,
+                delta: np.ndarray) -> np.ndarray | None:
+    """What the removed constants contribute at each output position, minus the bias part
+    ``delta``: non-zero only where padding (or a ConvTranspose's uneven overlap) meets them.
 
-    Output (y, x) sees kernel tap (ky, kx) only where it falls inside the input; the bias
-    already adds every tap, so the correction subtracts the taps that fall on padding.
-    Needs a 2-D Conv with explicit pads and static input and output sizes."""
+    Measured by running the layer alone in onnxruntime on the constant input (every conv
+    attribute as in the model), so it holds for any kernel, stride, dilation, group and
+    dimension. Needs static input and output sizes; None otherwise."""
+    import onnx
+    import onnxruntime as ort
+
     in_shape, out_shape = ctx.shape(node.inputs[0]), ctx.shape(node.outputs[0])
-    if not ctx.static_sizes or weight.ndim != 4 or attr(node, "auto_pad", "NOTSET") not in ("NOTSET", "VALID") or \
-            not all(isinstance(d, int) for d in (in_shape or [None])[2:] + (out_shape or [None])[2:]):
+    if not ctx.static_sizes or in_shape is None or out_shape is None or \
+            not all(isinstance(d, int) for d in in_shape[1:] + out_shape[1:]):
         return None
-    pads, strides, dilations = attr(node, "pads", [0] * 4), attr(node, "strides", [1, 1]), attr(node, "dilations", [1, 1])
-    rows = np.flatnonzero(value)
-    kernel = np.einsum("ocyx,c->oyx", weight[:, rows].astype(np.float64), value[rows])  # [C_out, kh, kw]
-    inside = [np.array([[0 <= o * strides[a] - pads[a] + k * dilations[a] < in_shape[2 + a]
-                         for o in range(out_shape[2 + a])] for k in range(weight.shape[2 + a])], np.float64)
-              for a in (0, 1)]
-    full = np.einsum("oyx,yh,xw->ohw", kernel, inside[0], inside[1])
-    return full - delta[:, None, None]
+    image = np.broadcast_to(value.reshape(1, -1, *[1] * (len(in_shape) - 2)), [1, *in_shape[1:]]).astype(np.float32)
+    attrs = {k: v for k, v in node.attrs.items() if k in
+             ("auto_pad", "dilations", "group", "kernel_shape", "pads", "strides", "output_padding", "output_shape")}
+    single = onnx.helper.make_model(onnx.helper.make_graph(
+        [onnx.helper.make_node(node.op, ["x", "w"], ["y"], **attrs)], "border",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, image.shape)],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)],
+        [onnx.numpy_helper.from_array(weight.astype(np.float32), "w")]),
+        opset_imports=[onnx.helper.make_opsetid("", 17)])
+    single.ir_version = 8
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    full = ort.InferenceSession(single.SerializeToString(), options, providers=["CPUExecutionProvider"]).run(
+        None, {"x": image})[0][0].astype(np.float64)
+    return full - delta.reshape(-1, *[1] * (full.ndim - 1))
 
 
 def _bias_input(node: gs.Node) -> np.ndarray | None:
@@ -286,7 +307,7 @@ class GemmRule(Rule):
             if bias is not None and beta != 0:
                 replace_constant(node, 2, (bias + delta / beta).astype(dtype))
             else:  # no C (an absent C is all zeros): write one
-                _set_input(node, 2, gs.Constant(f"{node.name}_bias_slim", delta.astype(dtype)))
+                _set_input(node, 2, gs.Constant(unique_name(graph, f"{node.name}_bias_slim"), delta.astype(dtype)))
                 node.attrs["beta"] = 1.0
             return
         add_after(graph, node, delta.astype(dtype), "bias")  # MatMul has no bias: an Add behind it

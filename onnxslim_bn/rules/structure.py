@@ -38,8 +38,9 @@ class _SameLayout(Rule):
         if layout is None:
             return
         why = self.check(node, ctx)
-        if why is not None:
+        if why is not None:  # a blocked op passes no layout on: what it writes may not be these channels
             ctx.block(layout, f"{node.op} {node.name} {why}")
+            return
         ctx.set_layout(node.outputs[0], layout)
 
     def dead_values(self, node, ctx, inputs):
@@ -48,7 +49,12 @@ class _SameLayout(Rule):
 
 @register
 class PoolRule(_SameLayout):
-    """Pooling works per channel; MaxPool's optional indices output must be unused."""
+    """Pooling works per channel; MaxPool's optional indices output must be unused.
+
+    A constant stays the same constant through max and average pools -- except an average
+    that counts the padding (``count_include_pad``, or partial windows of ``ceil_mode``), where
+    it shrinks near the border. Lp pools scale it by the window size to the power 1/p, and
+    padding changes the window near the border: those are constant only for a zero channel."""
 
     ops = ("MaxPool", "AveragePool", "LpPool", "GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool")
 
@@ -56,6 +62,24 @@ class PoolRule(_SameLayout):
         if any(used(t, ctx) for t in node.outputs[1:]):
             return "returns indices that depend on the channel count"
         return None
+
+    def dead_values(self, node, ctx, inputs):
+        value = inputs[0]
+        rest = [None] * (len(node.outputs) - 1)
+        if value is None or node.op in ("MaxPool", "GlobalMaxPool", "GlobalAveragePool"):
+            return [value] + rest
+        padded = any(attr(node, "pads", [0])) or attr(node, "auto_pad", "NOTSET") not in ("NOTSET", "VALID")
+        zero_only = np.where(value == 0, 0.0, np.nan)
+        if node.op == "AveragePool":
+            uneven = attr(node, "count_include_pad", 0) and (padded or attr(node, "ceil_mode", 0))
+            return [zero_only if uneven else value] + rest
+        p = attr(node, "p", 2)
+        if node.op == "LpPool":
+            window = int(np.prod(attr(node, "kernel_shape", [1])))
+            return [zero_only if padded or attr(node, "ceil_mode", 0) else np.abs(value) * window ** (1.0 / p)] + rest
+        rank = ctx.rank(node.inputs[0])  # GlobalLpPool: over the whole (static) image
+        window = None if rank is None else ctx.static_dims(node.inputs[0], range(2, rank))
+        return [zero_only if window is None else np.abs(value) * window ** (1.0 / p)] + rest
 
 
 @register
@@ -94,6 +118,26 @@ class PadRule(_SameLayout):
                 return "pads the channel axis"
         return None
 
+    def dead_values(self, node, ctx, inputs):
+        """Edge, reflect and wrap padding repeat a constant; constant padding writes its own
+        value, so the channel stays constant only when that value is the channel's."""
+        value = inputs[0]
+        if value is None or attr(node, "mode", "constant") != "constant":
+            return [value]
+        pads = attr(node, "pads") if opset(ctx) < 11 else constant_values(node.inputs[1])
+        if not np.any(np.asarray(pads)):
+            return [value]
+        if opset(ctx) < 11:
+            fill = float(attr(node, "value", 0.0))
+        elif len(node.inputs) > 2 and node.inputs[2].name:
+            given = constant_values(node.inputs[2])
+            fill = None if given is None else float(given.reshape(-1)[0])
+        else:
+            fill = 0.0
+        if fill is None:
+            return [np.full(len(value), np.nan)]
+        return [np.where(value == fill, value, np.nan)]
+
 
 @register
 class ResizeRule(Rule):
@@ -105,31 +149,44 @@ class ResizeRule(Rule):
         layout = ctx.layout(node.inputs[0])
         if layout is None:
             return
-        ctx.set_layout(node.outputs[0], layout)
-        rank = ctx.rank(node.inputs[0])
-        axes = attr(node, "axes")
-        axes = list(range(rank or 0)) if axes is None else _norm(list(axes), rank or 0)
-        if 1 not in axes:
+        why = self._check(node, ctx, layout)
+        if why is not None:
+            ctx.block(layout, f"{node.op} {node.name} {why}")
             return
+        ctx.set_layout(node.outputs[0], layout)
+
+    def _check(self, node: gs.Node, ctx: Analysis, layout) -> str | None:
+        """A reason to block, or None (recording the ``sizes`` rewrite when there is one)."""
+        rank = ctx.rank(node.inputs[0])
+        if rank is None:
+            return "has an input of unknown rank"
+        axes = attr(node, "axes")
+        axes = list(range(rank)) if axes is None else _norm(list(axes), rank)
+        if 1 not in axes:
+            return None
         channel = axes.index(1)
         scales = attr(node, "scales") if node.op == "Upsample" and opset(ctx) < 9 else None
         scale_index = 2 if node.op == "Resize" and opset(ctx) >= 11 else 1
         if scales is None and len(node.inputs) > scale_index and node.inputs[scale_index].name:
             scales = constant_values(node.inputs[scale_index])
             if scales is None:
-                ctx.block(layout, f"{node.op} {node.name} has computed scales")
-                return
+                return "has computed scales"
         if scales is not None and len(scales) and float(np.asarray(scales).reshape(-1)[channel]) != 1.0:
-            ctx.block(layout, f"{node.op} {node.name} scales the channel axis")
+            return "scales the channel axis"
         if node.op == "Resize" and len(node.inputs) > 3 and node.inputs[3].name:
             sizes = constant_values(node.inputs[3])
             if sizes is None:
-                ctx.block(layout, f"Resize {node.name} has computed sizes")
-            else:
-                ctx.edit(SetShapeEntry(node, 3, channel, layout))
+                return "has computed sizes"
+            ctx.edit(SetShapeEntry(node, 3, channel, layout))
+        return None
 
     def dead_values(self, node, ctx, inputs):
-        return [inputs[0]]
+        """Interpolation weights sum to one: a constant stays itself -- except where
+        ``tf_crop_and_resize`` samples outside the image and writes ``extrapolation_value``."""
+        value = inputs[0]
+        if value is None or attr(node, "coordinate_transformation_mode", "half_pixel") != "tf_crop_and_resize":
+            return [value]
+        return [np.where(value == attr(node, "extrapolation_value", 0.0), value, np.nan)]
 
 
 @register
@@ -157,6 +214,7 @@ class ConcatRule(Rule):
             parts.extend(layout)
         if any(s.repeat != 1 for s in parts):
             block_inputs(node, ctx, "concatenates flattened features")
+            return
         ctx.set_layout(node.outputs[0], tuple(parts))
 
     def dead_values(self, node, ctx, inputs):
@@ -211,7 +269,7 @@ class ReshapeRule(Rule):
         features = width(layout)
         if len(out_shape) == 2 and len(in_shape) >= 2:  # flatten into [N, features]
             spatial = ctx.static_dims(node.inputs[0], range(2, len(in_shape)))
-            entry = _feature_entry(node)
+            entry = _feature_entry(node, in_shape[0])
             if spatial is not None and entry is not None:
                 holder, index, position, value, batch_given = entry
                 out = _flattened(layout, spatial)
@@ -232,10 +290,12 @@ class ReshapeRule(Rule):
         return [inputs[0]]
 
 
-def _feature_entry(node: gs.Node) -> tuple[gs.Node, int, int, int, bool] | None:
+def _feature_entry(node: gs.Node, batch: int | str | None) -> tuple[gs.Node, int, int, int, bool] | None:
     """Where a [batch, features] Reshape target keeps its feature count: (node holding the
     constant, its input index, the entry, the value, whether the batch entry is given).
 
+    The batch entry counts as given only when it is 0 (copy), the input's own batch size, or -1
+    beside a spelled-out width: ``[C, -1]`` is not a flatten.
     Either a constant ``[N or 0, F or -1]``, or a computed ``Concat(<batch from Shape>, [F])`` as
     torch writes ``x.view(x.size(0), -1)`` (TorchScript: F = -1; dynamo: the width spelled out)."""
     target = constant_values(node.inputs[1])
@@ -243,7 +303,7 @@ def _feature_entry(node: gs.Node) -> tuple[gs.Node, int, int, int, bool] | None:
         if target.size != 2:
             return None
         first, second = (int(v) for v in target.reshape(-1))
-        return node, 1, 1, second, first != -1
+        return node, 1, 1, second, first == 0 or first == batch or (first == -1 and second != -1)
     producer = node.inputs[1].inputs[0] if node.inputs[1].inputs else None
     if producer is None or producer.op != "Concat" or len(producer.inputs) != 2:
         return None
@@ -285,12 +345,13 @@ class ShapeRule(Rule):
             return
         rank = ctx.rank(node.inputs[0]) or 0
         start, end = attr(node, "start", 0), attr(node, "end", rank)
-        start, end = (v + rank if v < 0 else v for v in (start, end))
+        start, end = (min(max(v + rank if v < 0 else v, 0), rank) for v in (start, end))
         if not start <= 1 < end:
             return
+        length = end - start  # Gather indexes the Shape output, whose entry i is dim start + i
         for consumer in node.outputs[0].outputs:
             index = constant_values(consumer.inputs[1]) if consumer.op == "Gather" else None
-            read = None if index is None else {int(i) + (rank if i < 0 else 0) + start for i in index.reshape(-1)}
+            read = None if index is None else {int(i) + (length if i < 0 else 0) + start for i in index.reshape(-1)}
             if read is None or attr(consumer, "axis", 0) != 0 or 1 in read:
                 ctx.block(layout, f"Shape {node.name} reads the channel count (used by {consumer.op} {consumer.name})")
                 return

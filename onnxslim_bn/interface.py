@@ -1,0 +1,243 @@
+"""The model's interface and size, kept through pruning.
+
+Node names are made unique on import (ONNX allows them to be empty or repeated, and the
+analysis keys by them); after export, the pruned model gets back what onnx-graphsurgeon drops
+(initializers listed as graph inputs, node and graph metadata) and is held to the input's
+interface (inputs and outputs by name, order, element type and rank) and to its weight size.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+from onnx import helper, numpy_helper
+
+from .errors import BnSlimError
+
+log = logging.getLogger(__name__)
+
+GROWTH_LIMIT = 1.1  # refuse (without allow_growth) a pruned model whose weights exceed the input's by more
+
+
+def unique_node_names(names: list[str], ops: list[str]) -> list[str]:
+    """The names with every empty one and every repeat after the first use replaced by a
+    unique ``<op>_<k>`` / ``<name>_<k>`` (same input, same output: deterministic)."""
+    taken = {n for n in names if n}
+    seen: set[str] = set()
+    counters: dict[str, int] = {}
+    out = []
+    for name, op in zip(names, ops):
+        if name and name not in seen:
+            seen.add(name)
+            out.append(name)
+            continue
+        base = name or op
+        k = counters.get(base, 1)
+        while f"{base}_{k}" in taken:
+            k += 1
+        counters[base] = k + 1
+        taken.add(f"{base}_{k}")
+        seen.add(f"{base}_{k}")
+        out.append(f"{base}_{k}")
+    return out
+
+
+def fix_proto_node_names(model: onnx.ModelProto) -> int:
+    """:func:`unique_node_names` on a model's nodes, in place (onnxruntime refuses repeated
+    node names; the analysis keys by them); return how many were renamed."""
+    nodes = model.graph.node
+    names = unique_node_names([n.name for n in nodes], [n.op_type for n in nodes])
+    renamed = 0
+    for node, name in zip(nodes, names):
+        if node.name != name:
+            node.name = name
+            renamed += 1
+    if renamed:
+        log.info("named %d unnamed or repeated nodes", renamed)
+    return renamed
+
+
+def needs_node_names(model: onnx.ModelProto) -> bool:
+    names = [n.name for n in model.graph.node]
+    return not all(names) or len(set(names)) != len(names)
+
+
+def fix_node_names(graph: gs.Graph) -> int:
+    """:func:`unique_node_names` on a graph's nodes, in place; return how many were renamed."""
+    names = unique_node_names([n.name for n in graph.nodes], [n.op for n in graph.nodes])
+    renamed = 0
+    for node, name in zip(graph.nodes, names):
+        if node.name != name:
+            node.name = name
+            renamed += 1
+    return renamed
+
+
+def remember_node_metadata(model: onnx.ModelProto, graph: gs.Graph) -> None:
+    """onnx-graphsurgeon has no node metadata: keep each node's ``metadata_props`` on its
+    graph node (right after import, where nodes correspond one to one)."""
+    for proto, node in zip(model.graph.node, graph.nodes):
+        if proto.metadata_props:
+            node._bnslim_metadata = [(p.key, p.value) for p in proto.metadata_props]
+
+
+def settle_copies(graph: gs.Graph) -> None:
+    """A shared weight whose readers all moved to one new value: that value takes the
+    weight's name back (one tensor, the same name, an initializer-input stays one)."""
+    live: dict[str, list[gs.Tensor]] = {}
+    for node in graph.nodes:
+        for t in node.inputs:
+            if t.name and all(t is not u for u in live.get(t.name, [])):
+                live.setdefault(t.name, []).append(t)
+    by_origin: dict[str, list[gs.Constant]] = {}
+    for tensors in live.values():
+        for t in tensors:
+            origin = getattr(t, "_bnslim_from", None)
+            if origin and all(t is not u for u in by_origin.get(origin, [])):
+                by_origin.setdefault(origin, []).append(t)
+    outputs = {t.name for t in graph.outputs}
+    for origin, copies in by_origin.items():
+        if len(copies) == 1 and origin not in live and origin not in outputs:
+            copies[0].name = origin
+            del copies[0]._bnslim_from
+
+
+def copy_origins(graph: gs.Graph) -> dict[str, str]:
+    """Name of every derived copy of a weight in ``graph`` -> the weight it came from."""
+    origins = {}
+    for node in graph.nodes:
+        for t in node.inputs:
+            origin = getattr(t, "_bnslim_from", None)
+            if origin:
+                origins[t.name] = origin
+    return origins
+
+
+def restore_interface(pruned: onnx.ModelProto, original: onnx.ModelProto, graph: gs.Graph) -> None:
+    """Put back what the export dropped: initializers listed as graph inputs (in their
+    places, with their pruned shapes; every initializer for IR < 4), node metadata (``graph``
+    is the exported graph, node for node) and the graph's metadata."""
+    inits = {t.name: t for t in pruned.graph.initializer}
+    exported = {v.name: v for v in pruned.graph.input}
+    original_inits = {t.name: t for t in original.graph.initializer}
+    inputs = []
+    for value in original.graph.input:
+        if value.name in exported:
+            inputs.append(exported[value.name])
+        elif value.name in original_inits:  # an initializer-input: overridable weight, or IR < 4
+            tensor = inits.get(value.name)
+            if tensor is None:  # no node reads it any more: it stays, unchanged, as input and initializer
+                tensor = original_inits[value.name]
+                pruned.graph.initializer.append(tensor)
+                inits[tensor.name] = tensor
+            inputs.append(helper.make_tensor_value_info(value.name, value.type.tensor_type.elem_type, list(tensor.dims)))
+    listed = {v.name for v in inputs}
+    inputs.extend(v for v in pruned.graph.input if v.name not in listed)
+    listed |= {v.name for v in pruned.graph.input}
+    if original.ir_version < 4:  # IR 3: every initializer is a graph input
+        inputs.extend(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
+                      for t in pruned.graph.initializer if t.name not in listed)
+    del pruned.graph.input[:]
+    pruned.graph.input.extend(inputs)
+    for proto, node in zip(pruned.graph.node, graph.nodes):
+        meta = getattr(node, "_bnslim_metadata", None)
+        if meta and proto.name == node.name:
+            for key, value in meta:
+                proto.metadata_props.add(key=key, value=value)
+    if hasattr(original.graph, "metadata_props"):
+        del pruned.graph.metadata_props[:]
+        pruned.graph.metadata_props.extend(original.graph.metadata_props)
+
+
+def _signature(value: onnx.ValueInfoProto) -> tuple[str, int, int | None]:
+    tensor_type = value.type.tensor_type
+    rank = len(tensor_type.shape.dim) if tensor_type.HasField("shape") else None
+    return value.name, tensor_type.elem_type, rank
+
+
+def check_interface(original: onnx.ModelProto, pruned: onnx.ModelProto, source: str) -> None:
+    """Same inputs and outputs by name, order, element type and rank; same IR and opsets."""
+    inits = {t.name for t in pruned.graph.initializer}
+    extra = [v for v in pruned.graph.input[len(original.graph.input):] if v.name not in inits or original.ir_version >= 4]
+    for kind, a, b in (("inputs", original.graph.input, list(pruned.graph.input[:len(original.graph.input)]) + extra),
+                       ("outputs", original.graph.output, pruned.graph.output)):  # IR 3 lists new initializers too
+        before, after = [_signature(v) for v in a], [_signature(v) for v in b]
+        if before != after:
+            raise BnSlimError(f"{source}: the pruned model's {kind} differ from the input's ({before} -> {after}); "
+                              "nothing was written. This is a bug in onnx-bnslim: please report it with the model")
+    if pruned.ir_version != original.ir_version or \
+            sorted((o.domain, o.version) for o in pruned.opset_import) != sorted((o.domain, o.version) for o in original.opset_import):
+        raise BnSlimError(f"{source}: the pruned model's IR version or opsets changed; this is a bug in onnx-bnslim")
+
+
+def _nbytes(t: onnx.TensorProto) -> int:
+    dtype = helper.tensor_dtype_to_np_dtype(t.data_type) if t.data_type else np.dtype(np.float32)
+    return int(np.prod(t.dims, dtype=np.int64)) * dtype.itemsize
+
+
+@dataclass
+class WeightBytes:
+    """Where the pruned model's weight bytes come from, against the input's."""
+
+    before: int
+    after: int
+    added: int = 0  # new tensors that copy nothing: compensation biases, border maps, folded constants
+    copies: int = 0  # distinct slices of weights shared by nodes that keep different channels
+    shared: dict[str, int] = field(default_factory=dict)  # weight -> how many distinct tensors it became
+    duplicates: list[str] = field(default_factory=list)  # copies with the bytes of another one: a bug
+
+
+def account(original: onnx.ModelProto, pruned: onnx.ModelProto, origins: dict[str, str]) -> WeightBytes:
+    before = sum(_nbytes(t) for t in original.graph.initializer)
+    before += sum(_nbytes(a.t) for n in original.graph.node if n.op_type == "Constant"
+                  for a in n.attribute if a.name == "value" and a.type == onnx.AttributeProto.TENSOR)
+    account = WeightBytes(before, sum(_nbytes(t) for t in pruned.graph.initializer))
+    names = {t.name for t in original.graph.initializer}
+    groups: dict[str, list[onnx.TensorProto]] = {}
+    for t in pruned.graph.initializer:
+        if t.name in origins:
+            account.copies += _nbytes(t)
+            groups.setdefault(origins[t.name], []).append(t)
+        elif t.name not in names:
+            account.added += _nbytes(t)
+    by_name = {t.name: t for t in pruned.graph.initializer}
+    for origin, members in groups.items():
+        if origin in by_name:
+            members.append(by_name[origin])
+        account.shared[origin] = len(members)
+        seen = set()
+        for t in members:
+            value = numpy_helper.to_array(t)
+            key = (value.dtype.str, value.shape, value.tobytes())
+            if key in seen:
+                account.duplicates.append(t.name)
+            seen.add(key)
+    return account
+
+
+def check_size(weights: WeightBytes, allow_growth: bool, source: str) -> None:
+    """Refuse a pruned model that grew, unless the growth is the price of shared weights whose
+    readers keep different channels and ``allow_growth`` (or it stays within 10%)."""
+    if weights.duplicates:
+        raise BnSlimError(f"{source}: the pruned model holds identical copies of a shared weight "
+                          f"({', '.join(weights.duplicates[:3])}); nothing was written. "
+                          "This is a bug in onnx-bnslim: please report it with the model")
+    if weights.after > weights.before + weights.added + weights.copies:
+        raise BnSlimError(f"{source}: the pruned model's weights ({_mib(weights.after)}) exceed the input's "
+                          f"({_mib(weights.before)}) by more than the tensors it added; nothing was written. "
+                          "This is a bug in onnx-bnslim: please report it with the model")
+    split = sorted(((n, k) for n, k in weights.shared.items() if k > 1), key=lambda x: -x[1])
+    if split and weights.after - weights.added > GROWTH_LIMIT * weights.before and not allow_growth:
+        why = (f"weights shared by layers that keep different channels are written once per slice "
+               f"(e.g. '{split[0][0]}' {split[0][1]} times)")
+        raise BnSlimError(f"{source}: the pruned model's weights ({_mib(weights.after)}) would exceed the input's "
+                          f"({_mib(weights.before)}) by more than {GROWTH_LIMIT - 1:.0%}: {why}; nothing was written. "
+                          "Pass --allow-growth to accept, or --keep the layers that share weights")
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.2f} MiB" if n >= 2**20 else f"{n / 1024:.1f} KiB"

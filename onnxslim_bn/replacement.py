@@ -1,0 +1,70 @@
+"""Replacement values: what a removed channel is replaced by, and where that is known.
+
+Removing a channel is a claim: "at every layer that reads it, this channel's value is a
+constant c, and c is folded in". A BN whose gamma is ~0 outputs its beta; the op rules carry
+that constant through activations, pooling, joins and concatenations
+(:meth:`onnxslim_bn.rules.Rule.dead_values`) to the layers that consume it, whose bias absorbs
+it. Where a rule cannot prove the value constant -- a squeeze-excitation gate multiplies it by
+a data-dependent factor, a Pad writes another value at the border, an average pool counts the
+padding, the producer has no BN at all -- the value is unknown, and a channel whose value is
+unknown at some consumer is not removable: the plan keeps it (:func:`unsafe_channels`).
+
+Values are per channel (float64); NaN marks "unknown", and so does any non-finite result,
+which errs on the side of keeping.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .analysis import Analysis
+
+
+def dead_values(analysis: Analysis) -> dict[str, np.ndarray]:
+    """The constant each removed channel carries, per channel-carrying tensor (NaN: unknown)."""
+    from .rules import RULES
+
+    dead: dict[str, np.ndarray] = {}
+    for node in analysis.nodes:
+        if not any(t.name in analysis.layouts for t in node.outputs):
+            continue
+        values = RULES[node.op].dead_values(node, analysis, [dead.get(t.name) for t in node.inputs])
+        for tensor, value in zip(node.outputs, values):
+            if value is not None and tensor.name in analysis.layouts:
+                value = np.asarray(value, np.float64)
+                dead[tensor.name] = np.where(np.isfinite(value), value, np.nan)
+    return dead
+
+
+@dataclass
+class Unsafe:
+    """Channels (per root space) whose replacement is not a known constant at some consumer."""
+
+    mask: dict[int, np.ndarray] = field(default_factory=dict)
+    where: dict[str, int] = field(default_factory=dict)  # consumer node -> channels it made unsafe
+
+    def count(self) -> int:
+        return int(sum(m.sum() for m in self.mask.values()))
+
+
+def unsafe_channels(analysis: Analysis, dead: dict[str, np.ndarray]) -> Unsafe:
+    """Every (space, channel) that some consumer reads with an unknown replacement value."""
+    out = Unsafe()
+    per_consumer: dict[str, set] = defaultdict(set)
+    for consumer in analysis.consumers:
+        tensor = consumer.node.inputs[0]
+        layout = analysis.layout(tensor)
+        if layout is None:
+            continue
+        roots, index = analysis.channel_ids(layout)
+        values = dead.get(tensor.name, np.full(len(roots), np.nan))
+        for root, channel in zip(roots[np.isnan(values)], index[np.isnan(values)]):
+            space = analysis.spaces[int(root)]
+            mask = out.mask.setdefault(int(root), np.zeros(space.size, bool))
+            mask[channel] = True
+            per_consumer[consumer.node.name].add((int(root), int(channel)))
+    out.where = {name: len(chans) for name, chans in per_consumer.items()}
+    return out
