@@ -156,6 +156,8 @@ class Analysis:
         self.edits: list[Edit] = []
         self.consumers: list[Consumer] = []
         self.selectors: list[Selector] = []
+        # consumer input tensor -> measured channel means (data importance): the replacement there
+        self.input_means: dict[str, np.ndarray] = {}
         # nodes that act as the BN scale of a space without BN (folded producers, split-BN Muls),
         # with the mean of their output: the constant a removed channel is replaced by
         self.scale_nodes: dict[str, np.ndarray] = {}

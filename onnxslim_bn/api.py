@@ -25,7 +25,8 @@ from .interface import (account, check_interface, check_size, copy_origins, fix_
                         needs_node_names, remember_node_metadata, restore_interface, settle_copies)
 from .model_io import check_input, load_model_and_files
 from .openvino_ir import OpenVinoResult, export_ir
-from .plan import Plan, PruneOptions, select
+from .data_importance import data_importance
+from .plan import dead_level, Plan, PruneOptions, select
 from .reconstruct import ReconstructionReport, reconstruct
 from .report import Report, SpaceReport, describe_spaces, run_metadata, weight_name
 from .shapes import infer_shapes, resolve_input_shapes, skeleton
@@ -123,6 +124,7 @@ class _Prepared:
     calibration: Samples | None = None
     check: Samples | None = None
     calibration_count: int = 0  # samples the calibration ran on (seeded or data); 0 when none ran
+    importance: str = "gamma"  # how the channels were ranked (see _importance)
 
 
 def _prepare(model, options: PruneOptions, strict: bool = True) -> _Prepared:
@@ -155,8 +157,42 @@ def _prepare(model, options: PruneOptions, strict: bool = True) -> _Prepared:
         add_data_scores(analysis, found, verify.run(sess, feeds, verify.static_batch(proto), names))
         notes.append(f"no BatchNormalization for some layers: their BN scale was recovered from activation statistics "
                      f"on {described}" + ("" if samples is not None else "; pass --data with real inputs for a closer estimate"))
-    return _Prepared(proto, source, size, input_shapes, notes, shapes, graph, analysis, sess,
+    prep = _Prepared(proto, source, size, input_shapes, notes, shapes, graph, analysis, sess,
                      calibration if count else None, check, count)
+    _rank_by_data(prep, options, samples)
+    return prep
+
+
+def _importance(analysis: Analysis, options: PruneOptions) -> str:
+    """"auto": data when --data is given and the scales show no dead cluster (a model trained
+    without the L1 penalty), gamma otherwise."""
+    if options.importance != "auto":
+        return options.importance
+    if options.data is None:
+        return "gamma"
+    scores = [s.scores() for s in analysis.prunable() if s.sources]
+    flat = np.concatenate(scores) if scores else np.zeros(0)
+    return "data" if dead_level(flat) == 0.0 else "gamma"
+
+
+def _rank_by_data(prep: _Prepared, options: PruneOptions, samples) -> None:
+    """Data importance (:mod:`.data_importance`) on the calibration share of the samples."""
+    prep.importance = _importance(prep.analysis, options)
+    if prep.importance != "data":
+        prep.notes.append("importance: gamma (|BN scale| ranks the channels)")
+        return
+    if prep.calibration is None and samples is not None:
+        prep.calibration, prep.check, note = data.split(samples, options.calibration_samples)
+        prep.notes.extend([note] if note else [])
+    if prep.calibration is not None:
+        feeds, described = prep.calibration.arrays, prep.calibration.describe()
+    else:
+        feeds, _ = verify.make_inputs(prep.model, prep.input_shapes, None, options.seed, calibration=True)
+        described = f"{verify.count(feeds)} seeded N(0,1) samples (pass --data: random inputs rank channels poorly)"
+    prep.calibration_count = max(prep.calibration_count, verify.count(feeds))
+    measured = data_importance(prep.analysis, prep.model, feeds)
+    prep.notes.append(f"importance: data (each channel's share of the output variance at its {measured} consumers, "
+                      f"on {described})")
 
 
 def _nothing_to_prune(prep: _Prepared) -> BnSlimError:

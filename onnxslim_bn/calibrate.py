@@ -95,26 +95,27 @@ class Patches:
             picked = np.take_along_axis(flat, positions[:, :, None], axis=1)
             return picked.reshape(n, p, self.groups, -1)
         rank = len(self.kernel)
-        spatial_out = self.output_spatial(tuple(x.shape[2:]))
-        coords = np.unravel_index(positions, spatial_out)  # rank arrays of [n, P]
-        width = [(0, 0), (0, 0)] + [(self.pads[i], self.pads[i + rank]) for i in range(rank)]
-        xp = np.pad(x, width) if any(self.pads) else x
-        taps = []  # per spatial axis: input index [n, P, 1.., k_i, ..1] of every kernel tap
-        for i in range(rank):
+        spatial_in = tuple(x.shape[2:])
+        coords = np.unravel_index(positions, self.output_spatial(spatial_in))  # rank arrays of [n, P]
+        taps, inside = [], np.ones((n, p, *self.kernel), bool)
+        for i in range(rank):  # input index [n, P, 1.., k_i, ..1] of every kernel tap on axis i
             shape = [1] * rank
             shape[i] = self.kernel[i]
-            tap = (coords[i][..., None] * self.strides[i]
+            tap = (coords[i][..., None] * self.strides[i] - self.pads[i]
                    + np.arange(self.kernel[i]) * self.dilations[i]).reshape(n, p, *shape)
-            taps.append(tap)
+            inside &= (tap >= 0) & (tap < spatial_in[i])
+            taps.append(np.clip(tap, 0, spatial_in[i] - 1))
         batch = np.arange(n).reshape(n, 1, *([1] * rank))
-        gathered = np.moveaxis(xp, 1, -1)[(batch, *taps)]  # [n, P, *kernel, C]
+        gathered = np.moveaxis(x, 1, -1)[(batch, *taps)]  # [n, P, *kernel, C]; padding reads as zero:
+        gathered *= inside[..., None]
         gathered = np.moveaxis(gathered, -1, 2)  # [n, P, C, *kernel]
         return gathered.reshape(n, p, self.groups, -1)
 
 
 def sample_positions(total: int, max_positions: int, seed: int, layer: int, samples: np.ndarray) -> np.ndarray:
-    """[len(samples), P] flat positions (one id per entry of the tensor's axis 0): all of them when ``total <= max_positions``, else
-    ``max_positions`` drawn without replacement with a generator seeded by (seed, layer, sample)."""
+    """[len(samples), P] flat positions (one id per entry of the tensor's axis 0): all of them
+    when ``total <= max_positions``, else ``max_positions`` drawn without replacement with a
+    generator seeded by (seed, layer, sample)."""
     if total <= max_positions:
         return np.broadcast_to(np.arange(total), (len(samples), total)).copy()
     out = np.empty((len(samples), max_positions), np.int64)
@@ -230,7 +231,7 @@ class Gram:
         if delta is None:
             return float(self.rr.sum())
         return float(self.rr.sum() - 2 * np.einsum("gdo,gdo->", delta, self.atr)
-                     + np.einsum("gdo,gde,geo->", delta, self.ata, delta))
+                     + np.einsum("gdo,gdo->", delta, np.matmul(self.ata, delta)))
 
     def target_rows(self, y: np.ndarray, samples: np.ndarray) -> np.ndarray:
         """A layer's output chunk ``y`` ([n, C, *spatial] for a Conv, [n, ..., C] for a Gemm /

@@ -100,8 +100,21 @@ PRUNE_HELP = ("Remove the channels with the smallest BatchNorm scale (Network Sl
 def _prune_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     _common(parser)
     how = parser.add_mutually_exclusive_group(required=True)
-    how.add_argument("--ratio", type=float, help="fraction of all prunable channels to remove, ranked globally")
-    how.add_argument("--threshold", type=float, help="remove every channel whose |scale| is below this instead")
+    how.add_argument("--ratio", type=float,
+                     help="fraction of the removable channels (scored, with a known replacement at every reader) "
+                          "to remove, ranked globally")
+    how.add_argument("--threshold", type=float, help="remove every channel whose score is below this instead")
+    how.add_argument("--target-macs", type=float, metavar="F",
+                     help="keep at most fraction F of the MACs (0 < F < 1), channels ranked by importance per MAC")
+    how.add_argument("--target-params", type=float, metavar="F",
+                     help="keep at most fraction F of the layer parameters, ranked by importance per parameter")
+    parser.add_argument("--importance", choices=("auto", "gamma", "data"), default="auto",
+                        help="rank channels by |BN scale| (gamma, Network Slimming) or by their measured cost at the "
+                             "layers reading them (data, needs --data); default auto: data when --data is given "
+                             "and the scales show no dead cluster (a model not trained with the L1 penalty)")
+    parser.add_argument("--max-layer-ratio", type=float, default=0.75, metavar="F",
+                        help="a layer loses at most fraction F of its live channels (default 0.75; channels in the "
+                             "scores' dead cluster are not limited)")
     parser.add_argument("-o", "--output", help="output path (default: <model>.slim.onnx beside the input)")
     _data_flags(parser)
     parser.add_argument("--calibration-samples", type=int, metavar="N",
@@ -303,6 +316,8 @@ def run_prune(args: argparse.Namespace) -> int:
     check_run_files([args.model], {"-o": out, "--json": args.json, "--export-widths": args.export_widths}, args.data,
                     (args.openvino, out.stem) if args.openvino else None)
     options = _options(args, ratio=args.ratio, threshold=args.threshold, data=args.data,
+                       target_macs=args.target_macs, target_params=args.target_params,
+                       importance=args.importance, max_layer_ratio=args.max_layer_ratio,
                        max_error=args.max_error, verify=not args.no_verify, exact_borders=args.exact_borders,
                        allow_growth=args.allow_growth,
                        compensation=args.compensation, preprocess=_preprocess(args), calibration_samples=args.calibration_samples,

@@ -24,6 +24,10 @@ class PruneOptions:
     min_channels: int = 4  # a space never drops below this many channels
     # a layer loses at most this fraction of its live channels (those above the dead cluster)
     max_layer_ratio: float = 0.75
+    # how channels are ranked: "gamma" (|BN scale|, Network Slimming), "data" (their cost at the
+    # consumers, measured on calibration samples), "auto" (data when --data is given and the
+    # scales show no dead cluster, i.e. the model was not sparsity-trained; else gamma)
+    importance: str = "auto"
     # kept widths are rounded up to a multiple of this (runtimes run widths of 8k much faster),
     # except in spaces narrower than 4 * round_to, where the rounding would be most of the layer
     round_to: int = 8
@@ -54,6 +58,8 @@ class PruneOptions:
         for flag, value in (("--target-macs", self.target_macs), ("--target-params", self.target_params)):
             if value is not None and not 0.0 < value < 1.0:
                 raise BnSlimError(f"{flag} {value} is outside (0, 1); pass the fraction to keep, e.g. {flag} 0.5")
+        if self.importance not in ("auto", "gamma", "data"):
+            raise BnSlimError(f"--importance {self.importance!r}: choose auto, gamma or data")
         if not 0.0 < self.max_layer_ratio <= 1.0:
             raise BnSlimError(f"--max-layer-ratio {self.max_layer_ratio} is outside (0, 1], e.g. --max-layer-ratio 0.75")
         if self.ratio is not None and not 0.0 < self.ratio < 1.0:

@@ -92,6 +92,7 @@ class _Layer:
     gram: Gram | None = None
     targets: list[np.ndarray] = field(default_factory=list)  # per chunk: [n, P, kept outputs]
     level: int = 0
+    refit: bool = False  # done (a downstream layer with too few rows is left as it was)
 
 
 class _Constants:
@@ -312,17 +313,16 @@ def _levels(nodes: list[onnx.NodeProto], layers: list[_Layer]) -> list[int]:
     return out
 
 
-def _needed(nodes: list[onnx.NodeProto], wanted: set[str]) -> list[onnx.NodeProto]:
-    """The nodes that ``wanted`` tensors depend on, in order."""
-    need, keep = set(wanted), []
-    for node in reversed(nodes):
-        if need.intersection(node.output):
-            keep.append(node)
-            need.update(n for n in node.input if n)
-    return keep[::-1]
+def _needed(nodes: list[onnx.NodeProto], wanted: set[str]) -> set[int]:
+    """Positions of the nodes that the ``wanted`` tensors depend on."""
+    need, keep = set(wanted), set()
+    for i in range(len(nodes) - 1, -1, -1):
+        if need.intersection(nodes[i].output):
+            keep.add(i)
+            need.update(n for n in nodes[i].input if n)
+    return keep
 
 
-# ------------------------------------------------------------------------------------- solving
 def _current(layer: _Layer, const: dict[str, onnx.TensorProto]) -> np.ndarray:
     """The layer's present weights and bias as [groups, d + 1, outputs per group]."""
     node = layer.node
@@ -355,14 +355,13 @@ def _solve(gram: Gram, ridge: float) -> np.ndarray:
     """The correction to the current weights: ridge least squares on the residual, the ridge
     scaled by the mean diagonal of each group's Gram matrix. The bias is not regularised: a
     constant residual (removed channels that were constant) goes to the bias whole."""
-    out = np.empty_like(gram.atr)
-    for j, (a, r) in enumerate(zip(gram.ata, gram.atr)):
-        d = len(a) - 1
-        lam = ridge * np.trace(a[:d, :d]) / max(d, 1) + 1e-12
-        penalty = np.full(d + 1, lam)
-        penalty[d] = 0.0
-        out[j] = np.linalg.solve(a + np.diag(penalty), r)
-    return out
+    groups, width, _ = gram.ata.shape
+    d = width - 1
+    diagonal = np.einsum("gii->gi", gram.ata)[:, :d]
+    lam = ridge * diagonal.mean(1) + 1e-12  # per group
+    regularised = gram.ata.copy()
+    regularised[:, np.arange(d), np.arange(d)] += lam[:, None]
+    return np.linalg.solve(regularised, gram.atr)
 
 
 def _unique(name: str, taken: set[str]) -> str:
@@ -413,19 +412,39 @@ def _write(layer: _Layer, w: np.ndarray, model: onnx.ModelProto, const: dict[str
         set_attr("beta", 1.0)
     else:
         set_input(1, put(weight.T, label + "_W"))
-    add = layer.trailing_add
-    if node.op_type == "MatMul":
-        if add is not None:
-            add.input[1] = put(bias, label + "_bias")
-        else:
-            pre = _unique(f"{node.output[0]}_refit_in", taken)
-            add = onnx.helper.make_node("Add", [pre, put(bias, label + "_bias")], [node.output[0]],
-                                        name=_unique(f"{label}_refit_bias", taken))
-            node.output[0] = pre
-            position = list(model.graph.node).index(node)
-            model.graph.node.insert(position + 1, add)
-    elif add is not None:  # a bias Add behind a Conv/Gemm: the bias now lives in the layer
-        node.output[0] = add.output[0]
+    if layer.trailing_add is not None:  # MatMul: its bias Add; Conv/Gemm: zero now (removed at the end)
+        values = bias if node.op_type == "MatMul" else np.zeros_like(bias)
+        layer.trailing_add.input[1] = put(values, label + "_bias")
+
+
+def _add_bias_slots(model: onnx.ModelProto, layers: list[_Layer], taken: set[str]) -> None:
+    """Give every MatMul layer without one a bias ``Add`` (zero until refit). Done before the
+    model runs: the graph's structure stays fixed while the layers are refit."""
+    for layer in layers:
+        if layer.node.op_type != "MatMul" or layer.trailing_add is not None:
+            continue
+        node = layer.node
+        weight = next((t for t in model.graph.initializer if t.name == node.input[1]), None)
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(weight.data_type) if weight is not None else np.float32
+        zeros = numpy_helper.from_array(np.zeros(len(layer.kept_outputs), dtype),
+                                        _unique(f"{node.name or node.output[0]}_bias", taken))
+        model.graph.initializer.append(zeros)
+        pre = _unique(f"{node.output[0]}_refit_in", taken)
+        add = onnx.helper.make_node("Add", [pre, zeros.name], [node.output[0]],
+                                    name=_unique(f"{node.name or node.output[0]}_refit_bias", taken))
+        node.output[0] = pre
+        position = next(i for i, n in enumerate(model.graph.node) if n is node)
+        model.graph.node.insert(position + 1, add)
+        layer.trailing_add = model.graph.node[position + 1]
+
+
+def _fold_bias_adds(model: onnx.ModelProto, layers: list[_Layer]) -> None:
+    """After the refits: the bias Adds behind refit Conv/Gemm layers (zero now) go."""
+    for layer in layers:
+        add = layer.trailing_add
+        if add is None or layer.node.op_type == "MatMul" or not layer.refit:
+            continue
+        layer.node.output[0] = add.output[0]
         model.graph.node.remove(add)
         layer.trailing_add = None
 
@@ -472,6 +491,7 @@ def reconstruct(original: onnx.ModelProto, pruned: onnx.ModelProto, feeds: dict[
     size = _collect_targets(original, feeds, layers, batch)
     report.seconds_original = time.perf_counter() - step
     _refit_in_order(model, feeds, layers, batch, size, ridge, report)
+    _fold_bias_adds(model, layers)
     _drop_unused(model)
     report.seconds = time.perf_counter() - clock
     log.info(report.summary())
@@ -505,14 +525,19 @@ def _refit_in_order(model: onnx.ModelProto, feeds: dict[str, np.ndarray], layers
     from the cached activations, then the nodes that depend on them run (with the new weights)
     and cache, chunk by chunk, what later levels read. A cached tensor goes once read for the
     last time."""
+    taken = {t.name for t in model.graph.initializer}
+    taken |= {n for node in model.graph.node for n in (*node.input, *node.output, node.name)}
+    _add_bias_slots(model, layers, taken)
     const = {t.name: t for t in model.graph.initializer}
-    taken = set(const) | {n for node in model.graph.node for n in (*node.input, *node.output, node.name)}
     for node in model.graph.node:  # Constant nodes travel with every segment that reads them
         if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
             const[node.output[0]] = numpy_helper.from_array(numpy_helper.to_array(node.attribute[0].t), node.output[0])
-    wanted = {id(n) for n in _needed(list(model.graph.node), {layer.node.input[0] for layer in layers})}
-    wanted |= {id(layer.node) for layer in layers}
-    nodes = [n for n in model.graph.node if id(n) in wanted and n.output[0] not in const]
+    # one list of the node objects, held throughout: protobuf hands out a new wrapper per access
+    # when none is alive, so identity (and id()) holds only while this list does
+    every = list(model.graph.node)
+    wanted = _needed(every, {layer.node.input[0] for layer in layers}) | {
+        next(i for i, n in enumerate(every) if n is layer.node) for layer in layers}
+    nodes = [n for i, n in enumerate(every) if i in wanted and n.output[0] not in const]
     segment = _levels(nodes, layers)
     report.levels = max(layer.level for layer in layers)
     last_read: dict[str, int] = {}
@@ -566,6 +591,7 @@ def _refit(layer: _Layer, inputs: list[np.ndarray], sample_chunks: list[np.ndarr
                    _error(gram), _error(gram, delta), gram.rows, 0.0)
     w = w0 + delta
     _write(layer, w, model, const, taken)
+    layer.refit = True
     layer.gram = None
     fit.seconds = time.perf_counter() - clock
     report.layers.append(fit)

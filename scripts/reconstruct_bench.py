@@ -54,7 +54,8 @@ def main() -> None:
     seconds = time.perf_counter() - clock
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     fit = sum(f.seconds for f in report.layers)
-    print(f"reconstruct: {seconds:.1f} s ({fit:.1f} s in the {len(report.layers)} refits, the rest running the models), "
+    print(f"reconstruct: {seconds:.1f} s ({fit:.1f} s in the {len(report.layers)} refits, "
+          f"{report.seconds_original:.1f} s running the original, {report.seconds_pruned:.1f} s the pruned model), "
           f"{len(report.skipped)} skipped, {report.levels} levels; process peak RSS {peak:.0f} MB "
           f"(before reconstruct {before:.0f} MB); {args.samples} samples, at most {args.max_positions} positions "
           f"per sample and {args.max_rows} rows per layer; CPU time {cpu:.0f} s (all threads)")

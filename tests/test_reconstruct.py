@@ -170,12 +170,14 @@ def test_lowers_the_error_of_a_live_channel_cut_and_chains_layers():
     assert _mse(run(refit, test)[0], want) < 0.6 * _mse(run(pruned, test)[0], want)
 
 
-def test_depthwise_consumer_is_refit_per_group():
-    """Inverted residual: expand 1x1 -> BN -> ReLU -> depthwise 3x3 -> BN -> ReLU -> project 1x1.
-    The depthwise layer (one input per output) and the projection are both refit."""
-    b = Builder(seed=4)
-    x = b.op("Relu", [b.bn(b.conv("x", 3, 16, k=1, pad=0), 16)])
-    d = b.op("Relu", [b.bn(b.conv(x, 16, 16, k=3, group=16), 16)])
+@pytest.mark.parametrize("group", [16, 4])
+def test_grouped_and_depthwise_consumers_are_refit_per_group(group):
+    """conv -> BN -> ReLU -> grouped 3x3 (depthwise at 16) -> BN -> ReLU -> project 1x1:
+    the grouped layer (each output reads its group's inputs) and the projection are both refit."""
+    b = Builder(seed=4 if group == 16 else 5)
+    first = b.conv("x", 3, 16, k=1, pad=0) if group == 16 else b.conv("x", 3, 16, k=3)
+    x = b.op("Relu", [b.bn(first, 16)])
+    d = b.op("Relu", [b.bn(b.conv(x, 16, 16, k=3, group=group), 16)])
     out = b.conv(d, 16, 6, k=1, pad=0)
     model = b.model({"x": [None, 3, H, H]}, [out])
     pruned = prune(model, ratio=0.3, round_to=1, verify=False, compensation="bias").model

@@ -1,0 +1,85 @@
+"""Importance from data: what removing a channel costs at the layers that read it.
+
+For models trained without the L1 penalty nothing is dead, and |gamma| ranks live channels
+poorly (the next BN renormalises: a layer can carry its signal on small gammas). With a few
+hundred calibration samples the cost of a channel can be measured where it matters, at its
+consumers. A removed channel is replaced by its mean (folded into the consumer's bias), so
+what is lost at consumer K is the channel's variation through K's weights:
+
+    cost_K(c) = Var(x_c) * ||W_K[:, c]||^2 / sum_o Var(y_K,o)
+
+-- the channel's share of the variance of K's output (cross-channel correlations ignored),
+a relative figure, so that channels of different layers compare in one global ranking. A
+channel read by several consumers (a residual group, a concatenation) sums its costs.
+
+The replacement of a channel at a consumer becomes its measured mean there wherever the
+rules prove the channel constant-compatible (:mod:`.replacement`); where they do not (a gate),
+the channel stays unremovable, as with gamma.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import onnx
+
+from . import calibrate
+from .analysis import Analysis, ScoreSource
+from .edits import constant_values
+
+log = logging.getLogger(__name__)
+
+
+def _weight_energy(node, entries: int) -> np.ndarray | None:
+    """Per input entry of a consumer: the sum of its squared weights over the outputs."""
+    weight = constant_values(node.inputs[1])
+    if weight is None:
+        return None
+    w2 = weight.astype(np.float64) ** 2
+    if node.op in ("Gemm", "MatMul"):
+        trans = node.op == "Gemm" and node.attrs.get("transB", 0)
+        energy = w2.sum(0) if trans else w2.sum(1)
+        return energy * (node.attrs.get("alpha", 1.0) ** 2 if node.op == "Gemm" else 1.0)
+    if node.op == "ConvTranspose":  # [C_in, C_out / g, k...]
+        return w2.reshape(w2.shape[0], -1).sum(1)
+    group = node.attrs.get("group", 1)  # Conv [C_out, C_in / g, k...]: input c feeds its group's outputs
+    per_in, per_out = w2.shape[1], w2.shape[0] // group
+    taps = w2.reshape(w2.shape[0], per_in, -1).sum(2)
+    energy = np.concatenate([taps[j * per_out:(j + 1) * per_out].sum(0) for j in range(group)])
+    return energy if len(energy) == entries else None
+
+
+def data_importance(analysis: Analysis, model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> int:
+    """Score every ranked space by the cost its channels cause at their consumers, measured on
+    ``feeds``; record each consumer input's channel means as the replacement values. Returns
+    how many consumers were measured."""
+    consumers = [c for c in analysis.consumers if analysis.layout(c.node.inputs[0]) is not None]
+    tensors = [c.node.inputs[0].name for c in consumers] + [c.node.outputs[0].name for c in consumers]
+    stats = calibrate.calibrate(model, feeds, moments=list(dict.fromkeys(tensors)), what="the calibration").moments
+    totals: dict[int, np.ndarray] = {}
+    measured = 0
+    for consumer in consumers:
+        node = consumer.node
+        layout = analysis.layout(node.inputs[0])
+        x, y = stats[node.inputs[0].name], stats[node.outputs[0].name]
+        energy = _weight_energy(node, len(x.var))
+        if energy is None or len(energy) != len(x.var):
+            continue
+        scale = float(y.var.sum())
+        cost = x.var * energy / scale if scale > 0 else np.zeros_like(x.var)
+        repeat = np.concatenate([np.full(s.size, s.repeat) for s in layout])
+        per_channel = np.add.reduceat(cost, np.concatenate([[0], np.cumsum(repeat)[:-1]]))
+        means = np.add.reduceat(x.mean, np.concatenate([[0], np.cumsum(repeat)[:-1]])) / repeat
+        analysis.input_means[node.inputs[0].name] = means
+        roots, index = analysis.channel_ids(layout)
+        for root in np.unique(roots):
+            space = analysis.spaces[int(root)]
+            total = totals.setdefault(int(root), np.zeros(space.size))
+            np.add.at(total, index[roots == root], per_channel[roots == root])
+        measured += 1
+    for space in analysis.prunable():
+        if space.sources and space.id in totals:
+            space.sources = [ScoreSource("consumers", "data", totals[space.id])]
+    log.info("data importance: %d consumers measured on %d samples", measured, calibrate.verify.count(feeds))
+    return measured
