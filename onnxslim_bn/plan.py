@@ -362,9 +362,9 @@ class _Walk:
                 dropped = _flags(analysis, own, removed)
                 roots, index = analysis.channel_ids(sel.source)
                 keep[index[(roots == root) & ~dropped]] = True
-            if root in removed:  # scored too: what a branch still reads stays
+            if root in self.scores:  # scored too: what a branch still reads stays (groups evened out again)
                 self.branch_kept += int((removed[root] & keep).sum())
-                removed[root] &= ~keep
+                removed[root] = self._finish(space, removed[root] & ~keep)
                 continue
             gone = ~keep & ~self.unsafe.mask.get(root, np.zeros(space.size, bool))
             gone = _respect(space, gone, self.options.min_channels, self.options.round_to)

@@ -479,3 +479,24 @@ def test_split_to_sequence_as_the_dynamo_exporter_writes_torch_split():
     assert result.report.removed_channels == 5
     assert not any(n.op_type == "SplitToSequence" for n in result.model.graph.node)
     assert_same(model, result.model, [1, 3, 6, 6])
+
+
+@pytest.mark.parametrize("mode", [{"threshold": 1e-6}, {"ratio": 0.5}])
+def test_regression_fuzz_reader_bn_on_a_grouped_space_keeps_the_groups_even(mode):
+    # found by test_fuzz: a grouped conv's output (2 groups) also went into a Concat read by a
+    # BN and a raw conv; the branch's channels put back into the grouped space left the groups
+    # uneven (onnxruntime: "Output channels M is not divisible by group")
+    b = Builder(opset=9)
+    a = b.op("Relu", [b.bn(b.conv("x", 3, 2), 2)])
+    g = b.op("Relu", [b.bn(b.conv(a, 2, 8, k=1, pad=0, group=2), 8, np.array([0, 1, 2, 5]), None)])
+    cat = b.op("Concat", [g, b.op("Relu", [b.bn(b.conv(g, 8, 2), 2)])], axis=1)
+    left = b.conv(b.op("Relu", [b.bn(cat, 10, np.array([1, 6]), None)]), 10, 8, k=1, pad=0)
+    y = b.op("Add", [left, b.conv(cat, 10, 8, k=1, pad=0)])
+    model = b.model({"x": [2, 3, 4, 4]}, [y])
+    result = prune(model, min_channels=1, round_to=1, exact_borders=True, **mode)
+    if "threshold" in mode:
+        assert result.report.removed_channels >= 1
+        assert_same(model, result.model, [2, 3, 4, 4])
+    grouped = next(n for n in result.model.graph.node if any(a.name == "group" and a.i == 2 for a in n.attribute))
+    out_channels = weight_shapes(result.model)[grouped.name][0]
+    assert out_channels % 2 == 0
