@@ -111,6 +111,7 @@ def main() -> None:
                         help="wall-clock budget: past 60%% of it, the remaining models get a third of the runs")
     args = parser.parse_args()
     clock = time.perf_counter()
+    loads = [os.getloadavg()[0]]
     OUT.mkdir(parents=True, exist_ok=True)
     big = ROOT / "out" / "resnet50.onnx"
     if not big.exists():
@@ -139,6 +140,7 @@ def main() -> None:
         timing = benchmark(case.path, pruned, batches=(1, 32), runs=case.runs, warmup=3, runtimes=runtimes,
                            rounds=min(args.rounds, case.runs), progress=True)
         done.append((case, result, timing))
+        loads.append(os.getloadavg()[0])
         check = report.verification
         head = (f"### {case.name}, ratio {case.ratio}\n\n"
                 f"--round-to {report.options.get('round_to', 'default')}; MACs {report.before.macs:,} -> "
@@ -152,6 +154,11 @@ def main() -> None:
     text = [
         "# Benchmarks", "",
         f"Written by `make bench` on {datetime.date.today()} in {minutes:.1f} min: {machine()}.", "",
+        f"Load average (1 min) sampled after each model: {min(loads):.1f} to {max(loads):.1f}, median "
+        f"{sorted(loads)[len(loads) // 2]:.1f}, on {os.cpu_count()} cores" +
+        (": other processes were running, so absolute times are inflated and ratios noisier than on an idle "
+         "machine; the per-round range (*Rounds*) shows how far one round alone could mislead." 
+         if max(loads) > (os.cpu_count() or 1) else "."), "",
         f"`--round-to auto` on this machine: a block of {block} ({why}).", "",
         "How the timings are taken (`onnx-bnslim bench`): one runtime at a time (the other runtime's sessions "
         f"are released); original (A) and pruned (B) alternate A B, B A, ... after 3 warm-up runs of each; "

@@ -253,6 +253,7 @@ def benchmark(original: str | os.PathLike, pruned: str | os.PathLike, batches: t
             notes.append(f"batch {b} skipped: the model's batch size is fixed at {static_batch(models[0])}")
     batches = tuple(b for b in batches if feeds[b] is not None)
     del models
+    load = [_load_average()]
     times = {(rt, b): ([], [], []) for rt in runtimes for b in batches}  # original, pruned, per-round speed-ups
     bar = _Progress(rounds * len(runtimes), progress, stream)
     for r in range(rounds):
@@ -268,6 +269,11 @@ def benchmark(original: str | os.PathLike, pruned: str | os.PathLike, batches: t
             gc.collect()  # release this runtime's sessions and threads before the next round
             bar.step(f"round {r + 1}/{rounds} {runtime} batch {', '.join(map(str, batches))}")
     bar.close()
+    load.append(_load_average())
+    cores = os.cpu_count() or 1
+    if max(load) > cores:
+        notes.append(f"the machine was busy: load average {load[0]:.1f} -> {load[1]:.1f} on {cores} cores while timing; "
+                     "other processes shared the cores, so absolute times are inflated and ratios noisier")
     wide = []
     for runtime in runtimes:
         for batch in batches:
@@ -280,6 +286,14 @@ def benchmark(original: str | os.PathLike, pruned: str | os.PathLike, batches: t
         notes.append(f"wide spread, p90/p10 above {WIDE_SPREAD} (original / pruned): {', '.join(wide)}; the machine "
                      "was busy, so those medians are less sure: rerun with more --runs on an idle machine")
     return result
+
+
+def _load_average() -> float:
+    """The 1-minute load average (0.0 where the system does not report one)."""
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return 0.0
 
 
 def _alternate(runners: list[Callable[[dict], object]], feeds: dict, warmup: int, runs: int) -> list[list[float]]:

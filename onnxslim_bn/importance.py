@@ -106,7 +106,7 @@ def judge(layer: gs.Node, analysis: Analysis, kept: bool) -> Verdict:
         return Verdict(layer, scale, "mul", True, why="BN split into Mul + Add")
     add = _bias_add(layer, analysis)
     bias = RULES[layer.op].bias(layer)
-    if add is None and (bias is None or not np.any(bias != 0)):
+    if add is None and (bias is None or not np.any(bias != 0)) and not _all_dead(layer, bias):
         return Verdict(layer, None, "none", False, why="no bias (a folded BN always leaves one)")
     scale = add if add is not None else layer
     if not kept:
@@ -118,6 +118,13 @@ def judge(layer: gs.Node, analysis: Analysis, kept: bool) -> Verdict:
     if not _activated(scale.outputs[0]):
         return Verdict(layer, None, "none", True, why="not followed by an activation as the folded Conv-BN-Act layers are")
     return Verdict(layer, scale, "folded", True, why="bias, spatial, activation: a folded Conv-BN-Act")
+
+
+def _all_dead(layer: gs.Node, bias: np.ndarray | None) -> bool:
+    """A folded layer whose BN killed every channel with beta = 0: zero weights and a zero bias
+    input (its output is 0, whatever the input: every channel is dead, and scores 0)."""
+    weight = constant_values(layer.inputs[1])
+    return bias is not None and weight is not None and weight.size > 0 and not np.any(weight)
 
 
 def candidates(analysis: Analysis) -> list[tuple[gs.Node, gs.Tensor, str]]:

@@ -179,7 +179,7 @@ class Costs:
     kept fraction of its input channels (a depthwise conv: its channels once). Channels are
     numbered globally (root space offset + channel) so that a plan is costed with numpy."""
 
-    def __init__(self, analysis: Analysis):
+    def __init__(self, analysis: Analysis, dead: dict[str, np.ndarray] | None = None):
         from .edits import constant_shape
         from .rules import RULES
 
@@ -199,6 +199,22 @@ class Costs:
             if out is not None and inp is not None and out == inp:  # depthwise: one set of channels
                 inp = None
             self.layers.append((float(cost[1]), params, self._index(out), self._index(inp)))
+        # --exact-borders: a padded consumer of removed non-zero constants gains a [C_out, H, W] map
+        self.maps: list[tuple[float, tuple, np.ndarray]] = []
+        for consumer in analysis.consumers if dead is not None else []:
+            node, layout = consumer.node, analysis.layout(consumer.node.inputs[0])
+            weight, out_shape = constant_shape(node.inputs[1]), analysis.shapes.get(node.outputs[0].name)
+            if node.op not in ("Conv", "ConvTranspose") or weight is None or out_shape is None or \
+                    RULES[node.op]._uniform(node, weight[2:]) or not all(isinstance(d, int) for d in out_shape[1:]):
+                continue
+            values = dead.get(node.inputs[0].name)
+            if values is None or analysis.layout(node.outputs[0]) is None:
+                continue
+            nonzero = np.nan_to_num(values) != 0
+            index = self._index(layout)[0]
+            out = self._index(analysis.layout(node.outputs[0]))
+            self.maps.append((float(np.prod(out_shape[1:])), out, index[nonzero[:len(index)]] if len(nonzero) == len(index)
+                              else index))
 
     def _index(self, layout: Layout | None) -> tuple[np.ndarray, np.ndarray] | None:
         if not layout:
@@ -224,6 +240,10 @@ class Costs:
                     f *= float(side[1] @ kept[side[0]])
             macs += layer_macs * f
             params += layer_params * f
+        gone = ~kept
+        for size, out, inputs in self.maps:
+            if gone[inputs].any():
+                params += size * float(out[1] @ kept[out[0]])
         return macs, params
 
     def per_channel(self, which: int) -> np.ndarray:
@@ -255,12 +275,14 @@ def select(analysis: Analysis, options: PruneOptions) -> Plan:
     """
     from .replacement import dead_values, unsafe_channels
 
-    unsafe = unsafe_channels(analysis, dead_values(analysis))
+    dead = dead_values(analysis)
+    unsafe = unsafe_channels(analysis, dead)
     spaces = [s for s in analysis.prunable() if s.sources]
     scores = {s.id: s.scores() for s in spaces}
     flat = np.concatenate([scores[s.id] for s in spaces]) if spaces else np.zeros(0)
     level = dead_level(flat)
     walk = _Walk(analysis, spaces, scores, unsafe, level, options)
+    walk.dead = dead
     if options.target_macs is None and options.target_params is None:
         order = np.argsort(flat, kind="stable")  # global ranking; ties keep graph order
         removable = ~walk.unsafe_flat
@@ -269,11 +291,12 @@ def select(analysis: Analysis, options: PruneOptions) -> Plan:
             target = int(removable[order].sum())
         else:  # a fraction of the channels that can go: those with a known replacement everywhere
             target = int(math.floor(options.ratio * int(removable.sum()) + 1e-9))
+        walk.whole_order = options.threshold is not None  # every channel below the threshold counts
         plan = walk.plan(order, target)
-        plan.ranked = int(removable.sum())
     else:
         plan = _within_budget(analysis, walk, flat, options)
     plan.unsafe_where = unsafe.where
+    plan.ranked = int((~walk.unsafe_flat).sum())
     return plan
 
 
@@ -286,6 +309,7 @@ class _Walk:
         self.owner = np.concatenate([np.full(s.size, i) for i, s in enumerate(spaces)]) if spaces else np.zeros(0, int)
         self.channel = np.concatenate([np.arange(s.size) for s in spaces]) if spaces else np.zeros(0, int)
         self.flat = np.concatenate([scores[s.id] for s in spaces]) if spaces else np.zeros(0)
+        self.whole_order = False
         self.unsafe_flat = np.concatenate([unsafe.mask.get(s.id, np.zeros(s.size, bool)) for s in spaces]) \
             if spaces else np.zeros(0, bool)
 
@@ -297,12 +321,12 @@ class _Walk:
         live_left = {s.id: int(math.floor(cap * int((self.scores[s.id] > self.level).sum()) + 1e-9)) for s in spaces}
         part_left = {s.id: [[o, n, n - min(n, options.min_channels)] for o, n in set(s.parts)] for s in spaces}
         stats = {"chosen": 0, "unsafe": 0, "capped": 0}
+        cut = -np.inf  # the largest score taken
         for i in order:
             if stats["chosen"] == target:
                 break
             space, c = spaces[self.owner[i]], int(self.channel[i])
-            if self.unsafe_flat[i]:  # below the cut, but it cannot go: not a candidate
-                stats["unsafe"] += 1
+            if self.unsafe_flat[i]:  # it cannot go: not a candidate (counted below)
                 continue
             parts = [p for p in part_left[space.id] if p[0] <= c < p[0] + p[1]]
             if left[space.id] == 0 or any(p[2] == 0 for p in parts):
@@ -317,9 +341,12 @@ class _Walk:
                 p[2] -= 1
             removed[space.id][c] = True
             stats["chosen"] += 1
+            cut = max(cut, self.flat[i])
+        # channels that scored like the removed ones but stay: their value is not a known constant
+        below = order if self.whole_order else order[self.flat[order] <= cut]
+        stats["unsafe"] = int(self.unsafe_flat[below].sum())
         for s in spaces:
             removed[s.id] = self._finish(s, removed[s.id])
-        self.branch_kept = 0
         stats["derived"] = self._derive(removed)
         stats["branch_kept"] = self.branch_kept
         return removed, stats
@@ -346,31 +373,46 @@ class _Walk:
     def _derive(self, removed: dict[int, np.ndarray]) -> int:
         """A tensor read by reader BNs keeps every channel one of their branches keeps; a shared
         space without a score of its own loses the channels all of them dropped (when nothing
-        else reads them with an unknown value). Returns how many channels that removed."""
-        analysis, extra = self.analysis, 0
+        else reads them with an unknown value). Returns how many channels that removed.
+
+        A branch may read a tensor whose space a branch joined (an Add of its output with an
+        older tensor), so no order of the spaces settles them all at once: the passes repeat
+        until nothing changes (each only puts channels back, so they end)."""
+        analysis = self.analysis
         readers: dict[int, list] = {}
         for sel in analysis.selectors:
             for root in {analysis.find(seg.space) for seg in sel.source}:
                 readers.setdefault(root, []).append(sel)
-        for root in sorted(readers, reverse=True):  # a branch's own space is newer than what it reads
-            space = analysis.spaces[root]
-            if space.blocked or not space.producers:
-                continue
-            keep = np.zeros(space.size, bool)
-            for sel in readers[root]:
-                own = (Segment(sel.space, analysis.spaces[sel.space].size),)
-                dropped = _flags(analysis, own, removed)
-                roots, index = analysis.channel_ids(sel.source)
-                keep[index[(roots == root) & ~dropped]] = True
-            if root in self.scores:  # scored too: what a branch still reads stays (groups evened out again)
-                self.branch_kept += int((removed[root] & keep).sum())
-                removed[root] = self._finish(space, removed[root] & ~keep)
-                continue
-            gone = ~keep & ~self.unsafe.mask.get(root, np.zeros(space.size, bool))
-            gone = _respect(space, gone, self.options.min_channels, self.options.round_to)
-            removed[root] = gone
-            extra += int(gone.sum())
-        return extra
+        roots = [r for r in readers if not analysis.spaces[r].blocked and analysis.spaces[r].producers]
+        chosen = {r: removed[r].copy() for r in roots if r in self.scores}
+        derived: dict[int, np.ndarray] = {}
+        keeps: dict[int, np.ndarray] = {}
+        for _ in range(len(roots) + 2):
+            changed = False
+            for root in roots:
+                space = analysis.spaces[root]
+                keep = np.zeros(space.size, bool)
+                for sel in readers[root]:
+                    own = (Segment(sel.space, analysis.spaces[sel.space].size),)
+                    dropped = _flags(analysis, own, removed)
+                    ids, index = analysis.channel_ids(sel.source)
+                    keep[index[(ids == root) & ~dropped]] = True
+                keeps[root] = keep
+                if root in self.scores:  # scored too: what a branch still reads stays (groups evened out again)
+                    gone = self._finish(space, removed[root] & ~keep)
+                else:
+                    gone = ~keep & ~self.unsafe.mask.get(root, np.zeros(space.size, bool))
+                    gone = _respect(space, gone, self.options.min_channels, self.options.round_to)
+                    if root in derived:
+                        gone &= derived[root]
+                    derived[root] = gone
+                if root not in removed or not np.array_equal(gone, removed[root]):
+                    removed[root] = gone
+                    changed = True
+            if not changed:
+                break
+        self.branch_kept = sum(int((chosen[r] & keeps[r]).sum()) for r in chosen)
+        return sum(int(g.sum()) for g in derived.values())
 
     def plan(self, order: np.ndarray, target: int) -> Plan:
         removed, stats = self.removed(order, target)
@@ -416,7 +458,7 @@ def _within_budget(analysis: Analysis, walk: _Walk, flat: np.ndarray, options: P
     """The fewest channels, taken in order of importance per unit of cost, that bring the MACs
     (or parameters) to the budget: a bisection over the length of the walk, each candidate
     plan costed exactly (rounding and derived removals included)."""
-    costs = Costs(analysis)
+    costs = Costs(analysis, walk.dead if options.exact_borders else None)
     which = 0 if options.target_macs is not None else 1
     fraction = options.target_macs if which == 0 else options.target_params
     full = costs.totals({})[which]

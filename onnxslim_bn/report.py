@@ -145,11 +145,13 @@ def _layers(analysis: Analysis, space_id: int) -> list[SpaceLayer]:
 
 def describe_spaces(analysis: Analysis, plan: Plan | None) -> list[SpaceReport]:
     out = []
+    # read by reader BNs: such a space loses what every branch dropped, with or without a score
+    branched = {analysis.find(seg.space) for sel in analysis.selectors for seg in sel.source}
     for space in analysis.roots():
         if not space.producers:
             continue
         scores = space.scores()
-        reasons = list(space.blocked) or ([] if scores is not None else
+        reasons = list(space.blocked) or ([] if scores is not None or space.id in branched else
                                           [f"no BatchNorm scale ranks the channels of {space.producers[0]}"])
         reason = str(reasons[0]) if reasons else None
         removed = plan.removed_mask((Segment(space.id, space.size),)) if plan is not None else np.zeros(space.size, bool)
@@ -157,7 +159,8 @@ def describe_spaces(analysis: Analysis, plan: Plan | None) -> list[SpaceReport]:
         out.append(SpaceReport(
             producers=space.producers, channels=space.size, kept=int(space.size - removed.sum()),
             removed=[int(i) for i in np.flatnonzero(removed)],
-            source=",".join(space.source_kinds), score_nodes=[s.node for s in space.sources],
+            source=",".join(space.source_kinds) or ("branches" if space.id in branched else ""),
+            score_nodes=[s.node for s in space.sources],
             score_min=None if scores is None else float(scores.min()),
             score_median=None if scores is None else float(np.median(scores)),
             score_max=None if scores is None else float(scores.max()),

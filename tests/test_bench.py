@@ -314,3 +314,11 @@ def test_table_cache_round_trip(tmp_path, monkeypatch):
 def test_table_cache_default_place(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     assert latency.cache_path() == tmp_path / "onnx-bnslim" / "latency.json"
+
+
+@pytest.mark.parametrize("load, busy", [(0.0, False), (99.0, True)])
+def test_busy_machine_is_said(load, busy, pair, monkeypatch):
+    monkeypatch.setattr(bench, "_load_average", lambda: load)
+    monkeypatch.setattr(bench, "_alternate", lambda runners, feeds, warmup, runs: [[1e-3] * runs, [1e-3] * runs])
+    result = benchmark(*pair, batches=(1,), runs=2, warmup=0, runtimes=("onnxruntime",), rounds=1)
+    assert any("the machine was busy: load average 99.0 -> 99.0" in n for n in result.notes) == busy

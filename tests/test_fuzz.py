@@ -173,19 +173,21 @@ def networks(draw):
         for node in model.graph.node:
             if draw(st.booleans()):
                 node.name = ""
-    return model, [2, 3, size, size]
+    return model, [2, 3, size, size], net.size
 
 
 @settings(max_examples=EXAMPLES, deadline=None, derandomize="FUZZ_EXAMPLES" not in os.environ, database=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(networks(), st.floats(0.05, 0.95))
 def test_random_graphs_prune_to_valid_faithful_models(drawn, ratio):
-    model, shape = drawn
+    model, shape, final_size = drawn
     note(" ".join(f"{n.op_type}({','.join(n.input)})->{','.join(n.output)}" for n in model.graph.node))
     note(str({t.name: (list(t.dims), onnx.numpy_helper.to_array(t).ravel()[:8].round(3).tolist()) for t in model.graph.initializer}))
     x = random_input(shape)
     original = run(model, {"x": x})[0]
-    tolerance = 1e-5 * float(np.abs(original).max()) + 1e-6
+    # 1e-5 of the output's range; a head that averages a large map (repeated upsampling) sums a
+    # removed channel's constant over H*W float32 positions, where the bias adds it once
+    tolerance = 1e-5 * float(np.abs(original).max()) * max(1.0, final_size**2 / 256) + 1e-6
     try:
         exact = prune(model, threshold=1e-6, min_channels=1, round_to=1, exact_borders=True, compensation="bias")
     except BnSlimError as err:  # legitimate only when nothing at all can be pruned

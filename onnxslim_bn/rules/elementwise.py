@@ -39,8 +39,7 @@ class BatchNormRule(Rule):
         elif any(s.repeat != 1 for s in layout):
             ctx.block(layout, f"BatchNormalization {node.name} normalizes flattened features")
         else:
-            source = node.inputs[0]
-            if len(source.outputs) > 1 or any(source is o for o in ctx.graph.outputs):
+            if not _sole_reader(node, ctx):
                 # one reader among several: its gamma says nothing of what the others read
                 own = ctx.select(layout, node)
                 ctx.edit(SelectChannels(node, layout, own, ctx.graph))
@@ -62,6 +61,23 @@ class BatchNormRule(Rule):
             exact = gamma * (inputs[0] - mean) / np.sqrt(var + attr(node, "epsilon", 1e-5)) + beta
             out[known] = exact[known]
         return [out] + [None] * (len(node.outputs) - 1)
+
+
+def _sole_reader(node: gs.Node, ctx: Analysis) -> bool:
+    """Whether the BN sees everything its input carries: back through single-input ops that
+    pass the channels on (Identity, an activation, pooling ...), no tensor has another reader
+    or is a graph output. A BN that is one reader among several scores its branch only."""
+    tensor = node.inputs[0]
+    while True:
+        if len(tensor.outputs) > 1 or any(tensor is o for o in ctx.graph.outputs):
+            return False
+        producer = tensor.inputs[0] if tensor.inputs else None
+        if producer is None or producer.op in ("Conv", "ConvTranspose", "Gemm", "MatMul"):
+            return True
+        carrying = [t for t in producer.inputs if ctx.layout(t) is not None]
+        if len(carrying) != 1 or len(producer.outputs) != 1 or ctx.layout(producer.outputs[0]) != ctx.layout(carrying[0]):
+            return True  # a join, a concatenation, a split: where the channels come together
+        tensor = carrying[0]
 
 
 def _hard_sigmoid(node: gs.Node) -> Callable[[np.ndarray], np.ndarray]:
