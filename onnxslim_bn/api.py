@@ -26,6 +26,7 @@ from .interface import (account, check_interface, check_size, copy_origins, fix_
 from .model_io import check_input, load_model_and_files
 from .openvino_ir import OpenVinoResult, export_ir
 from .data_importance import data_importance
+from .hardware import resolve_round_to
 from .plan import dead_level, Plan, PruneOptions, select
 from .reconstruct import ReconstructionReport, reconstruct
 from .report import Report, SpaceReport, describe_spaces, run_metadata, weight_name
@@ -177,6 +178,8 @@ def _importance(analysis: Analysis, options: PruneOptions) -> str:
 
 def _rank_by_data(prep: _Prepared, options: PruneOptions, samples) -> None:
     """Data importance (:mod:`.data_importance`) on the calibration share of the samples."""
+    if options.round_to == "auto":
+        prep.notes.append(resolve_round_to("auto")[1])
     prep.importance = _importance(prep.analysis, options)
     if prep.importance != "data":
         prep.notes.append("importance: gamma (|BN scale| ranks the channels)")
@@ -386,6 +389,9 @@ def _options_resolved(options: PruneOptions, prep: _Prepared) -> dict:
         asdict(replace(options, data=None))
     out["data"] = data.describe_option(options.data)
     out["input_shapes"] = {k: list(v) for k, v in prep.input_shapes.items()}
+    out["round_to"] = options.block()
+    out["importance"] = prep.importance
+    out["compensation"] = _compensation(options)
     layers = {name for s in prep.analysis.spaces for name in s.producers}
     out["protected_layers"] = sorted(_protected(prep.graph, options) & layers)
     return out

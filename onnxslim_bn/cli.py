@@ -71,8 +71,10 @@ def _common(parser: argparse.ArgumentParser) -> None:
                         help="never prune the layers whose node name or weight name matches (fnmatch), one pattern "
                              "per flag, e.g. --keep 'layer4.*' --keep '/head/*'; a pattern matching no layer is an error")
     parser.add_argument("--min-channels", type=int, default=4, help="channels a layer keeps at least (default 4)")
-    parser.add_argument("--round-to", type=int, default=8,
-                        help="round kept widths up to a multiple of N, in layers of at least 4N channels (default 8; 1 = exact ratio)")
+    parser.add_argument("--round-to", default="auto", metavar="N|auto",
+                        help="round kept widths to a multiple of N, up or down, whichever keeps the total nearest "
+                             "the selection (default auto: the machine's convolution channel block, 16 with AVX-512, "
+                             "8 with AVX2; 1 = the exact ratio)")
 
 
 def _data_flags(parser: argparse.ArgumentParser) -> None:

@@ -28,9 +28,9 @@ class PruneOptions:
     # consumers, measured on calibration samples), "auto" (data when --data is given and the
     # scales show no dead cluster, i.e. the model was not sparsity-trained; else gamma)
     importance: str = "auto"
-    # kept widths are rounded up to a multiple of this (runtimes run widths of 8k much faster),
-    # except in spaces narrower than 4 * round_to, where the rounding would be most of the layer
-    round_to: int = 8
+    # kept widths are rounded to a multiple of this, up or down (hardware.round_widths): CPU
+    # runtimes run widths on their channel block much faster; "auto": the machine's block
+    round_to: int | str = "auto"
     keep: list[str] = field(default_factory=list)  # fnmatch patterns of node or weight names never pruned
     input_shapes: dict[str, list[int]] = field(default_factory=dict)
     # inputs for calibration and the check (onnxslim_bn.data): a path (.npz, .npy, a folder of images
@@ -68,8 +68,7 @@ class PruneOptions:
             raise BnSlimError(f"--threshold {self.threshold} must be positive, e.g. --threshold 1e-3")
         if self.min_channels < 1:
             raise BnSlimError(f"--min-channels {self.min_channels} must be at least 1")
-        if self.round_to < 1:
-            raise BnSlimError(f"--round-to {self.round_to} must be at least 1")
+        self.block()  # --round-to: auto or a whole number >= 1
         if self.max_error is not None and not self.max_error >= 0:
             raise BnSlimError(f"--max-error {self.max_error} must be 0 or more, e.g. --max-error 1e-3")
         if self.max_rel_error is not None and not self.max_rel_error >= 0:
@@ -84,6 +83,12 @@ class PruneOptions:
             raise BnSlimError("--preprocess applies to a folder of images: add --data IMAGE_FOLDER")
         if self.compensation not in ("auto", "bias", "reconstruct"):
             raise BnSlimError(f"--compensation {self.compensation!r}: choose auto, bias or reconstruct")
+
+    def block(self) -> int:
+        """The width multiple kept widths are rounded to (``round_to``, resolved)."""
+        from .hardware import resolve_round_to
+
+        return resolve_round_to(self.round_to)[0]
 
     def protects(self, node_name: str, weights: tuple[str, ...] | list[str] = ()) -> bool:
         """Whether a ``keep`` pattern (fnmatch) matches the layer's node name or one of its weight names."""
@@ -310,6 +315,8 @@ class _Walk:
         self.channel = np.concatenate([np.arange(s.size) for s in spaces]) if spaces else np.zeros(0, int)
         self.flat = np.concatenate([scores[s.id] for s in spaces]) if spaces else np.zeros(0)
         self.whole_order = False
+        self.block = options.block()
+        self.costs, self.which = None, 0  # a budget's costs: rounding weighs channels by them
         self.unsafe_flat = np.concatenate([unsafe.mask.get(s.id, np.zeros(s.size, bool)) for s in spaces]) \
             if spaces else np.zeros(0, bool)
 
@@ -347,12 +354,13 @@ class _Walk:
         stats["unsafe"] = int(self.unsafe_flat[below].sum())
         for s in spaces:
             removed[s.id] = self._finish(s, removed[s.id])
+        self._round(removed)
         stats["derived"] = self._derive(removed)
         stats["branch_kept"] = self.branch_kept
         return removed, stats
 
     def _finish(self, s, gone: np.ndarray) -> np.ndarray:
-        """Even out groups, round the kept width up to a multiple of round_to."""
+        """Even out groups: every group of a grouped conv loses the same number of channels."""
         options, scores = self.options, self.scores[s.id]
         gone = gone.copy()
         if s.groups > 1:  # the same number from every group: the lowest-scored of what was chosen
@@ -363,12 +371,39 @@ class _Walk:
             gone = np.zeros_like(blocks)
             np.put_along_axis(gone, picks, True, axis=1)
             return gone.reshape(-1)
-        if s.size >= 4 * options.round_to and not s.parts:
-            keep_n = s.size - int(gone.sum())
-            extra = min(s.size, math.ceil(keep_n / options.round_to) * options.round_to) - keep_n
-            back = np.flatnonzero(gone)[np.argsort(-scores[gone], kind="stable")[:extra]]
-            gone[back] = False
         return gone
+
+    def _round(self, removed: dict[int, np.ndarray]) -> None:
+        """Kept widths to multiples of the block, up or down, whichever keeps the total nearest
+        the selection (:func:`onnxslim_bn.hardware.round_widths`): up puts back the best removed
+        channels, down takes the weakest kept ones that may go. Grouped spaces and spaces that
+        Split / Slice take parts of keep the widths the selection gave them."""
+        from .hardware import round_widths
+
+        block = self.block
+        spaces = [s for s in self.spaces if s.groups == 1 and not s.parts and removed[s.id].any()]
+        if block <= 1 or not spaces:
+            return
+        keeps = [int(s.size - removed[s.id].sum()) for s in spaces]
+        widths = round_widths(keeps, [s.size for s in spaces], block, self.options.min_channels, self.weights(spaces))
+        for s, keep, width in zip(spaces, keeps, widths):
+            gone, scores = removed[s.id], self.scores[s.id]
+            if width % block and 2 * (s.size - width) <= block:  # a few channels off a whole space: not
+                width = s.size  # worth a width off the block (the kernels would run it slower)
+            if width > keep:
+                back = np.flatnonzero(gone)[np.argsort(-scores[gone], kind="stable")[:width - keep]]
+                gone[back] = False
+            elif width < keep:
+                mask = self.unsafe.mask.get(s.id, np.zeros(s.size, bool))
+                free = np.flatnonzero(~gone & ~mask & np.isfinite(scores))
+                gone[free[np.argsort(scores[free], kind="stable")[:keep - width]]] = True
+
+    def weights(self, spaces) -> list[float]:
+        """What one channel of each space costs, for rounding towards the budget (1: channels)."""
+        if self.costs is None:
+            return [1.0] * len(spaces)
+        saved = self.costs.per_channel(self.which)
+        return [float(saved[self.costs.offset[s.id]]) for s in spaces]
 
     def _derive(self, removed: dict[int, np.ndarray]) -> int:
         """A tensor read by reader BNs keeps every channel one of their branches keeps; a shared
@@ -402,7 +437,7 @@ class _Walk:
                     gone = self._finish(space, removed[root] & ~keep)
                 else:
                     gone = ~keep & ~self.unsafe.mask.get(root, np.zeros(space.size, bool))
-                    gone = _respect(space, gone, self.options.min_channels, self.options.round_to)
+                    gone = _respect(space, gone, self.options.min_channels, self.block)
                     if root in derived:
                         gone &= derived[root]
                     derived[root] = gone
@@ -460,6 +495,7 @@ def _within_budget(analysis: Analysis, walk: _Walk, flat: np.ndarray, options: P
     plan costed exactly (rounding and derived removals included)."""
     costs = Costs(analysis, walk.dead if options.exact_borders else None)
     which = 0 if options.target_macs is not None else 1
+    walk.costs, walk.which = costs, which
     fraction = options.target_macs if which == 0 else options.target_params
     full = costs.totals({})[which]
     per_channel = _channel_costs(analysis, walk, costs, which)

@@ -31,6 +31,6 @@ def manifest() -> dict:
 @cache
 def sparsity(name: str, form: str = "") -> float:
     """The fixture's own sparsity level: the fraction of prunable channels scored below DEAD."""
-    spaces = [s for s in inspect(str(path(name, form))).spaces if s.blocked is None]
+    spaces = [s for s in inspect(str(path(name, form))).spaces if s.blocked is None and s.scores]
     dead = sum(int((np.array(s.scores) < DEAD).sum()) for s in spaces)
     return dead / sum(s.channels for s in spaces)
