@@ -25,8 +25,11 @@ from .interface import (account, check_interface, check_size, copy_origins, fix_
                         needs_node_names, remember_node_metadata, restore_interface, settle_copies)
 from .model_io import check_input, load_model_and_files
 from .openvino_ir import OpenVinoResult, export_ir
+from .openvino_ir import require as require_openvino
 from .data_importance import data_importance
+from .bench import probe, probe_inputs, time_pair
 from .hardware import resolve_round_to
+from .latency import layer_latency_table
 from .plan import dead_level, Plan, PruneOptions, select
 from .reconstruct import ReconstructionReport, reconstruct
 from .report import Report, SpaceReport, describe_spaces, run_metadata, weight_name
@@ -238,21 +241,37 @@ def prune(model: onnx.ModelProto | str | os.PathLike, options: PruneOptions | No
         raise TypeError("prune() takes options=PruneOptions(...) or its fields as keywords, not both")
     options = options or PruneOptions(**kwargs)
     options.validate()
+    given = _options_given(options, kwargs)
     clock = time.perf_counter()
-    prep = _prepare(model, options)
-    if not prep.analysis.prunable():
-        raise _nothing_to_prune(prep)
-    before = measure(prep.graph, prep.shapes, prep.size_bytes or weight_bytes(prep.model))
-    plan: Plan = select(prep.analysis, options)
-    stats = apply(prep.analysis, plan, options.exact_borders)
-    given, resolved = _options_given(options, kwargs), _options_resolved(options, prep)
-    pruned = _export(prep, run_metadata(resolved), options.allow_growth)
-    seconds = {"prune": time.perf_counter() - clock}
-    reconstruction = None
-    if _compensation(options) == "reconstruct":
-        clock = time.perf_counter()
-        pruned, reconstruction = _reconstruct(prep, pruned, options)
-        seconds["reconstruct"] = time.perf_counter() - clock
+    curves, target, timed = None, options.target_latency, None
+    for attempt in range(3 if target is not None else 1):  # --target-latency: timed, tightened when missed
+        prep = _prepare(model, options)
+        if not prep.analysis.prunable():
+            raise _nothing_to_prune(prep)
+        if target is not None and curves is None:
+            curves = _latency_table(prep, options)
+        before = measure(prep.graph, prep.shapes, prep.size_bytes or weight_bytes(prep.model))
+        plan: Plan = select(prep.analysis, replace(options, target_latency=target) if target else options, curves)
+        stats = apply(prep.analysis, plan, options.exact_borders)
+        resolved = _options_resolved(options, prep)
+        pruned = _export(prep, run_metadata(resolved), options.allow_growth)
+        seconds = {"prune": time.perf_counter() - clock}
+        reconstruction = None
+        if _compensation(options) == "reconstruct":
+            clock = time.perf_counter()
+            pruned, reconstruction = _reconstruct(prep, pruned, options)
+            seconds["reconstruct"] = time.perf_counter() - clock
+        if target is None:
+            break
+        timed = _time_latency(prep, pruned, options)
+        plan.budget["measured"] = timed[1] / timed[0]
+        prep.notes.append(f"--target-latency {options.target_latency:g} on {options.runtime}, batch "
+                          f"{options.latency_batch}: {timed[0]:.3f} -> {timed[1]:.3f} ms measured "
+                          f"({timed[1] / timed[0]:.1%}; the layer table predicted {plan.budget['reached']:.1%}), "
+                          f"attempt {attempt + 1}")
+        if timed[1] / timed[0] <= options.target_latency * 1.03:
+            break
+        target = max(0.02, target * options.target_latency / (timed[1] / timed[0]))  # aim lower and try again
 
     clock = time.perf_counter()
     pruned_shapes = infer_shapes(pruned, prep.input_shapes, "the pruned model")
@@ -270,7 +289,27 @@ def prune(model: onnx.ModelProto | str | os.PathLike, options: PruneOptions | No
     if verification is not None and verification.failed:
         raise CheckFailed(f"{prep.source} (pruned): the check failed: {verification.failed}; nothing was written. "
                           "Lower --ratio or relax the gate", report)
+    if options.probe:
+        found = probe(prep.model, pruned, probe_inputs(prep.model, prep.input_shapes), threads=options.threads)
+        report.probe = found.to_dict()
+        report.notes.append(found.summary())
+        if not found.faster:
+            log.warning("%s", found.message())
     return PruneResult(pruned, report, feeds, outputs, reconstruction)
+
+
+def _latency_table(prep: _Prepared, options: PruneOptions) -> dict:
+    """The per-layer latency curves of the original on the target runtime (cached per machine)."""
+    if options.runtime == "openvino":
+        require_openvino("--runtime openvino")
+    return layer_latency_table(prep.model, prep.shapes, runtime=options.runtime, batch=options.latency_batch,
+                               threads=options.threads)
+
+
+def _time_latency(prep: _Prepared, pruned: onnx.ModelProto, options: PruneOptions) -> tuple[float, float]:
+    """Original and pruned median ms on the target runtime, timed alternately."""
+    feeds = probe_inputs(prep.model, prep.input_shapes, batch=options.latency_batch)
+    return time_pair(prep.model, pruned, options.runtime, feeds, options.threads)
 
 
 def _compensation(options: PruneOptions) -> str:

@@ -478,3 +478,16 @@ def _layer_of(model: onnx.ModelProto, profiled: str) -> str:
     if node is not None and node.op_type in _LAYERS:
         return node.name or node.output[0]
     return profiled
+
+
+def time_pair(original: onnx.ModelProto, pruned: onnx.ModelProto, runtime: str, feeds: dict[str, np.ndarray],
+              threads: int | None = None, runs: int = 20, warmup: int = 3) -> tuple[float, float]:
+    """Median ms of ``original`` and ``pruned`` on ``runtime``, timed alternately (A B, B A, ...;
+    onnxruntime spinning off), as ``--target-latency`` checks the latency it reached."""
+    from .model_io import as_file
+
+    threads = threads or os.cpu_count() or 1
+    with as_file(original) as first, as_file(pruned) as second:
+        runners = [_RUNNERS[runtime](first, threads), _RUNNERS[runtime](second, threads)]
+        times = _alternate(runners, feeds, warmup, runs)
+    return float(np.median(times[0]) * 1e3), float(np.median(times[1]) * 1e3)

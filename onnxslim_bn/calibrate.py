@@ -47,7 +47,8 @@ class Patches:
     groups: int = 1
 
     @classmethod
-    def for_conv(cls, node: onnx.NodeProto, weight_shape: tuple[int, ...], input_spatial: tuple[int, ...] | None) -> Patches:
+    def for_conv(cls, node: onnx.NodeProto, weight_shape: tuple[int, ...],
+                 input_spatial: tuple[int, ...] | None) -> Patches:
         """The patches of a Conv node (``input_spatial`` is needed for ``auto_pad`` SAME only)."""
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
         kernel = tuple(int(k) for k in weight_shape[2:])

@@ -110,6 +110,19 @@ def _prune_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                      help="keep at most fraction F of the MACs (0 < F < 1), channels ranked by importance per MAC")
     how.add_argument("--target-params", type=float, metavar="F",
                      help="keep at most fraction F of the layer parameters, ranked by importance per parameter")
+    how.add_argument("--target-latency", type=float, metavar="F",
+                     help="keep at most fraction F of the original's latency on --runtime at --latency-batch: "
+                          "channels ranked by importance per millisecond from a per-layer latency table measured "
+                          "here (cached), the result timed and the cut tightened when it misses")
+    parser.add_argument("--runtime", choices=("onnxruntime", "openvino"), default="onnxruntime",
+                        help="for --target-latency: the runtime you deploy with (default onnxruntime)")
+    parser.add_argument("--latency-batch", type=int, default=1, metavar="N",
+                        help="for --target-latency: the batch size you deploy with (default 1)")
+    parser.add_argument("--threads", type=int, metavar="N",
+                        help="for --target-latency and the probe: runtime threads (default: all cores)")
+    parser.add_argument("--no-probe", dest="probe", action="store_false",
+                        help="skip the quick timing of original against pruned (onnxruntime) that warns when the "
+                             "pruned model is not faster and names the layers to blame")
     parser.add_argument("--importance", choices=("auto", "gamma", "data"), default="auto",
                         help="rank channels by |BN scale| (gamma, Network Slimming) or by their measured cost at the "
                              "layers reading them (data, needs --data); default auto: data when --data is given "
@@ -319,6 +332,8 @@ def run_prune(args: argparse.Namespace) -> int:
                     (args.openvino, out.stem) if args.openvino else None)
     options = _options(args, ratio=args.ratio, threshold=args.threshold, data=args.data,
                        target_macs=args.target_macs, target_params=args.target_params,
+                       target_latency=args.target_latency, runtime=args.runtime, latency_batch=args.latency_batch,
+                       threads=args.threads, probe=args.probe,
                        importance=args.importance, max_layer_ratio=args.max_layer_ratio,
                        max_error=args.max_error, verify=not args.no_verify, exact_borders=args.exact_borders,
                        allow_growth=args.allow_growth,

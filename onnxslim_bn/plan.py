@@ -21,6 +21,13 @@ class PruneOptions:
     threshold: float | None = None  # or: remove every channel whose importance is below this
     target_macs: float | None = None  # or: keep at most this fraction of the MACs
     target_params: float | None = None  # or: keep at most this fraction of the layer parameters
+    # or: keep at most this fraction of the original's latency on `runtime` (per-layer latency
+    # table measured on this machine, onnxslim_bn.latency), at `latency_batch` and `threads`
+    target_latency: float | None = None
+    runtime: str = "onnxruntime"
+    latency_batch: int = 1
+    threads: int | None = None
+    probe: bool = False  # after pruning: time original and pruned side by side, warn when not faster
     min_channels: int = 4  # a space never drops below this many channels
     # a layer loses at most this fraction of its live channels (those above the dead cluster)
     max_layer_ratio: float = 0.75
@@ -51,11 +58,17 @@ class PruneOptions:
     allow_growth: bool = False  # accept weights >10% over the input's (shared weights sliced per reader)
 
     def validate(self) -> None:
-        given = [v is not None for v in (self.ratio, self.threshold, self.target_macs, self.target_params)]
+        given = [v is not None for v in (self.ratio, self.threshold, self.target_macs, self.target_params,
+                                         self.target_latency)]
         if sum(given) != 1:
             raise BnSlimError("give exactly one of --ratio (e.g. --ratio 0.5), --threshold (e.g. --threshold 1e-3), "
-                              "--target-macs (e.g. --target-macs 0.5) or --target-params")
-        for flag, value in (("--target-macs", self.target_macs), ("--target-params", self.target_params)):
+                              "--target-macs (e.g. --target-macs 0.5), --target-params or --target-latency")
+        if self.runtime not in ("onnxruntime", "openvino"):
+            raise BnSlimError(f"--runtime {self.runtime!r}: choose onnxruntime or openvino")
+        if self.latency_batch < 1 or (self.threads is not None and self.threads < 1):
+            raise BnSlimError("--latency-batch and --threads must be at least 1")
+        for flag, value in (("--target-macs", self.target_macs), ("--target-params", self.target_params),
+                            ("--target-latency", self.target_latency)):
             if value is not None and not 0.0 < value < 1.0:
                 raise BnSlimError(f"{flag} {value} is outside (0, 1); pass the fraction to keep, e.g. {flag} 0.5")
         if self.importance not in ("auto", "gamma", "data"):
@@ -184,10 +197,12 @@ class Costs:
     kept fraction of its input channels (a depthwise conv: its channels once). Channels are
     numbered globally (root space offset + channel) so that a plan is costed with numpy."""
 
-    def __init__(self, analysis: Analysis, dead: dict[str, np.ndarray] | None = None):
+    def __init__(self, analysis: Analysis, dead: dict[str, np.ndarray] | None = None, curves: dict | None = None):
         from .edits import constant_shape
         from .rules import RULES
 
+        self.curves = curves or {}  # node name -> latency.LatencyCurve: the third total, in ms
+        self.timed: list[tuple] = []  # (curve, c_in, c_out, output index, input index) per timed layer
         self.analysis = analysis
         roots = analysis.roots()
         self.offset = {s.id: o for s, o in zip(roots, np.cumsum([0] + [s.size for s in roots]))}
@@ -204,6 +219,10 @@ class Costs:
             if out is not None and inp is not None and out == inp:  # depthwise: one set of channels
                 inp = None
             self.layers.append((float(cost[1]), params, self._index(out), self._index(inp)))
+            curve = self.curves.get(node.name)
+            if curve is not None:
+                self.timed.append((curve, max(curve.c_in), max(curve.c_out), self._index(out), self._index(inp),
+                                   float(cost[1])))
         # --exact-borders: a padded consumer of removed non-zero constants gains a [C_out, H, W] map
         self.maps: list[tuple[float, tuple, np.ndarray]] = []
         for consumer in analysis.consumers if dead is not None else []:
@@ -249,11 +268,29 @@ class Costs:
         for size, out, inputs in self.maps:
             if gone[inputs].any():
                 params += size * float(out[1] @ kept[out[0]])
-        return macs, params
+        if not self.curves:
+            return macs, params
+        return macs, params, self.latency(kept)
+
+    def latency(self, kept: np.ndarray) -> float:
+        """Predicted ms of the timed layers at the kept widths (latency.LatencyCurve.cost)."""
+        total = 0.0
+        for curve, c_in, c_out, out, inp, _ in self.timed:
+            fo = 1.0 if out is None else float(out[1] @ kept[out[0]])
+            fi = 1.0 if inp is None else float(inp[1] @ kept[inp[0]])
+            total += curve.cost(round(c_in * fi), round(c_out * fo)) if not curve.tied else \
+                curve.cost(0, round(c_out * fo))
+        return total
 
     def per_channel(self, which: int) -> np.ndarray:
-        """First-order saving (MACs or parameters) of removing each channel alone, globally numbered."""
+        """First-order saving (MACs, parameters or ms) of removing each channel alone, globally numbered."""
         saved = np.zeros(self.total_channels)
+        if which == 2:  # a layer's time shared out like its MACs
+            for curve, _, _, out, inp, _ in self.timed:
+                for side in (out, inp):
+                    if side is not None:
+                        np.add.at(saved, side[0], curve.full_ms * side[1])
+            return saved
         for layer in self.layers:
             for side in layer[2:]:
                 if side is not None:
@@ -261,7 +298,7 @@ class Costs:
         return saved
 
 
-def select(analysis: Analysis, options: PruneOptions) -> Plan:
+def select(analysis: Analysis, options: PruneOptions, curves: dict | None = None) -> Plan:
     """Choose which channels go.
 
     One global ranking by importance over every prunable space, walked greedily from the least
@@ -288,7 +325,7 @@ def select(analysis: Analysis, options: PruneOptions) -> Plan:
     level = dead_level(flat)
     walk = _Walk(analysis, spaces, scores, unsafe, level, options)
     walk.dead = dead
-    if options.target_macs is None and options.target_params is None:
+    if options.target_macs is None and options.target_params is None and options.target_latency is None:
         order = np.argsort(flat, kind="stable")  # global ranking; ties keep graph order
         removable = ~walk.unsafe_flat
         if options.threshold is not None:
@@ -299,7 +336,7 @@ def select(analysis: Analysis, options: PruneOptions) -> Plan:
         walk.whole_order = options.threshold is not None  # every channel below the threshold counts
         plan = walk.plan(order, target)
     else:
-        plan = _within_budget(analysis, walk, flat, options)
+        plan = _within_budget(analysis, walk, flat, options, curves)
     plan.unsafe_where = unsafe.where
     plan.ranked = int((~walk.unsafe_flat).sum())
     return plan
@@ -489,14 +526,18 @@ def _respect(space, gone: np.ndarray, min_channels: int, round_to: int) -> np.nd
     return gone
 
 
-def _within_budget(analysis: Analysis, walk: _Walk, flat: np.ndarray, options: PruneOptions) -> Plan:
+def _within_budget(analysis: Analysis, walk: _Walk, flat: np.ndarray, options: PruneOptions,
+                   curves: dict | None = None) -> Plan:
     """The fewest channels, taken in order of importance per unit of cost, that bring the MACs
     (or parameters) to the budget: a bisection over the length of the walk, each candidate
     plan costed exactly (rounding and derived removals included)."""
-    costs = Costs(analysis, walk.dead if options.exact_borders else None)
-    which = 0 if options.target_macs is not None else 1
+    which = 0 if options.target_macs is not None else 1 if options.target_params is not None else 2
+    if which == 2 and not curves:
+        raise BnSlimError("--target-latency needs the per-layer latency table (onnxslim_bn.latency); "
+                          "prune() measures it: pass the model through prune()")
+    costs = Costs(analysis, walk.dead if options.exact_borders else None, curves if which == 2 else None)
     walk.costs, walk.which = costs, which
-    fraction = options.target_macs if which == 0 else options.target_params
+    fraction = (options.target_macs, options.target_params, options.target_latency)[which]
     full = costs.totals({})[which]
     per_channel = _channel_costs(analysis, walk, costs, which)
     order = np.argsort(flat / np.maximum(per_channel, 1e-30), kind="stable")
@@ -511,7 +552,8 @@ def _within_budget(analysis: Analysis, walk: _Walk, flat: np.ndarray, options: P
             lo = mid + 1
     plan = walk.plan(order, len(order) if best is None else best)
     reached = costs.totals({r: ~np.isin(np.arange(analysis.spaces[r].size), k) for r, k in plan.kept.items()})[which]
-    plan.budget = {"metric": ("macs", "params")[which], "target": fraction, "reached": reached / full if full else 1.0}
+    plan.budget = {"metric": ("macs", "params", "latency")[which], "target": fraction,
+                   "reached": reached / full if full else 1.0}
     return plan
 
 

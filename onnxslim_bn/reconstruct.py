@@ -288,7 +288,8 @@ def _submodel(model: onnx.ModelProto, nodes: list[onnx.NodeProto], inputs: dict[
     used = {n for node in nodes for n in node.input}
     graph = onnx.helper.make_graph(
         nodes, "segment",
-        [onnx.helper.make_tensor_value_info(n, onnx.helper.np_dtype_to_tensor_dtype(d), None) for n, d in inputs.items()],
+        [onnx.helper.make_tensor_value_info(n, onnx.helper.np_dtype_to_tensor_dtype(d), None)
+         for n, d in inputs.items()],
         [onnx.helper.make_empty_tensor_value_info(n) for n in outputs],
         [constants[n] for n in used if n in constants])
     sub = onnx.helper.make_model(graph, opset_imports=model.opset_import, ir_version=model.ir_version)
@@ -334,7 +335,8 @@ def _current(layer: _Layer, const: dict[str, onnx.TensorProto]) -> np.ndarray:
         rows = rows * attrs.get("alpha", 1.0)
     if node.op_type in ("Conv", "Gemm") and len(node.input) > 2 and node.input[2]:
         b = numpy_helper.to_array(const[node.input[2]]).astype(np.float64)
-        bias = bias + np.broadcast_to(b.reshape(-1), bias.shape) * (attrs.get("beta", 1.0) if node.op_type == "Gemm" else 1.0)
+        scale = attrs.get("beta", 1.0) if node.op_type == "Gemm" else 1.0
+        bias = bias + np.broadcast_to(b.reshape(-1), bias.shape) * scale
     if layer.trailing_add is not None:
         bias = bias + numpy_helper.to_array(const[layer.trailing_add.input[1]]).astype(np.float64).reshape(-1)
     per = len(rows) // groups
@@ -463,7 +465,8 @@ def _drop_unused(model: onnx.ModelProto) -> None:
 # -------------------------------------------------------------------------------------- the stage
 def reconstruct(original: onnx.ModelProto, pruned: onnx.ModelProto, feeds: dict[str, np.ndarray],
                 consumers: list[str] | None = None, ridge: float = 1e-3, max_positions: int = 64,
-                seed: int = 0, downstream: bool = True, max_rows: int = 16384) -> tuple[onnx.ModelProto, ReconstructionReport]:
+                seed: int = 0, downstream: bool = True,
+                max_rows: int = 16384) -> tuple[onnx.ModelProto, ReconstructionReport]:
     """Refit the layers of ``pruned`` whose input channels were pruned (or those named in
     ``consumers``, by node name or output tensor) on the calibration ``feeds``; with
     ``downstream``, also the later layers whose input the cut changed (when the samples give
@@ -561,7 +564,8 @@ def _refit_in_order(model: onnx.ModelProto, feeds: dict[str, np.ndarray], layers
         if outputs:
             step = time.perf_counter()
             made = {o for n in here for o in n.output}
-            inputs = {n: cache[n][0].dtype for node in here for n in node.input if n and n not in made and n not in const}
+            inputs = {n: cache[n][0].dtype for node in here for n in node.input
+                      if n and n not in made and n not in const}
             sess = _session(_submodel(model, here, inputs, outputs, const))
             for i in range(len(sample_chunks)):
                 for name, value in zip(outputs, sess.run(outputs, {n: cache[n][i] for n in inputs})):

@@ -247,6 +247,7 @@ class Report:
     openvino: OpenVinoResult | None = None
     chosen_channels: int = 0  # what the ranking chose before rounding widths
     selection: dict = field(default_factory=dict)  # Plan.summary(): live channels removed, what was kept and why
+    probe: dict | None = None  # bench.ProbeResult.to_dict() when the run timed original and pruned
     options_given: dict = field(default_factory=dict)  # what the caller set; ``options`` is every option as resolved
 
     @property
@@ -262,7 +263,7 @@ class Report:
             "model": self.model, "output": self.output,
             "options": {"given": self.options_given, "resolved": self.options},
             "removed_channels": self.removed_channels, "prunable_channels": self.prunable_channels,
-            "chosen_channels": self.chosen_channels, "selection": self.selection,
+            "chosen_channels": self.chosen_channels, "selection": self.selection, "probe": self.probe,
             "before": self.before.to_dict(), "after": self.after.to_dict(),
             "verification": None if self.verification is None else self.verification.to_dict(),
             "compensation": asdict(self.surgery), "coverage": coverage(self.spaces),
@@ -342,7 +343,10 @@ def selection_lines(sel: dict, chosen: int, removed: int, options: dict) -> list
         lines.append(f"Live channels removed: {sel.get('live_removed', 0)} ({dead}); largest score removed {top:.3g}.")
     budget = sel.get("budget") or {}
     if budget:
-        lines.append(f"Budget: {budget['metric']} at most {budget['target']:.1%} of the original; reached {budget['reached']:.1%}.")
+        line = f"Budget: {budget['metric']} at most {budget['target']:.1%} of the original; reached {budget['reached']:.1%}"
+        if budget["metric"] == "latency":
+            line += " as the layer table predicts" + (f", {budget['measured']:.1%} measured" if "measured" in budget else "")
+        lines.append(line + ".")
     return lines
 
 

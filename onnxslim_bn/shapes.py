@@ -53,6 +53,10 @@ def resolve_input_shapes(model: onnx.ModelProto, given: dict[str, list[int]], so
         if value.name in given:
             if len(given[value.name]) != len(dims):
                 raise BnSlimError(f"{source}: input '{value.name}' has rank {len(dims)}, --input-shapes gives {len(given[value.name])} dims")
+            for axis, (dim, want) in enumerate(zip(dims, given[value.name])):
+                if dim.HasField("dim_value") and dim.dim_value > 0 and dim.dim_value != want:
+                    raise BnSlimError(f"{source}: input '{value.name}' fixes dim {axis} to {dim.dim_value}, --input-shapes "
+                                      f"gives {want}; only dynamic dims can be set")
             shapes[value.name] = given[value.name]
             continue
         shape, chosen = [], False

@@ -56,7 +56,8 @@ def main() -> None:
                         result = prune(str(path), target_macs=target, data=data, calibration_samples=len(calib),
                                        compensation=method, round_to=1)
                     except Exception as exc:  # a table row, not a crash: say what failed
-                        print(f"| {name} | {form} | {target:.0%} | - | {method} | failed: {str(exc).splitlines()[0][:80]} | | |")
+                        why = str(exc).splitlines()[0][:80]
+                        print(f"| {name} | {form} | {target:.0%} | - | {method} | failed: {why} | | |")
                         continue
                     pred = logits(result.model, x).argmax(1)
                     macs = result.report.after.macs / result.report.before.macs

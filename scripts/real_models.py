@@ -106,7 +106,8 @@ def angle_sample(rng: np.random.Generator) -> tuple[np.ndarray, int]:
 
 TASKS = [
     Task("PP-OCR angle classifier (mobile v2.0 cls)", "rapidocr-onnxruntime",
-         "rapidocr_onnxruntime/models/ch_ppocr_mobile_v2.0_cls_infer.onnx", angle_sample, [1, 3, 48, 192], "classifier"),
+         "rapidocr_onnxruntime/models/ch_ppocr_mobile_v2.0_cls_infer.onnx", angle_sample, [1, 3, 48, 192],
+         "classifier"),
     Task("PP-OCRv4 recognizer (rec)", "rapidocr-onnxruntime", "rapidocr_onnxruntime/models/ch_PP-OCRv4_rec_infer.onnx",
          lambda rng: (paddle_input(text_line(rng), 48, 320), -1), [1, 3, 48, 320], "ctc"),
     Task("ddddocr captcha CRNN (common)", "ddddocr", "ddddocr/common.onnx",
