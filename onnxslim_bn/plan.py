@@ -550,6 +550,13 @@ def _within_budget(analysis: Analysis, walk: _Walk, flat: np.ndarray, options: P
             best, hi = mid, mid - 1
         else:
             lo = mid + 1
+    if best is not None:  # rounding widths makes the cost step: the nearest fit may lie a little earlier
+        fits = {best: costs.totals(walk.removed(order, best)[0])[which]}
+        for n in range(max(0, best - 48), best):
+            reached = costs.totals(walk.removed(order, n)[0])[which]
+            if reached <= fraction * full:
+                fits[n] = reached
+        best = max(fits, key=lambda n: (fits[n], -n))
     plan = walk.plan(order, len(order) if best is None else best)
     reached = costs.totals({r: ~np.isin(np.arange(analysis.spaces[r].size), k) for r, k in plan.kept.items()})[which]
     plan.budget = {"metric": ("macs", "params", "latency")[which], "target": fraction,
