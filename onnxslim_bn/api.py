@@ -264,7 +264,7 @@ def prune(model: onnx.ModelProto | str | os.PathLike, options: PruneOptions | No
         if target is None:
             break
         timed = _time_latency(prep, pruned, options)
-        plan.budget["measured"] = timed[1] / timed[0]
+        plan.budget.update(target=options.target_latency, aimed=target, measured=timed[1] / timed[0])
         prep.notes.append(f"--target-latency {options.target_latency:g} on {options.runtime}, batch "
                           f"{options.latency_batch}: {timed[0]:.3f} -> {timed[1]:.3f} ms measured "
                           f"({timed[1] / timed[0]:.1%}; the layer table predicted {plan.budget['reached']:.1%}), "
