@@ -561,6 +561,8 @@ def _within_budget(analysis: Analysis, walk: _Walk, flat: np.ndarray, options: P
     reached = costs.totals({r: ~np.isin(np.arange(analysis.spaces[r].size), k) for r, k in plan.kept.items()})[which]
     plan.budget = {"metric": ("macs", "params", "latency")[which], "target": fraction,
                    "reached": reached / full if full else 1.0}
+    if best is None:  # everything the constraints allow is removed and the budget is still missed
+        plan.budget["unreachable"] = True
     return plan
 
 

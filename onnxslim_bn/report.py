@@ -346,6 +346,9 @@ def selection_lines(sel: dict, chosen: int, removed: int, options: dict) -> list
         line = f"Budget: {budget['metric']} at most {budget['target']:.1%} of the original; reached {budget['reached']:.1%}"
         if budget["metric"] == "latency":
             line += " as the layer table predicts" + (f", {budget['measured']:.1%} measured" if "measured" in budget else "")
+        if budget.get("unreachable"):
+            line += (" -- out of reach: that is all the removable channels allow (--max-layer-ratio, "
+                     "--min-channels and the blocked layers limit it)")
         lines.append(line + ".")
     return lines
 

@@ -65,7 +65,9 @@ def test_latency_budget_uses_the_layer_table_and_times_the_result(tmp_path, monk
     result = prune(str(path("vgg")), target_latency=0.6, round_to=1, verify=False)
     budget = result.report.selection["budget"]
     assert budget["metric"] == "latency" and budget["target"] == 0.6
-    assert budget["reached"] <= 0.6 + 1e-9  # as the table predicts; the timing is recorded, not asserted
+    # as the table predicts (tiny layers may not shrink that far: then the report says so); the
+    # timing is recorded, not asserted
+    assert budget["reached"] <= 0.6 + 1e-9 or budget.get("unreachable")
     assert budget["measured"] > 0
     assert any("--target-latency 0.6" in n for n in result.report.notes)
     assert (tmp_path / "onnx-bnslim" / "latency.json").is_file()  # the table is cached per machine
