@@ -79,7 +79,7 @@ def summary(done: list[tuple[Case, object, BenchResult]]) -> list[str]:
     for case, result, timing in done:
         rows = {(r.runtime, r.batch): r for r in timing.rows}
         slower = [f"{rt} b{b}" for (rt, b), r in rows.items() if r.speedup < 1.0]
-        cells = [case.name, f"{case.ratio}", f"{timing.rows[0].ideal:.2f}x" if timing.rows else "-",
+        cells = [case.name, "-" if case.ratio is None else f"{case.ratio}", f"{timing.rows[0].ideal:.2f}x" if timing.rows else "-",
                  *[speed(rows[c]) if c in rows else "-" for c in cols], ", ".join(slower) or "none"]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
@@ -124,6 +124,9 @@ def main() -> None:
     cases += [Case(n, ROOT / "fixtures" / "arch" / f"{n}.onnx", ARCH_RATIO, args.runs, {}) for n in ARCH]
     cases += [Case("resnet50", big, 0.5, args.big_runs, {}),
               Case("resnet50 (--round-to 1)", big, 0.5, args.big_runs, {"round_to": 1})]
+    # --target-latency 0.5 per runtime, then MAC-based selection at the MACs it reached, side by side
+    cases += [Case(f"resnet50 (--target-latency 0.5, {rt})", big, None, args.big_runs,
+                   {"target_latency": 0.5, "runtime": rt}) for rt in runtimes]
     if args.only:
         cases = [c for c in cases if c.name.split()[0] in args.only]
     done, sections, extra, reduced = [], [], [], []
@@ -134,6 +137,11 @@ def main() -> None:
         result = prune(str(case.path), ratio=case.ratio, **case.options)
         stem = case.name.split()[0] + "".join(f".{k}{v}" for k, v in case.options.items())
         pruned = OUT / f"{stem}.r{case.ratio}.onnx"
+        if "target_latency" in case.options:  # the same MACs, chosen by MACs: is the latency selection faster?
+            kept = round(result.report.after.macs / result.report.before.macs, 4)
+            cases.append(Case(f"resnet50 (--target-macs {kept}, vs latency on {case.options['runtime']})", big, None,
+                              case.runs, {"target_macs": kept}))
+            extra.append(f"{case.name}: " + "; ".join(n for n in result.report.notes if "target-latency" in n))
         save_model(result.model, pruned)
         report = result.report
         print(f"{case.name} ratio {case.ratio}: {report.removed_channels} channels removed", flush=True)
@@ -142,7 +150,7 @@ def main() -> None:
         done.append((case, result, timing))
         loads.append(os.getloadavg()[0])
         check = report.verification
-        head = (f"### {case.name}, ratio {case.ratio}\n\n"
+        head = (f"### {case.name}" + ("" if case.ratio is None else f", ratio {case.ratio}") + "\n\n"
                 f"--round-to {report.options.get('round_to', 'default')}; MACs {report.before.macs:,} -> "
                 f"{report.after.macs:,}" + (f"; check max |diff| {check.max_abs_diff:.3g}, cosine {check.cosine:.6f}"
                                            if check else "") + "\n")

@@ -152,7 +152,7 @@ class _Progress:
             self.stream.flush()
 
 
-def _ort_session(model: str | Path | bytes, threads: int, profile: str | None = None):
+def ort_session(model: str | Path | bytes, threads: int, profile: str | None = None):
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -171,7 +171,7 @@ def _ort_session(model: str | Path | bytes, threads: int, profile: str | None = 
 
 
 def _ort_runner(path: Path, threads: int) -> Callable[[dict], object]:
-    sess = _ort_session(path, threads)
+    sess = ort_session(path, threads)
     return lambda feeds: sess.run(None, feeds)
 
 
@@ -394,7 +394,7 @@ def probe(original: onnx.ModelProto, pruned: onnx.ModelProto, feeds: dict[str, n
     """
     threads = threads or os.cpu_count() or 1
     with _proto_source(original) as a, _proto_source(pruned) as b:
-        sessions = [_ort_session(a, threads), _ort_session(b, threads)]
+        sessions = [ort_session(a, threads), ort_session(b, threads)]
         runners = [lambda f, s=s: s.run(None, f) for s in sessions]
         times = _alternate(runners, feeds, warmup, max(runs, 1))
         del runners, sessions
@@ -425,7 +425,7 @@ class _proto_source:
 def _node_times(model: bytes | Path, feeds: dict, threads: int, runs: int) -> dict[str, tuple[str, float]]:
     """Median kernel ms per executed node (onnxruntime's names after its graph optimizations)."""
     with tempfile.TemporaryDirectory(prefix="onnx-bnslim-profile-") as tmp:
-        sess = _ort_session(model, threads, profile=str(Path(tmp) / "profile"))
+        sess = ort_session(model, threads, profile=str(Path(tmp) / "profile"))
         for _ in range(max(runs, 1) + 1):
             sess.run(None, feeds)
         events = json.loads(Path(sess.end_profiling()).read_text())

@@ -363,13 +363,18 @@ def run_prune(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_inspect(args: argparse.Namespace) -> int:
-    say = _Say(args)
+def _plot_and_json_first(args: argparse.Namespace) -> None:
+    """Before any work: matplotlib for --plot, the --plot and --json targets, no file the run reads."""
     if args.plot:
         require_matplotlib("--plot")
         _check_folder(Path(args.plot), "--plot")
     _json_target(args)
     check_run_files([args.model], {"--json": args.json, "--plot": args.plot}, args.data)
+
+
+def run_inspect(args: argparse.Namespace) -> int:
+    say = _Say(args)
+    _plot_and_json_first(args)
     options = _options(args, threshold=args.threshold, data=args.data, preprocess=_preprocess(args))
     result = inspect(args.model, ratio=args.ratio, options=options)
     say(inspect_table(result.spaces, result.ratio, args.threshold))
@@ -390,11 +395,7 @@ def run_inspect(args: argparse.Namespace) -> int:
 
 def run_sweep(args: argparse.Namespace) -> int:
     say = _Say(args)
-    if args.plot:
-        require_matplotlib("--plot")
-        _check_folder(Path(args.plot), "--plot")
-    _json_target(args)
-    check_run_files([args.model], {"--json": args.json, "--plot": args.plot}, args.data)
+    _plot_and_json_first(args)
     options = _options(args, data=args.data, preprocess=_preprocess(args), exact_borders=args.exact_borders)
     flag, budget = next(((f, b) for f, b in (("thresholds", "threshold"), ("target_macs", "target_macs"),
                                              ("target_params", "target_params")) if getattr(args, f)), ("ratios", "ratio"))

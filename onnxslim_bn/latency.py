@@ -267,19 +267,11 @@ _BRANCH = re.compile(r"^(?:layer|y)(\d+)(?:_nchwc)?$")
 
 def _ort_branch_ms(model: onnx.ModelProto, threads: int, runs: int) -> dict[int, float]:
     """Fastest kernel time of each branch over ``runs`` profiled runs (after one untimed)."""
-    import onnxruntime as ort
+    from .bench import ort_session
 
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.log_severity_level = 3
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    options.add_session_config_entry("session.inter_op.allow_spinning", "0")
     feeds = _feeds_for(model)
     with tempfile.TemporaryDirectory(prefix="onnx-bnslim-latency-") as tmp:
-        options.enable_profiling = True
-        options.profile_file_prefix = str(Path(tmp) / "profile")
-        sess = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        sess = ort_session(model.SerializeToString(), threads, profile=str(Path(tmp) / "profile"))
         for _ in range(runs + 1):
             sess.run(None, feeds)
         events = json.loads(Path(sess.end_profiling()).read_text())
