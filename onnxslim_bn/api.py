@@ -76,8 +76,9 @@ def _load(model: onnx.ModelProto | str | os.PathLike, strict: bool = True,
 
     The input is checked before any work: onnx.checker (a stale declared output shape is
     dropped, with a note; a ModelProto passed in is then copied, never modified) and an
-    onnxruntime load. Either failing is one line about the input; without ``strict``
-    (inspect), a note; without ``runtime`` (no onnxruntime check wanted) a failed load is a note.
+    onnxruntime load (its session then serves the check). Either failing is one line about the
+    input; without ``strict`` (inspect), a note; without ``runtime`` (``--no-verify``: no
+    onnxruntime wanted) the checker alone runs.
     Unnamed and repeated node names are made unique (onnxruntime refuses repeats)."""
     if isinstance(model, onnx.ModelProto):
         proto, source, size = model, model.graph.name or "<model>", None
@@ -90,14 +91,16 @@ def _load(model: onnx.ModelProto | str | os.PathLike, strict: bool = True,
             proto.CopyFrom(model)
         fix_proto_node_names(proto)
     notes: list[str] = []
+    session = None
     try:
         proto, notes = check_input(proto, source, copy=proto is model)
-        verify.session(proto, f"{source} (the input model)")  # loads, or one line saying why not
+        if runtime:  # loads, or one line saying why not; the check's session of the original later
+            session = verify.session(proto, f"{source} (the input model)")
     except BnSlimError as exc:
-        if strict and (runtime or "onnxruntime cannot load" not in str(exc)):
+        if strict:
             raise
-        notes.append(f"{exc}; " + ("pruning will refuse it" if not strict else "the result is checked by onnx.checker only"))
-    return proto, source, size, notes
+        notes.append(f"{exc}; pruning will refuse it")
+    return proto, source, size, notes, session
 
 
 def _import(model: onnx.ModelProto) -> gs.Graph:
@@ -132,7 +135,7 @@ class _Prepared:
 
 
 def _prepare(model, options: PruneOptions, strict: bool = True) -> _Prepared:
-    proto, source, size, checked = _load(model, strict, options.verify)
+    proto, source, size, checked, loaded = _load(model, strict, options.verify)
     input_shapes, notes = resolve_input_shapes(proto, options.input_shapes, source)
     notes = checked + notes
     shapes = infer_shapes(proto, input_shapes, source)
@@ -161,7 +164,7 @@ def _prepare(model, options: PruneOptions, strict: bool = True) -> _Prepared:
         add_data_scores(analysis, found, verify.run(sess, feeds, verify.static_batch(proto), names))
         notes.append(f"no BatchNormalization for some layers: their BN scale was recovered from activation statistics "
                      f"on {described}" + ("" if samples is not None else "; pass --data with real inputs for a closer estimate"))
-    prep = _Prepared(proto, source, size, input_shapes, notes, shapes, graph, analysis, sess,
+    prep = _Prepared(proto, source, size, input_shapes, notes, shapes, graph, analysis, sess or loaded,
                      calibration if count else None, check, count)
     _rank_by_data(prep, options, samples)
     return prep
