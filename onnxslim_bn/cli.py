@@ -221,6 +221,9 @@ def _sweep_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     how.add_argument("--target-params", type=_number_list(float), action="extend",
                      help="or: fractions of the layer parameters to keep, comma-separated")
     _data_flags(parser)  # calibration and the check at every budget
+    parser.add_argument("--latency", action="store_true",
+                        help="also time each pruned model against the original (onnxruntime, batch 1, alternating "
+                             "runs, spinning off) and list the speed-up")
     parser.add_argument("--exact-borders", action="store_true",
                         help="compensate removed channels exactly at the borders of padded convs (see prune)")
     parser.add_argument("--json", metavar="PATH", help="write the table as JSON to PATH ('-' for stdout)")
@@ -399,7 +402,7 @@ def run_sweep(args: argparse.Namespace) -> int:
     options = _options(args, data=args.data, preprocess=_preprocess(args), exact_borders=args.exact_borders)
     flag, budget = next(((f, b) for f, b in (("thresholds", "threshold"), ("target_macs", "target_macs"),
                                              ("target_params", "target_params")) if getattr(args, f)), ("ratios", "ratio"))
-    result = sweep(args.model, options, budget, getattr(args, flag))
+    result = sweep(args.model, options, budget, getattr(args, flag), latency=args.latency)
     say(f"onnx-bnslim sweep: {args.model}, {len(result.points)} budgets, pruned in memory (no model written)")
     say(result.table())
     if args.plot:

@@ -38,6 +38,7 @@ class SweepPoint:
     max_rel_error: float | None = None  # max |pruned - original| / max |original| over the outputs
     cosine: float | None = None
     agreement: float | None = None  # top-1 agreement (lowest over classifier-shaped outputs)
+    speedup: float | None = None  # --latency: original / pruned onnxruntime latency (bench.probe, batch 1)
     error: str | None = None  # why this budget could not be pruned
 
 
@@ -57,14 +58,16 @@ class SweepResult:
         body = []
         for p in self.points:
             if p.error is not None:
-                body.append((f"{p.value:g}", "-", "-", "-", "-", "-", "-", p.error))
+                body.append((f"{p.value:g}", "-", "-", "-", "-", "-", "-", "-", p.error))
                 continue
             body.append((f"{p.value:g}", str(p.removed_channels), f"{_si(p.macs)} ({p.macs / self.macs:.0%})",
                          f"{p.parameters:,} ({p.parameters / self.parameters:.0%})", _num(p.max_rel_error, ".3g"),
-                         _num(p.cosine, ".6f"), "-" if p.agreement is None else f"{p.agreement:.2%}", ""))
+                         _num(p.cosine, ".6f"), "-" if p.agreement is None else f"{p.agreement:.2%}",
+                         "-" if p.speedup is None else f"{p.speedup:.2f}x", ""))
         labels = {"ratio": "Ratio", "threshold": "Threshold", "target_macs": "Target MACs", "target_params": "Target params"}
         budget = labels.get(self.points[0].budget, "Budget") if self.points else "Budget"
-        lines = grid((budget, "Removed", "MACs", "Parameters", "Max rel. error", "Cosine", "Top-1 agreement", "Note"), body)
+        lines = grid((budget, "Removed", "MACs", "Parameters", "Max rel. error", "Cosine", "Top-1 agreement",
+                      "Speed-up (ORT b1)", "Note"), body)
         lines.append(f"Original: {_si(self.macs)} MACs, {self.parameters:,} parameters; check on {self.inputs}.")
         return "\n".join(lines)
 
@@ -75,9 +78,11 @@ def _at(options: PruneOptions, budget: str, value: float) -> PruneOptions:
 
 
 def sweep(model: str | os.PathLike | onnx.ModelProto, options: PruneOptions, budget: str = "ratio",
-          values: list[float] | None = None) -> SweepResult:
+          values: list[float] | None = None, latency: bool = False) -> SweepResult:
     """Prune ``model`` at each value of one budget (a :data:`BUDGETS` field of PruneOptions:
-    ``ratio`` by default, at :data:`DEFAULT_RATIOS`) with the other ``options``; nothing is written."""
+    ``ratio`` by default, at :data:`DEFAULT_RATIOS`) with the other ``options``; nothing is written.
+    With ``latency``, each pruned model is also timed against the original (:func:`bench.probe`:
+    alternating onnxruntime runs at batch 1, spinning off)."""
     if budget not in BUDGETS or not hasattr(options, budget):
         raise BnSlimError(f"sweep budget '{budget}' is not one of {', '.join(b for b in BUDGETS if hasattr(options, b))}")
     values = list(DEFAULT_RATIOS if values is None and budget == "ratio" else values or [])
@@ -110,6 +115,11 @@ def sweep(model: str | os.PathLike | onnx.ModelProto, options: PruneOptions, bud
         point.max_abs_diff, point.cosine = float(v.max_abs_diff), float(v.cosine)
         point.max_rel_error = float(v.max_abs_diff / scale) if scale > 0 else (0.0 if v.max_abs_diff == 0 else math.inf)
         point.agreement = min(top1) if top1 else None
+        if latency:
+            from .bench import probe, probe_inputs
+
+            point.speedup = probe(proto, run.model, probe_inputs(proto, options.input_shapes), threads=options.threads,
+                                  profile_runs=1).speedup
         result.inputs = v.inputs
         points.append(point)
     if result is None:

@@ -327,6 +327,14 @@ def test_sweep_by_target_macs_keeps_each_budget(vgg, tmp_path, capsys):
         assert p["error"] is None and p["macs"] <= p["value"] * original
 
 
+def test_sweep_latency_times_every_budget_when_asked(vgg, capsys):
+    assert main(["sweep", str(vgg), "--ratios", "0.2,0.5", "--latency", "--json", "-"]) == 0
+    points = json.loads(capsys.readouterr().out)["points"]
+    assert all(p["speedup"] is not None and p["speedup"] > 0 for p in points)  # measured, never asserted faster
+    assert main(["sweep", str(vgg), "--ratios", "0.2", "--json", "-"]) == 0
+    assert json.loads(capsys.readouterr().out)["points"][0]["speedup"] is None  # only when asked
+
+
 def test_sweep_plot_writes_a_png(vgg, tmp_path):
     pytest.importorskip("matplotlib")
     png = tmp_path / "s.png"
