@@ -156,6 +156,8 @@ class Analysis:
         self.edits: list[Edit] = []
         self.consumers: list[Consumer] = []
         self.selectors: list[Selector] = []
+        self.selecting: set[str] = set()  # reader BNs (by node name) that score their branch only
+        self.readers: list[tuple[gs.Node, Layout]] = []  # every BN that is one reader among several
         # consumer input tensor -> measured channel means (data importance): the replacement there
         self.input_means: dict[str, np.ndarray] = {}
         # nodes that act as the BN scale of a space without BN (folded producers, split-BN Muls),
@@ -360,10 +362,31 @@ def _sizes(layout: Layout) -> str:
 
 def analyze(graph: gs.Graph, shapes: dict[str, list[int | str | None]],
             protect: Callable[[str], bool] | None = None) -> Analysis:
-    """Walk ``graph`` once in topological order and apply the rule for every node."""
+    """Walk ``graph`` in topological order and apply the rule for every node.
+
+    A BN that is one reader among several of a tensor first scores the tensor's space, like the
+    others (a channel goes when every BN reading it lets it die: exact, and no copy is added).
+    Where some other reader sees the raw channels (a shortcut, a downsample conv: the replacement
+    is unknown there, see :mod:`.replacement`), that would keep them all; the walk is then done
+    again with those BNs scoring only their branch (:class:`Selector`)."""
+    from .replacement import dead_values, unsafe_channels
+
+    first = _walk(graph, shapes, protect, set())
+    if not first.readers:
+        return first
+    unsafe = unsafe_channels(first, dead_values(first))
+    raw = {bn.name for bn, source in first.readers  # a raw reader, or a tensor nothing else may prune
+           if any(unsafe.mask.get(first.find(seg.space), np.zeros(1, bool)).any() or first.space(seg.space).blocked
+                  for seg in source)}
+    return _walk(graph, shapes, protect, raw) if raw else first
+
+
+def _walk(graph: gs.Graph, shapes: dict[str, list[int | str | None]], protect: Callable[[str], bool] | None,
+          selecting: set[str]) -> Analysis:
     from .rules import RULES  # the registry imports this module for its types
 
     ctx = Analysis(graph, shapes)
+    ctx.selecting = selecting
     graph.toposort()
     ctx.nodes = list(graph.nodes)
     for node in ctx.nodes:

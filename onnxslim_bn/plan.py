@@ -176,9 +176,10 @@ def dead_level(scores: np.ndarray) -> float:
     so below the rest, is alive: the next BN renormalises it); the level is the highest score
     of the lower class."""
     values = np.sort(np.asarray(scores, np.float64)[np.isfinite(scores)])
-    if len(values) < 4 or values[-1] <= 0:
+    values = values[values > 0]  # exact zeros are dead whatever the split: they would be a class of their own
+    if len(values) < 4:
         return 0.0
-    logs = np.log10(np.maximum(values, values[-1] * 1e-12))
+    logs = np.log10(values)
     n = np.arange(1, len(logs))
     low_mean = np.cumsum(logs)[:-1] / n
     high_mean = (logs.sum() - np.cumsum(logs)[:-1]) / (len(logs) - n)
@@ -186,7 +187,7 @@ def dead_level(scores: np.ndarray) -> float:
     k = int(np.argmax(between))
     total = logs.var()
     if total <= 0 or between[k] / total < 0.8 or high_mean[k] - low_mean[k] < 2.0:
-        return float(values[0]) if values[0] == 0 else 0.0
+        return 0.0
     return float(values[k])
 
 

@@ -19,9 +19,11 @@ class BatchNormRule(Rule):
     """BatchNormalization (opset 7 on): passes the space on, slices its four parameters, and
     gives the space its importance, |gamma|. A removed channel outputs beta.
 
-    A BN that is the only reader of its input scores the producer's channels. A BN that is one
-    reader among several (pre-activation ResNets, DenseNet) scores only its own branch: it
-    selects its channels with a Gather, as Network Slimming's channel-selection layer does."""
+    A BN that is the only reader of its input scores the producer's channels, and so do BNs that
+    are several readers of one tensor (DenseNet). Where another reader sees the raw tensor
+    (pre-activation ResNets: the shortcut, a downsample conv), :func:`analysis.analyze` makes
+    such a BN score only its own branch: it selects its channels with a Gather, as Network
+    Slimming's channel-selection layer does."""
 
     ops = ("BatchNormalization",)
 
@@ -40,7 +42,9 @@ class BatchNormRule(Rule):
             ctx.block(layout, f"BatchNormalization {node.name} normalizes flattened features")
         else:
             if not _sole_reader(node, ctx):
-                # one reader among several: its gamma says nothing of what the others read
+                ctx.readers.append((node, layout))
+            if node.name in ctx.selecting:
+                # one reader among several, beside raw readers: its gamma says nothing of what they read
                 own = ctx.select(layout, node)
                 ctx.edit(SelectChannels(node, layout, own, ctx.graph))
                 layout = own
