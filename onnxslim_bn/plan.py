@@ -222,8 +222,7 @@ class Costs:
             self.layers.append((float(cost[1]), params, self._index(out), self._index(inp)))
             curve = self.curves.get(node.name)
             if curve is not None:
-                self.timed.append((curve, max(curve.c_in), max(curve.c_out), self._index(out), self._index(inp),
-                                   float(cost[1])))
+                self.timed.append((curve, max(curve.c_in), max(curve.c_out), self._index(out), self._index(inp)))
         # --exact-borders: a padded consumer of removed non-zero constants gains a [C_out, H, W] map
         self.maps: list[tuple[float, tuple, np.ndarray]] = []
         for consumer in analysis.consumers if dead is not None else []:
@@ -276,7 +275,7 @@ class Costs:
     def latency(self, kept: np.ndarray) -> float:
         """Predicted ms of the timed layers at the kept widths (latency.LatencyCurve.cost)."""
         total = 0.0
-        for curve, c_in, c_out, out, inp, _ in self.timed:
+        for curve, c_in, c_out, out, inp in self.timed:
             fo = 1.0 if out is None else float(out[1] @ kept[out[0]])
             fi = 1.0 if inp is None else float(inp[1] @ kept[inp[0]])
             total += curve.cost(round(c_in * fi), round(c_out * fo)) if not curve.tied else \
@@ -287,7 +286,7 @@ class Costs:
         """First-order saving (MACs, parameters or ms) of removing each channel alone, globally numbered."""
         saved = np.zeros(self.total_channels)
         if which == 2:  # a layer's time shared out like its MACs
-            for curve, _, _, out, inp, _ in self.timed:
+            for curve, _, _, out, inp in self.timed:
                 for side in (out, inp):
                     if side is not None:
                         np.add.at(saved, side[0], curve.full_ms * side[1])
@@ -304,17 +303,19 @@ def select(analysis: Analysis, options: PruneOptions, curves: dict | None = None
 
     One global ranking by importance over every prunable space, walked greedily from the least
     important channel: ``ratio`` takes that fraction of the ranked channels, ``threshold`` every
-    channel below it, ``target_macs`` / ``target_params`` as many as it takes to reach the
-    budget (ranked by importance per MAC or parameter saved). The walk skips a channel when
+    channel below it, ``target_macs`` / ``target_params`` / ``target_latency`` as many as it
+    takes to reach the budget (ranked by importance per MAC, parameter or millisecond saved; the
+    latency ``curves`` come from :func:`onnxslim_bn.latency.layer_latency_table`). The walk
+    skips a channel when
 
     - its replacement value is not a known constant at some consumer (:mod:`.replacement`),
     - its space would fall below ``min_channels``, or a Split / Slice part below one channel,
     - its layer would lose more than ``max_layer_ratio`` of its live channels (channels in the
       dead cluster, see :func:`dead_level`, are not limited).
 
-    Then grouped convs even out their groups, kept widths are rounded up to a multiple of
-    ``round_to`` by putting back the best removed channels, and a tensor read by several BNs
-    (see :class:`onnxslim_bn.analysis.Selector`) loses the channels every one of them dropped.
+    Then grouped convs even out their groups, kept widths are rounded to the block (``round_to``,
+    up or down, :meth:`_Walk._round`), and a tensor read by reader BNs' branches (see
+    :class:`onnxslim_bn.analysis.Selector`) loses only the channels every one of them dropped.
     """
     from .replacement import dead_values, unsafe_channels
 
