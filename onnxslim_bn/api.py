@@ -152,6 +152,7 @@ def _prepare(model, options: PruneOptions, strict: bool = True) -> _Prepared:
     # later (reconstruction) takes the same share.
     if found:  # one session of the original serves the calibration and, later, the check
         names = [t.name for _, t, _ in found]
+        loaded = None  # the input's first session: this one (with the scale tensors as outputs) replaces it
         sess = verify.session(proto, source, extra_outputs=names)
         if samples is not None:
             calibration, check, split_note = data.split(samples, options.calibration_samples)

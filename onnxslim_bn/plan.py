@@ -415,8 +415,8 @@ class _Walk:
     def _round(self, removed: dict[int, np.ndarray]) -> None:
         """Kept widths to multiples of the block, up or down, whichever keeps the total nearest
         the selection (:func:`onnxslim_bn.hardware.round_widths`): up puts back the best removed
-        channels, down takes the weakest kept ones that may go. Grouped spaces and spaces that
-        Split / Slice take parts of keep the widths the selection gave them."""
+        channels, down takes the weakest kept ones that may go. Grouped spaces round per group
+        (:meth:`_round_groups`); spaces that Split / Slice take parts of keep their widths."""
         from .hardware import round_widths
 
         block = self.block
@@ -436,6 +436,29 @@ class _Walk:
                 mask = self.unsafe.mask.get(s.id, np.zeros(s.size, bool))
                 free = np.flatnonzero(~gone & ~mask & np.isfinite(scores))
                 gone[free[np.argsort(scores[free], kind="stable")[:keep - width]]] = True
+        for s in self.spaces:
+            if s.groups > 1 and not s.parts and removed[s.id].any():
+                self._round_groups(s, removed[s.id], block)
+
+    def _round_groups(self, s, gone: np.ndarray, block: int) -> None:
+        """A grouped space: the same width in every group, and the whole width on the block
+        (each group a multiple of block / gcd(block, groups)); up or down, whichever is nearer."""
+        from .hardware import round_width
+
+        per = s.size // s.groups
+        blocks, scores = gone.reshape(s.groups, per), self.scores[s.id].reshape(s.groups, per)
+        mask = self.unsafe.mask.get(s.id, np.zeros(s.size, bool)).reshape(s.groups, per)
+        keep = per - int(blocks[0].sum())
+        unit = block // math.gcd(block, s.groups)
+        width = round_width(per, keep, unit, max(1, -(-self.options.min_channels // s.groups)))
+        if width > keep:
+            for row, score in zip(blocks, scores):
+                row[np.flatnonzero(row)[np.argsort(-score[row], kind="stable")[:width - keep]]] = False
+        elif width < keep:
+            free = [np.flatnonzero(~row & ~m & np.isfinite(score)) for row, m, score in zip(blocks, mask, scores)]
+            if all(len(f) >= keep - width for f in free):  # every group must lose the same number
+                for row, f, score in zip(blocks, free, scores):
+                    row[f[np.argsort(score[f], kind="stable")[:keep - width]]] = True
 
     def weights(self, spaces) -> list[float]:
         """What one channel of each space costs, for rounding towards the budget (1: channels)."""

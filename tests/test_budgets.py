@@ -89,3 +89,15 @@ def test_round_to_auto_takes_the_machines_block(block, monkeypatch):
 def test_round_to_rejects_words_other_than_auto():
     with pytest.raises(Exception, match="round-to"):
         PruneOptions(ratio=0.5, round_to="fast").validate()
+
+
+def test_grouped_spaces_round_to_the_block_with_equal_groups():
+    # fixtures/arch/grouped: a 4-group 3x3 conv between 1x1 convs; with a block of 16 the
+    # grouped layer's widths become multiples of 16, the same in every group
+    result = prune(str(FIXTURES / "arch" / "grouped.onnx"), ratio=0.4, round_to=16, verify=False)
+    inits = {t.name: list(t.dims) for t in result.model.graph.initializer}
+    grouped = next(n for n in result.model.graph.node if n.op_type == "Conv" and
+                   any(a.name == "group" and a.i == 4 for a in n.attribute))
+    c_out, c_in_per_group = inits[grouped.input[1]][:2]
+    assert c_out % 16 == 0 and (4 * c_in_per_group) % 16 == 0, (c_out, c_in_per_group)
+    assert result.report.removed_channels > 0
