@@ -125,6 +125,7 @@ class Plan:
     derived_removed: int = 0  # shared channels removed because every reader BN's branch dropped them
     branch_kept: int = 0  # chosen channels a reader BN's branch still reads (so the shared tensor keeps them)
     budget: dict = field(default_factory=dict)  # for --target-macs / --target-params: target and reached
+    dead: dict = field(default_factory=dict, repr=False)  # replacement values per tensor (replacement.dead_values)
 
     def summary(self) -> dict:
         """What the selection did, for the report: every channel the ranking chose is removed,
@@ -325,8 +326,7 @@ def select(analysis: Analysis, options: PruneOptions, curves: dict | None = None
     scores = {s.id: s.scores() for s in spaces}
     flat = np.concatenate([scores[s.id] for s in spaces]) if spaces else np.zeros(0)
     level = dead_level(flat)
-    walk = _Walk(analysis, spaces, scores, unsafe, level, options)
-    walk.dead = dead
+    walk = _Walk(analysis, spaces, scores, unsafe, level, options, dead)
     if options.target_macs is None and options.target_params is None and options.target_latency is None:
         order = np.argsort(flat, kind="stable")  # global ranking; ties keep graph order
         removable = ~walk.unsafe_flat
@@ -341,14 +341,15 @@ def select(analysis: Analysis, options: PruneOptions, curves: dict | None = None
         plan = _within_budget(analysis, walk, flat, options, curves)
     plan.unsafe_where = unsafe.where
     plan.ranked = int((~walk.unsafe_flat).sum())
+    plan.dead = dead  # the surgery compensates with the same replacement values
     return plan
 
 
 class _Walk:
     """The greedy walk over a ranking, with every constraint of :func:`select`."""
 
-    def __init__(self, analysis, spaces, scores, unsafe, level, options):
-        self.analysis, self.spaces, self.scores, self.unsafe = analysis, spaces, scores, unsafe
+    def __init__(self, analysis, spaces, scores, unsafe, level, options, dead):
+        self.analysis, self.spaces, self.scores, self.unsafe, self.dead = analysis, spaces, scores, unsafe, dead
         self.level, self.options = level, options
         self.owner = np.concatenate([np.full(s.size, i) for i, s in enumerate(spaces)]) if spaces else np.zeros(0, int)
         self.channel = np.concatenate([np.arange(s.size) for s in spaces]) if spaces else np.zeros(0, int)

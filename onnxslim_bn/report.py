@@ -297,10 +297,13 @@ class Report:
         if self.surgery.approximate:
             worst = {k: v for k, v in self.surgery.approximate.items() if v is not None}
             sizes = ", ".join(f"{k} {v:.3g}" for k, v in sorted(worst.items(), key=lambda kv: -kv[1])[:5])
-            lines.append(f"Approximate at the borders (zero padding meets removed constants) in "
+            refit = self.options.get("compensation") == "reconstruct"
+            lines.append(("Bias folding was approximate" if refit else "Approximate")
+                         + " at the borders (zero padding meets removed constants) in "
                          f"{_n(len(self.surgery.approximate), 'layer')}"
                          + (f"; largest |error| added: {sizes}" if sizes else "; dynamic image size, not measured")
-                         + ". --exact-borders makes them exact for fixed image sizes.")
+                         + ("; the refit below replaced it where it could." if refit else
+                            ". --exact-borders makes them exact for fixed image sizes."))
         if self.surgery.uncompensated_channels:  # the plan keeps such channels: a bug if it shows
             lines.append(f"{self.surgery.uncompensated_channels} removed channels carry no known constant value.")
         if self.verification is not None:

@@ -37,7 +37,7 @@ def apply(analysis: Analysis, plan: Plan, exact_borders: bool = False) -> Surger
     sizes an ``Add`` of the measured border map makes it exact everywhere; without it the
     layer and the size of its approximation are recorded."""
     stats = SurgeryStats()
-    dead = dead_values(analysis)
+    dead = plan.dead or dead_values(analysis)  # computed once by the selection
     pending: list[tuple[gs.Node, Compensation]] = []
     for consumer in analysis.consumers:  # reads the original weights: before any slicing
         node = consumer.node
