@@ -287,8 +287,10 @@ class Report:
         body = [(name, fmt(a), fmt(b), _change(a, b)) for name, a, b, fmt in rows]
         lines = grid(("", "Original", "Pruned", "Change"), body)
         cut, alone = sum(1 for s in self.spaces if s.kept < s.channels), sum(1 for s in self.spaces if s.blocked)
+        steps = (self.selection.get("budget") or {}).get("steps", 1) if self.selection else 1
         lines.append(f"Removed {self.removed_channels} of {self.prunable_channels} prunable channels in {_n(cut, 'space')} "
-                     f"({_n(alone, 'space')} left alone; `onnx-bnslim inspect` says why).")
+                     + (f"in the last of {steps} steps (the table above counts all) " if steps > 1 else "")
+                     + f"({_n(alone, 'space')} left alone; `onnx-bnslim inspect` says why).")
         lines.extend(selection_lines(self.selection, self.chosen_channels, self.removed_channels, self.options))
         if self.surgery.compensated_layers:
             lines.append(f"Removed channels' constants folded into {self.surgery.compensated_layers} layers' bias"

@@ -37,6 +37,7 @@ def main() -> None:
     parser.add_argument("--forms", nargs="*", default=list(FORMS))
     parser.add_argument("--targets", nargs="*", type=float, default=[0.7, 0.5])
     parser.add_argument("--methods", nargs="*", default=["bias", "reconstruct"])
+    parser.add_argument("--round-to", default="1", help="channel rounding passed to prune (default 1: none)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     calib = np.load(PLAIN / "calibration.npz")["input"].astype(np.float32)
@@ -54,7 +55,8 @@ def main() -> None:
                 for method in args.methods:
                     try:
                         result = prune(str(path), target_macs=target, data=data, calibration_samples=len(calib),
-                                       compensation=method, round_to=1)
+                                       compensation=method,
+                                       round_to=args.round_to if args.round_to == "auto" else int(args.round_to))
                     except Exception as exc:  # a table row, not a crash: say what failed
                         why = str(exc).splitlines()[0][:80]
                         print(f"| {name} | {form} | {target:.0%} | - | {method} | failed: {why} | | |")
