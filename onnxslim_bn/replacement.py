@@ -9,6 +9,12 @@ a data-dependent factor, a Pad writes another value at the border, an average po
 padding, the producer has no BN at all -- the value is unknown, and a channel whose value is
 unknown at some consumer is not removable: the plan keeps it (:func:`unsafe_channels`).
 
+With importance from data the rules' constants give way to measured ones: each consumer's
+input mean per channel, on the calibration samples (:mod:`.data_importance`). The channels
+such a run removes are live, so the replacement is an approximation wherever it is made; the
+mean is the best constant in the least-squares sense, reconstruction refits the consumer, and
+the check measures what is left. So behind a gate too the mean stands in.
+
 Values are per channel (float64); NaN marks "unknown", and so does any non-finite result,
 which errs on the side of keeping.
 """
@@ -36,9 +42,13 @@ def dead_values(analysis: Analysis) -> dict[str, np.ndarray]:
             if value is not None and tensor.name in analysis.layouts:
                 value = np.asarray(value, np.float64)
                 dead[tensor.name] = np.where(np.isfinite(value), value, np.nan)
-    for name, means in analysis.input_means.items():  # measured: the best constant where one is proven to do
-        if name in dead and len(dead[name]) == len(means):
-            dead[name] = np.where(np.isfinite(dead[name]), means, np.nan)
+    # measured (importance from data): a removed channel is replaced at each consumer by its mean
+    # there, also where the rules prove no constant (behind a gate, a Pad of another value): the
+    # mean is the best constant in the least-squares sense, the channels removed are live ones
+    # anyway (approximate by nature), and reconstruction refits the consumer
+    for name, means in analysis.input_means.items():
+        if name in analysis.layouts and (name not in dead or len(dead[name]) == len(means)):
+            dead[name] = np.asarray(means, np.float64)
     return dead
 
 

@@ -1,0 +1,51 @@
+"""With importance from data, a removed channel is replaced at each consumer by its measured
+mean, also where the op rules prove no constant (here: a Pad that writes 1.0 at the border).
+Without data the rules decide, and such channels stay."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnxslim_bn import prune
+from tests.graphs import Builder, run
+
+
+def _padded_model() -> onnx.ModelProto:
+    b = Builder(seed=3)
+    h = b.op("Relu", [b.bn(b.conv("input", 3, 16), 16)])
+    pads = b.const(np.array([0, 0, 1, 1, 0, 0, 1, 1], np.int64), "pads")
+    padded = b.op("Pad", [h, pads, b.const(np.array(1.0, np.float32), "value")], mode="constant")
+    b.op("Conv", [padded, b.const(b.rng.standard_normal((8, 16, 1, 1)).astype(np.float32) * 0.3, "w"),
+                  b.const(np.zeros(8, np.float32), "b")], kernel_shape=[1, 1])
+    out = b.nodes[-1].output[0]
+    return b.model({"input": [None, 3, 8, 8]}, [out], {out: [None, 8, 10, 10]}), padded
+
+
+def test_a_channel_behind_a_pad_of_another_value_is_replaced_by_its_measured_mean():
+    model, padded = _padded_model()
+    rng = np.random.default_rng(0)
+    calib, check = rng.standard_normal((64, 3, 8, 8)).astype(np.float32), rng.standard_normal((32, 3, 8, 8)).astype(np.float32)
+    result = prune(model, ratio=0.25, importance="data", compensation="bias", round_to=1,
+                   data={"input": np.concatenate([calib, check])}, calibration_samples=64)
+    assert result.report.selection["kept_unknown_replacement"] == 0
+    removed = np.array(next(s for s in result.report.spaces if s.channels == 16).removed)
+    assert len(removed) == 4
+    # reference from the original: the consumer's input, its removed channels held at their
+    # calibration means (over samples and positions, the padded border included)
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    probe.graph.output.append(onnx.helper.make_empty_tensor_value_info(padded))
+    means = run(probe, {"input": calib})[1].mean(axis=(0, 2, 3))
+    out, x = run(probe, {"input": check})
+    w = onnx.numpy_helper.to_array(next(t for t in model.graph.initializer if t.dims == [8, 16, 1, 1]))[:, :, 0, 0]
+    shift = np.einsum("oc,nchw->nohw", w[:, removed], x[:, removed] - means[removed, None, None])
+    expected = out - shift
+    got = run(result.model, {"input": check})[0]
+    assert np.abs(got - expected).max() <= 1e-4 * max(1.0, float(np.abs(out).max()))
+
+
+def test_without_data_the_rules_decide_and_such_channels_stay():
+    model, _ = _padded_model()
+    result = prune(model, ratio=0.25, importance="gamma", round_to=1)
+    assert result.report.removed_channels == 0
+    assert result.report.selection["ranked"] == 0  # none of the 16 has a replacement the rules prove
