@@ -56,6 +56,9 @@ class PruneOptions:
     # the next layers on calibration data (reconstruct.py), "auto": reconstruct when data is given
     compensation: str = "auto"
     allow_growth: bool = False  # accept weights >10% over the input's (shared weights sliced per reader)
+    # --target-macs / --target-params in this many geometric steps, each step's importance measured
+    # on the model the step before left (pruned and refit): slower, closer to the original
+    steps: int = 1
 
     def validate(self) -> None:
         given = [v is not None for v in (self.ratio, self.threshold, self.target_macs, self.target_params,
@@ -94,6 +97,9 @@ class PruneOptions:
             raise BnSlimError(f"--calibration-samples {self.calibration_samples} must be at least 1")
         if self.preprocess and self.data is None:
             raise BnSlimError("--preprocess applies to a folder of images: add --data IMAGE_FOLDER")
+        if self.steps < 1 or (self.steps > 1 and self.target_macs is None and self.target_params is None):
+            raise BnSlimError(f"--steps {self.steps}: a whole number >= 1, and more than 1 only with --target-macs "
+                              "or --target-params (e.g. --target-macs 0.5 --steps 2)")
         if self.compensation not in ("auto", "bias", "reconstruct"):
             raise BnSlimError(f"--compensation {self.compensation!r}: choose auto, bias or reconstruct")
 
@@ -125,6 +131,7 @@ class Plan:
     derived_removed: int = 0  # shared channels removed because every reader BN's branch dropped them
     branch_kept: int = 0  # chosen channels a reader BN's branch still reads (so the shared tensor keeps them)
     budget: dict = field(default_factory=dict)  # for --target-macs / --target-params: target and reached
+    notes: list[str] = field(default_factory=list)  # what width rounding did beyond the count, one line each
     dead: dict = field(default_factory=dict, repr=False)  # replacement values per tensor (replacement.dead_values)
 
     def summary(self) -> dict:
@@ -421,9 +428,10 @@ class _Walk:
         from .hardware import round_widths
 
         block = self.block
-        spaces = [s for s in self.spaces if s.groups == 1 and not s.parts and removed[s.id].any()]
-        if block <= 1 or not spaces:
+        self.notes, self.whole_groups = [], []
+        if block <= 1:
             return
+        spaces = [s for s in self.spaces if s.groups == 1 and not s.parts and removed[s.id].any()]
         keeps = [int(s.size - removed[s.id].sum()) for s in spaces]
         widths = round_widths(keeps, [s.size for s in spaces], block, self.options.min_channels, self.weights(spaces))
         for s, keep, width in zip(spaces, keeps, widths):
@@ -439,19 +447,36 @@ class _Walk:
                 gone[free[np.argsort(scores[free], kind="stable")[:keep - width]]] = True
         for s in self.spaces:
             if s.groups > 1 and not s.parts and removed[s.id].any():
-                self._round_groups(s, removed[s.id], block)
+                # the machine's block, not a finer one a budget fell back to: off it a grouped conv
+                # leaves the blocked kernels and runs slower than unpruned
+                self._round_groups(s, removed[s.id], max(block, self.options.block()))
+        if self.whole_groups:
+            self.notes.append(f"grouped channels kept whole, as fewer than {block} per group would take the grouped "
+                              "conv off onnxruntime's blocked kernels (slower than not pruning it): "
+                              + ", ".join(self.whole_groups))
 
     def _round_groups(self, s, gone: np.ndarray, block: int) -> None:
-        """A grouped space: the same width in every group, and the whole width on the block
-        (each group a multiple of block / gcd(block, groups)); up or down, whichever is nearer."""
-        from .hardware import round_width
+        """A grouped space: the same width in every group, up or down, whichever is nearer.
+
+        Groups already on the block (``per % block == 0``) stay on it: each group keeps a multiple
+        of the block, or the whole space stays when no such width is left (onnxruntime's blocked
+        kernels take a grouped conv only when every group's input and output widths are multiples
+        of the block; off it, the conv runs unblocked between two layout reorders, slower than the
+        unpruned conv: :func:`onnxslim_bn.hardware.group_width`). Otherwise only the whole width
+        goes on the block (each group a multiple of block / gcd(block, groups))."""
+        from .hardware import group_width, round_width
 
         per = s.size // s.groups
         blocks, scores = gone.reshape(s.groups, per), self.scores[s.id].reshape(s.groups, per)
         mask = self.unsafe.mask.get(s.id, np.zeros(s.size, bool)).reshape(s.groups, per)
         keep = per - int(blocks[0].sum())
-        unit = block // math.gcd(block, s.groups)
-        width = round_width(per, keep, unit, max(1, -(-self.options.min_channels // s.groups)))
+        least = max(1, -(-self.options.min_channels // s.groups))
+        if per % block == 0:
+            width = group_width(per, keep, block, least)
+            if width == per and keep < per:
+                self.whole_groups.append(f"{s.producers[0] if s.producers else f'space {s.id}'} ({s.groups}x{per})")
+        else:
+            width = round_width(per, keep, block // math.gcd(block, s.groups), least)
         if width > keep:
             for row, score in zip(blocks, scores):
                 row[np.flatnonzero(row)[np.argsort(-score[row], kind="stable")[:width - keep]]] = False
@@ -518,6 +543,7 @@ class _Walk:
         plan = Plan(kept, self.analysis, chosen=stats["chosen"], dead_level=self.level,
                     unsafe_kept=stats["unsafe"], capped=stats["capped"], derived_removed=stats["derived"],
                     branch_kept=stats["branch_kept"])
+        plan.notes = list(self.notes)
         gone_scores = np.concatenate([self.scores[s.id][removed[s.id]] for s in self.spaces]) if self.spaces else np.zeros(0)
         gone_scores = gone_scores[np.isfinite(gone_scores)]
         plan.live_removed = int((gone_scores > self.level).sum())
@@ -552,11 +578,18 @@ def _respect(space, gone: np.ndarray, min_channels: int, round_to: int) -> np.nd
     return gone
 
 
+# a budget met on the machine's block may land this far (a fraction of the original's cost)
+# under the target; further, finer blocks are tried (narrow layers step by a whole block)
+BUDGET_SLACK = 0.02
+
+
 def _within_budget(analysis: Analysis, walk: _Walk, flat: np.ndarray, options: PruneOptions,
                    curves: dict | None = None) -> Plan:
     """The fewest channels, taken in order of importance per unit of cost, that bring the MACs
-    (or parameters) to the budget: a bisection over the length of the walk, each candidate
-    plan costed exactly (rounding and derived removals included)."""
+    (or parameters, or ms) to the budget: a bisection over the length of the walk, each
+    candidate plan costed exactly (rounding and derived removals included). When widths on the
+    block (``round_to``) cannot come within ``BUDGET_SLACK`` of the budget, halved blocks are
+    tried, and the plan says which it used."""
     which = 0 if options.target_macs is not None else 1 if options.target_params is not None else 2
     if which == 2 and not curves:
         raise BnSlimError("--target-latency needs the per-layer latency table (onnxslim_bn.latency); "
@@ -567,29 +600,56 @@ def _within_budget(analysis: Analysis, walk: _Walk, flat: np.ndarray, options: P
     full = costs.totals({})[which]
     per_channel = _channel_costs(analysis, walk, costs, which)
     order = np.argsort(flat / np.maximum(per_channel, 1e-30), kind="stable")
-    lo, hi, best = 0, len(order), None
-    while lo <= hi:
-        mid = (lo + hi) // 2
-        removed, _ = walk.removed(order, mid)
-        reached = costs.totals(removed)[which]
-        if reached <= fraction * full:
-            best, hi = mid, mid - 1
-        else:
-            lo = mid + 1
-    if best is not None:  # rounding widths makes the cost step: the nearest fit may lie a little earlier
-        fits = {best: costs.totals(walk.removed(order, best)[0])[which]}
-        for n in range(max(0, best - 48), best):
-            reached = costs.totals(walk.removed(order, n)[0])[which]
-            if reached <= fraction * full:
-                fits[n] = reached
-        best = max(fits, key=lambda n: (fits[n], -n))
+    limit = fraction * full
+    block, best, tried = walk.block, None, []
+    while True:  # the machine's block, else finer ones, until the rounded widths can meet the budget closely
+        walk.block = block
+        best, reached = _longest_fit(walk, order, costs, which, limit)
+        tried.append((block, best, reached))
+        if block <= 1 or (best is not None and reached >= limit - BUDGET_SLACK * full):
+            break
+        block //= 2
+    if best is None or (reached < limit - BUDGET_SLACK * full and len(tried) > 1):
+        block, best, reached = max(tried, key=lambda t: (t[1] is not None, t[2] if t[1] is not None else 0.0))
+        walk.block = block
+    if block != tried[0][0]:
+        missed = tried[0][2] / full if tried[0][1] is not None else None
+        notes = [f"widths rounded to multiples of {block}, not {tried[0][0]}: on the coarser block the nearest plan "
+                 + (f"under the budget kept {missed:.1%}" if missed is not None else "could not meet the budget")
+                 + f" (budget {fraction:.1%}); narrow layers cannot step finer"]
+    else:
+        notes = []
     plan = walk.plan(order, len(order) if best is None else best)
+    plan.notes.extend(notes)
     reached = costs.totals({r: ~np.isin(np.arange(analysis.spaces[r].size), k) for r, k in plan.kept.items()})[which]
     plan.budget = {"metric": ("macs", "params", "latency")[which], "target": fraction,
-                   "reached": reached / full if full else 1.0}
+                   "reached": reached / full if full else 1.0, "round_to": block}
     if best is None:  # everything the constraints allow is removed and the budget is still missed
         plan.budget["unreachable"] = True
     return plan
+
+
+def _longest_fit(walk: _Walk, order: np.ndarray, costs: Costs, which: int, limit: float) -> tuple[int | None, float]:
+    """The length of the walk whose plan (rounded as ``walk.block`` says) comes nearest under
+    ``limit``, and the cost it reaches: a bisection, then a scan of the 48 lengths before it
+    (rounding makes the cost step, so the nearest fit may lie a little earlier). None when
+    even the whole walk stays above the limit."""
+    lo, hi, best = 0, len(order), None
+    while lo <= hi:
+        mid = (lo + hi) // 2
+        if costs.totals(walk.removed(order, mid)[0])[which] <= limit:
+            best, hi = mid, mid - 1
+        else:
+            lo = mid + 1
+    if best is None:
+        return None, float("inf")
+    fits = {best: costs.totals(walk.removed(order, best)[0])[which]}
+    for n in range(max(0, best - 48), best):
+        reached = costs.totals(walk.removed(order, n)[0])[which]
+        if reached <= limit:
+            fits[n] = reached
+    best = max(fits, key=lambda n: (fits[n], -n))
+    return best, fits[best]
 
 
 def _channel_costs(analysis: Analysis, walk: _Walk, costs: Costs, which: int) -> np.ndarray:

@@ -19,7 +19,7 @@ from .version import __version__
 # The JSON every command writes (prune's report, inspect, bench, sweep, --export-widths) carries
 # this number. Bump it whenever a key is added, removed or renamed; tests/test_schema.py holds the
 # key set of each document and fails when it changes without a bump.
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 # Blocked reasons as data: a stable code per kind of reason, derived from the reason's text.
 # (Until the analysis records reasons with their code, this table is the one place that knows

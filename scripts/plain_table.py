@@ -1,5 +1,5 @@
 """The proof table of issue 10: gamma ranking with bias folding (today's method) against the same
-ranking with reconstruction, on the fixtures trained without the L1 penalty (fixtures/plain/).
+ranking with reconstruction (data ranking by default), on the fixtures trained without the L1 penalty (fixtures/plain/).
 
     python scripts/plain_table.py [--models vgg resnet] [--targets 0.7 0.5]
 
@@ -36,15 +36,17 @@ def main() -> None:
     parser.add_argument("--models", nargs="*", default=["vgg", "resnet", "densenet", "mobilenetv2"])
     parser.add_argument("--forms", nargs="*", default=list(FORMS))
     parser.add_argument("--targets", nargs="*", type=float, default=[0.7, 0.5])
-    parser.add_argument("--methods", nargs="*", default=["bias", "reconstruct"])
-    parser.add_argument("--round-to", default="1", help="channel rounding passed to prune (default 1: none)")
+    parser.add_argument("--methods", nargs="*", default=["gamma+bias", "data+reconstruct"],
+                        help="IMPORTANCE+COMPENSATION pairs (gamma|data, bias|reconstruct)")
+    parser.add_argument("--round-to", default="auto", help="channel rounding passed to prune (default auto)")
+    parser.add_argument("--steps", type=int, nargs="*", default=[1], help="--steps values to run (default 1)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     calib = np.load(PLAIN / "calibration.npz")["input"].astype(np.float32)
     held = np.load(PLAIN.parent / "heldout.npz")
     x, y = held["input"].astype(np.float32), held["label"]
     data = {"input": np.concatenate([calib, x[:64]])}  # 256 calibrate, 64 held-out samples check
-    print("| model | export | budget (MACs kept) | MACs kept | method | accuracy | agreement | reconstruct s |")
+    print("| model | export | budget (MACs kept) | MACs kept | method | accuracy | agreement | seconds |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for name in args.models:
         for form in args.forms:
@@ -52,20 +54,23 @@ def main() -> None:
             ref = logits(str(path), x).argmax(1)
             print(f"| {name} | {form} | unpruned | 100% | - | {(ref == y).mean():.1%} | 100% | - |", flush=True)
             for target in args.targets:
-                for method in args.methods:
+                for method, steps in [(m, k) for m in args.methods for k in args.steps]:
+                    label = f", --steps {steps}" if steps > 1 else ""
                     try:
                         result = prune(str(path), target_macs=target, data=data, calibration_samples=len(calib),
-                                       compensation=method,
+                                       importance=method.split("+")[0], compensation=method.split("+")[1],
+                                       steps=steps,
                                        round_to=args.round_to if args.round_to == "auto" else int(args.round_to))
                     except Exception as exc:  # a table row, not a crash: say what failed
                         why = str(exc).splitlines()[0][:80]
-                        print(f"| {name} | {form} | {target:.0%} | - | {method} | failed: {why} | | |")
+                        print(f"| {name} | {form} | {target:.0%} | - | {method}{label} | failed: {why} | | |")
                         continue
                     pred = logits(result.model, x).argmax(1)
+                    secs = sum(v for k, v in result.report.seconds.items() if k in ("prune", "reconstruct")
+                               or k.startswith("step"))
                     macs = result.report.after.macs / result.report.before.macs
-                    secs = result.report.seconds.get("reconstruct")
-                    print(f"| {name} | {form} | {target:.0%} | {macs:.1%} | {method} | {(pred == y).mean():.1%} | "
-                          f"{(pred == ref).mean():.1%} | {'-' if secs is None else f'{secs:.1f}'} |", flush=True)
+                    print(f"| {name} | {form} | {target:.0%} | {macs:.1%} | {method}{label} | {(pred == y).mean():.1%} | "
+                          f"{(pred == ref).mean():.1%} | {secs:.1f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -77,9 +77,11 @@ def _macs(model: onnx.ModelProto) -> int:
 def test_wide_spread_is_one_note(pair, monkeypatch):
     steady, noisy = [1e-3] * 10, [1e-3] * 5 + [2e-3] * 5  # p90/p10: 1.0 and 2.0
 
-    def fake(runners, feeds, warmup, runs):
-        return [noisy if feeds["x"].shape[0] == 2 else steady, steady]
+    def fake(runners, feeds, warmup, runs, min_seconds=0.0):  # the original is noisy at batch 2
+        return [noisy if run == "original" and feeds["x"].shape[0] == 2 else steady for run in runners]
 
+    names = {str(pair[0]): "original", str(pair[1]): "pruned"}
+    monkeypatch.setitem(bench._RUNNERS, "onnxruntime", lambda path, threads: names[str(path)])
     monkeypatch.setattr(bench, "_alternate", fake)
     result = benchmark(*pair, batches=(1, 2), runs=10, warmup=0, runtimes=("onnxruntime",), rounds=2)
     assert [r.original.spread for r in result.rows] == [1.0, 2.0]
@@ -134,7 +136,7 @@ def test_refuses_models_that_differ(other, words, tmp_path, capsys):
 
 def test_probe_returns_its_measurements():
     x = {"x": random_input([2, 3, 8, 8])}
-    result = probe(tiny(16), tiny(8), x, runs=3)
+    result = probe(tiny(16), tiny(8), x, runs=3, min_seconds=0)
     assert isinstance(result, ProbeResult) and result.runs == 3
     assert result.original_ms > 0 and result.pruned_ms > 0
     assert result.speedup == pytest.approx(result.original_ms / result.pruned_ms)
@@ -319,6 +321,6 @@ def test_table_cache_default_place(tmp_path, monkeypatch):
 @pytest.mark.parametrize("load, busy", [(0.0, False), (99.0, True)])
 def test_busy_machine_is_said(load, busy, pair, monkeypatch):
     monkeypatch.setattr(bench, "_load_average", lambda: load)
-    monkeypatch.setattr(bench, "_alternate", lambda runners, feeds, warmup, runs: [[1e-3] * runs, [1e-3] * runs])
+    monkeypatch.setattr(bench, "_alternate", lambda runners, feeds, warmup, runs, min_seconds=0.0: [[1e-3] * runs, [1e-3] * runs])
     result = benchmark(*pair, batches=(1,), runs=2, warmup=0, runtimes=("onnxruntime",), rounds=1)
     assert any("the machine was busy: load average 99.0 -> 99.0" in n for n in result.notes) == busy

@@ -92,12 +92,19 @@ def test_round_to_rejects_words_other_than_auto():
 
 
 def test_grouped_spaces_round_to_the_block_with_equal_groups():
-    # fixtures/arch/grouped: a 4-group 3x3 conv between 1x1 convs; with a block of 16 the
-    # grouped layer's widths become multiples of 16, the same in every group
+    # fixtures/arch/grouped: a 4-group 3x3 conv between 1x1 convs, 16 channels per group. With a
+    # block of 16, a group can only keep 16 (whole) or nothing: the space stays whole and says so;
+    # with a block of 4 every group keeps the same multiple of 4
     result = prune(str(FIXTURES / "arch" / "grouped.onnx"), ratio=0.4, round_to=16, verify=False)
     inits = {t.name: list(t.dims) for t in result.model.graph.initializer}
     grouped = next(n for n in result.model.graph.node if n.op_type == "Conv" and
                    any(a.name == "group" and a.i == 4 for a in n.attribute))
+    assert inits[grouped.input[1]][:2] == [64, 16]
+    assert any(n.startswith("grouped channels kept whole") for n in result.report.notes)
+    finer = prune(str(FIXTURES / "arch" / "grouped.onnx"), ratio=0.4, round_to=4, verify=False)
+    inits = {t.name: list(t.dims) for t in finer.model.graph.initializer}
+    grouped = next(n for n in finer.model.graph.node if n.op_type == "Conv" and
+                   any(a.name == "group" and a.i == 4 for a in n.attribute))
     c_out, c_in_per_group = inits[grouped.input[1]][:2]
-    assert c_out % 16 == 0 and (4 * c_in_per_group) % 16 == 0, (c_out, c_in_per_group)
-    assert result.report.removed_channels > 0
+    assert c_out % 16 == 0 and c_in_per_group % 4 == 0 and c_out < 64, (c_out, c_in_per_group)
+    assert finer.report.removed_channels > 0
