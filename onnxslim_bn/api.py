@@ -255,24 +255,18 @@ def prune(model: onnx.ModelProto | str | os.PathLike, options: PruneOptions | No
         if target is not None and curves is None:
             curves = _latency_table(prep, options)
         before = measure(prep.graph, prep.shapes, prep.size_bytes or weight_bytes(prep.model))
-        step_options = replace(options, target_latency=target) if target else options
-        if options.steps > 1:  # the first of the geometric steps (_later_steps)
-            metric = "target_macs" if options.target_macs is not None else "target_params"
-            step_options = replace(options, **{metric: getattr(options, metric) ** (1 / options.steps)})
-        plan: Plan = select(prep.analysis, step_options, curves)
+        plan: Plan = select(prep.analysis, replace(options, target_latency=target) if target else options, curves)
         prep.notes.extend(plan.notes)
         stats = apply(prep.analysis, plan, options.exact_borders)
         resolved = _options_resolved(options, prep)
+        resolved["round_to"] = plan.budget.get("round_to", resolved["round_to"])  # a budget may need a finer block
         pruned = _export(prep, run_metadata(resolved), options.allow_growth)
         seconds = {"prune": time.perf_counter() - clock}
-        reconstruction, last = None, prep  # last: the step whose graph and plan the report describes
+        reconstruction = None
         if _compensation(options) == "reconstruct":
             clock = time.perf_counter()
             pruned, reconstruction = _reconstruct(prep, pruned, options)
             seconds["reconstruct"] = time.perf_counter() - clock
-        if options.steps > 1:
-            pruned, plan, stats, reconstruction, last = _later_steps(prep, before, pruned, plan, stats, options,
-                                                                     resolved, seconds)
         if target is None:
             break
         timed = _time_latency(prep, pruned, options)
@@ -295,8 +289,8 @@ def prune(model: onnx.ModelProto | str | os.PathLike, options: PruneOptions | No
     seconds["verify"] = time.perf_counter() - clock
     report = Report(
         model=prep.source, output=None, options=resolved, options_given=given,
-        before=before, after=measure(last.graph, pruned_shapes, weight_bytes(pruned)),
-        verification=verification, surgery=stats, spaces=describe_spaces(last.analysis, plan),
+        before=before, after=measure(prep.graph, pruned_shapes, weight_bytes(pruned)),
+        verification=verification, surgery=stats, spaces=describe_spaces(prep.analysis, plan),
         notes=prep.notes, seconds=seconds, chosen_channels=plan.chosen, selection=plan.summary())
     if verification is not None and verification.failed:
         raise CheckFailed(f"{prep.source} (pruned): the check failed: {verification.failed}; nothing was written. "
@@ -308,45 +302,6 @@ def prune(model: onnx.ModelProto | str | os.PathLike, options: PruneOptions | No
         if not found.faster:
             log.warning("%s", found.message())
     return PruneResult(pruned, report, feeds, outputs, reconstruction)
-
-
-def _later_steps(first: _Prepared, before, pruned: onnx.ModelProto, plan: Plan, stats, options: PruneOptions,
-                 resolved: dict, seconds: dict) -> tuple[onnx.ModelProto, Plan, object, object, _Prepared]:
-    """--steps N: the budget in N geometric steps, each step's importance measured on the model
-    the step before left (pruned and refit), so that channels are judged beside the ones that
-    stay. Every step refits its layers; the check still compares with the original."""
-    metric = "target_macs" if options.target_macs is not None else "target_params"
-    goal = getattr(options, metric)
-    full = float(before.macs if metric == "target_macs" else before.parameters)
-    reconstruction, prep = None, first
-    for step in range(2, options.steps + 1):
-        clock = time.perf_counter()
-        now = pruned_cost = _cost_of(pruned, first.input_shapes, metric) / full
-        aim = min(0.999, goal ** (step / options.steps) / max(now, 1e-12))
-        if aim >= 0.999:
-            continue
-        later = replace(options, steps=1, probe=False, **{metric: aim})
-        prep = _prepare(pruned, later)
-        plan = select(prep.analysis, later)
-        stats = apply(prep.analysis, plan, later.exact_borders)
-        pruned = _export(prep, run_metadata(resolved), later.allow_growth)
-        if _compensation(later) == "reconstruct":
-            pruned, reconstruction = _reconstruct(prep, pruned, later)
-        first.notes.extend(f"step {step}/{options.steps}: {note}" for note in plan.notes + prep.notes
-                           if note in plan.notes or note.startswith("reconstruction:"))
-        first.notes.append(f"step {step}/{options.steps}: {pruned_cost:.1%} -> "
-                           f"{_cost_of(pruned, first.input_shapes, metric) / full:.1%} of the original's "
-                           f"{'MACs' if metric == 'target_macs' else 'parameters'}, importance measured on step "
-                           f"{step - 1}'s model")
-        seconds[f"step {step}"] = time.perf_counter() - clock
-    plan.budget.update(target=goal, reached=_cost_of(pruned, first.input_shapes, metric) / full, steps=options.steps)
-    return pruned, plan, stats, reconstruction, prep
-
-
-def _cost_of(model: onnx.ModelProto, input_shapes: dict, metric: str) -> float:
-    """A model's MACs (``target_macs``) or parameters, counted as the report counts them."""
-    counted = measure(_import(model), infer_shapes(model, input_shapes, "the pruned model"), 0)
-    return float(counted.macs if metric == "target_macs" else counted.parameters)
 
 
 def _latency_table(prep: _Prepared, options: PruneOptions) -> dict:
@@ -398,6 +353,7 @@ def _export(prep: _Prepared, metadata: dict[str, str], allow_growth: bool = Fals
     del pruned.opset_import[:]
     pruned.opset_import.extend(original.opset_import)
     pruned.producer_name, pruned.producer_version = original.producer_name, original.producer_version
+    pruned.model_version, pruned.domain = original.model_version, original.domain
     pruned.doc_string = original.doc_string
     del pruned.metadata_props[:]  # the input's, but an earlier run's keys (pruned again) give way to this run's
     pruned.metadata_props.extend(p for p in original.metadata_props if p.key not in metadata)

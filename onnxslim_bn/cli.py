@@ -154,10 +154,6 @@ def _prune_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="for removed channels: fold their constants into the next layers' bias, or refit the "
                              "next layers by least squares on the calibration data (default auto: reconstruct "
                              "with --data, else bias)")
-    parser.add_argument("--steps", type=int, default=1, metavar="N",
-                        help="with --target-macs / --target-params: reach the budget in N geometric steps, each "
-                             "measuring importance on the model the step before left (pruned and refit); about N "
-                             "times slower, closer to the original at large cuts (default 1)")
     parser.add_argument("--no-verify", action="store_true", help="skip the onnxruntime comparison (the checker still runs)")
     parser.add_argument("--json", "--report", dest="json", metavar="PATH",
                         help="write the report as JSON to PATH ('-' for stdout; the table then goes to stderr)")
@@ -343,7 +339,7 @@ def run_prune(args: argparse.Namespace) -> int:
                        threads=args.threads, probe=args.probe,
                        importance=args.importance, max_layer_ratio=args.max_layer_ratio,
                        max_error=args.max_error, verify=not args.no_verify, exact_borders=args.exact_borders,
-                       allow_growth=args.allow_growth, steps=args.steps,
+                       allow_growth=args.allow_growth,
                        compensation=args.compensation, preprocess=_preprocess(args), calibration_samples=args.calibration_samples,
                        check_samples=args.check_samples, max_rel_error=args.max_rel_error, min_cosine=args.min_cosine)
     if args.fp16 and not args.openvino:

@@ -12,9 +12,9 @@ what is lost at consumer K is the channel's variation through K's weights:
 a relative figure, so that channels of different layers compare in one global ranking. A
 channel read by several consumers (a residual group, a concatenation) sums its costs.
 
-The replacement of a channel at a consumer becomes its measured mean there wherever the
-rules prove the channel constant-compatible (:mod:`.replacement`); where they do not (a gate),
-the channel stays unremovable, as with gamma.
+The replacement of a channel at a consumer becomes its measured mean there, also where the
+rules prove no constant (a gate, a Pad of another value: :mod:`.replacement`); with gamma
+importance such channels stay unremovable.
 """
 
 from __future__ import annotations

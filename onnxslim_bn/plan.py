@@ -56,9 +56,6 @@ class PruneOptions:
     # the next layers on calibration data (reconstruct.py), "auto": reconstruct when data is given
     compensation: str = "auto"
     allow_growth: bool = False  # accept weights >10% over the input's (shared weights sliced per reader)
-    # --target-macs / --target-params in this many geometric steps, each step's importance measured
-    # on the model the step before left (pruned and refit): slower, closer to the original
-    steps: int = 1
 
     def validate(self) -> None:
         given = [v is not None for v in (self.ratio, self.threshold, self.target_macs, self.target_params,
@@ -97,9 +94,6 @@ class PruneOptions:
             raise BnSlimError(f"--calibration-samples {self.calibration_samples} must be at least 1")
         if self.preprocess and self.data is None:
             raise BnSlimError("--preprocess applies to a folder of images: add --data IMAGE_FOLDER")
-        if self.steps < 1 or (self.steps > 1 and self.target_macs is None and self.target_params is None):
-            raise BnSlimError(f"--steps {self.steps}: a whole number >= 1, and more than 1 only with --target-macs "
-                              "or --target-params (e.g. --target-macs 0.5 --steps 2)")
         if self.compensation not in ("auto", "bias", "reconstruct"):
             raise BnSlimError(f"--compensation {self.compensation!r}: choose auto, bias or reconstruct")
 
@@ -581,6 +575,7 @@ def _respect(space, gone: np.ndarray, min_channels: int, round_to: int) -> np.nd
 # a budget met on the machine's block may land this far (a fraction of the original's cost)
 # under the target; further, finer blocks are tried (narrow layers step by a whole block)
 BUDGET_SLACK = 0.02
+BLOCK_FLOOR = 4  # no finer: below it a width is as good as unrounded for the kernels
 
 
 def _within_budget(analysis: Analysis, walk: _Walk, flat: np.ndarray, options: PruneOptions,
@@ -601,22 +596,29 @@ def _within_budget(analysis: Analysis, walk: _Walk, flat: np.ndarray, options: P
     per_channel = _channel_costs(analysis, walk, costs, which)
     order = np.argsort(flat / np.maximum(per_channel, 1e-30), kind="stable")
     limit = fraction * full
-    block, best, tried = walk.block, None, []
-    while True:  # the machine's block, else finer ones, until the rounded widths can meet the budget closely
+    # --round-to auto only (a block the user set is kept): the machine's block, else halved ones
+    # down to BLOCK_FLOOR, until the rounded widths come within BUDGET_SLACK of the budget
+    floor = min(walk.block, BLOCK_FLOOR) if options.round_to == "auto" else walk.block
+    block, tried = walk.block, []
+    while True:
         walk.block = block
         best, reached = _longest_fit(walk, order, costs, which, limit)
         tried.append((block, best, reached))
-        if block <= 1 or (best is not None and reached >= limit - BUDGET_SLACK * full):
+        if block // 2 < floor or (best is not None and reached >= limit - BUDGET_SLACK * full):
             break
         block //= 2
-    if best is None or (reached < limit - BUDGET_SLACK * full and len(tried) > 1):
-        block, best, reached = max(tried, key=lambda t: (t[1] is not None, t[2] if t[1] is not None else 0.0))
-        walk.block = block
+    met = [t for t in tried if t[1] is not None]
+    # the met plan nearest the budget, else (out of reach on every block) the one that came closest
+    block, best, reached = max(met, key=lambda t: (t[2], t[0])) if met else min(tried, key=lambda t: (t[2], -t[0]))
+    if met and tried[0][1] is not None and tried[0][2] >= limit - BUDGET_SLACK * full:
+        block, best, reached = tried[0]
+    walk.block = block
     if block != tried[0][0]:
-        missed = tried[0][2] / full if tried[0][1] is not None else None
-        notes = [f"widths rounded to multiples of {block}, not {tried[0][0]}: on the coarser block the nearest plan "
-                 + (f"under the budget kept {missed:.1%}" if missed is not None else "could not meet the budget")
-                 + f" (budget {fraction:.1%}); narrow layers cannot step finer"]
+        first = tried[0]
+        missed = f"under the budget kept {first[2] / full:.1%}" if first[1] is not None else \
+            f"could reach only {first[2] / full:.1%}"
+        notes = [f"widths rounded to multiples of {block}, not {first[0]}: on the coarser block the nearest plan "
+                 f"{missed} (budget {fraction:.1%}); narrow layers cannot step finer"]
     else:
         notes = []
     plan = walk.plan(order, len(order) if best is None else best)
@@ -641,8 +643,8 @@ def _longest_fit(walk: _Walk, order: np.ndarray, costs: Costs, which: int, limit
             best, hi = mid, mid - 1
         else:
             lo = mid + 1
-    if best is None:
-        return None, float("inf")
+    if best is None:  # out of reach: what the whole walk comes to
+        return None, costs.totals(walk.removed(order, len(order))[0])[which]
     fits = {best: costs.totals(walk.removed(order, best)[0])[which]}
     for n in range(max(0, best - 48), best):
         reached = costs.totals(walk.removed(order, n)[0])[which]

@@ -287,10 +287,8 @@ class Report:
         body = [(name, fmt(a), fmt(b), _change(a, b)) for name, a, b, fmt in rows]
         lines = grid(("", "Original", "Pruned", "Change"), body)
         cut, alone = sum(1 for s in self.spaces if s.kept < s.channels), sum(1 for s in self.spaces if s.blocked)
-        steps = (self.selection.get("budget") or {}).get("steps", 1) if self.selection else 1
         lines.append(f"Removed {self.removed_channels} of {self.prunable_channels} prunable channels in {_n(cut, 'space')} "
-                     + (f"in the last of {steps} steps (the table above counts all) " if steps > 1 else "")
-                     + f"({_n(alone, 'space')} left alone; `onnx-bnslim inspect` says why).")
+                     f"({_n(alone, 'space')} left alone; `onnx-bnslim inspect` says why).")
         lines.extend(selection_lines(self.selection, self.chosen_channels, self.removed_channels, self.options))
         if self.surgery.compensated_layers:
             lines.append(f"Removed channels' constants folded into {self.surgery.compensated_layers} layers' bias"
@@ -332,7 +330,8 @@ def selection_lines(sel: dict, chosen: int, removed: int, options: dict) -> list
     kept = [(sel.get("kept_by_branches", 0), "another reader BN's branch still uses them")]
     rounded = chosen - removed + sel.get("removed_by_branches", 0) - sum(n for n, _ in kept)
     if rounded > 0:
-        kept.append((rounded, f"rounding widths to multiples of {options.get('round_to')} and evening out conv groups "
+        block = (sel.get("budget") or {}).get("round_to", options.get("round_to"))
+        kept.append((rounded, f"rounding widths to multiples of {block} and evening out conv groups "
                               "(--round-to 1 for the exact ratio)"))
     reasons = "; ".join(f"{n} because {why}" for n, why in kept if n > 0)
     if reasons:
@@ -348,7 +347,10 @@ def selection_lines(sel: dict, chosen: int, removed: int, options: dict) -> list
         lines.append(f"Live channels removed: {sel.get('live_removed', 0)} ({dead}); largest score removed {top:.3g}.")
     budget = sel.get("budget") or {}
     if budget:
-        line = f"Budget: {budget['metric']} at most {budget['target']:.1%} of the original; reached {budget['reached']:.1%}"
+        what = {"params": "layer weights (Conv / Gemm / MatMul)"}.get(budget["metric"], budget["metric"])
+        line = f"Budget: {what} at most {budget['target']:.1%} of the original; reached {budget['reached']:.1%}"
+        if budget["metric"] == "params":
+            line += " (the Parameters row also counts biases and BN parameters)"
         if budget["metric"] == "latency":
             line += " as the layer table predicts" + (f", {budget['measured']:.1%} measured" if "measured" in budget else "")
         if budget.get("unreachable"):

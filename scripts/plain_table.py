@@ -39,7 +39,6 @@ def main() -> None:
     parser.add_argument("--methods", nargs="*", default=["gamma+bias", "data+reconstruct"],
                         help="IMPORTANCE+COMPENSATION pairs (gamma|data, bias|reconstruct)")
     parser.add_argument("--round-to", default="auto", help="channel rounding passed to prune (default auto)")
-    parser.add_argument("--steps", type=int, nargs="*", default=[1], help="--steps values to run (default 1)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     calib = np.load(PLAIN / "calibration.npz")["input"].astype(np.float32)
@@ -54,22 +53,20 @@ def main() -> None:
             ref = logits(str(path), x).argmax(1)
             print(f"| {name} | {form} | unpruned | 100% | - | {(ref == y).mean():.1%} | 100% | - |", flush=True)
             for target in args.targets:
-                for method, steps in [(m, k) for m in args.methods for k in args.steps]:
-                    label = f", --steps {steps}" if steps > 1 else ""
+                for method in args.methods:
                     try:
                         result = prune(str(path), target_macs=target, data=data, calibration_samples=len(calib),
                                        importance=method.split("+")[0], compensation=method.split("+")[1],
-                                       steps=steps,
                                        round_to=args.round_to if args.round_to == "auto" else int(args.round_to))
                     except Exception as exc:  # a table row, not a crash: say what failed
                         why = str(exc).splitlines()[0][:80]
-                        print(f"| {name} | {form} | {target:.0%} | - | {method}{label} | failed: {why} | | |")
+                        print(f"| {name} | {form} | {target:.0%} | - | {method} | failed: {why} | | |")
                         continue
                     pred = logits(result.model, x).argmax(1)
                     secs = sum(v for k, v in result.report.seconds.items() if k in ("prune", "reconstruct")
                                or k.startswith("step"))
                     macs = result.report.after.macs / result.report.before.macs
-                    print(f"| {name} | {form} | {target:.0%} | {macs:.1%} | {method}{label} | {(pred == y).mean():.1%} | "
+                    print(f"| {name} | {form} | {target:.0%} | {macs:.1%} | {method} | {(pred == y).mean():.1%} | "
                           f"{(pred == ref).mean():.1%} | {secs:.1f} |", flush=True)
 
 

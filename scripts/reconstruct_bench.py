@@ -35,7 +35,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--ratio", type=float, default=0.5)
     parser.add_argument("--max-positions", type=int, default=64)
-    parser.add_argument("--max-rows", type=int, default=4096, help="rows per layer's fit, over all samples")
+    parser.add_argument("--max-rows", type=int, default=16384, help="cap on the rows of one layer's fit (the library default)")
     parser.add_argument("--no-downstream", action="store_true")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")

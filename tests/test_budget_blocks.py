@@ -1,16 +1,14 @@
 """Budgets on narrow layers (a finer block when the machine's block cannot come near the
-budget), budgets in steps (--steps), and pruning a model this tool already pruned."""
+budget), and pruning a model this tool already pruned."""
 
 from __future__ import annotations
 
 import numpy as np
-import onnx
 import pytest
 
-from onnxslim_bn import BnSlimError, prune
+from onnxslim_bn import prune
 from onnxslim_bn.plan import BUDGET_SLACK
-from tests.fixtures import FIXTURES, heldout
-from tests.graphs import run
+from tests.fixtures import FIXTURES
 
 PLAIN = FIXTURES / "plain"
 
@@ -19,10 +17,16 @@ def _calibration() -> dict[str, np.ndarray]:
     return {"input": np.load(PLAIN / "calibration.npz")["input"]}
 
 
-def test_a_block_too_coarse_for_the_budget_gives_way_to_a_finer_one():
+@pytest.fixture
+def block_16(monkeypatch):
+    """--round-to auto resolves to 16 whatever this machine's kernels are."""
+    monkeypatch.setattr("onnxslim_bn.hardware.channel_block", lambda *a, **k: (16, "a test's block"))
+
+
+def test_a_block_too_coarse_for_the_budget_gives_way_to_a_finer_one(block_16):
     # the plain DenseNet's growth layers are 12 and 24 wide: on a block of 16 the nearest plan under
     # 70% of the MACs keeps about 63%, far under the budget; a block of 8 comes within the slack
-    result = prune(str(PLAIN / "densenet.onnx"), target_macs=0.7, round_to=16, data=_calibration(),
+    result = prune(str(PLAIN / "densenet.onnx"), target_macs=0.7, data=_calibration(),
                    compensation="bias", verify=False)
     budget = result.report.selection["budget"]
     reached = result.report.after.macs / result.report.before.macs
@@ -35,35 +39,11 @@ def test_a_block_too_coarse_for_the_budget_gives_way_to_a_finer_one():
             assert space.kept % budget["round_to"] == 0 or space.kept == space.channels, space
 
 
-def test_a_block_that_can_meet_the_budget_is_kept():
-    result = prune(str(PLAIN / "resnet.onnx"), target_macs=0.7, round_to=16, data=_calibration(),
+def test_a_block_that_can_meet_the_budget_is_kept(block_16):
+    result = prune(str(PLAIN / "resnet.onnx"), target_macs=0.7, data=_calibration(),
                    compensation="bias", verify=False)
     assert result.report.selection["budget"]["round_to"] == 16
     assert not any(n.startswith("widths rounded to multiples") for n in result.report.notes)
-
-
-def test_a_budget_in_two_steps_is_met_and_checked_against_the_original():
-    model = onnx.load(str(PLAIN / "vgg.onnx"))
-    x, _ = heldout()
-    data = {"input": np.concatenate([_calibration()["input"], x[:64]])}
-    result = prune(model, target_macs=0.5, steps=2, data=data, calibration_samples=256)
-    report = result.report
-    assert report.after.macs <= 0.5 * report.before.macs
-    assert report.selection["budget"]["steps"] == 2
-    assert [n for n in report.notes if n.startswith("step 2/2:") and "of the original's MACs" in n]
-    # the check compares with the original: recompute it on the same held-out samples
-    before = run(model, {"input": x[:64]})[0]
-    after = run(result.model, {"input": x[:64]})[0]
-    agreement = float((before.argmax(1) == after.argmax(1)).mean())
-    assert report.verification.outputs[0].top1_agreement == pytest.approx(agreement, abs=1e-9)
-    assert agreement >= 0.85, agreement
-    assert [i.name for i in result.model.graph.input] == [i.name for i in model.graph.input]
-
-
-@pytest.mark.parametrize("options", [dict(ratio=0.3, steps=2), dict(target_macs=0.5, steps=0)])
-def test_steps_need_a_budget(options):
-    with pytest.raises(BnSlimError, match="--steps"):
-        prune(str(PLAIN / "vgg.onnx"), **options)
 
 
 def test_a_model_pruned_by_the_tool_can_be_pruned_again():
