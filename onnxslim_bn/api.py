@@ -26,7 +26,7 @@ from .interface import (account, check_interface, check_size, copy_origins, fix_
 from .model_io import check_input, load_model_and_files
 from .openvino_ir import OpenVinoResult, export_ir
 from .openvino_ir import require as require_openvino
-from .data_importance import data_importance
+from .data_importance import close_unmeasured, data_importance, open_unscaled
 from .bench import probe, probe_inputs, time_pair
 from .hardware import resolve_round_to
 from .latency import layer_latency_table
@@ -200,7 +200,11 @@ def _rank_by_data(prep: _Prepared, options: PruneOptions, samples) -> None:
         feeds, _ = verify.make_inputs(prep.model, prep.input_shapes, None, options.seed, calibration=True)
         described = f"{verify.count(feeds)} seeded N(0,1) samples (pass --data: random inputs rank channels poorly)"
     prep.calibration_count = max(prep.calibration_count, verify.count(feeds))
+    opened = open_unscaled(prep.analysis)
     measured = data_importance(prep.analysis, prep.model, feeds)
+    if opened:
+        prep.notes.append(f"{close_unmeasured(prep.analysis, opened)} channel groups without a BatchNorm scale "
+                          "(left alone with gamma) are ranked by data too")
     prep.notes.append(f"importance: data (each channel's share of the output variance at its {measured} consumers, "
                       f"on {described})")
 

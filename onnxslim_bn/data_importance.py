@@ -83,3 +83,38 @@ def data_importance(analysis: Analysis, model: onnx.ModelProto, feeds: dict[str,
             space.sources = [ScoreSource("consumers", "data", totals[space.id])]
     log.info("data importance: %d consumers measured on %d samples", measured, calibrate.verify.count(feeds))
     return measured
+
+
+PLACEHOLDER = "unscaled"  # the source node of a space opened by :func:`open_unscaled`, until measured
+
+
+def open_unscaled(analysis: Analysis) -> list[int]:
+    """With data, the spaces left alone only for want of a BN scale (a layer that never had a BN,
+    a re-parameterised conv) can be ranked like any other: their channels' cost is measured at
+    the consumers. Returns the opened spaces; :func:`data_importance` scores them, and those it
+    could not measure are blocked again."""
+    opened = []
+    for space in analysis.roots():
+        if not space.producers or space.sources:
+            continue
+        if space.blocked and not all("has no BatchNorm scale" in reason for reason in space.blocked):
+            continue
+        space.blocked = []
+        space.sources = [ScoreSource(PLACEHOLDER, "data", np.zeros(space.size))]
+        opened.append(space.id)
+    return opened
+
+
+def close_unmeasured(analysis: Analysis, opened: list[int]) -> int:
+    """Block again the opened spaces that no consumer measured (their placeholder scores are
+    zero: they would go first). Returns how many stay open."""
+    left = 0
+    for root in opened:
+        space = analysis.spaces[root]
+        if any(s.node == PLACEHOLDER for s in space.sources):
+            space.sources = []
+            space.blocked.append("no BatchNorm scale, and no consumer of its channels could be measured on the data")
+        else:
+            left += 1
+    return left
+

@@ -49,3 +49,39 @@ def test_without_data_the_rules_decide_and_such_channels_stay():
     result = prune(model, ratio=0.25, importance="gamma", round_to=1)
     assert result.report.removed_channels == 0
     assert result.report.selection["ranked"] == 0  # none of the 16 has a replacement the rules prove
+
+
+def _unscaled_model() -> tuple[onnx.ModelProto, str]:
+    """conv-bn-relu, then a conv with a bias and no BN (the exporter kept BN elsewhere: this
+    layer never had one), then a 1x1 conv reading it."""
+    b = Builder(seed=5)
+    h = b.op("Relu", [b.bn(b.conv("input", 3, 8), 8)])
+    plain = b.conv(h, 8, 16, bias=True)  # no activation after it: not a folded Conv-BN-Act
+    b.op("Conv", [plain, b.const(b.rng.standard_normal((4, 16, 1, 1)).astype(np.float32) * 0.3, "w"),
+                  b.const(np.zeros(4, np.float32), "b")], kernel_shape=[1, 1])
+    out = b.nodes[-1].output[0]
+    return b.model({"input": [None, 3, 8, 8]}, [out], {out: [None, 4, 8, 8]}), plain
+
+
+def test_with_data_a_layer_without_a_bn_scale_is_ranked_and_replaced_by_its_means():
+    model, plain = _unscaled_model()
+    gamma = prune(model, ratio=0.25, importance="gamma", round_to=1)
+    space = next(s for s in gamma.report.spaces if s.channels == 16)
+    assert space.blocked and "no BatchNorm scale" in space.blocked and space.kept == 16
+    rng = np.random.default_rng(1)
+    calib, check = rng.standard_normal((64, 3, 8, 8)).astype(np.float32), rng.standard_normal((32, 3, 8, 8)).astype(np.float32)
+    result = prune(model, ratio=0.25, importance="data", compensation="bias", round_to=1, keep=["w1"],
+                   data={"input": np.concatenate([calib, check])}, calibration_samples=64)
+    space = next(s for s in result.report.spaces if s.channels == 16)  # the first conv's 8 stay (--keep)
+    assert not space.blocked and space.source == "data" and len(space.removed) > 0
+    assert any("without a BatchNorm scale" in n and n.startswith("1 ") for n in result.report.notes)
+    removed = np.array(space.removed)
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    probe.graph.output.append(onnx.helper.make_empty_tensor_value_info(plain))
+    means = run(probe, {"input": calib})[1].mean(axis=(0, 2, 3))
+    out, x = run(probe, {"input": check})
+    w = onnx.numpy_helper.to_array(next(t for t in model.graph.initializer if t.dims == [4, 16, 1, 1]))[:, :, 0, 0]
+    expected = out - np.einsum("oc,nchw->nohw", w[:, removed], x[:, removed] - means[removed, None, None])
+    got = run(result.model, {"input": check})[0]
+    assert np.abs(got - expected).max() <= 1e-4 * max(1.0, float(np.abs(out).max()))
