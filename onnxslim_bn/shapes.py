@@ -37,11 +37,13 @@ def parse_input_shapes(specs: list[str] | None) -> dict[str, list[int]]:
     return shapes
 
 
-def resolve_input_shapes(model: onnx.ModelProto, given: dict[str, list[int]], source: str) -> tuple[dict[str, list[int]], list[str]]:
+def resolve_input_shapes(model: onnx.ModelProto, given: dict[str, list[int]] | None,
+                         source: str) -> tuple[dict[str, list[int]], list[str]]:
     """Concrete shape per input, and a note for every dimension the tool chose itself.
 
     Dynamic dimensions default to 1 on axis 0 (batch) and 224 elsewhere.
     """
+    given = given or {}
     inputs = graph_inputs(model)
     names = {i.name for i in inputs}
     for name in given:

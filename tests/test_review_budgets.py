@@ -86,3 +86,10 @@ def test_the_model_version_and_domain_are_kept():
     model.model_version, model.domain = 7, "com.example.models"
     pruned = prune(model, target_macs=0.6, round_to=1, compensation="bias", verify=False).model
     assert (pruned.model_version, pruned.domain) == (7, "com.example.models")
+
+
+def test_input_shapes_none_means_the_model_s_own():
+    model = _two_inputs()
+    given = prune(model, target_macs=0.6, round_to=1, compensation="bias", verify=False, input_shapes=None)
+    default = prune(model, target_macs=0.6, round_to=1, compensation="bias", verify=False)
+    assert given.report.after.macs == default.report.after.macs
