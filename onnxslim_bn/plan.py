@@ -439,13 +439,14 @@ class _Walk:
                 mask = self.unsafe.mask.get(s.id, np.zeros(s.size, bool))
                 free = np.flatnonzero(~gone & ~mask & np.isfinite(scores))
                 gone[free[np.argsort(scores[free], kind="stable")[:keep - width]]] = True
+        # grouped convs: the machine's block, not a finer one a budget fell back to (off it a
+        # grouped conv leaves the blocked kernels and runs slower than unpruned)
+        grouped_block = max(block, self.options.block())
         for s in self.spaces:
             if s.groups > 1 and not s.parts and removed[s.id].any():
-                # the machine's block, not a finer one a budget fell back to: off it a grouped conv
-                # leaves the blocked kernels and runs slower than unpruned
-                self._round_groups(s, removed[s.id], max(block, self.options.block()))
+                self._round_groups(s, removed[s.id], grouped_block)
         if self.whole_groups:
-            self.notes.append(f"grouped channels kept whole, as fewer than {block} per group would take the grouped "
+            self.notes.append(f"grouped channels kept whole, as fewer than {grouped_block} per group would take the grouped "
                               "conv off onnxruntime's blocked kernels (slower than not pruning it): "
                               + ", ".join(self.whole_groups))
 
@@ -608,10 +609,9 @@ def _within_budget(analysis: Analysis, walk: _Walk, flat: np.ndarray, options: P
             break
         block //= 2
     met = [t for t in tried if t[1] is not None]
-    # the met plan nearest the budget, else (out of reach on every block) the one that came closest
+    # the last block tried when it came within the slack, else the met plan nearest the budget,
+    # else (out of reach on every block) the one that came closest
     block, best, reached = max(met, key=lambda t: (t[2], t[0])) if met else min(tried, key=lambda t: (t[2], -t[0]))
-    if met and tried[0][1] is not None and tried[0][2] >= limit - BUDGET_SLACK * full:
-        block, best, reached = tried[0]
     walk.block = block
     if block != tried[0][0]:
         first = tried[0]
