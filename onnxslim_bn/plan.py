@@ -357,6 +357,7 @@ class _Walk:
         self.flat = np.concatenate([scores[s.id] for s in spaces]) if spaces else np.zeros(0)
         self.whole_order = False
         self.block = options.block()
+        self.fine_everywhere = False  # a finer block for every space (a budget out of reach otherwise)
         self.costs, self.which = None, 0  # a budget's costs: rounding weighs channels by them
         self.unsafe_flat = np.concatenate([unsafe.mask.get(s.id, np.zeros(s.size, bool)) for s in spaces]) \
             if spaces else np.zeros(0, bool)
@@ -419,13 +420,35 @@ class _Walk:
         the selection (:func:`onnxslim_bn.hardware.round_widths`): up puts back the best removed
         channels, down takes the weakest kept ones that may go. Grouped spaces round per group
         (:meth:`_round_groups`); spaces that Split / Slice take parts of keep their widths."""
-        from .hardware import round_widths
-
         block = self.block
         self.notes, self.whole_groups = [], []
         if block <= 1:
             return
         spaces = [s for s in self.spaces if s.groups == 1 and not s.parts and removed[s.id].any()]
+        machine = max(block, self.options.block())
+        # a finer block a budget fell back to applies to the spaces off the machine's block (a
+        # 24-wide layer); those on it keep it, or their convs would leave the blocked kernels
+        batches = [(block, spaces)] if block == machine or self.fine_everywhere else \
+            [(machine, [s for s in spaces if s.size % machine == 0]), (block, [s for s in spaces if s.size % machine])]
+        for step, members in batches:
+            self._round_spaces(removed, members, step)
+        # grouped convs: the machine's block, not a finer one a budget fell back to (off it a
+        # grouped conv leaves the blocked kernels and runs slower than unpruned)
+        grouped_block = machine
+        for s in self.spaces:
+            if s.groups > 1 and not s.parts and removed[s.id].any():
+                self._round_groups(s, removed[s.id], grouped_block)
+        if self.whole_groups:
+            self.notes.append(f"grouped channels kept whole, as fewer than {grouped_block} per group would take the grouped "
+                              "conv off onnxruntime's blocked kernels (slower than not pruning it): "
+                              + ", ".join(self.whole_groups))
+
+    def _round_spaces(self, removed: dict[int, np.ndarray], spaces: list, block: int) -> None:
+        """Round ungrouped ``spaces`` to ``block`` (see :meth:`_round`)."""
+        from .hardware import round_widths
+
+        if not spaces:
+            return
         keeps = [int(s.size - removed[s.id].sum()) for s in spaces]
         widths = round_widths(keeps, [s.size for s in spaces], block, self.options.min_channels, self.weights(spaces))
         for s, keep, width in zip(spaces, keeps, widths):
@@ -439,16 +462,6 @@ class _Walk:
                 mask = self.unsafe.mask.get(s.id, np.zeros(s.size, bool))
                 free = np.flatnonzero(~gone & ~mask & np.isfinite(scores))
                 gone[free[np.argsort(scores[free], kind="stable")[:keep - width]]] = True
-        # grouped convs: the machine's block, not a finer one a budget fell back to (off it a
-        # grouped conv leaves the blocked kernels and runs slower than unpruned)
-        grouped_block = max(block, self.options.block())
-        for s in self.spaces:
-            if s.groups > 1 and not s.parts and removed[s.id].any():
-                self._round_groups(s, removed[s.id], grouped_block)
-        if self.whole_groups:
-            self.notes.append(f"grouped channels kept whole, as fewer than {grouped_block} per group would take the grouped "
-                              "conv off onnxruntime's blocked kernels (slower than not pruning it): "
-                              + ", ".join(self.whole_groups))
 
     def _round_groups(self, s, gone: np.ndarray, block: int) -> None:
         """A grouped space: the same width in every group, up or down, whichever is nearer.
@@ -600,25 +613,33 @@ def _within_budget(analysis: Analysis, walk: _Walk, flat: np.ndarray, options: P
     # --round-to auto only (a block the user set is kept): the machine's block, else halved ones
     # down to BLOCK_FLOOR, until the rounded widths come within BUDGET_SLACK of the budget
     floor = min(walk.block, BLOCK_FLOOR) if options.round_to == "auto" else walk.block
-    block, tried = walk.block, []
-    while True:
-        walk.block = block
-        best, reached = _longest_fit(walk, order, costs, which, limit)
-        tried.append((block, best, reached))
-        if block // 2 < floor or (best is not None and reached >= limit - BUDGET_SLACK * full):
+    # first the finer blocks for the spaces off the machine's block only; for all spaces only when
+    # the budget is out of reach otherwise
+    machine, tried = walk.block, []
+    for everywhere in (False, True):
+        walk.fine_everywhere, block = everywhere, machine if not everywhere else machine // 2
+        while block >= floor:
+            walk.block = block
+            best, reached = _longest_fit(walk, order, costs, which, limit)
+            tried.append((block, best, reached, everywhere))
+            if block // 2 < floor or (best is not None and reached >= limit - BUDGET_SLACK * full):
+                break
+            block //= 2
+        if any(t[1] is not None for t in tried) or floor == machine:
             break
-        block //= 2
     met = [t for t in tried if t[1] is not None]
     # the last block tried when it came within the slack, else the met plan nearest the budget,
     # else (out of reach on every block) the one that came closest
-    block, best, reached = max(met, key=lambda t: (t[2], t[0])) if met else min(tried, key=lambda t: (t[2], -t[0]))
-    walk.block = block
+    block, best, reached, everywhere = max(met, key=lambda t: (t[2], t[0])) if met else \
+        min(tried, key=lambda t: (t[2], -t[0]))
+    walk.block, walk.fine_everywhere = block, everywhere
     if block != tried[0][0]:
         first = tried[0]
         missed = f"under the budget kept {first[2] / full:.1%}" if first[1] is not None else \
             f"could reach only {first[2] / full:.1%}"
-        notes = [f"widths rounded to multiples of {block}, not {first[0]}: on the coarser block the nearest plan "
-                 f"{missed} (budget {fraction:.1%}); narrow layers cannot step finer"]
+        where = "in every layer" if everywhere else "in the layers whose width is off that block (the others keep it)"
+        notes = [f"widths rounded to multiples of {block}, not {first[0]}, {where}: on the coarser block the nearest "
+                 f"plan {missed} (budget {fraction:.1%}); narrow layers cannot step finer"]
     else:
         notes = []
     plan = walk.plan(order, len(order) if best is None else best)
