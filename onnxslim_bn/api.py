@@ -215,7 +215,8 @@ def _nothing_to_prune(prep: _Prepared) -> BnSlimError:
         return BnSlimError(f"{prep.source}: no Conv or Gemm layer with a constant weight; nothing to prune")
     if "BatchNormalization" not in ops and not any(s.sources for s in prep.analysis.spaces):
         return BnSlimError(f"{prep.source}: no BatchNormalization node and no layer whose BN scale can be recovered "
-                           f"(a Conv/Gemm with a bias); if it was trained with BN, re-export with BN kept: {KEEP_BN_FLAGS}")
+                           f"(a Conv/Gemm with a bias); pass --data (a few hundred samples) to rank its channels by "
+                           f"their measured cost, or, if it was trained with BN, re-export with BN kept: {KEEP_BN_FLAGS}")
     reasons = sorted({s.blocked[0] for s in prep.analysis.roots() if s.blocked and s.producers})
     return BnSlimError(f"{prep.source}: every BN-scaled channel group is blocked, e.g. {reasons[0] if reasons else 'unknown'}; "
                        "run `onnx-bnslim inspect` for the full list")

@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import pytest
 
-from onnxslim_bn import prune
+from onnxslim_bn import BnSlimError, prune
 from tests.graphs import Builder, run
 
 
@@ -87,3 +88,17 @@ def test_with_data_a_layer_without_a_bn_scale_is_ranked_and_replaced_by_its_mean
     assert not space.blocked and space.source == "data" and len(space.removed) > 0
     assert any("without a BatchNorm scale" in n and n.startswith("1 ") for n in result.report.notes)
     _assert_means_replace(model, result.model, plain, np.array(space.removed), calib, check)
+
+
+def test_a_model_without_any_bn_is_pruned_with_data_and_told_so_without():
+    b = Builder(seed=2)
+    h = b.op("Relu", [b.conv("input", 3, 16)])
+    h = b.op("Relu", [b.conv(h, 16, 16)])
+    model = _with_1x1_reader(b, h, 16, 4, 8)
+    with pytest.raises(BnSlimError, match="no BatchNormalization node.*pass --data"):
+        prune(model, ratio=0.3)
+    calib, check = _samples(2)
+    result = prune(model, ratio=0.3, round_to=1, data={"input": np.concatenate([calib, check])}, calibration_samples=64)
+    assert result.report.options["importance"] == "data" and result.report.removed_channels > 0
+    check = result.report.verification  # live channels went: the check measures on samples kept apart
+    assert check.disjoint and check.samples == 32, (check.disjoint, check.samples)
