@@ -30,7 +30,7 @@ EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "500"))
 # activations with f(0) = 0: a dead channel stays exactly 0 through them, borders included
 ACTIVATIONS = ["Relu", "LeakyRelu", "Tanh", "Clip", "Identity", "HardSwish", "Elu"]
 BLOCKS = ["cba", "residual", "concat", "concat-input", "se", "depthwise", "pool", "pad", "resize", "mul-const", "up", "csp",
-          "slice", "grouped", "preact", "pad-value", "avgpool", "conv1x1-pad", "convt-overlap", "reader-concat"]
+          "slice", "grouped", "preact", "pad-value", "avgpool", "conv1x1-pad", "convt-overlap", "reader-concat", "plain"]
 HEADS = ["gap-gemm", "flatten-gemm", "conv", "reshape-gemm", "matmul"]
 
 
@@ -67,6 +67,10 @@ class Net:
         if kind == "cba":
             w = self.width()
             self.x, self.c = self.cba(x, c, w, k=self.draw(st.sampled_from([1, 3]))), w
+        elif kind == "plain":  # a conv that never had a BN (a bias, maybe an activation)
+            w = self.width()
+            y = b.conv(x, c, w, k=self.draw(st.sampled_from([1, 3])), bias=True)
+            self.x, self.c = (self.act(y) if self.draw(st.booleans()) else y), w
         elif kind == "residual":
             mid = self.width()
             self.x = b.op("Add", [x, self.bn(b.conv(self.cba(x, c, mid), mid, c), c)])
