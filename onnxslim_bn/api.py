@@ -202,9 +202,10 @@ def _rank_by_data(prep: _Prepared, options: PruneOptions, samples) -> None:
     prep.calibration_count = max(prep.calibration_count, verify.count(feeds))
     opened = open_unscaled(prep.analysis)
     measured = data_importance(prep.analysis, prep.model, feeds)
-    if opened:
-        prep.notes.append(f"{close_unmeasured(prep.analysis, opened)} channel groups without a BatchNorm scale "
-                          "(left alone with gamma) are ranked by data too")
+    ranked = close_unmeasured(prep.analysis, opened) if opened else 0
+    if ranked:
+        prep.notes.append(f"{ranked} channel group{'s' if ranked > 1 else ''} without a BatchNorm scale "
+                          "(left alone with gamma) ranked by data too")
     prep.notes.append(f"importance: data (each channel's share of the output variance at its {measured} consumers, "
                       f"on {described})")
 

@@ -69,8 +69,6 @@ def line(found: dict) -> str:
             f"{found['kl']:.4f} | {found['seconds']:.0f} |")
 
 
-
-
 def capture_plans() -> list:
     """Record every plan ``select`` returns (the api's reference to it is patched)."""
     plans: list = []
