@@ -388,8 +388,7 @@ class ProbeResult:
         names = ", ".join(f"{b.node} ({b.original_ms:.3f} -> {b.pruned_ms:.3f} ms)" for b in self.blame[:3])
         return (f"the pruned model is not faster in onnxruntime ({self.original_ms:.3f} -> {self.pruned_ms:.3f} ms, "
                 f"{self.speedup:.2f}x over {self.runs} alternating runs)"
-                + (f"; slower layers: {names}" if names else "")
-                + "; try --round-to auto or keep those layers (--keep)")
+                + (f"; slower layers: {names}" if names else ""))
 
     def summary(self) -> str:
         """One line either way: the warning, or how much faster the pruned model ran."""

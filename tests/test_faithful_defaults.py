@@ -178,3 +178,54 @@ def test_replacement_algebra_row(row, beta_dead):
     else:
         assert result.report.removed_channels == 0, (row, beta_dead, sel)
         assert sel["kept_unknown_replacement"] == len(dead), sel
+
+
+# --- never slower, never larger ---------------------------------------------------------------
+
+
+def test_a_slower_cut_is_replaced_by_a_faster_candidate(monkeypatch):
+    """The probe's verdicts are scripted (tests never time): the first cut is 'slower' and blames
+    a layer; the tool prunes again keeping that layer whole, re-probes, and keeps the faster cut."""
+    from onnxslim_bn import api
+    from onnxslim_bn.bench import Blame, ProbeResult
+
+    model = sparse_net(seed=4)
+    first_conv = next(n.name for n in model.graph.node if n.op_type == "Conv")
+    verdicts = iter([ProbeResult(1.0, 1.2, 10, [Blame(first_conv, "Conv", 0.1, 0.3)]), ProbeResult(1.0, 0.8, 10)])
+    seen = []
+
+    def fake_probe(original, pruned, feeds, threads=None):
+        seen.append(weight_shapes(pruned))
+        return next(verdicts)
+
+    monkeypatch.setattr(api, "probe", fake_probe)
+    result = prune(model, threshold=1e-3, round_to=1, probe=True, verify=False)
+    assert len(seen) == 2
+    assert seen[0][first_conv][0] < weight_shapes(model)[first_conv][0]  # the first cut pruned it
+    assert weight_shapes(result.model)[first_conv] == weight_shapes(model)[first_conv]  # kept whole
+    assert result.report.probe["faster"] and result.report.probe["tried"]
+    assert any(n.startswith("probe: the first cut ran 0.83x") for n in result.report.notes)
+
+
+def test_when_no_candidate_is_faster_the_warning_names_what_was_tried(monkeypatch, caplog):
+    from onnxslim_bn import api
+    from onnxslim_bn.bench import Blame, ProbeResult
+
+    model = sparse_net(seed=4)
+    first_conv = next(n.name for n in model.graph.node if n.op_type == "Conv")
+    monkeypatch.setattr(api, "probe", lambda *a, **k: ProbeResult(1.0, 1.1, 10, [Blame(first_conv, "Conv", 0.1, 0.3)]))
+    with caplog.at_level("WARNING"):
+        result = prune(model, threshold=1e-3, round_to=1, probe=True, verify=False)
+    assert not result.report.probe["faster"]
+    assert "also tried: keeping" in caplog.text and "--round-to auto" not in caplog.text
+
+
+def test_a_model_that_lost_almost_nothing_is_not_larger_than_its_input():
+    b = Builder(seed=9)
+    y = b.op("Relu", [b.bn(b.conv("x", 3, 8, k=1, pad=0), 8, np.array([3]))])
+    model = b.model({"x": [1, 3, 4, 4]}, [b.conv(y, 8, 2, k=1, pad=0)])
+    result = prune(model, threshold=1e-6, round_to=1, min_channels=1, verify=False)
+    assert result.report.removed_channels == 1
+    assert result.model.ByteSize() <= model.ByteSize()
+    assert ("onnx-bnslim", "pruned") in [(p.key, p.value) for p in result.model.metadata_props] or \
+        not result.model.metadata_props
