@@ -29,18 +29,35 @@ def predict(model: onnx.ModelProto | str, x: np.ndarray) -> np.ndarray:
     return np.concatenate([sess.run(None, {name: x[i:i + 250]})[0] for i in range(0, len(x), 250)]).argmax(1)
 
 
+def timed(path: str, pruned: onnx.ModelProto) -> str:
+    """Speed-ups of ``pruned`` over ``path`` (bench.benchmark: alternating, rounds), two table cells."""
+    import tempfile
+
+    from onnxslim_bn.bench import benchmark
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "pruned.onnx"
+        onnx.save(pruned, str(out))
+        rows = benchmark(path, out, batches=(1, 32), runs=40, min_seconds=0.3).rows
+    cell = {r: " / ".join(f"{row.speedup:.2f}x" for row in rows if row.runtime == r) for r in ("onnxruntime", "openvino")}
+    return f"{cell['onnxruntime']} | {cell['openvino']}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--dir", default="fixtures")
     parser.add_argument("--names", nargs="*")
     parser.add_argument("--forms", nargs="*", default=["", ".ts-folded"])
+    parser.add_argument("--speed", action="store_true", help="also time each pruned model beside its original "
+                        "(onnx-bnslim bench: onnxruntime and OpenVINO, batch 1 and 32)")
     args = parser.parse_args()
     folder = Path(args.dir)
     manifest = json.loads((folder / "manifest.json").read_text())
     held = np.load(folder / "heldout.npz")
     x, y = held["input"].astype(np.float32), held["label"]
-    print("| model | export | selection | accuracy before -> after | agreement | MACs kept | live removed |")
-    print("|---|---|---|---|---|---|---|")
+    head = "| model | export | selection | accuracy before -> after | agreement | MACs kept | live removed |"
+    print(head + (" ORT b1 / b32 | OpenVINO b1 / b32 |" if args.speed else ""))
+    print("|---" * (head.count("|") - 1 + (2 if args.speed else 0)) + "|")
     for name in args.names or [k for k, v in manifest.items() if isinstance(v, dict) and "dead_channels" in v]:
         for form in args.forms:
             path = str(folder / f"{name}{form}.onnx")
@@ -58,8 +75,9 @@ def main() -> None:
                     continue
                 got = predict(r.model, x)
                 kept = r.report.after.macs / r.report.before.macs
+                speed = f" {timed(path, r.model)} |" if args.speed else ""
                 print(f"| {name} | {form.lstrip('.') or 'kept'} | {label} | {(base == y).mean():.1%} -> {(got == y).mean():.1%} | "
-                      f"{(got == base).mean():.1%} | {kept:.3f} | {r.report.selection['live_removed']} |")
+                      f"{(got == base).mean():.1%} | {kept:.3f} | {r.report.selection['live_removed']} |{speed}", flush=True)
 
 
 if __name__ == "__main__":
