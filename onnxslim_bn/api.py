@@ -29,7 +29,7 @@ from .openvino_ir import require as require_openvino
 from .data_importance import close_unmeasured, data_importance, open_unscaled
 from .bench import probe, probe_inputs, time_pair
 from .hardware import resolve_round_to
-from .latency import layer_latency_table
+from .latency import layer_latency_table, resolution_note
 from .plan import dead_level, Plan, PruneOptions, select
 from .reconstruct import ReconstructionReport, reconstruct
 from .report import Report, SpaceReport, describe_spaces, run_metadata, weight_name
@@ -263,6 +263,10 @@ def prune(model: onnx.ModelProto | str | os.PathLike, options: PruneOptions | No
         before = measure(prep.graph, prep.shapes, prep.size_bytes or weight_bytes(prep.model))
         plan: Plan = select(prep.analysis, replace(options, target_latency=target) if target else options, curves)
         prep.notes.extend(plan.notes)
+        blind = resolution_note(curves) if target is not None and curves else None
+        if blind:  # below the timer's resolution: those layers were costed by MACs
+            prep.notes.append(blind)
+            plan.budget["macs_proxy_layers"] = sorted(n for n, c in curves.items() if not c.resolved)
         stats = apply(prep.analysis, plan, options.exact_borders)
         resolved = _options_resolved(options, prep)
         resolved["round_to"] = plan.budget.get("round_to", resolved["round_to"])  # a budget may need a finer block
@@ -282,6 +286,12 @@ def prune(model: onnx.ModelProto | str | os.PathLike, options: PruneOptions | No
                           f"({timed[1] / timed[0]:.1%}; the layer table predicted {plan.budget['reached']:.1%}), "
                           f"attempt {attempt + 1}")
         if timed[1] / timed[0] <= options.target_latency * 1.03:
+            plan.budget.pop("unreachable", None)  # the measurement met it: not out of reach
+            break
+        if curves and not any(c.resolved for c in curves.values()):  # nothing to aim better with
+            prep.notes.append(f"--target-latency {options.target_latency:g} missed as measured, and not tightened: the "
+                              "layer table sees no layer's width in the time, so a lower aim would only remove more "
+                              "MACs on noise; this model's time is mostly outside its layers (use --target-macs)")
             break
         target = max(0.02, target * options.target_latency / (timed[1] / timed[0]))  # aim lower and try again
 
@@ -302,7 +312,8 @@ def prune(model: onnx.ModelProto | str | os.PathLike, options: PruneOptions | No
         raise CheckFailed(f"{prep.source} (pruned): the check failed: {verification.failed}; nothing was written. "
                           "Lower --ratio or relax the gate", report)
     if options.probe and report.removed_channels:  # nothing removed: the same model, nothing to time
-        found = probe(prep.model, pruned, probe_inputs(prep.model, prep.input_shapes), threads=options.threads)
+        found = probe(prep.model, pruned, probe_inputs(prep.model, prep.input_shapes, samples=_user_samples(prep)),
+                      threads=options.threads)
         report.probe = found.to_dict()
         report.notes.append(found.summary())
         if not found.faster:
@@ -314,14 +325,27 @@ def _latency_table(prep: _Prepared, options: PruneOptions) -> dict:
     """The per-layer latency curves of the original on the target runtime (cached per machine)."""
     if options.runtime == "openvino":
         require_openvino("--runtime openvino")
-    return layer_latency_table(prep.model, prep.shapes, runtime=options.runtime, batch=options.latency_batch,
-                               threads=options.threads)
+    curves = layer_latency_table(prep.model, prep.shapes, runtime=options.runtime, batch=options.latency_batch,
+                                 threads=options.threads)
+    if not curves:
+        ops = sorted({n.op for n in prep.analysis.nodes if any(n.name in s.producers for s in prep.analysis.prunable())})
+        raise BnSlimError(f"{prep.source}: --target-latency times Conv, ConvTranspose and Gemm layers with a constant "
+                          f"weight and a known input shape; this model's prunable layers ({', '.join(ops) or 'none'}) "
+                          "give none to time: use --target-macs or --target-params instead")
+    return curves
 
 
 def _time_latency(prep: _Prepared, pruned: onnx.ModelProto, options: PruneOptions) -> tuple[float, float]:
     """Original and pruned median ms on the target runtime, timed alternately."""
-    feeds = probe_inputs(prep.model, prep.input_shapes, batch=options.latency_batch)
+    feeds = probe_inputs(prep.model, prep.input_shapes, batch=options.latency_batch, samples=_user_samples(prep))
     return time_pair(prep.model, pruned, options.runtime, feeds, options.threads)
+
+
+def _user_samples(prep: _Prepared) -> dict[str, np.ndarray] | None:
+    """The --data samples the timing runs on (the check's share; a timing needs real values, not
+    held-out ones), or None without data."""
+    samples = prep.check if prep.check is not None else prep.calibration
+    return None if samples is None else samples.arrays
 
 
 def _compensation(options: PruneOptions) -> str:
