@@ -468,11 +468,41 @@ def machine_id(runtime: str) -> str:
 
 
 def _load_cache(path: Path) -> dict[str, dict]:
+    """The cache's entries; a file that is not a cache of this version (unreadable, ``[]``, another
+    shape) or entries that are not curves are ignored with a warning, re-measured and rewritten:
+    a cache only saves time, so a bad one never stops a run."""
     try:
         data = json.loads(path.read_text())
-    except (OSError, ValueError):
+    except FileNotFoundError:
         return {}
-    return data.get("entries", {}) if data.get("version") == CACHE_VERSION else {}
+    except (OSError, ValueError) as exc:
+        log.warning("latency cache %s is unreadable (%s): ignored, the layers are timed again", path, exc)
+        return {}
+    if not isinstance(data, dict) or not isinstance(data.get("entries"), dict):
+        log.warning("latency cache %s is not a cache file (a JSON object with 'version' and 'entries'): ignored, "
+                    "the layers are timed again and the file rewritten", path)
+        return {}
+    if data.get("version") != CACHE_VERSION:
+        return {}
+    entries = {k: v for k, v in data["entries"].items() if _curve_or_none(v) is not None}
+    if len(entries) < len(data["entries"]):
+        log.warning("latency cache %s: %d entries are not latency curves: ignored, those layers are timed again",
+                    path, len(data["entries"]) - len(entries))
+    return entries
+
+
+def _curve_or_none(entry) -> LatencyCurve | None:
+    """The curve an entry holds, or None when it is not one (wrong type, missing or ragged fields)."""
+    try:
+        curve = LatencyCurve.from_dict(entry)
+        rows = [[float(v) for v in row] for row in curve.ms]
+        ok = (curve.c_in and curve.c_out and all(isinstance(w, int) for w in [*curve.c_in, *curve.c_out])
+              and len(rows) == len(curve.c_in) and all(len(r) == len(curve.c_out) for r in rows)
+              and all(math.isfinite(v) and v >= 0 for r in rows for v in r)
+              and isinstance(curve.block, int) and curve.block >= 1)
+        return curve if ok else None
+    except (TypeError, KeyError, ValueError, AttributeError):
+        return None
 
 
 def _save_cache(path: Path, new: dict[str, dict]) -> None:
