@@ -43,6 +43,7 @@ from .metrics import measure
 from .model_io import as_file, load_model, too_large_for_protobuf
 from .report import grid
 from .shapes import graph_inputs, infer_shapes, resolve_input_shapes
+from . import verify as verify_shapes
 from .verify import make_inputs, static_batch
 
 log = logging.getLogger(__name__)
@@ -265,7 +266,7 @@ def benchmark(original: str | os.PathLike, pruned: str | os.PathLike, batches: t
         notes.append(f"inputs: {loaded.describe()} (the first of each batch)")
     elif preprocess:
         raise BnSlimError("--preprocess applies to a folder of images: add --data IMAGE_FOLDER")
-    ideal = _mac_ratio(models, input_shapes or {}, str(paths[0]))
+    ideal = _mac_ratio(models, input_shapes or {}, str(paths[0]), samples, notes)
     feeds = {b: _feeds(models[0], input_shapes or {}, b, str(paths[0]), samples) for b in batches}
     for b, f in feeds.items():
         if f is None:
@@ -350,11 +351,30 @@ def _alternate(runners: list[Callable[[dict], object]], feeds: dict, warmup: int
     return times
 
 
-def _mac_ratio(models: list[onnx.ModelProto], given: dict[str, list[int]], source: str) -> float:
+def _mac_ratio(models: list[onnx.ModelProto], given: dict[str, list[int]], source: str,
+               samples: dict[str, np.ndarray] | None = None, notes: list[str] | None = None) -> float:
+    """MACs(original) / MACs(pruned). Layers whose shapes inference leaves open (a Resize sized
+    from an input's values) are counted from one run on the first sample (``samples``, else seeded
+    inputs), and a note names them; when no run can give them, the note says they count 0."""
     macs = []
-    for model in models:
+    for k, model in enumerate(models):
         shapes, _ = resolve_input_shapes(model, given, source)
-        macs.append(measure(gs.import_onnx(model), infer_shapes(model, shapes, source), 0).macs)
+        inferred = infer_shapes(model, shapes, source)
+        layers, tensors = verify_shapes.open_layer_shapes(model, inferred)
+        if layers:
+            what = f"{source} (counting layer shapes)" if k == 0 else "the pruned model (counting layer shapes)"
+            try:
+                feeds = _feeds(model, given, static_batch(model) or 1, source, samples)
+                inferred = {**inferred, **verify_shapes.concrete_shapes(model, tensors, feeds, what)}
+                told = f"counted from the shapes of one run on {'the first --data sample' if samples else 'seeded inputs'}"
+            except BnSlimError:
+                if samples is not None:
+                    raise
+                told = "not counted (0): pass --data so that a run can count them"
+            if notes is not None and k == 0:
+                notes.append(f"shape inference cannot resolve the shapes of {', '.join(layers[:4])}"
+                             f"{' and more' if len(layers) > 4 else ''}: their MACs are {told}")
+        macs.append(measure(gs.import_onnx(model), inferred, 0).macs)
     if not macs[1]:
         raise BnSlimError(f"{source}: the pruned model has no MACs to count; are these the right two files?")
     return macs[0] / macs[1]

@@ -211,9 +211,10 @@ class Costs:
         self.offset = {s.id: o for s, o in zip(roots, np.cumsum([0] + [s.size for s in roots]))}
         self.total_channels = sum(s.size for s in roots)
         self.layers: list[tuple[float, float, tuple | None, tuple | None]] = []
+        shapes = {**analysis.shapes, **analysis.counted_shapes}  # shapes inference left open, from a run
         for node in analysis.nodes:
             rule = RULES.get(node.op) if node.domain in ("", "ai.onnx", None) else None
-            cost = None if rule is None else rule.layer_cost(node, analysis.shapes)
+            cost = None if rule is None else rule.layer_cost(node, shapes)
             if cost is None:
                 continue
             weight = constant_shape(node.inputs[1])
