@@ -357,7 +357,9 @@ def selection_lines(sel: dict, chosen: int, removed: int, options: dict) -> list
             line += " (the Parameters row also counts biases and BN parameters)"
         if budget["metric"] == "latency":
             line += " as the layer table predicts" + (f", {budget['measured']:.1%} measured" if "measured" in budget else "")
-        if budget.get("unreachable"):
+        if budget.get("met"):
+            line += " -- met, as measured"
+        elif budget.get("unreachable"):
             line += (" -- out of reach: that is all the removable channels allow (--max-layer-ratio, "
                      "--min-channels and the blocked layers limit it)")
         lines.append(line + ".")
