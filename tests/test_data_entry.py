@@ -272,3 +272,68 @@ def test_an_int64_input_model_times_on_the_users_samples(tmp_path, monkeypatch, 
 
     point = sweep(model, PruneOptions(round_to="1", data=samples), "ratio", [0.3], latency=True).points[0]
     assert point.error is None and point.speedup > 0
+
+
+# ---------------------------------------------------------------------- the bad-data corpus, from the CLI
+
+
+def _vgg_x(n=20, at=None, value=np.nan, dtype=np.float32):
+    x = _x(n).astype(dtype)
+    if at is not None:
+        x[at] = value
+    return {"input": x}
+
+
+def _write_float_tiffs(folder):
+    Image = _pil()
+    folder.mkdir()
+    for i in range(2):
+        Image.fromarray(np.full((16, 16), 0.5, np.float32), "F").save(folder / f"{i}.tif")
+
+
+# case: (model, write the data at this path, extra flags, the words of the one line)
+DATA_BAD = {
+    "nan": (VGG, lambda p: np.savez(p, **_vgg_x(at=(11, 0, 1, 1))), [], "d.npz: array 'input' holds NaN in sample 11"),
+    "inf": (VGG, lambda p: np.savez(p, **_vgg_x(at=(0, 2, 3, 4), value=np.inf)), [], "holds Inf in sample 0"),
+    "overflow": (VGG, lambda p: np.savez(p, input=np.full((4, 3, 16, 16), 3e38, np.float64) * 10), [],
+                 "holds Inf once cast to the input's float32 in sample 0"),
+    "nan-npy": (VGG, lambda p: np.save(p.with_suffix(".npy"), _vgg_x(at=(5, 0, 0, 0))["input"]), [],
+                "d.npy: array 'input' holds NaN in sample 5"),
+    "fewer-than-batch": ("fixed", lambda p: np.savez(p, x=_x(3, shape=(3, 8, 8))), [],
+                         "3 samples, but input 'x' fixes its batch size at 4"),
+    "calibration-below-batch": ("fixed", lambda p: np.savez(p, x=_x(12, shape=(3, 8, 8))),
+                                ["--calibration-samples", "2"], "need 4 samples each"),
+    "int-fractions": ("int", lambda p: np.savez(p, x=int_samples()["x"], k=int_samples()["k"] + 0.25), [],
+                      "array 'k' holds fractions (3.25 in sample 0) for an int64 input"),
+    "int-range": ("int", lambda p: np.savez(p, x=int_samples()["x"], k=np.full((40, 1, 1, 1), 1e20)), [],
+                  "outside the range of the model's int64 input"),
+    "rank0-vector": ("rank0", lambda p: np.savez(p, x=_x(8), s=np.full(8, 4.0, np.float32)), [],
+                     "the model input is a scalar (rank 0)"),
+    "float-tiff": (VGG, lambda p: _write_float_tiffs(p.with_suffix("")), [],
+                   "float pixels (Pillow mode F) have no bit depth"),
+}
+
+
+@pytest.mark.parametrize("case", list(DATA_BAD))
+def test_bad_data_is_one_line_nonzero_no_output_inputs_untouched(case, tmp_path, capsys):
+    source, write, extra, words = DATA_BAD[case]
+    model = tmp_path / "model.onnx"
+    built = {"fixed": fixed_batch_model, "int": int_input_model, "rank0": rank0_resize_model}
+    if isinstance(source, str):
+        onnx.save(built[source](), str(model))
+    else:
+        shutil.copy(source, model)
+    write(tmp_path / "d.npz")
+    data = next(p for p in tmp_path.iterdir() if p.name != "model.onnx")
+    if case == "float-tiff":
+        _pil()
+    files = {p.name: _digest(p) for p in tmp_path.rglob("*") if p.is_file()}
+    commands = [[str(model), "--ratio", "0.3"]]
+    if not extra:  # sweep takes no --calibration-samples
+        commands.append(["sweep", str(model), "--ratios", "0.3", "--latency"])
+    for command in commands:
+        assert main([*command, "--data", str(data), *extra]) == 1
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1, err
+        assert words in err and "Traceback" not in err, err
+        assert {p.name: _digest(p) for p in tmp_path.rglob("*") if p.is_file()} == files
