@@ -43,8 +43,7 @@ from .metrics import measure
 from .model_io import as_file, load_model, too_large_for_protobuf
 from .report import grid
 from .shapes import graph_inputs, infer_shapes, resolve_input_shapes
-from . import verify as verify_shapes
-from .verify import make_inputs, static_batch
+from .verify import concrete_shapes, make_inputs, open_layer_shapes, static_batch
 
 log = logging.getLogger(__name__)
 
@@ -360,12 +359,12 @@ def _mac_ratio(models: list[onnx.ModelProto], given: dict[str, list[int]], sourc
     for k, model in enumerate(models):
         shapes, _ = resolve_input_shapes(model, given, source)
         inferred = infer_shapes(model, shapes, source)
-        layers, tensors = verify_shapes.open_layer_shapes(model, inferred)
+        layers, tensors = open_layer_shapes(model, inferred)
         if layers:
             what = f"{source} (counting layer shapes)" if k == 0 else "the pruned model (counting layer shapes)"
             try:
                 feeds = _feeds(model, given, static_batch(model) or 1, source, samples)
-                inferred = {**inferred, **verify_shapes.concrete_shapes(model, tensors, feeds, what)}
+                inferred = {**inferred, **concrete_shapes(model, tensors, feeds, what)}
                 told = f"counted from the shapes of one run on {'the first --data sample' if samples else 'seeded inputs'}"
             except BnSlimError:
                 if samples is not None:

@@ -403,13 +403,24 @@ def _cast(a: np.ndarray, dtype: np.dtype, name: str, samples: Samples) -> np.nda
     return cast
 
 
-def _finite(a: np.ndarray, name: str, samples: Samples, after: str) -> None:
-    bad = ~np.isfinite(a)
-    if bad.any():
-        i = _first_sample(bad)
-        kind = "NaN" if np.isnan(a[bad]).any() else "Inf"
-        raise BnSlimError(f"{samples.source}: array '{name}' holds {kind}{after}{_at(i, samples)} "
-                          f"({int(bad.sum())} non-finite values in all); calibration and the check need finite "
+def _finite(a: np.ndarray, name: str, samples: Samples, after: str, step: int = 64) -> None:
+    """Refuse NaN / Inf, naming the first sample holding one (checked ``step`` samples at a time:
+    no mask as large as the data)."""
+    parts = [(0, a)] if not a.ndim else ((i, a[i:i + step]) for i in range(0, len(a), step))
+    first, kind, total = None, None, 0
+    for start, part in parts:
+        bad = ~np.isfinite(part)
+        if not bad.any():
+            continue
+        total += int(bad.sum())
+        if first is None:
+            i = _first_sample(bad)
+            first = None if i is None else start + i
+            row = part[i] if i is not None else part
+            kind = "NaN" if np.isnan(row).any() else "Inf"
+    if total:
+        raise BnSlimError(f"{samples.source}: array '{name}' holds {kind}{after}{_at(first, samples)} "
+                          f"({total} non-finite values in all); calibration and the check need finite "
                           "inputs: fix or drop those samples")
 
 
