@@ -337,3 +337,17 @@ def test_bad_data_is_one_line_nonzero_no_output_inputs_untouched(case, tmp_path,
         assert len(err.strip().splitlines()) == 1, err
         assert words in err and "Traceback" not in err, err
         assert {p.name: _digest(p) for p in tmp_path.rglob("*") if p.is_file()} == files
+
+
+def test_the_histogram_never_draws_nan_even_from_nan_scores():
+    from onnxslim_bn.histogram import ascii_histogram, summary
+    from onnxslim_bn.report import SpaceReport
+
+    scores = [0.5, math.nan, 0.01, 1e-6, math.inf, 0.2]
+    space = SpaceReport(["conv"], 6, 3, "bn", ["bn"], 1e-6, 0.1, 0.5, None, scores, removed=[1, 3, 2])
+    text = ascii_histogram([space])
+    assert "nan" not in text.lower() and "inf" not in text.lower() and "4 channels" in text
+    assert "cut at 0.01" in text
+    assert summary([space])["cut"] == 0.01 and summary([space])["channels"] == 4
+    empty = SpaceReport(["conv"], 2, 2, "bn", ["bn"], None, None, None, None, [math.nan, math.nan], removed=[0])
+    assert ascii_histogram([empty]) == "No prunable channel has a score: nothing to draw."
