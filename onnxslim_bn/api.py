@@ -28,9 +28,9 @@ from .model_io import check_input, load_model_and_files, too_large_for_protobuf
 from .openvino_ir import OpenVinoResult, export_ir
 from .openvino_ir import require as require_openvino
 from .data_importance import close_unmeasured, data_importance, open_unscaled
-from .bench import probe, probe_inputs, time_pair
+from .bench import batch_of, probe, probe_inputs, time_pair
 from .hardware import resolve_round_to
-from .latency import layer_latency_table
+from .latency import layer_latency_table, resolution_note
 from .plan import dead_level, Plan, PruneOptions, select
 from .reconstruct import ReconstructionReport, reconstruct
 from .report import Report, SpaceReport, describe_spaces, run_metadata, weight_name
@@ -133,6 +133,8 @@ class _Prepared:
     check: Samples | None = None
     calibration_count: int = 0  # samples the calibration ran on (seeded or data); 0 when none ran
     importance: str = "gamma"  # how the channels were ranked (see _importance)
+    # the inputs of the run that gave the layers shapes inference left open (analysis.counted_shapes)
+    count_feeds: dict | None = None
 
 
 def _prepare(model, options: PruneOptions, strict: bool = True) -> _Prepared:
@@ -146,6 +148,7 @@ def _prepare(model, options: PruneOptions, strict: bool = True) -> _Prepared:
     if options.keep:
         _check_keep(analysis, options, protected, source)
     samples = None if options.data is None else data.load(options.data, proto, input_shapes, options.preprocess)
+    count_feeds = _count_open_layers(proto, shapes, input_shapes, samples, analysis, options, source, notes)
     calibration = check = samples
     found, sess, count = candidates(analysis), None, 0
     # Calibration: activation statistics of the original (scale recovery). With data, it takes its
@@ -167,9 +170,51 @@ def _prepare(model, options: PruneOptions, strict: bool = True) -> _Prepared:
         notes.append(f"no BatchNormalization for some layers: their BN scale was recovered from activation statistics "
                      f"on {described}" + ("" if samples is not None else "; pass --data with real inputs for a closer estimate"))
     prep = _Prepared(proto, source, size, input_shapes, notes, shapes, graph, analysis, sess or loaded,
-                     calibration if count else None, check, count)
+                     calibration if count else None, check, count, count_feeds=count_feeds)
     _rank_by_data(prep, options, samples)
     return prep
+
+
+def _count_open_layers(proto, shapes, input_shapes, samples, analysis: Analysis, options: PruneOptions,
+                       source: str, notes: list[str]) -> dict | None:
+    """Layers whose shapes inference left open (a Resize sized from an input's values) would count
+    0 MACs: their shapes come from one run instead (the first --data samples, else the seeded
+    inputs), into ``analysis.counted_shapes``, and a note names them. Returns that run's inputs."""
+    layers, tensors = verify.open_layer_shapes(proto, shapes)
+    if not layers:
+        return None
+    batch = next((v[0] for v in input_shapes.values() if v), 1)
+    names = ", ".join(layers[:4]) + (f" and {len(layers) - 4} more" if len(layers) > 4 else "")
+    if samples is not None:
+        feeds, described = batch_of(samples.arrays, batch), f"the first {batch} of {samples.describe()}"
+    else:
+        try:
+            feeds = verify.make_inputs(proto, input_shapes, None, options.seed)[0]
+        except BnSlimError:  # integer inputs: no random stand-in
+            notes.append(f"shape inference cannot resolve the shapes of {names}: their MACs are not counted (0) and "
+                         "budgets cannot see them; pass --data so that a run on real inputs can count them")
+            return None
+        described = "seeded N(0,1) inputs"
+    try:
+        analysis.counted_shapes = verify.concrete_shapes(proto, tensors, feeds, f"{source} (counting layer shapes)")
+    except BnSlimError:
+        if samples is not None:
+            raise
+        notes.append(f"shape inference cannot resolve the shapes of {names}, and onnxruntime fails on seeded N(0,1) "
+                     "inputs: their MACs are not counted (0); pass --data with real inputs")
+        return None
+    notes.append(f"shape inference cannot resolve the shapes of {names}: their MACs are counted from the shapes of "
+                 f"one run on {described}; they hold for inputs like these")
+    return feeds
+
+
+def _measure(prep: _Prepared, model: onnx.ModelProto, shapes: dict, size: int, what: str):
+    """metrics.measure of the pruned ``model``, with the shapes inference left open from a run on
+    the counting run's inputs."""
+    if prep.count_feeds is not None:
+        _, tensors = verify.open_layer_shapes(model, shapes)
+        shapes = {**shapes, **verify.concrete_shapes(model, tensors, prep.count_feeds, what)}
+    return measure(prep.graph, shapes, size)
 
 
 def _importance(analysis: Analysis, options: PruneOptions) -> str:
@@ -265,7 +310,7 @@ def _never_slower(model, options: PruneOptions, given: dict, result: PruneResult
     then with widths on the machine's block, re-probe each, and keep the fastest candidate.
     Only when none is faster is the pruned model written as it is, with a warning naming what
     was tried."""
-    feeds = probe_inputs(prep.model, prep.input_shapes)
+    feeds = probe_inputs(prep.model, prep.input_shapes, samples=_user_samples(prep))
     found = probe(prep.model, result.model, feeds, threads=options.threads)
     best, best_found, tried = result, found, []
     slower = found.pruned_ms > found.original_ms * (1 + PROBE_NOISE)
@@ -327,9 +372,14 @@ def _prune_once(model, options: PruneOptions, given: dict) -> tuple[PruneResult,
             raise _nothing_to_prune(prep)
         if target is not None and curves is None:
             curves = _latency_table(prep, options)
-        before = measure(prep.graph, prep.shapes, prep.size_bytes or weight_bytes(prep.model))
+        before = measure(prep.graph, {**prep.shapes, **prep.analysis.counted_shapes},
+                         prep.size_bytes or weight_bytes(prep.model))
         plan: Plan = select(prep.analysis, replace(options, target_latency=target) if target else options, curves)
         prep.notes.extend(plan.notes)
+        blind = resolution_note(curves) if target is not None and curves else None
+        if blind:  # below the timer's resolution: those layers were costed by MACs
+            prep.notes.append(blind)
+            plan.budget["macs_proxy_layers"] = sorted(n for n, c in curves.items() if not c.resolved)
         stats = apply(prep.analysis, plan, options.exact_borders)
         resolved = _options_resolved(options, prep)
         resolved["round_to"] = plan.budget.get("round_to", resolved["round_to"])  # a budget may need a finer block
@@ -349,6 +399,12 @@ def _prune_once(model, options: PruneOptions, given: dict) -> tuple[PruneResult,
                           f"({timed[1] / timed[0]:.1%}; the layer table predicted {plan.budget['reached']:.1%}), "
                           f"attempt {attempt + 1}")
         if timed[1] / timed[0] <= options.target_latency * 1.03:
+            plan.budget["met"] = True  # as measured: never "out of reach", whatever the table predicted
+            break
+        if curves and not any(c.resolved for c in curves.values()):  # nothing to aim better with
+            prep.notes.append(f"--target-latency {options.target_latency:g} missed as measured, and not tightened: the "
+                              "layer table sees no layer's width in the time, so a lower aim would only remove more "
+                              "MACs on noise; this model's time is mostly outside its layers (use --target-macs)")
             break
         target = max(0.02, target * options.target_latency / (timed[1] / timed[0]))  # aim lower and try again
 
@@ -362,7 +418,7 @@ def _prune_once(model, options: PruneOptions, given: dict) -> tuple[PruneResult,
     seconds["verify"] = time.perf_counter() - clock
     report = Report(
         model=prep.source, output=None, options=resolved, options_given=given,
-        before=before, after=measure(prep.graph, pruned_shapes, weight_bytes(pruned)),
+        before=before, after=_measure(prep, pruned, pruned_shapes, weight_bytes(pruned), f"{prep.source} (pruned)"),
         verification=verification, surgery=stats, spaces=describe_spaces(prep.analysis, plan),
         notes=prep.notes, seconds=seconds, chosen_channels=plan.chosen, selection=plan.summary())
     if verification is not None and verification.failed:
@@ -375,14 +431,28 @@ def _latency_table(prep: _Prepared, options: PruneOptions) -> dict:
     """The per-layer latency curves of the original on the target runtime (cached per machine)."""
     if options.runtime == "openvino":
         require_openvino("--runtime openvino")
-    return layer_latency_table(prep.model, prep.shapes, runtime=options.runtime, batch=options.latency_batch,
-                               threads=options.threads)
+    shapes = {**prep.shapes, **prep.analysis.counted_shapes}  # layers inference left open: as a run gave them
+    curves = layer_latency_table(prep.model, shapes, runtime=options.runtime, batch=options.latency_batch,
+                                 threads=options.threads)
+    if not curves:
+        ops = sorted({n.op for n in prep.analysis.nodes if any(n.name in s.producers for s in prep.analysis.prunable())})
+        raise BnSlimError(f"{prep.source}: --target-latency times Conv, ConvTranspose and Gemm layers with a constant "
+                          f"weight and a known input shape; this model's prunable layers ({', '.join(ops) or 'none'}) "
+                          "give none to time: use --target-macs or --target-params instead")
+    return curves
 
 
 def _time_latency(prep: _Prepared, pruned: onnx.ModelProto, options: PruneOptions) -> tuple[float, float]:
     """Original and pruned median ms on the target runtime, timed alternately."""
-    feeds = probe_inputs(prep.model, prep.input_shapes, batch=options.latency_batch)
+    feeds = probe_inputs(prep.model, prep.input_shapes, batch=options.latency_batch, samples=_user_samples(prep))
     return time_pair(prep.model, pruned, options.runtime, feeds, options.threads)
+
+
+def _user_samples(prep: _Prepared) -> dict[str, np.ndarray] | None:
+    """The --data samples the timing runs on (the check's share; a timing needs real values, not
+    held-out ones), or None without data."""
+    samples = prep.check if prep.check is not None else prep.calibration
+    return None if samples is None else samples.arrays
 
 
 def _compensation(options: PruneOptions) -> str:
@@ -481,7 +551,13 @@ def _verify(prep: _Prepared, pruned: onnx.ModelProto, options: PruneOptions):
         described = f"{count} seeded N(0,1) samples, not used for calibration"
     notes.extend(n for n in [verify.padding_note(count, batch, "check")] if n)
     names = [o.name for o in prep.model.graph.output]
-    before = verify.run(prep.session or verify.session(prep.model, prep.source), feeds, batch, names)
+    try:
+        before = verify.run(prep.session or verify.session(prep.model, prep.source), feeds, batch, names)
+    except Exception as exc:  # onnxruntime raises its own unexported exception types
+        if isinstance(exc, BnSlimError) or prep.check is not None:
+            raise
+        raise BnSlimError(f"{prep.source}: onnxruntime fails on the check's seeded N(0,1) inputs "
+                          f"({str(exc).splitlines()[0][:200]}): this model needs real inputs; pass them with --data") from exc
     padded = verify.pad(feeds, batch)  # whole batches, for the OpenVINO check too
     after_padded = verify.run(verify.session(pruned, what), padded, batch, names)
     after = verify.first_samples(after_padded, count, verify.count(padded))

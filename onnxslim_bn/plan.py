@@ -77,7 +77,7 @@ class PruneOptions:
             raise BnSlimError(f"--max-layer-ratio {self.max_layer_ratio} is outside (0, 1], e.g. --max-layer-ratio 0.75")
         if self.ratio is not None and not 0.0 < self.ratio < 1.0:
             raise BnSlimError(f"--ratio {self.ratio} is outside (0, 1); pass the fraction of channels to remove, e.g. --ratio 0.5")
-        if self.threshold is not None and self.threshold <= 0:
+        if self.threshold is not None and not self.threshold > 0:  # NaN too
             raise BnSlimError(f"--threshold {self.threshold} must be positive, e.g. --threshold 1e-3")
         if self.min_channels < 1:
             raise BnSlimError(f"--min-channels {self.min_channels} must be at least 1")
@@ -217,9 +217,10 @@ class Costs:
         self.offset = {s.id: o for s, o in zip(roots, np.cumsum([0] + [s.size for s in roots]))}
         self.total_channels = sum(s.size for s in roots)
         self.layers: list[tuple[float, float, tuple | None, tuple | None]] = []
+        shapes = {**analysis.shapes, **analysis.counted_shapes}  # shapes inference left open, from a run
         for node in analysis.nodes:
             rule = RULES.get(node.op) if node.domain in ("", "ai.onnx", None) else None
-            cost = None if rule is None else rule.layer_cost(node, analysis.shapes)
+            cost = None if rule is None else rule.layer_cost(node, shapes)
             if cost is None:
                 continue
             weight = constant_shape(node.inputs[1])

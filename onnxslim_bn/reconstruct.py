@@ -36,7 +36,7 @@ import onnx
 from onnx import numpy_helper
 
 from .calibrate import Gram, Patches, chunks
-from .verify import static_batch
+from .verify import count as sample_count, static_batch
 
 log = logging.getLogger(__name__)
 
@@ -485,7 +485,7 @@ def reconstruct(original: onnx.ModelProto, pruned: onnx.ModelProto, feeds: dict[
     clock = time.perf_counter()
     model = copy.deepcopy(pruned)
     layers, skipped = find_layers(original, model, consumers, downstream)
-    report = ReconstructionReport(samples=min((len(v) for v in feeds.values()), default=0), skipped=skipped)
+    report = ReconstructionReport(samples=sample_count(feeds), skipped=skipped)
     for label, reason in skipped:
         log.info("reconstruction skips %s: %s", label, reason)
     if not layers:
@@ -530,7 +530,7 @@ def _collect_targets(original: onnx.ModelProto, feeds: dict[str, np.ndarray], la
     sess = _session(_with_outputs(original, targets))
     size = batch
     if size is None:
-        probe = sess.run(targets, {k: v[:1] for k, v in feeds.items()})
+        probe = sess.run(targets, {k: v[:1] if np.ndim(v) else v for k, v in feeds.items()})
         size = int(max(1, min(32, CHUNK_BYTES // max(1, sum(v.nbytes for v in probe)))))
         del probe
     for samples, chunk in chunks(feeds, batch, size):

@@ -111,10 +111,14 @@ class SpaceReport:
 
 def weight_name(node) -> str:
     """The name of a layer's weight initializer (input 1 of Conv / Gemm / MatMul, else the first
-    constant input with two or more dims), or the node name when there is none."""
+    constant input with two or more dims; a BN of a pre-activation branch: its scale, input 1, as
+    a framework names ``bn.weight``), or the node name when there is none."""
     import onnx_graphsurgeon as gs
 
     consts = [(i, t) for i, t in enumerate(node.inputs) if isinstance(t, gs.Constant) and len(t.shape) >= 2]
+    if not consts:
+        consts = [(i, t) for i, t in enumerate(node.inputs) if isinstance(t, gs.Constant) and len(t.shape) == 1
+                  and node.op == "BatchNormalization"]
     if not consts:
         return node.name
     index, tensor = next(((i, t) for i, t in consts if i == 1), consts[0])
@@ -363,7 +367,9 @@ def selection_lines(sel: dict, chosen: int, removed: int, options: dict) -> list
             line += " (the Parameters row also counts biases and BN parameters)"
         if budget["metric"] == "latency":
             line += " as the layer table predicts" + (f", {budget['measured']:.1%} measured" if "measured" in budget else "")
-        if budget.get("unreachable"):
+        if budget.get("met"):
+            line += " -- met, as measured"
+        elif budget.get("unreachable"):
             line += (" -- out of reach: that is all the removable channels allow (--max-layer-ratio, "
                      "--min-channels and the blocked layers limit it)")
         lines.append(line + ".")
