@@ -11,6 +11,7 @@ import numpy as np
 
 from .analysis import Analysis, Layout, Segment
 from .errors import BnSlimError
+from .hardware import group_width, resolve_round_to, round_up_width, round_width, round_widths
 
 
 @dataclass
@@ -99,8 +100,6 @@ class PruneOptions:
 
     def block(self) -> int:
         """The width multiple kept widths are rounded to (``round_to``, resolved)."""
-        from .hardware import resolve_round_to
-
         return resolve_round_to(self.round_to)[0]
 
     def protects(self, node_name: str, weights: tuple[str, ...] | list[str] = ()) -> bool:
@@ -470,8 +469,6 @@ class _Walk:
 
     def _round_spaces(self, removed: dict[int, np.ndarray], spaces: list, block: int) -> None:
         """Round ungrouped ``spaces`` to ``block`` (see :meth:`_round`)."""
-        from .hardware import round_widths
-
         if not spaces:
             return
         keeps = [int(s.size - removed[s.id].sum()) for s in spaces]
@@ -498,8 +495,6 @@ class _Walk:
         """A --ratio / --threshold width: the multiple of the block above ``keep``
         (:func:`onnxslim_bn.hardware.round_up_width`), or the one below when it is nearer and
         every channel it takes is dead (in the dead cluster, or exactly 0) like those chosen."""
-        from .hardware import round_up_width
-
         up = round_up_width(s.size, keep, block)
         down = keep // block * block
         if up == keep or down < max(block, self.options.min_channels) or keep - down >= up - keep:
@@ -521,8 +516,6 @@ class _Walk:
         of the block; off it, the conv runs unblocked between two layout reorders, slower than the
         unpruned conv: :func:`onnxslim_bn.hardware.group_width`). Otherwise only the whole width
         goes on the block (each group a multiple of block / gcd(block, groups))."""
-        from .hardware import group_width, round_up_width, round_width
-
         per = s.size // s.groups
         blocks, scores = gone.reshape(s.groups, per), self.scores[s.id].reshape(s.groups, per)
         mask = self.unsafe.mask.get(s.id, np.zeros(s.size, bool)).reshape(s.groups, per)
