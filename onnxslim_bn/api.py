@@ -31,6 +31,7 @@ from .bench import probe, probe_inputs, time_pair
 from .hardware import resolve_round_to
 from .latency import layer_latency_table
 from .plan import dead_level, Plan, PruneOptions, select
+from . import quantize as int8
 from .reconstruct import ReconstructionReport, reconstruct
 from .report import Report, SpaceReport, describe_spaces, run_metadata, weight_name
 from .shapes import infer_shapes, resolve_input_shapes, skeleton
@@ -51,6 +52,8 @@ class PruneResult:
     check_inputs: dict[str, np.ndarray] = field(default_factory=dict)
     check_outputs: list[np.ndarray] = field(default_factory=list)
     reconstruction: ReconstructionReport | None = None  # when compensation was by reconstruction
+    # with --quantize: ``model`` is the deployed INT8 model and this the pruned FP32 one it came from
+    fp32_model: onnx.ModelProto | None = None
 
 
 def to_openvino(result: PruneResult, out_dir: str | os.PathLike, name: str = "model", fp16: bool = False) -> OpenVinoResult:
@@ -285,21 +288,31 @@ def prune(model: onnx.ModelProto | str | os.PathLike, options: PruneOptions | No
             break
         target = max(0.02, target * options.target_latency / (timed[1] / timed[0]))  # aim lower and try again
 
+    quantized = None
+    if options.quantize:  # INT8 after pruning and compensation: the deployed model (quantize.py)
+        quantized = _quantize(prep, pruned, options)
+        seconds["quantize"] = quantized.seconds
+    deployed = pruned if quantized is None else quantized.model
     clock = time.perf_counter()
     pruned_shapes = infer_shapes(pruned, prep.input_shapes, "the pruned model")
     verification, feeds, outputs = None, {}, []
-    if options.verify:
-        verification, feeds, outputs = _verify(prep, pruned, options)
+    what = f"{prep.source} (pruned" + (" + INT8)" if quantized is not None else ")")
+    if options.verify:  # the deployed model against the original: the gates apply to the end result
+        verification, feeds, outputs = _verify(prep, deployed, options, what)
     else:  # the checker runs even without the onnxruntime comparison
-        verify.check_model(pruned, f"{prep.source} (pruned)")
+        verify.check_model(deployed, what)
     seconds["verify"] = time.perf_counter() - clock
     report = Report(
         model=prep.source, output=None, options=resolved, options_given=given,
-        before=before, after=measure(prep.graph, pruned_shapes, weight_bytes(pruned)),
+        before=before, after=measure(prep.graph, pruned_shapes, weight_bytes(deployed)),
         verification=verification, surgery=stats, spaces=describe_spaces(prep.analysis, plan),
         notes=prep.notes, seconds=seconds, chosen_channels=plan.chosen, selection=plan.summary())
+    if quantized is not None:
+        report.quantization = _quantization_report(prep, pruned, quantized, verification, feeds, outputs)
     if verification is not None and verification.failed:
-        raise CheckFailed(f"{prep.source} (pruned): the check failed: {verification.failed}; nothing was written. "
+        steps = "" if quantized is None or not report.quantization.get("steps") else \
+            " (" + "; ".join(f"{k}: cosine {m['cosine']:.5f}" for k, m in report.quantization["steps"].items()) + ")"
+        raise CheckFailed(f"{what}: the check failed: {verification.failed}{steps}; nothing was written. "
                           "Lower --ratio or relax the gate", report)
     if options.probe and report.removed_channels:  # nothing removed: the same model, nothing to time
         found = probe(prep.model, pruned, probe_inputs(prep.model, prep.input_shapes), threads=options.threads)
@@ -307,7 +320,51 @@ def prune(model: onnx.ModelProto | str | os.PathLike, options: PruneOptions | No
         report.notes.append(found.summary())
         if not found.faster:
             log.warning("%s", found.message())
-    return PruneResult(pruned, report, feeds, outputs, reconstruction)
+    return PruneResult(deployed, report, feeds, outputs, reconstruction, pruned if quantized is not None else None)
+
+
+def _quantize(prep: _Prepared, pruned: onnx.ModelProto, options: PruneOptions) -> int8.Quantized:
+    """The pruned model in INT8, calibrated on the calibration share of the data (split from the
+    check's here when no earlier stage split it); refused when the two cannot be kept apart."""
+    if prep.check is None:
+        raise BnSlimError(f"{prep.source}: {int8.NEEDS_DATA}")
+    if prep.calibration is None:
+        prep.calibration, prep.check, note = data.split(prep.check, options.calibration_samples)
+        prep.calibration_count = prep.calibration.count
+        prep.notes.extend([note] if note else [])
+    if prep.calibration is prep.check:
+        raise BnSlimError(f"{prep.source}: --quantize int8 calibrates on samples the check does not use, but "
+                          f"{prep.check.source} has only {prep.check.count}; pass more samples (64 or more) or "
+                          "--calibration-samples N to split them")
+    quantized = int8.quantize(pruned, prep.calibration.arrays, f"{prep.source} (pruned)",
+                              batch=verify.static_batch(prep.model))
+    s = quantized.settings
+    prep.notes.append(f"quantized to INT8 ({s.format}, {s.weights} per-channel weights, {s.activations} activations: "
+                      f"{s.reason}) with {s.calibration} ranges on {prep.calibration.describe()}, "
+                      f"in {quantized.seconds:.1f} s")
+    return quantized
+
+
+def _quantization_report(prep: _Prepared, pruned: onnx.ModelProto, quantized: int8.Quantized, verification,
+                         feeds: dict, outputs: list) -> dict:
+    """How the model was quantized, and the check's two steps apart (on the same check samples):
+    original -> slim (what pruning cost), slim -> INT8 (what quantization cost), and the total."""
+    out = {"settings": quantized.settings.to_dict(), "calibration_samples": quantized.calibration_samples,
+           "excluded_nodes": quantized.excluded, "steps": {}}
+    if verification is None:
+        return out
+    names = [o.name for o in prep.model.graph.output]
+    batch, count = verify.static_batch(prep.model), verification.samples
+    original = verify.run(prep.session or verify.session(prep.model, prep.source), feeds, batch, names)
+    slim = verify.run(verify.session(pruned, f"{prep.source} (pruned)"), feeds, batch, names)
+    deployed = verify.first_samples(outputs, count, verify.count(feeds))
+    original, slim = (verify.first_samples(o, count, verify.count(feeds)) for o in (original, slim))
+    described = verification.inputs
+    pruning = verify.compare(prep.model, names, original, slim, count, described, f"{prep.source} (pruned)")
+    quantization = verify.compare(prep.model, names, slim, deployed, count, described, f"{prep.source} (INT8)")
+    out["steps"] = {"pruning": int8.step_metrics(pruning), "quantization": int8.step_metrics(quantization),
+                    "total": int8.step_metrics(verification)}
+    return out
 
 
 def _latency_table(prep: _Prepared, options: PruneOptions) -> dict:
@@ -378,11 +435,11 @@ def _export(prep: _Prepared, metadata: dict[str, str], allow_growth: bool = Fals
                           "nothing was written. This is a bug in onnx-bnslim: please report it with the model") from exc
 
 
-def _verify(prep: _Prepared, pruned: onnx.ModelProto, options: PruneOptions):
+def _verify(prep: _Prepared, pruned: onnx.ModelProto, options: PruneOptions, what: str | None = None):
     """The check (verify's module doc): checker, then both models in onnxruntime on the check's
     samples (the data's check share, else seeded N(0,1) samples), compared output by output and
     gated. A failed gate is recorded in ``failed``; :func:`prune` raises after building the report."""
-    what = f"{prep.source} (pruned)"
+    what = what or f"{prep.source} (pruned)"
     verify.check_model(pruned, what)
     batch = verify.static_batch(prep.model)
     notes = []

@@ -27,6 +27,7 @@ from .openvino_ir import INSTALL_HINT as OPENVINO_HINT
 from .openvino_ir import available as openvino_available
 from .openvino_ir import require as require_openvino
 from .plan import PruneOptions
+from .quantize import MODES as QUANTIZE_MODES
 from .report import coverage, dumps, envelope, export_widths, inspect_table
 from .shapes import parse_input_shapes
 from .sweep import plot_sweep, sweep
@@ -160,9 +161,19 @@ def _prune_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--export-widths", metavar="PATH",
                         help="write per layer the weight name, original and kept width and the kept channel "
                              "indices as JSON, to rebuild the pruned model in the training code")
+    _quantize_flag(parser)
     parser.add_argument("--openvino", metavar="OUT_DIR", help="also write OpenVINO IR here, checked against onnxruntime")
     parser.add_argument("--fp16", action="store_true", help="with --openvino: compress the IR weights to FP16")
     return parser
+
+
+def _quantize_flag(parser: argparse.ArgumentParser) -> None:
+    """--quantize (onnxslim_bn.quantize)."""
+    parser.add_argument("--quantize", choices=QUANTIZE_MODES, metavar="int8",
+                        help="after pruning, quantize to INT8 (onnxruntime QDQ, per-channel int8 weights, uint8 "
+                             "activations on x86) calibrated on the calibration share of --data (needed); the check "
+                             "then compares the INT8 model with the FP32 original and reports each step "
+                             "(default output <model>.slim.int8.onnx)")
 
 
 INSPECT_HELP = "Show the channel spaces of a model, their scale statistics, and why any are blocked."
@@ -221,6 +232,7 @@ def _sweep_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     how.add_argument("--target-params", type=_number_list(float), action="extend",
                      help="or: fractions of the layer parameters to keep, comma-separated")
     _data_flags(parser)  # calibration and the check at every budget
+    _quantize_flag(parser)
     parser.add_argument("--latency", action="store_true",
                         help="also time each pruned model against the original (onnxruntime, batch 1, alternating "
                              "runs, spinning off) and list the speed-up")
@@ -306,10 +318,11 @@ def run_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def _output_path(model: str, output: str | None) -> Path:
-    """-o, or <model>.slim.onnx beside the input; checked against the input by check_run_files."""
+def _output_path(model: str, output: str | None, quantize: str | None = None) -> Path:
+    """-o, or <model>.slim.onnx (<model>.slim.int8.onnx with --quantize int8) beside the input;
+    checked against the input by check_run_files."""
     src = Path(model)
-    return Path(output) if output else src.with_name(src.stem + ".slim.onnx")
+    return Path(output) if output else src.with_name(src.stem + (f".slim.{quantize}" if quantize else ".slim") + ".onnx")
 
 
 def _check_folder(path: Path, flag: str) -> None:
@@ -327,7 +340,7 @@ def run_prune(args: argparse.Namespace) -> int:
     say = _Say(args)
     if args.openvino:
         require_openvino("--openvino")
-    out = _output_path(args.model, args.output)
+    out = _output_path(args.model, args.output, args.quantize)
     _json_target(args)
     if args.export_widths:
         _check_folder(Path(args.export_widths), "--export-widths")
@@ -341,7 +354,8 @@ def run_prune(args: argparse.Namespace) -> int:
                        max_error=args.max_error, verify=not args.no_verify, exact_borders=args.exact_borders,
                        allow_growth=args.allow_growth,
                        compensation=args.compensation, preprocess=_preprocess(args), calibration_samples=args.calibration_samples,
-                       check_samples=args.check_samples, max_rel_error=args.max_rel_error, min_cosine=args.min_cosine)
+                       check_samples=args.check_samples, max_rel_error=args.max_rel_error, min_cosine=args.min_cosine,
+                       quantize=args.quantize)
     if args.fp16 and not args.openvino:
         raise BnSlimError("--fp16 applies to the OpenVINO IR: add --openvino OUT_DIR")
     if args.openvino and args.no_verify:
@@ -399,7 +413,8 @@ def run_inspect(args: argparse.Namespace) -> int:
 def run_sweep(args: argparse.Namespace) -> int:
     say = _Say(args)
     _plot_and_json_first(args)
-    options = _options(args, data=args.data, preprocess=_preprocess(args), exact_borders=args.exact_borders)
+    options = _options(args, data=args.data, preprocess=_preprocess(args), exact_borders=args.exact_borders,
+                       quantize=args.quantize)
     flag, budget = next(((f, b) for f, b in (("thresholds", "threshold"), ("target_macs", "target_macs"),
                                              ("target_params", "target_params")) if getattr(args, f)), ("ratios", "ratio"))
     result = sweep(args.model, options, budget, getattr(args, flag), latency=args.latency)
