@@ -459,7 +459,7 @@ def _verify(prep: _Prepared, pruned: onnx.ModelProto, options: PruneOptions, wha
     names = [o.name for o in prep.model.graph.output]
     before = verify.run(prep.session or verify.session(prep.model, prep.source), feeds, batch, names)
     padded = verify.pad(feeds, batch)  # whole batches, for the OpenVINO check too
-    after_padded = verify.run(verify.session(pruned, what), padded, batch, names)
+    after_padded = verify.run(verify.session(pruned, what, optimized=int8.is_quantized(pruned)), padded, batch, names)
     after = verify.first_samples(after_padded, count, verify.count(padded))
     result = verify.compare(prep.model, names, before, after, count, described, what)
     result.random, result.calibration_samples = prep.check is None, prep.calibration_count
