@@ -12,13 +12,14 @@ import argparse
 import gc
 import logging
 import sys
+import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
 
 from . import __version__
 from .api import inspect, prune, to_openvino
-from .bench import RUNTIMES, benchmark
+from .bench import RUNTIMES, benchmark, benchmark_four_way
 from .errors import BnSlimError, CheckFailed
 from .histogram import ascii_histogram, plot_histogram, require_matplotlib
 from .histogram import summary as score_summary
@@ -28,6 +29,7 @@ from .openvino_ir import available as openvino_available
 from .openvino_ir import require as require_openvino
 from .plan import PruneOptions
 from .quantize import MODES as QUANTIZE_MODES
+from .quantize import quantize_files
 from .report import coverage, dumps, envelope, export_widths, inspect_table
 from .shapes import parse_input_shapes
 from .sweep import plot_sweep, sweep
@@ -213,6 +215,12 @@ def _bench_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="fix dynamic non-batch dims, one input per flag")
     parser.add_argument("--json", metavar="PATH", help="also write the result as JSON to PATH ('-' for stdout)")
     parser.add_argument("--markdown", action="store_true", help="print a Markdown table")
+    parser.add_argument("--quantize", choices=QUANTIZE_MODES, metavar="int8",
+                        help="the four-way table: FP32, slim, INT8 alone and slim + INT8, both FP32 models quantized "
+                             "here as prune --quantize does, on the calibration share of --data (needed)")
+    _data_flags(parser)
+    parser.add_argument("--calibration-samples", type=int, metavar="N",
+                        help="with --quantize: the first N samples of --data calibrate (default: the first half, as prune)")
     return parser
 
 
@@ -305,7 +313,9 @@ def run_bench(args: argparse.Namespace) -> int:
     if "openvino" in runtimes:
         require_openvino("bench --runtimes openvino")
     _json_target(args)
-    check_run_files([args.original, args.pruned], {"--json": args.json})
+    check_run_files([args.original, args.pruned], {"--json": args.json}, args.data)
+    if args.quantize or args.data:
+        return _run_bench_four_way(args, say, runtimes)
     result = benchmark(args.original, args.pruned, tuple(args.batch or (1, 32)), args.threads, args.runs, args.warmup,
                        tuple(runtimes), parse_input_shapes(_shape_specs(args.input_shapes)),
                        progress=not say.quiet)  # a bar on a terminal, a line per round elsewhere
@@ -313,6 +323,26 @@ def run_bench(args: argparse.Namespace) -> int:
         result.notes.append(f"OpenVINO is not installed, so only onnxruntime was timed: {OPENVINO_HINT}")
     say(f"onnx-bnslim bench: {args.original} vs {args.pruned}, {result.threads} threads, "
         f"{result.runs} interleaved runs each; median (10th-90th percentile)")
+    say(result.table(markdown=args.markdown))
+    _write_json(args.json, envelope("bench", result.to_dict()))
+    return 0
+
+
+def _run_bench_four_way(args: argparse.Namespace, say: _Say, runtimes: list[str]) -> int:
+    """bench --quantize int8: both FP32 models quantized on --data, then the four timed side by side."""
+    if not args.quantize:
+        raise BnSlimError("bench --data calibrates the INT8 models of the four-way table: add --quantize int8")
+    shapes = parse_input_shapes(_shape_specs(args.input_shapes))
+    with tempfile.TemporaryDirectory(prefix="onnx-bnslim-bench-") as tmp:
+        files, described = quantize_files({"int8": args.original, "slim_int8": args.pruned}, args.data, tmp, shapes,
+                                          _preprocess(args), args.calibration_samples)
+        paths = {"fp32": args.original, "slim": args.pruned, **files}
+        result = benchmark_four_way(paths, tuple(args.batch or (1, 32)), args.threads, args.runs, args.warmup,
+                                    tuple(runtimes), shapes, progress=not say.quiet)
+    result.models.update({"int8": f"{args.original} quantized", "slim_int8": f"{args.pruned} quantized"})
+    result.notes.insert(0, f"INT8 models quantized here on {described}")
+    say(f"onnx-bnslim bench: {args.original} vs {args.pruned}, FP32 and INT8, {result.threads} threads, "
+        f"{result.runs} interleaved runs each; median ms (speed-up over FP32)")
     say(result.table(markdown=args.markdown))
     _write_json(args.json, envelope("bench", result.to_dict()))
     return 0

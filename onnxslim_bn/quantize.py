@@ -194,6 +194,42 @@ def restore_interface(quantized: onnx.ModelProto, original: onnx.ModelProto, sou
     quantized.graph.name = original.graph.name
 
 
+def quantize_files(models: dict[str, str | Path], data, folder: str | Path, input_shapes: dict | None = None,
+                   preprocess: str | None = None, calibration_samples: int | None = None) -> tuple[dict[str, Path], str]:
+    """Each FP32 model file of ``models`` (label -> path) quantized into ``folder`` (label.onnx),
+    calibrated on the calibration share of ``data`` as ``prune --quantize`` takes it (the first
+    half, or ``calibration_samples``); returns the paths and a description of the samples."""
+    from . import data as data_module
+    from .model_io import load_model, save_model
+    from .shapes import resolve_input_shapes
+
+    if data is None:
+        raise BnSlimError(NEEDS_DATA)
+    out, described = {}, ""
+    for label, path in models.items():
+        model = load_model(path)
+        if is_quantized(model):
+            raise BnSlimError(f"{path}: already quantized (QuantizeLinear / QLinear nodes); pass the FP32 model, "
+                              "which bench quantizes itself")
+        shapes, _ = resolve_input_shapes(model, input_shapes or {}, str(path))
+        samples = data_module.load(data, model, shapes, preprocess)
+        calibration, _, note = data_module.split(samples, calibration_samples)
+        quantized = quantize(model, calibration.arrays, str(path), batch=_static_batch(model))
+        out[label] = Path(folder) / f"{label}.onnx"
+        save_model(quantized.model, out[label])
+        described = calibration.describe() + (f" ({note})" if note else "")
+    return out, described
+
+
+def _static_batch(model: onnx.ModelProto) -> int | None:
+    inits = {t.name for t in model.graph.initializer}
+    for value in model.graph.input:
+        dims = value.type.tensor_type.shape.dim
+        if value.name not in inits and dims and dims[0].HasField("dim_value") and dims[0].dim_value > 0:
+            return dims[0].dim_value
+    return None
+
+
 def is_quantized(model: onnx.ModelProto) -> bool:
     """Whether the model already holds QDQ or QOperator INT8 nodes."""
     return any(n.op_type in ("QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul", "ConvInteger",
@@ -208,4 +244,4 @@ def step_metrics(verification) -> dict:
 
 
 __all__ = ["MODES", "NEEDS_DATA", "Settings", "Quantized", "settings_for_cpu", "quantize", "restore_interface",
-           "is_quantized", "step_metrics"]
+           "is_quantized", "quantize_files", "step_metrics"]
