@@ -315,7 +315,8 @@ class Report:
             lines.extend(quantization_lines(self.quantization))
         if self.openvino is not None:
             ov = self.openvino
-            lines.append(f"OpenVINO IR ({'FP16' if ov.fp16 else 'FP32'}): {ov.xml}; max |diff| vs onnxruntime {ov.max_abs_diff:.3g}")
+            kind = "INT8" if self.quantization is not None else "FP16" if ov.fp16 else "FP32"
+            lines.append(f"OpenVINO IR ({kind}): {ov.xml}; max |diff| vs onnxruntime {ov.max_abs_diff:.3g}")
         lines.extend(f"Note: {n}" for n in self.notes)
         if verbose:
             lines.append("")

@@ -195,3 +195,73 @@ def test_activation_type_suits_the_cpu(cpuinfo, machine, activations, reduce_ran
     s = settings_for_cpu(cpuinfo, machine)
     assert (s.activations, s.reduce_range, s.weights, s.per_channel) == (activations, reduce_range, "int8", True)
     assert s.reason
+
+
+# ---------------------------------------------------------------- bench --quantize int8: the four-way table
+
+
+def test_bench_four_way_times_the_four_models_and_quantizes_both(tmp_path, capsys):
+    np.savez(tmp_path / "calib.npz", input=_data()["input"])
+    slim = tmp_path / "slim.onnx"
+    assert main([str(path("resnet")), "--threshold", "1e-3", "--compensation", "bias", "--no-probe", "-o", str(slim),
+                 "-q"]) == 0
+    report = tmp_path / "bench.json"
+    code = main(["bench", str(path("resnet")), str(slim), "--quantize", "int8", "--data", str(tmp_path / "calib.npz"),
+                 "--batch", "1,3", "--runs", "4", "--warmup", "0", "--runtimes", "onnxruntime", "--json", str(report)])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert all(h in out for h in ("FP32 ms", "Slim ms", "INT8 ms", "Slim + INT8 ms", "Slim ideal (MACs)"))
+    doc = json.loads(report.read_text())
+    assert doc["kind"] == "bench" and [(r["runtime"], r["batch"]) for r in doc["rows"]] == [("onnxruntime", 1),
+                                                                                          ("onnxruntime", 3)]
+    assert "96 samples" in doc["notes"][0]  # the calibration share: the first half of 192, as prune takes it
+    for row in doc["rows"]:
+        assert set(row["times"]) == {"fp32", "slim", "int8", "slim_int8"}
+        assert all(t["median_ms"] > 0 for t in row["times"].values())
+        assert row["pruning_gain_in_int8"] == pytest.approx(row["times"]["int8"]["median_ms"]
+                                                            / row["times"]["slim_int8"]["median_ms"])
+    from onnxslim_bn.bench import _mac_ratio
+
+    ideal = _mac_ratio([onnx.load(str(path("resnet"))), onnx.load(str(slim))], {}, "resnet")
+    assert doc["rows"][0]["ideal"] == pytest.approx(ideal) and ideal > 1.2
+
+
+def test_bench_four_way_refusals(tmp_path, capsys):
+    np.savez(tmp_path / "calib.npz", input=_data()["input"])
+    int8_file = tmp_path / "int8.onnx"
+    assert main([str(path("resnet")), "--threshold", "1e-3", "--compensation", "bias", "--no-probe", "--quantize",
+                 "int8", "--data", str(tmp_path / "calib.npz"), "-o", str(int8_file), "-q"]) == 0
+    capsys.readouterr()
+    cases = [(["--quantize", "int8"], "pass --data"),
+             (["--data", str(tmp_path / "calib.npz")], "add --quantize int8")]
+    for extra, message in cases:
+        assert main(["bench", str(path("resnet")), str(path("resnet")), *extra, "--runs", "1"]) == 1
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1
+    assert main(["bench", str(path("resnet")), str(int8_file), "--quantize", "int8", "--data",
+                 str(tmp_path / "calib.npz"), "--runs", "1"]) == 1
+    err = capsys.readouterr().err
+    assert "already quantized" in err and str(int8_file) in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["calib.npz", "int8.onnx"]
+
+
+def test_openvino_ir_of_the_int8_model_is_int8_and_checked(tmp_path):
+    ov = pytest.importorskip("openvino")
+    np.savez(tmp_path / "calib.npz", input=_data()["input"])
+    out, ir = tmp_path / "m.int8.onnx", tmp_path / "ir"
+    assert main([str(path("resnet")), "--threshold", "1e-3", "--data", str(tmp_path / "calib.npz"), "--quantize", "int8",
+                 "--calibration-samples", str(CALIBRATION), "--compensation", "bias", "--no-probe", "-o", str(out),
+                 "--openvino", str(ir), "--json", str(tmp_path / "r.json"), "-q"]) == 0
+    xml = (ir / "m.int8.xml").read_text()
+    assert 'type="FakeQuantize"' in xml and 'element_type="i8"' in xml  # INT8 weights, quantized activations
+    doc = json.loads((tmp_path / "r.json").read_text())
+    x = heldout()[0][CALIBRATION:SAMPLES]
+    compiled = ov.Core().compile_model(str(ir / "m.int8.xml"), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    got = compiled.create_infer_request().infer({"input": x})[compiled.outputs[0]]
+    ort_int8 = _run(onnx.load(str(out)), x)
+    diff = float(np.max(np.abs(got - ort_int8)))
+    assert doc["openvino"]["max_abs_diff"] == pytest.approx(diff, rel=1e-5)
+    allowed = 2 * doc["quantization"]["steps"]["quantization"]["max_rel_diff"] * float(np.max(np.abs(ort_int8)))
+    assert 0 < diff <= max(allowed, 1e-2 * float(np.max(np.abs(ort_int8))))
+    original = _run(onnx.load(str(path("resnet"))), x, as_written=True)
+    assert compare_output("logits", original, got, len(x), 1).cosine > 0.998
