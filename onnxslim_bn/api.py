@@ -5,6 +5,7 @@ from __future__ import annotations
 import difflib
 import logging
 import os
+import re
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -330,7 +331,61 @@ def prune(model: onnx.ModelProto | str | os.PathLike, options: PruneOptions | No
         report.notes.append(found.summary())
         if not found.faster:
             log.warning("%s", found.message())
-    return PruneResult(deployed, report, feeds, outputs, reconstruction, pruned if quantized is not None else None)
+    result = PruneResult(deployed, report, feeds, outputs, reconstruction, pruned if quantized is not None else None)
+    if options.probe and quantized is not None and report.removed_channels:
+        result = _probe_int8(model, prep, options, result)
+    return result
+
+
+def _probe_int8(model, prep: _Prepared, options: PruneOptions, result: PruneResult) -> PruneResult:
+    """The probe for the deployed pair: INT8 alone (the original quantized on the same samples)
+    against slim + INT8, at ``--latency-batch``. When slim + INT8 is not faster, the layers it
+    blames are kept whole in a second run (--keep), that run is probed too, and the faster of
+    the two slim + INT8 models is the result (the notes say which, with both times)."""
+    alone = int8.quantize(prep.model, prep.calibration.arrays, prep.source, batch=verify.static_batch(prep.model))
+    feeds = probe_inputs(prep.model, prep.input_shapes, batch=options.latency_batch)
+    found = probe(alone.model, result.model, feeds, threads=options.threads)
+    _record_int8_probe(result.report, found, options.latency_batch)
+    layers = {n.name for n in prep.model.graph.node if n.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul")}
+    # onnxruntime names a QDQ group it fused into one INT8 kernel after the layer: '<layer>_token_<n>'
+    names = sorted({re.sub(r"_token_\d+$", "", b.node) for b in found.blame} & layers)
+    if found.faster or not names:
+        if not found.faster:
+            log.warning("%s", result.report.quantization["probe"]["message"])
+        return result
+    try:
+        again = prune(model, replace(options, keep=[*options.keep, *names], probe=False))
+    except BnSlimError as exc:  # the gates or the budget refuse the second run: keep the first
+        result.report.notes.append(f"INT8 probe: keeping {', '.join(names)} whole failed ({exc}); kept the first model")
+        log.warning("%s", result.report.quantization["probe"]["message"])
+        return result
+    second = probe(alone.model, again.model, feeds, threads=options.threads)
+    _record_int8_probe(again.report, second, options.latency_batch)
+    line = (f"INT8 probe: slim + INT8 was not faster than INT8 alone ({found.original_ms:.3f} -> "
+            f"{found.pruned_ms:.3f} ms); keeping {', '.join(names)} whole gave {second.pruned_ms:.3f} ms "
+            f"(INT8 alone {second.original_ms:.3f} ms)")
+    better = second.speedup > found.speedup
+    chosen, other = (again, result) if better else (result, again)
+    chosen.report.notes.append(line + ("; wrote that one" if better else "; kept the first, it was faster"))
+    chosen.report.quantization["probe_retry"] = {"kept_whole": names, "first": found.to_dict(), "second": second.to_dict(),
+                                                 "chose": "second" if better else "first"}
+    if not (second if better else found).faster:
+        log.warning("%s", chosen.report.quantization["probe"]["message"])
+    return chosen
+
+
+def _record_int8_probe(report: Report, found, batch: int) -> None:
+    """The INT8 pair's probe in the report: its numbers, one note, and the warning's text."""
+    summary = (f"INT8 probe (onnxruntime, batch {batch}): slim + INT8 ran "
+               f"{'%.2fx faster than' % found.speedup if found.faster else 'at %.2fx the speed of' % found.speedup} "
+               f"INT8 alone ({found.original_ms:.3f} -> "
+               f"{found.pruned_ms:.3f} ms, {found.runs} alternating runs)")
+    blamed = ", ".join(f"{b.node} ({b.original_ms:.3f} -> {b.pruned_ms:.3f} ms)" for b in found.blame[:3])
+    message = (f"slim + INT8 is not faster than INT8 alone in onnxruntime ({found.original_ms:.3f} -> "
+               f"{found.pruned_ms:.3f} ms)" + (f"; slower layers: {blamed}" if blamed else "")
+               + "; try --round-to 32 or keep those layers (--keep)")
+    report.quantization["probe"] = {**found.to_dict(), "batch": batch, "message": None if found.faster else message}
+    report.notes.append(summary)
 
 
 def _quantize(prep: _Prepared, pruned: onnx.ModelProto, options: PruneOptions) -> int8.Quantized:

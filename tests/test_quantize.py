@@ -265,3 +265,33 @@ def test_openvino_ir_of_the_int8_model_is_int8_and_checked(tmp_path):
     assert 0 < diff <= max(allowed, 1e-2 * float(np.max(np.abs(ort_int8))))
     original = _run(onnx.load(str(path("resnet"))), x, as_written=True)
     assert compare_output("logits", original, got, len(x), 1).cosine > 0.998
+
+
+def test_int8_probe_keeps_the_blamed_layers_whole_and_writes_the_faster(monkeypatch):
+    """The INT8 pair's probe acts on its finding: the layers onnxruntime's fused INT8 kernels
+    ('<layer>_token_<n>') blame are kept whole in a second run, and the faster model is written.
+    Timings are faked here (tests never assert a time): the decision is what is tested."""
+    import onnxslim_bn.api as api
+    from onnxslim_bn.bench import Blame, ProbeResult
+
+    layer = "/layers/layers.0/conv1/Conv"
+    calls = []
+
+    def fake_probe(original, pruned, feeds, threads=None, **_):
+        calls.append(pruned)
+        if any(n.op_type == "QuantizeLinear" for n in original.graph.node) and len(calls) == 2:  # first INT8 pair
+            return ProbeResult(1.0, 1.5, 10, [Blame(f"{layer}_token_3", "QLinearConv", 0.1, 0.4)])
+        return ProbeResult(1.0, 0.8, 10)
+
+    monkeypatch.setattr(api, "probe", fake_probe)
+    result = onnxslim_bn.prune(str(path("resnet")), threshold=1e-3, data=_data(), calibration_samples=CALIBRATION,
+                               compensation="bias", quantize="int8", probe=True)
+    retry = result.report.quantization["probe_retry"]
+    assert retry["kept_whole"] == [layer] and retry["chose"] == "second"
+    assert layer in result.report.options["protected_layers"]  # the written model is the second run's
+    assert result.report.quantization["probe"]["speedup"] == pytest.approx(1.25)
+    assert any("wrote that one" in n for n in result.report.notes)
+    first_kept = {tuple(s.producers): s.kept for s in onnxslim_bn.prune(str(path("resnet")), threshold=1e-3, data=_data(),
+                                                           calibration_samples=CALIBRATION, compensation="bias",
+                                                           probe=False).report.spaces}
+    assert {tuple(s.producers): s.kept for s in result.report.spaces} != first_kept  # the kept layer changed the cut
