@@ -295,3 +295,17 @@ def test_int8_probe_keeps_the_blamed_layers_whole_and_writes_the_faster(monkeypa
                                                            calibration_samples=CALIBRATION, compensation="bias",
                                                            probe=False).report.spaces}
     assert {tuple(s.producers): s.kept for s in result.report.spaces} != first_kept  # the kept layer changed the cut
+
+
+def test_sweep_quantizes_every_budget_and_says_so():
+    from onnxslim_bn.plan import PruneOptions
+    from onnxslim_bn.sweep import sweep
+
+    common = dict(data=_data(), calibration_samples=CALIBRATION, compensation="bias")
+    fp32 = sweep(str(path("resnet")), PruneOptions(**common), "threshold", [1e-3])
+    int8 = sweep(str(path("resnet")), PruneOptions(quantize="int8", **common), "threshold", [1e-3])
+    assert "INT8" in int8.table() and "INT8" not in fp32.table()
+    one = onnxslim_bn.prune(str(path("resnet")), threshold=1e-3, quantize="int8", **common)
+    assert int8.points[0].cosine == pytest.approx(one.report.verification.cosine, rel=1e-12)
+    assert int8.points[0].cosine < fp32.points[0].cosine
+    assert int8.points[0].macs == fp32.points[0].macs
