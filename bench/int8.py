@@ -18,7 +18,7 @@ import onnxruntime as ort
 from onnxslim_bn import prune, save_model
 from onnxslim_bn.bench import FOUR_WAY, FOUR_WAY_LABELS, benchmark_four_way
 from onnxslim_bn.openvino_ir import available as openvino_available
-from onnxslim_bn.quantize import quantize
+from onnxslim_bn.quantize import quantize_with_fallback
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -58,7 +58,7 @@ def main() -> None:
             files = {"fp32": src, "slim": tmp / "slim.onnx", "int8": tmp / "int8.onnx", "slim_int8": tmp / "slim_int8.onnx"}
             save_model(result.fp32_model, files["slim"])
             save_model(result.model, files["slim_int8"])
-            save_model(quantize(onnx.load(str(src)), {"input": calib}, str(src)).model, files["int8"])
+            save_model(quantize_with_fallback(onnx.load(str(src)), {"input": calib}, str(src))[0].model, files["int8"])
             acc = {k: float((ort_logits(p, check).argmax(1) == labels).mean()) for k, p in files.items()}
             ov_acc = {k: float((ov_logits(p, check).argmax(1) == labels).mean()) for k, p in files.items()} \
                 if "openvino" in runtimes else {}

@@ -342,7 +342,8 @@ def _probe_int8(model, prep: _Prepared, options: PruneOptions, result: PruneResu
     against slim + INT8, at ``--latency-batch``. When slim + INT8 is not faster, the layers it
     blames are kept whole in a second run (--keep), that run is probed too, and the faster of
     the two slim + INT8 models is the result (the notes say which, with both times)."""
-    alone = int8.quantize(prep.model, prep.calibration.arrays, prep.source, batch=verify.static_batch(prep.model))
+    alone, _ = int8.quantize_with_fallback(prep.model, prep.calibration.arrays, prep.source,
+                                           verify.static_batch(prep.model), options.int8_fp32)
     feeds = probe_inputs(prep.model, prep.input_shapes, batch=options.latency_batch)
     found = probe(alone.model, result.model, feeds, threads=options.threads)
     _record_int8_probe(result.report, found, options.latency_batch)
@@ -401,12 +402,17 @@ def _quantize(prep: _Prepared, pruned: onnx.ModelProto, options: PruneOptions) -
         raise BnSlimError(f"{prep.source}: --quantize int8 calibrates on samples the check does not use, but "
                           f"{prep.check.source} has only {prep.check.count}; pass more samples (64 or more) or "
                           "--calibration-samples N to split them")
-    quantized = int8.quantize(pruned, prep.calibration.arrays, f"{prep.source} (pruned)",
-                              batch=verify.static_batch(prep.model))
+    quantized, found = int8.quantize_with_fallback(pruned, prep.calibration.arrays, f"{prep.source} (pruned)",
+                                                   verify.static_batch(prep.model), options.int8_fp32)
     s = quantized.settings
     prep.notes.append(f"quantized to INT8 ({s.format}, {s.weights} per-channel weights, {s.activations} activations: "
                       f"{s.reason}) with {s.calibration} ranges on {prep.calibration.describe()}, "
                       f"in {quantized.seconds:.1f} s")
+    if found is not None and found.chosen:
+        prep.notes.append(f"kept in FP32, their quantization dominating the INT8 error: {', '.join(found.chosen)} "
+                          f"(relative error against the FP32 model on {found.samples} calibration samples "
+                          f"{found.error:.3g} -> {found.error_after:.3g})")
+    quantized.sensitivity = found
     return quantized
 
 
@@ -414,8 +420,9 @@ def _quantization_report(prep: _Prepared, pruned: onnx.ModelProto, quantized: in
                          feeds: dict, outputs: list) -> dict:
     """How the model was quantized, and the check's two steps apart (on the same check samples):
     original -> slim (what pruning cost), slim -> INT8 (what quantization cost), and the total."""
+    found = quantized.sensitivity
     out = {"settings": quantized.settings.to_dict(), "calibration_samples": quantized.calibration_samples,
-           "excluded_nodes": quantized.excluded, "steps": {}}
+           "excluded_nodes": quantized.excluded, "sensitivity": None if found is None else found.to_dict(), "steps": {}}
     if verification is None:
         return out
     names = [o.name for o in prep.model.graph.output]

@@ -176,6 +176,10 @@ def _quantize_flag(parser: argparse.ArgumentParser) -> None:
                              "activations on x86) calibrated on the calibration share of --data (needed); the check "
                              "then compares the INT8 model with the FP32 original and reports each step "
                              "(default output <model>.slim.int8.onnx)")
+    parser.add_argument("--int8-fp32", default="auto", metavar="auto|N",
+                        help="with --quantize: keep at most N nodes in FP32 where their quantization dominates the "
+                             "INT8 error, measured node by node against the FP32 model on calibration samples "
+                             "(default auto: up to 4, only while one removes at least a fifth of the error; 0: none)")
 
 
 INSPECT_HELP = "Show the channel spaces of a model, their scale statistics, and why any are blocked."
@@ -221,6 +225,8 @@ def _bench_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     _data_flags(parser)
     parser.add_argument("--calibration-samples", type=int, metavar="N",
                         help="with --quantize: the first N samples of --data calibrate (default: the first half, as prune)")
+    parser.add_argument("--int8-fp32", default="auto", metavar="auto|N",
+                        help="with --quantize: nodes kept in FP32 by sensitivity, as prune --int8-fp32")
     return parser
 
 
@@ -335,7 +341,7 @@ def _run_bench_four_way(args: argparse.Namespace, say: _Say, runtimes: list[str]
     shapes = parse_input_shapes(_shape_specs(args.input_shapes))
     with tempfile.TemporaryDirectory(prefix="onnx-bnslim-bench-") as tmp:
         files, described = quantize_files({"int8": args.original, "slim_int8": args.pruned}, args.data, tmp, shapes,
-                                          _preprocess(args), args.calibration_samples)
+                                          _preprocess(args), args.calibration_samples, args.int8_fp32)
         paths = {"fp32": args.original, "slim": args.pruned, **files}
         result = benchmark_four_way(paths, tuple(args.batch or (1, 32)), args.threads, args.runs, args.warmup,
                                     tuple(runtimes), shapes, progress=not say.quiet)
@@ -385,7 +391,7 @@ def run_prune(args: argparse.Namespace) -> int:
                        allow_growth=args.allow_growth,
                        compensation=args.compensation, preprocess=_preprocess(args), calibration_samples=args.calibration_samples,
                        check_samples=args.check_samples, max_rel_error=args.max_rel_error, min_cosine=args.min_cosine,
-                       quantize=args.quantize)
+                       quantize=args.quantize, int8_fp32=args.int8_fp32)
     if args.fp16 and not args.openvino:
         raise BnSlimError("--fp16 applies to the OpenVINO IR: add --openvino OUT_DIR")
     if args.openvino and args.no_verify:
@@ -444,7 +450,7 @@ def run_sweep(args: argparse.Namespace) -> int:
     say = _Say(args)
     _plot_and_json_first(args)
     options = _options(args, data=args.data, preprocess=_preprocess(args), exact_borders=args.exact_borders,
-                       quantize=args.quantize)
+                       quantize=args.quantize, int8_fp32=args.int8_fp32)
     flag, budget = next(((f, b) for f, b in (("thresholds", "threshold"), ("target_macs", "target_macs"),
                                              ("target_params", "target_params")) if getattr(args, f)), ("ratios", "ratio"))
     result = sweep(args.model, options, budget, getattr(args, flag), latency=args.latency)

@@ -59,6 +59,9 @@ class PruneOptions:
     compensation: str = "auto"
     allow_growth: bool = False  # accept weights >10% over the input's (shared weights sliced per reader)
     quantize: str | None = None  # "int8": quantize the pruned model (quantize.py), calibrated on --data
+    # with quantize: at most this many nodes kept in FP32 where their quantization dominates the
+    # error (quantize.sensitivity); "auto": up to quantize.MAX_FP32, 0: none
+    int8_fp32: int | str = "auto"
 
     def validate(self) -> None:
         given = [v is not None for v in (self.ratio, self.threshold, self.target_macs, self.target_params,
@@ -103,6 +106,8 @@ class PruneOptions:
             raise BnSlimError(f"--quantize {self.quantize!r}: choose {', '.join(QUANTIZE_MODES)}")
         if self.quantize is not None and self.data is None:
             raise BnSlimError(QUANTIZE_NEEDS_DATA)
+        if self.int8_fp32 != "auto" and not (str(self.int8_fp32).isdigit()):
+            raise BnSlimError(f"--int8-fp32 {self.int8_fp32!r}: pass auto or a count of nodes (0 for none)")
 
     def block(self) -> int:
         """The width multiple kept widths are rounded to (``round_to``, resolved)."""

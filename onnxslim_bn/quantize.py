@@ -74,6 +74,8 @@ class Quantized:
     calibration_samples: int
     excluded: list[str] = field(default_factory=list)  # nodes left in FP32 (nodes_to_exclude)
     seconds: float = 0.0
+    prepared: onnx.ModelProto | None = None  # the FP32 model as quantized (after quant_pre_process)
+    sensitivity: object | None = None  # the Sensitivity that chose ``excluded``, when one ran
 
 
 def settings_for_cpu(cpuinfo: str | None = None, machine: str | None = None) -> Settings:
@@ -132,10 +134,6 @@ def quantize(model: onnx.ModelProto, calibration: dict[str, np.ndarray], source:
 
     settings = settings or settings_for_cpu()
     clock = time.perf_counter()
-    names = {n.name for n in model.graph.node}
-    unknown = [n for n in exclude if n not in names]
-    if unknown:
-        raise BnSlimError(f"{source}: cannot keep node '{unknown[0]}' in FP32: the model has no node of that name")
     activation = QuantType.QUInt8 if settings.activations == "uint8" else QuantType.QInt8
     external = too_large_for_protobuf(model)
     with tempfile.TemporaryDirectory(prefix="onnx-bnslim-int8-") as tmp:
@@ -143,6 +141,11 @@ def quantize(model: onnx.ModelProto, calibration: dict[str, np.ndarray], source:
         _save_external(model, fp32) if external else fp32.write_bytes(model.SerializeToString())
         try:
             quant_pre_process(str(fp32), str(pre), save_as_external_data=external)
+            prepared = onnx.load(str(pre))
+            names = {n.name for n in prepared.graph.node}
+            unknown = [n for n in exclude if n not in names]
+            if unknown:
+                raise BnSlimError(f"{source}: cannot keep node '{unknown[0]}' in FP32: the model has no node of that name")
             quantize_static(str(pre), str(out), _Reader(calibration, batch), quant_format=QuantFormat.QDQ,
                             per_channel=settings.per_channel, reduce_range=settings.reduce_range,
                             activation_type=activation, weight_type=QuantType.QInt8,
@@ -156,7 +159,166 @@ def quantize(model: onnx.ModelProto, calibration: dict[str, np.ndarray], source:
         quantized = onnx.load(str(out))
     restore_interface(quantized, model, source)
     return Quantized(quantized, settings, min(len(v) for v in calibration.values()), list(exclude),
-                     time.perf_counter() - clock)
+                     time.perf_counter() - clock, prepared)
+
+
+# ---------------------------------------------------------------- layers kept in FP32 by sensitivity
+
+SENSITIVITY_SAMPLES = 64  # calibration samples the per-layer sensitivity runs on
+SMALL_ERROR = 0.01  # relative L2 error of INT8 against FP32 (calibration samples) below which nothing is kept FP32
+DOMINANT = 0.2  # a layer whose FP32 copy removes at least this share of that error dominates it
+MAX_FP32 = 4  # nodes kept in FP32 at most
+
+
+@dataclass
+class Sensitivity:
+    """Per quantized node (first round): the INT8 model's error against the FP32 model with that
+    node's inputs left unquantized (relative L2 of the outputs, on calibration samples), against
+    ``error`` (all quantized). ``removed`` = error - error without it; ``chosen``: the nodes kept
+    in FP32, in the order the greedy search took them."""
+
+    error: float
+    per_node: dict[str, float] = field(default_factory=dict)  # node -> error with that node in FP32
+    chosen: list[str] = field(default_factory=list)
+    error_after: float | None = None  # with ``chosen`` in FP32
+    rounds: list[dict] = field(default_factory=list)  # per chosen node: the error once it was kept in FP32
+    samples: int = 0
+    seconds: float = 0.0
+
+    def removed(self, node: str) -> float:
+        return self.error - self.per_node[node]
+
+    def to_dict(self) -> dict:
+        top = sorted(self.per_node, key=self.removed, reverse=True)[:5]
+        return {"error": self.error, "error_after": self.error_after, "chosen": self.chosen, "rounds": self.rounds,
+                "samples": self.samples,
+                "most_sensitive": [{"node": n, "error_without": self.per_node[n], "share": self.removed(n) / self.error
+                                    if self.error > 0 else 0.0} for n in top], "seconds": self.seconds}
+
+
+def _relative_error(got: list[np.ndarray], want: list[np.ndarray]) -> float:
+    return max(float(np.linalg.norm((g - w).astype(np.float64)) / max(np.linalg.norm(w.astype(np.float64)), 1e-30))
+               for g, w in zip(got, want))
+
+
+def _ort_run(model: onnx.ModelProto, feeds: dict[str, np.ndarray], batch: int | None) -> list[np.ndarray]:
+    from . import verify
+
+    sess = verify.session(model, "sensitivity", optimized=True)
+    return verify.run(sess, feeds, batch)
+
+
+def _fp32_nodes(quantized: onnx.ModelProto, prepared: onnx.ModelProto, nodes: Sequence[str]) -> onnx.ModelProto | None:
+    """``quantized`` with the inputs of ``nodes`` taken from before their QDQ pairs: activations from
+    the QuantizeLinear's input, weights and biases from the prepared FP32 model; QDQ nodes and
+    constants nothing reads any more are dropped. None when the nodes read nothing quantized."""
+    variant = onnx.ModelProto()
+    variant.CopyFrom(quantized)
+    producer = {o: n for n in variant.graph.node for o in n.output}
+    inits = {t.name for t in variant.graph.initializer}
+    floats = {t.name: t for t in prepared.graph.initializer}
+    changed = False
+    for target in [n for n in variant.graph.node if n.name in set(nodes)]:
+        for i, name in enumerate(list(target.input)):
+            dq = producer.get(name)
+            if dq is None or dq.op_type != "DequantizeLinear":
+                continue
+            source = dq.input[0]
+            if source in inits:  # a quantized constant: its float original
+                original = floats.get(source.removesuffix("_quantized"))
+                if original is None:
+                    continue
+                fresh = f"{original.name}__fp32"  # the DQ's output may carry the original's name
+                if fresh not in inits:
+                    copy = onnx.TensorProto()
+                    copy.CopyFrom(original)
+                    copy.name = fresh
+                    variant.graph.initializer.append(copy)
+                    inits.add(fresh)
+                target.input[i] = fresh
+                changed = True
+            elif producer.get(source) is not None and producer[source].op_type == "QuantizeLinear":
+                target.input[i] = producer[source].input[0]
+                changed = True
+    if not changed:
+        return None
+    _drop_unused(variant)
+    return variant
+
+
+def _drop_unused(model: onnx.ModelProto) -> None:
+    """Remove Q/DQ nodes whose outputs nothing reads, then initializers nothing reads."""
+    graph = model.graph
+    outputs = {o.name for o in graph.output}
+    while True:
+        read = {i for n in graph.node for i in n.input} | outputs
+        dead = [n for n in graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")
+                and not any(o in read for o in n.output)]
+        if not dead:
+            break
+        for n in dead:
+            graph.node.remove(n)
+    read = {i for n in graph.node for i in n.input} | outputs
+    kept = [t for t in graph.initializer if t.name in read]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+
+
+def sensitivity(fp32: onnx.ModelProto, quantized: Quantized, calibration: dict[str, np.ndarray],
+                batch: int | None = None, limit: int = MAX_FP32) -> tuple[Sensitivity, onnx.ModelProto | None]:
+    """Which nodes' quantization dominates the INT8 model's error against ``fp32`` on (up to
+    :data:`SENSITIVITY_SAMPLES` of) the calibration samples, greedily: each quantized node in turn
+    is given its FP32 inputs; the one that lowers the error most is kept in FP32 when it removes
+    at least :data:`DOMINANT` of it, and the search starts again from there, until no node
+    dominates, the error is below :data:`SMALL_ERROR`, or ``limit`` nodes are kept. Returns the
+    finding (the first round's per-node errors) and the model with the chosen nodes in FP32
+    (None when none was)."""
+    clock = time.perf_counter()
+    n = min(SENSITIVITY_SAMPLES, min(len(v) for v in calibration.values()))
+    feeds = {k: v[:n] for k, v in calibration.items()}
+    want = _ort_run(fp32, feeds, batch)
+    result = Sensitivity(_relative_error(_ort_run(quantized.model, feeds, batch), want), samples=n)
+    best_model, current = None, result.error
+    skip = ("QuantizeLinear", "DequantizeLinear")
+    candidates = [x.name for x in quantized.model.graph.node if x.op_type not in skip and x.name]
+    while quantized.prepared is not None and current >= SMALL_ERROR and len(result.chosen) < limit:
+        errors, models = {}, {}
+        for node in candidates:
+            if node in result.chosen:
+                continue
+            variant = _fp32_nodes(quantized.model, quantized.prepared, [*result.chosen, node])
+            if variant is not None:
+                errors[node] = _relative_error(_ort_run(variant, feeds, batch), want)
+                models[node] = variant
+        if not result.per_node:
+            result.per_node = dict(errors)
+        if not errors:
+            break
+        node = min(errors, key=errors.get)
+        if current - errors[node] < DOMINANT * current:
+            break
+        result.chosen.append(node)
+        result.rounds.append({"node": node, "error": errors[node]})
+        current, best_model = errors[node], models[node]
+    result.error_after = current if result.chosen else None
+    result.seconds = time.perf_counter() - clock
+    return result, best_model
+
+
+def quantize_with_fallback(fp32: onnx.ModelProto, calibration: dict[str, np.ndarray], source: str,
+                           batch: int | None = None, fallback: str | int = "auto") -> tuple[Quantized, Sensitivity | None]:
+    """:func:`quantize`, then (``fallback`` "auto", or at most that many nodes; 0: none) the nodes
+    whose quantization dominates the error kept in FP32 (:func:`sensitivity`)."""
+    first = quantize(fp32, calibration, source, batch=batch)
+    if fallback in (0, "0"):
+        return first, None
+    found, model = sensitivity(fp32, first, calibration, batch, MAX_FP32 if fallback == "auto" else int(fallback))
+    first.seconds += found.seconds
+    if model is None:
+        return first, found
+    restore_interface(model, fp32, source)
+    return Quantized(model, first.settings, first.calibration_samples, list(found.chosen), first.seconds,
+                     first.prepared), found
 
 
 def _shape(value: onnx.ValueInfoProto) -> tuple:
@@ -195,7 +357,8 @@ def restore_interface(quantized: onnx.ModelProto, original: onnx.ModelProto, sou
 
 
 def quantize_files(models: dict[str, str | Path], data, folder: str | Path, input_shapes: dict | None = None,
-                   preprocess: str | None = None, calibration_samples: int | None = None) -> tuple[dict[str, Path], str]:
+                   preprocess: str | None = None, calibration_samples: int | None = None,
+                   fallback: str | int = "auto") -> tuple[dict[str, Path], str]:
     """Each FP32 model file of ``models`` (label -> path) quantized into ``folder`` (label.onnx),
     calibrated on the calibration share of ``data`` as ``prune --quantize`` takes it (the first
     half, or ``calibration_samples``); returns the paths and a description of the samples."""
@@ -214,7 +377,7 @@ def quantize_files(models: dict[str, str | Path], data, folder: str | Path, inpu
         shapes, _ = resolve_input_shapes(model, input_shapes or {}, str(path))
         samples = data_module.load(data, model, shapes, preprocess)
         calibration, _, note = data_module.split(samples, calibration_samples)
-        quantized = quantize(model, calibration.arrays, str(path), batch=_static_batch(model))
+        quantized, _ = quantize_with_fallback(model, calibration.arrays, str(path), _static_batch(model), fallback)
         out[label] = Path(folder) / f"{label}.onnx"
         save_model(quantized.model, out[label])
         described = calibration.describe() + (f" ({note})" if note else "")
@@ -244,4 +407,5 @@ def step_metrics(verification) -> dict:
 
 
 __all__ = ["MODES", "NEEDS_DATA", "Settings", "Quantized", "settings_for_cpu", "quantize", "restore_interface",
-           "is_quantized", "quantize_files", "step_metrics"]
+           "is_quantized", "quantize_files", "step_metrics",
+           "Sensitivity", "sensitivity", "quantize_with_fallback"]

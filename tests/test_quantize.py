@@ -309,3 +309,34 @@ def test_sweep_quantizes_every_budget_and_says_so():
     assert int8.points[0].cosine == pytest.approx(one.report.verification.cosine, rel=1e-12)
     assert int8.points[0].cosine < fp32.points[0].cosine
     assert int8.points[0].macs == fp32.points[0].macs
+
+
+def test_nodes_whose_quantization_dominates_the_error_stay_fp32():
+    """densenet (pre-activation BN after each Concat): one BN's quantized input carries about half
+    the INT8 error. The search runs on calibration samples only; the check share confirms it."""
+    common = dict(threshold=1e-3, data={"input": heldout()[0][:400]}, calibration_samples=CALIBRATION,
+                  compensation="bias", quantize="int8", probe=False)
+    plain = onnxslim_bn.prune(str(path("densenet")), int8_fp32=0, **common)
+    kept = onnxslim_bn.prune(str(path("densenet")), **common)
+    q = kept.report.quantization
+    found = q["sensitivity"]
+    assert plain.report.quantization["sensitivity"] is None and plain.report.quantization["excluded_nodes"] == []
+    assert found["chosen"] and q["excluded_nodes"] == found["chosen"] and found["samples"] == 64
+    assert found["error_after"] < 0.8 * found["error"]  # each kept node removed at least a fifth of the error
+    assert found["most_sensitive"][0]["node"] == found["chosen"][0]
+    # the kept node reads float: no DequantizeLinear feeds it any more
+    producer = {o: n for n in kept.model.graph.node for o in n.output}
+    node = next(n for n in kept.model.graph.node if n.name == found["chosen"][0])
+    assert all(producer.get(i) is None or producer[i].op_type != "DequantizeLinear" for i in node.input)
+    x = heldout()[0][CALIBRATION:400]  # the check share: 304 samples the search never saw
+    slim = _run(kept.fp32_model, x, as_written=True)  # what the search measures against: the FP32 slim model
+    np.testing.assert_array_equal(slim, _run(plain.fp32_model, x, as_written=True))
+    better, worse = _run(kept.model, x), _run(plain.model, x)
+    l2 = [float(np.linalg.norm(o - slim) / np.linalg.norm(slim)) for o in (better, worse)]
+    assert l2[0] < 0.85 * l2[1]
+    assert q["steps"]["quantization"]["cosine"] == pytest.approx(compare_output("logits", slim, better, len(x), 1).cosine,
+                                                                 rel=1e-12)
+    assert q["steps"]["quantization"]["cosine"] > plain.report.quantization["steps"]["quantization"]["cosine"]
+    for bad in ("some", "-1"):
+        with pytest.raises(BnSlimError, match="--int8-fp32"):
+            onnxslim_bn.prune(str(path("densenet")), **{**common, "int8_fp32": bad})
