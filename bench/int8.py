@@ -43,7 +43,12 @@ def main() -> None:
     parser.add_argument("--round-to", default="auto")
     parser.add_argument("--runs", type=int, default=40)
     parser.add_argument("--batches", default="1,32")
+    parser.add_argument("--plain", action="store_true",
+                        help="instead: the lambda-0 fixtures (fixtures/plain) to --target-macs 0.7 with "
+                             "fixtures/plain/calibration.npz, accuracy on all of heldout.npz")
     args = parser.parse_args()
+    if args.plain:
+        return plain_table()
     data = np.load(ROOT / "fixtures" / "heldout.npz")
     x, y = data["input"].astype(np.float32), data["label"]
     calib, check, labels = x[:500], x[500:], y[500:]  # as prune --data splits it: the first half calibrates
@@ -78,6 +83,26 @@ def main() -> None:
     for name, bench in time_rows:
         print(f"\n## {name}: latency, median ms (speed-up over FP32), {bench.threads} threads\n")
         print(bench.table(markdown=True))
+
+
+def plain_table() -> None:
+    """Ordinary models to a budget: `--target-macs 0.7 --quantize int8 --data calibration.npz`."""
+    data = np.load(ROOT / "fixtures" / "heldout.npz")
+    x, y = data["input"].astype(np.float32), data["label"]
+    calib = ROOT / "fixtures" / "plain" / "calibration.npz"
+    print("| Model | FP32 | Slim (FP32) | Slim + INT8 | FP32 -> slim + INT8 (points) | kept in FP32 |")
+    print("|---|---|---|---|---|---|")
+    for name in ("vgg", "resnet", "densenet", "mobilenetv2"):
+        src = ROOT / "fixtures" / "plain" / f"{name}.onnx"
+        result = prune(str(src), target_macs=0.7, data=str(calib), quantize="int8", probe=False)
+        with tempfile.TemporaryDirectory() as tmp:
+            files = {"fp32": src, "slim": Path(tmp) / "slim.onnx", "slim_int8": Path(tmp) / "slim_int8.onnx"}
+            save_model(result.fp32_model, files["slim"])
+            save_model(result.model, files["slim_int8"])
+            acc = {k: float((ort_logits(p, x).argmax(1) == y).mean()) for k, p in files.items()}
+        kept = result.report.quantization["excluded_nodes"]
+        print(f"| {name} | {acc['fp32']:.1%} | {acc['slim']:.1%} | {acc['slim_int8']:.1%} | "
+              f"{100 * (acc['slim_int8'] - acc['fp32']):+.1f} | {len(kept)} |", flush=True)
 
 
 if __name__ == "__main__":

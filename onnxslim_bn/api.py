@@ -342,8 +342,12 @@ def _probe_int8(model, prep: _Prepared, options: PruneOptions, result: PruneResu
     against slim + INT8, at ``--latency-batch``. When slim + INT8 is not faster, the layers it
     blames are kept whole in a second run (--keep), that run is probed too, and the faster of
     the two slim + INT8 models is the result (the notes say which, with both times)."""
-    alone, _ = int8.quantize_with_fallback(prep.model, prep.calibration.arrays, prep.source,
-                                           verify.static_batch(prep.model), options.int8_fp32)
+    try:
+        alone, _ = int8.quantize_with_fallback(prep.model, prep.calibration.arrays, prep.source,
+                                               verify.static_batch(prep.model), options.int8_fp32)
+    except BnSlimError as exc:  # the original will not quantize: nothing to time slim + INT8 against
+        result.report.notes.append(f"INT8 probe skipped: {exc}")
+        return result
     feeds = probe_inputs(prep.model, prep.input_shapes, batch=options.latency_batch)
     found = probe(alone.model, result.model, feeds, threads=options.threads)
     _record_int8_probe(result.report, found, options.latency_batch)
