@@ -63,23 +63,26 @@ def main() -> None:
             files = {"fp32": src, "slim": tmp / "slim.onnx", "int8": tmp / "int8.onnx", "slim_int8": tmp / "slim_int8.onnx"}
             save_model(result.fp32_model, files["slim"])
             save_model(result.model, files["slim_int8"])
-            save_model(quantize_with_fallback(onnx.load(str(src)), {"input": calib}, str(src))[0].model, files["int8"])
+            kept = result.report.quantization["excluded_nodes"]  # INT8 alone keeps the same nodes in FP32
+            save_model(quantize_with_fallback(onnx.load(str(src)), {"input": calib}, str(src), None, kept)[0].model,
+                       files["int8"])
             acc = {k: float((ort_logits(p, check).argmax(1) == labels).mean()) for k, p in files.items()}
             ov_acc = {k: float((ov_logits(p, check).argmax(1) == labels).mean()) for k, p in files.items()} \
                 if "openvino" in runtimes else {}
             steps = result.report.quantization["steps"]
-            acc_rows.append((name, acc, ov_acc, steps, result.report.removed_channels))
+            acc_rows.append((name, acc, ov_acc, steps, result.report.removed_channels, kept))
             bench = benchmark_four_way(files, tuple(int(b) for b in args.batches.split(",")), runs=args.runs,
                                        runtimes=runtimes, rounds=8, min_seconds=0.25)
             time_rows.append((name, bench))
             print(f"done {name}", flush=True)
     print("\n## Held-out accuracy (500 samples not used for calibration)\n")
     print("| Model | channels removed | " + " | ".join(f"{FOUR_WAY_LABELS[k]} (ORT)" for k in FOUR_WAY)
-          + " | INT8 (OV) | Slim + INT8 (OV) | agreement orig->slim+INT8 |")
-    print("|---" * 9 + "|")
-    for name, acc, ov_acc, steps, removed in acc_rows:
+          + " | INT8 (OV) | Slim + INT8 (OV) | agreement orig->slim+INT8 | kept in FP32 |")
+    print("|---" * 10 + "|")
+    for name, acc, ov_acc, steps, removed, kept in acc_rows:
         cells = [f"{acc[k]:.1%}" for k in FOUR_WAY] + [f"{ov_acc[k]:.1%}" if ov_acc else "-" for k in ("int8", "slim_int8")]
-        print(f"| {name} | {removed} | " + " | ".join(cells) + f" | {steps['total']['top1_agreement']:.1%} |")
+        print(f"| {name} | {removed} | " + " | ".join(cells) + f" | {steps['total']['top1_agreement']:.1%} | "
+              f"{', '.join(kept) or '-'} |")
     for name, bench in time_rows:
         print(f"\n## {name}: latency, median ms (speed-up over FP32), {bench.threads} threads\n")
         print(bench.table(markdown=True))

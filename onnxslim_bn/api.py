@@ -343,8 +343,9 @@ def _probe_int8(model, prep: _Prepared, options: PruneOptions, result: PruneResu
     blames are kept whole in a second run (--keep), that run is probed too, and the faster of
     the two slim + INT8 models is the result (the notes say which, with both times)."""
     try:
+        # INT8 alone keeps the same nodes in FP32 as slim + INT8 (node names survive pruning): a fair pair
         alone, _ = int8.quantize_with_fallback(prep.model, prep.calibration.arrays, prep.source,
-                                               verify.static_batch(prep.model), options.int8_fp32)
+                                               verify.static_batch(prep.model), result.report.quantization["excluded_nodes"])
     except BnSlimError as exc:  # the original will not quantize: nothing to time slim + INT8 against
         result.report.notes.append(f"INT8 probe skipped: {exc}")
         return result

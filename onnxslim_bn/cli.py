@@ -340,13 +340,17 @@ def _run_bench_four_way(args: argparse.Namespace, say: _Say, runtimes: list[str]
         raise BnSlimError("bench --data calibrates the INT8 models of the four-way table: add --quantize int8")
     shapes = parse_input_shapes(_shape_specs(args.input_shapes))
     with tempfile.TemporaryDirectory(prefix="onnx-bnslim-bench-") as tmp:
-        files, described = quantize_files({"int8": args.original, "slim_int8": args.pruned}, args.data, tmp, shapes,
-                                          _preprocess(args), args.calibration_samples, args.int8_fp32)
-        paths = {"fp32": args.original, "slim": args.pruned, **files}
+        # slim + INT8 first; INT8 alone then keeps the same nodes in FP32 (names survive pruning): a fair pair
+        slim, described, kept = quantize_files({"slim_int8": args.pruned}, args.data, tmp, shapes, _preprocess(args),
+                                               args.calibration_samples, args.int8_fp32)
+        alone, _, _ = quantize_files({"int8": args.original}, args.data, tmp, shapes, _preprocess(args),
+                                     args.calibration_samples, kept["slim_int8"])
+        paths = {"fp32": args.original, "slim": args.pruned, **alone, **slim}
         result = benchmark_four_way(paths, tuple(args.batch or (1, 32)), args.threads, args.runs, args.warmup,
                                     tuple(runtimes), shapes, progress=not say.quiet)
     result.models.update({"int8": f"{args.original} quantized", "slim_int8": f"{args.pruned} quantized"})
-    result.notes.insert(0, f"INT8 models quantized here on {described}")
+    result.notes.insert(0, f"INT8 models quantized here on {described}"
+                        + (f"; kept in FP32 in both: {', '.join(kept['slim_int8'])}" if kept["slim_int8"] else ""))
     say(f"onnx-bnslim bench: {args.original} vs {args.pruned}, FP32 and INT8, {result.threads} threads, "
         f"{result.runs} interleaved runs each; median ms (speed-up over FP32)")
     say(result.table(markdown=args.markdown))

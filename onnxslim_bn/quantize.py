@@ -168,6 +168,8 @@ SENSITIVITY_SAMPLES = 64  # calibration samples the per-layer sensitivity runs o
 SMALL_ERROR = 0.01  # relative L2 error of INT8 against FP32 (calibration samples) below which nothing is kept FP32
 DOMINANT = 0.2  # a layer whose FP32 copy removes at least this share of that error dominates it
 MAX_FP32 = 4  # nodes kept in FP32 at most
+LATER_ROUNDS = 8  # after the first round, the search tries this many of its best nodes only
+LARGE_MODEL = 16 << 20  # weights above this (bytes): the search runs on a quarter of the samples
 
 
 @dataclass
@@ -274,7 +276,8 @@ def sensitivity(fp32: onnx.ModelProto, quantized: Quantized, calibration: dict[s
     finding (the first round's per-node errors) and the model with the chosen nodes in FP32
     (None when none was)."""
     clock = time.perf_counter()
-    n = min(SENSITIVITY_SAMPLES, min(len(v) for v in calibration.values()))
+    big = sum(t.ByteSize() for t in fp32.graph.initializer) > LARGE_MODEL
+    n = min(SENSITIVITY_SAMPLES // 4 if big else SENSITIVITY_SAMPLES, min(len(v) for v in calibration.values()))
     feeds = {k: v[:n] for k, v in calibration.items()}
     want = _ort_run(fp32, feeds, batch)
     result = Sensitivity(_relative_error(_ort_run(quantized.model, feeds, batch), want), samples=n)
@@ -292,6 +295,8 @@ def sensitivity(fp32: onnx.ModelProto, quantized: Quantized, calibration: dict[s
                 models[node] = variant
         if not result.per_node:
             result.per_node = dict(errors)
+            # later rounds try the first round's most promising nodes only
+            candidates = sorted(errors, key=errors.get)[:LATER_ROUNDS]
         if not errors:
             break
         node = min(errors, key=errors.get)
@@ -306,12 +311,22 @@ def sensitivity(fp32: onnx.ModelProto, quantized: Quantized, calibration: dict[s
 
 
 def quantize_with_fallback(fp32: onnx.ModelProto, calibration: dict[str, np.ndarray], source: str,
-                           batch: int | None = None, fallback: str | int = "auto") -> tuple[Quantized, Sensitivity | None]:
+                           batch: int | None = None, fallback: str | int | Sequence[str] = "auto"
+                           ) -> tuple[Quantized, Sensitivity | None]:
     """:func:`quantize`, then (``fallback`` "auto", or at most that many nodes; 0: none) the nodes
-    whose quantization dominates the error kept in FP32 (:func:`sensitivity`)."""
+    whose quantization dominates the error kept in FP32 (:func:`sensitivity`). ``fallback`` may
+    also name the nodes to keep in FP32 (those of another run: no search; names not in this
+    model are passed over)."""
     first = quantize(fp32, calibration, source, batch=batch)
     if fallback in (0, "0"):
         return first, None
+    if not isinstance(fallback, (str, int)):
+        names = [n for n in fallback if any(x.name == n for x in first.model.graph.node)]
+        model = _fp32_nodes(first.model, first.prepared, names) if names and first.prepared is not None else None
+        if model is None:
+            return first, None
+        restore_interface(model, fp32, source)
+        return Quantized(model, first.settings, first.calibration_samples, names, first.seconds, first.prepared), None
     found, model = sensitivity(fp32, first, calibration, batch, MAX_FP32 if fallback == "auto" else int(fallback))
     first.seconds += found.seconds
     if model is None:
@@ -358,17 +373,18 @@ def restore_interface(quantized: onnx.ModelProto, original: onnx.ModelProto, sou
 
 def quantize_files(models: dict[str, str | Path], data, folder: str | Path, input_shapes: dict | None = None,
                    preprocess: str | None = None, calibration_samples: int | None = None,
-                   fallback: str | int = "auto") -> tuple[dict[str, Path], str]:
+                   fallback: str | int | Sequence[str] = "auto") -> tuple[dict[str, Path], str, dict[str, list[str]]]:
     """Each FP32 model file of ``models`` (label -> path) quantized into ``folder`` (label.onnx),
     calibrated on the calibration share of ``data`` as ``prune --quantize`` takes it (the first
-    half, or ``calibration_samples``); returns the paths and a description of the samples."""
+    half, or ``calibration_samples``); returns the paths, a description of the samples and the
+    nodes each kept in FP32 (:func:`quantize_with_fallback`)."""
     from . import data as data_module
     from .model_io import load_model, save_model
     from .shapes import resolve_input_shapes
 
     if data is None:
         raise BnSlimError(NEEDS_DATA)
-    out, described = {}, ""
+    out, described, kept = {}, "", {}
     for label, path in models.items():
         model = load_model(path)
         if is_quantized(model):
@@ -378,10 +394,10 @@ def quantize_files(models: dict[str, str | Path], data, folder: str | Path, inpu
         samples = data_module.load(data, model, shapes, preprocess)
         calibration, _, note = data_module.split(samples, calibration_samples)
         quantized, _ = quantize_with_fallback(model, calibration.arrays, str(path), _static_batch(model), fallback)
-        out[label] = Path(folder) / f"{label}.onnx"
+        out[label], kept[label] = Path(folder) / f"{label}.onnx", quantized.excluded
         save_model(quantized.model, out[label])
         described = calibration.describe() + (f" ({note})" if note else "")
-    return out, described
+    return out, described, kept
 
 
 def _static_batch(model: onnx.ModelProto) -> int | None:
