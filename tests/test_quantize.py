@@ -340,3 +340,20 @@ def test_nodes_whose_quantization_dominates_the_error_stay_fp32():
     for bad in ("some", "-1"):
         with pytest.raises(BnSlimError, match="--int8-fp32"):
             onnxslim_bn.prune(str(path("densenet")), **{**common, "int8_fp32": bad})
+
+
+def test_named_fp32_nodes_are_kept_without_a_search():
+    from onnxslim_bn.quantize import quantize_with_fallback
+
+    model = onnx.load(str(path("densenet")))
+    node = "/features/features.2/body/body.0/BatchNormalization"
+    q, found = quantize_with_fallback(model, {"input": heldout()[0][:64]}, "densenet", None, [node, "/no/such/node"])
+    assert found is None and q.excluded == [node]
+    producer = {o: n for n in q.model.graph.node for o in n.output}
+    target = next(n for n in q.model.graph.node if n.name == node)
+    assert all(producer.get(i) is None or producer[i].op_type != "DequantizeLinear" for i in target.input)
+    onnx.checker.check_model(q.model, full_check=True)
+    read = {i for n in q.model.graph.node for i in n.input}
+    assert all(t.name in read for t in q.model.graph.initializer)  # nothing left dangling
+    assert all(any(o in read or o in {x.name for x in q.model.graph.output} for o in n.output)
+               for n in q.model.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear"))
