@@ -6,6 +6,7 @@ import difflib
 import glob
 import logging
 import os
+import re
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -32,6 +33,7 @@ from .bench import batch_of, probe, probe_inputs, time_pair
 from .hardware import resolve_round_to
 from .latency import layer_latency_table, resolution_note
 from .plan import dead_level, Plan, PruneOptions, select
+from . import quantize as int8
 from .reconstruct import ReconstructionReport, reconstruct
 from .report import Report, SpaceReport, describe_spaces, run_metadata, weight_name
 from .shapes import infer_shapes, resolve_input_shapes, skeleton
@@ -52,6 +54,8 @@ class PruneResult:
     check_inputs: dict[str, np.ndarray] = field(default_factory=dict)
     check_outputs: list[np.ndarray] = field(default_factory=list)
     reconstruction: ReconstructionReport | None = None  # when compensation was by reconstruction
+    # with --quantize: ``model`` is the deployed INT8 model and this the pruned FP32 one it came from
+    fp32_model: onnx.ModelProto | None = None
 
 
 def to_openvino(result: PruneResult, out_dir: str | os.PathLike, name: str = "model", fp16: bool = False) -> OpenVinoResult:
@@ -59,9 +63,19 @@ def to_openvino(result: PruneResult, out_dir: str | os.PathLike, name: str = "mo
     inputs of the pruned model's check. Adds the outcome to ``result.report``."""
     if not result.check_inputs:
         raise BnSlimError("the OpenVINO check needs the onnxruntime check's inputs: prune with verify=True")
-    ir = export_ir(result.model, out_dir, name, fp16, result.check_inputs, result.check_outputs)
+    ir = export_ir(result.model, out_dir, name, fp16, result.check_inputs, result.check_outputs,
+                   _int8_ir_tolerance(result.report.quantization, fp16))
     result.report.openvino = ir
     return ir
+
+
+def _int8_ir_tolerance(quantization: dict | None, fp16: bool) -> float | None:
+    """An INT8 model in OpenVINO (its ONNX reader turns the QDQ pairs into FakeQuantize: an INT8
+    IR) rounds apart from onnxruntime's INT8 kernels: it may differ from them by twice what INT8
+    changed in onnxruntime (slim -> slim + INT8, relative to the largest |output|), at least 1%."""
+    if not quantization or not quantization.get("steps"):
+        return None
+    return max(2 * quantization["steps"]["quantization"]["max_rel_diff"], 1e-2, 2e-2 if fp16 else 0.0)
 
 
 @dataclass
@@ -300,7 +314,14 @@ def prune(model: onnx.ModelProto | str | os.PathLike, options: PruneOptions | No
     given = _options_given(options, kwargs)
     result, prep = _prune_once(model, options, given)
     if options.probe and result.report.removed_channels:  # nothing removed: the same model, nothing to time
-        result = _never_slower(model, options, given, result, prep)
+        if result.fp32_model is None:
+            result = _never_slower(model, options, given, result, prep)
+        else:  # the slim FP32 model timed for the record; the deployed pair acts: slim + INT8 against INT8 alone
+            found = probe(prep.model, result.fp32_model, probe_inputs(prep.model, prep.input_shapes,
+                                                                      samples=_user_samples(prep)), threads=options.threads)
+            result.report.probe = found.to_dict()
+            result.report.notes.append(found.summary())
+            result = _probe_int8(model, prep, options, result)
     return result
 
 
@@ -408,23 +429,140 @@ def _prune_once(model, options: PruneOptions, given: dict) -> tuple[PruneResult,
             break
         target = max(0.02, target * options.target_latency / (timed[1] / timed[0]))  # aim lower and try again
 
+    quantized = None
+    if options.quantize:  # INT8 after pruning and compensation: the deployed model (quantize.py)
+        quantized = _quantize(prep, pruned, options)
+        seconds["quantize"] = quantized.seconds
+    deployed = pruned if quantized is None else quantized.model
     clock = time.perf_counter()
     pruned_shapes = infer_shapes(pruned, prep.input_shapes, "the pruned model")
     verification, feeds, outputs = None, {}, []
-    if options.verify:
-        verification, feeds, outputs = _verify(prep, pruned, options)
+    what = f"{prep.source} (pruned" + (" + INT8)" if quantized is not None else ")")
+    if options.verify:  # the deployed model against the original: the gates apply to the end result
+        verification, feeds, outputs = _verify(prep, deployed, options, what)
     else:  # the checker runs even without the onnxruntime comparison
-        verify.check_model(pruned, f"{prep.source} (pruned)")
+        verify.check_model(deployed, what)
     seconds["verify"] = time.perf_counter() - clock
     report = Report(
         model=prep.source, output=None, options=resolved, options_given=given,
-        before=before, after=_measure(prep, pruned, pruned_shapes, weight_bytes(pruned), f"{prep.source} (pruned)"),
+        before=before, after=_measure(prep, pruned, pruned_shapes, weight_bytes(deployed), f"{prep.source} (pruned)"),
         verification=verification, surgery=stats, spaces=describe_spaces(prep.analysis, plan),
         notes=prep.notes, seconds=seconds, chosen_channels=plan.chosen, selection=plan.summary())
+    if quantized is not None:
+        report.quantization = _quantization_report(prep, pruned, quantized, verification, feeds, outputs)
     if verification is not None and verification.failed:
-        raise CheckFailed(f"{prep.source} (pruned): the check failed: {verification.failed}; nothing was written. "
+        steps = "" if quantized is None or not report.quantization.get("steps") else \
+            " (" + "; ".join(f"{k}: cosine {m['cosine']:.5f}" for k, m in report.quantization["steps"].items()) + ")"
+        raise CheckFailed(f"{what}: the check failed: {verification.failed}{steps}; nothing was written. "
                           "Lower --ratio or relax the gate", report)
-    return PruneResult(pruned, report, feeds, outputs, reconstruction), prep
+    return PruneResult(deployed, report, feeds, outputs, reconstruction, pruned if quantized is not None else None), prep
+
+
+def _probe_int8(model, prep: _Prepared, options: PruneOptions, result: PruneResult) -> PruneResult:
+    """The probe for the deployed pair: INT8 alone (the original quantized on the same samples)
+    against slim + INT8, at ``--latency-batch``. When slim + INT8 is not faster, the layers it
+    blames are kept whole in a second run (--keep), that run is probed too, and the faster of
+    the two slim + INT8 models is the result (the notes say which, with both times)."""
+    try:
+        # INT8 alone keeps the same nodes in FP32 as slim + INT8 (node names survive pruning): a fair pair
+        alone, _ = int8.quantize_with_fallback(prep.model, prep.calibration.arrays, prep.source,
+                                               verify.static_batch(prep.model), result.report.quantization["excluded_nodes"])
+    except BnSlimError as exc:  # the original will not quantize: nothing to time slim + INT8 against
+        result.report.notes.append(f"INT8 probe skipped: {exc}")
+        return result
+    feeds = probe_inputs(prep.model, prep.input_shapes, batch=options.latency_batch, samples=_user_samples(prep))
+    found = probe(alone.model, result.model, feeds, threads=options.threads)
+    _record_int8_probe(result.report, found, options.latency_batch)
+    layers = {n.name for n in prep.model.graph.node if n.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul")}
+    # onnxruntime names a QDQ group it fused into one INT8 kernel after the layer: '<layer>_token_<n>'
+    names = sorted({re.sub(r"_token_\d+$", "", b.node) for b in found.blame} & layers)
+    if found.faster or not names:
+        if not found.faster:
+            log.warning("%s", result.report.quantization["probe"]["message"])
+        return result
+    try:
+        again = prune(model, replace(options, keep=[*options.keep, *names], probe=False))
+    except BnSlimError as exc:  # the gates or the budget refuse the second run: keep the first
+        result.report.notes.append(f"INT8 probe: keeping {', '.join(names)} whole failed ({exc}); kept the first model")
+        log.warning("%s", result.report.quantization["probe"]["message"])
+        return result
+    second = probe(alone.model, again.model, feeds, threads=options.threads)
+    _record_int8_probe(again.report, second, options.latency_batch)
+    line = (f"INT8 probe: slim + INT8 was not faster than INT8 alone ({found.original_ms:.3f} -> "
+            f"{found.pruned_ms:.3f} ms); keeping {', '.join(names)} whole gave {second.pruned_ms:.3f} ms "
+            f"(INT8 alone {second.original_ms:.3f} ms)")
+    better = second.speedup > found.speedup
+    chosen, other = (again, result) if better else (result, again)
+    chosen.report.notes.append(line + ("; wrote that one" if better else "; kept the first, it was faster"))
+    chosen.report.quantization["probe_retry"] = {"kept_whole": names, "first": found.to_dict(), "second": second.to_dict(),
+                                                 "chose": "second" if better else "first"}
+    if not (second if better else found).faster:
+        log.warning("%s", chosen.report.quantization["probe"]["message"])
+    return chosen
+
+
+def _record_int8_probe(report: Report, found, batch: int) -> None:
+    """The INT8 pair's probe in the report: its numbers, one note, and the warning's text."""
+    summary = (f"INT8 probe (onnxruntime, batch {batch}): slim + INT8 ran "
+               f"{'%.2fx faster than' % found.speedup if found.faster else 'at %.2fx the speed of' % found.speedup} "
+               f"INT8 alone ({found.original_ms:.3f} -> "
+               f"{found.pruned_ms:.3f} ms, {found.runs} alternating runs)")
+    blamed = ", ".join(f"{b.node} ({b.original_ms:.3f} -> {b.pruned_ms:.3f} ms)" for b in found.blame[:3])
+    message = (f"slim + INT8 is not faster than INT8 alone in onnxruntime ({found.original_ms:.3f} -> "
+               f"{found.pruned_ms:.3f} ms)" + (f"; slower layers: {blamed}" if blamed else "")
+               + "; try --round-to 32 or keep those layers (--keep)")
+    report.quantization["probe"] = {**found.to_dict(), "batch": batch, "message": None if found.faster else message}
+    report.notes.append(summary)
+
+
+def _quantize(prep: _Prepared, pruned: onnx.ModelProto, options: PruneOptions) -> int8.Quantized:
+    """The pruned model in INT8, calibrated on the calibration share of the data (split from the
+    check's here when no earlier stage split it); refused when the two cannot be kept apart."""
+    if prep.check is None:
+        raise BnSlimError(f"{prep.source}: {int8.NEEDS_DATA}")
+    if prep.calibration is None:
+        prep.calibration, prep.check, note = data.split(prep.check, options.calibration_samples)
+        prep.calibration_count = prep.calibration.count
+        prep.notes.extend([note] if note else [])
+    if prep.calibration is prep.check:
+        raise BnSlimError(f"{prep.source}: --quantize int8 calibrates on samples the check does not use, but "
+                          f"{prep.check.source} has only {prep.check.count}; pass more samples (64 or more) or "
+                          "--calibration-samples N to split them")
+    quantized, found = int8.quantize_with_fallback(pruned, prep.calibration.arrays, f"{prep.source} (pruned)",
+                                                   verify.static_batch(prep.model), options.int8_fp32)
+    s = quantized.settings
+    prep.notes.append(f"quantized to INT8 ({s.format}, {s.weights} per-channel weights, {s.activations} activations: "
+                      f"{s.reason}) with {s.calibration} ranges on {prep.calibration.describe()}, "
+                      f"in {quantized.seconds:.1f} s")
+    if found is not None and found.chosen:
+        prep.notes.append(f"kept in FP32, their quantization dominating the INT8 error: {', '.join(found.chosen)} "
+                          f"(relative error against the FP32 model on {found.samples} calibration samples "
+                          f"{found.error:.3g} -> {found.error_after:.3g})")
+    quantized.sensitivity = found
+    return quantized
+
+
+def _quantization_report(prep: _Prepared, pruned: onnx.ModelProto, quantized: int8.Quantized, verification,
+                         feeds: dict, outputs: list) -> dict:
+    """How the model was quantized, and the check's two steps apart (on the same check samples):
+    original -> slim (what pruning cost), slim -> INT8 (what quantization cost), and the total."""
+    found = quantized.sensitivity
+    out = {"settings": quantized.settings.to_dict(), "calibration_samples": quantized.calibration_samples,
+           "excluded_nodes": quantized.excluded, "sensitivity": None if found is None else found.to_dict(), "steps": {}}
+    if verification is None:
+        return out
+    names = [o.name for o in prep.model.graph.output]
+    batch, count = verify.static_batch(prep.model), verification.samples
+    original = verify.run(prep.session or verify.session(prep.model, prep.source), feeds, batch, names)
+    slim = verify.run(verify.session(pruned, f"{prep.source} (pruned)"), feeds, batch, names)
+    deployed = verify.first_samples(outputs, count, verify.count(feeds))
+    original, slim = (verify.first_samples(o, count, verify.count(feeds)) for o in (original, slim))
+    described = verification.inputs
+    pruning = verify.compare(prep.model, names, original, slim, count, described, f"{prep.source} (pruned)")
+    quantization = verify.compare(prep.model, names, slim, deployed, count, described, f"{prep.source} (INT8)")
+    out["steps"] = {"pruning": int8.step_metrics(pruning), "quantization": int8.step_metrics(quantization),
+                    "total": int8.step_metrics(verification)}
+    return out
 
 
 def _latency_table(prep: _Prepared, options: PruneOptions) -> dict:
@@ -529,11 +667,11 @@ def _add_metadata(pruned: onnx.ModelProto, original: onnx.ModelProto, metadata: 
             return
 
 
-def _verify(prep: _Prepared, pruned: onnx.ModelProto, options: PruneOptions):
+def _verify(prep: _Prepared, pruned: onnx.ModelProto, options: PruneOptions, what: str | None = None):
     """The check (verify's module doc): checker, then both models in onnxruntime on the check's
     samples (the data's check share, else seeded N(0,1) samples), compared output by output and
     gated. A failed gate is recorded in ``failed``; :func:`prune` raises after building the report."""
-    what = f"{prep.source} (pruned)"
+    what = what or f"{prep.source} (pruned)"
     verify.check_model(pruned, what)
     batch = verify.static_batch(prep.model)
     notes = []
@@ -559,7 +697,7 @@ def _verify(prep: _Prepared, pruned: onnx.ModelProto, options: PruneOptions):
         raise BnSlimError(f"{prep.source}: onnxruntime fails on the check's seeded N(0,1) inputs "
                           f"({str(exc).splitlines()[0][:200]}): this model needs real inputs; pass them with --data") from exc
     padded = verify.pad(feeds, batch)  # whole batches, for the OpenVINO check too
-    after_padded = verify.run(verify.session(pruned, what), padded, batch, names)
+    after_padded = verify.run(verify.session(pruned, what, optimized=int8.is_quantized(pruned)), padded, batch, names)
     after = verify.first_samples(after_padded, count, verify.count(padded))
     result = verify.compare(prep.model, names, before, after, count, described, what)
     result.random, result.calibration_samples = prep.check is None, prep.calibration_count

@@ -567,3 +567,121 @@ def time_pair(original: onnx.ModelProto, pruned: onnx.ModelProto, runtime: str, 
         runners = [_RUNNERS[runtime](first, threads), _RUNNERS[runtime](second, threads)]
         times = _alternate(runners, feeds, warmup, runs)
     return float(np.median(times[0]) * 1e3), float(np.median(times[1]) * 1e3)
+
+
+# ---------------------------------------------------------------------------------------------
+# the four-way table: FP32, slim, INT8 alone, slim + INT8 (bench --quantize int8)
+
+FOUR_WAY = ("fp32", "slim", "int8", "slim_int8")  # the models, in the table's order
+SLOWER = 0.97  # slim + INT8 / INT8 alone below this: slower beyond the noise of one bench run
+FOUR_WAY_LABELS = {"fp32": "FP32", "slim": "Slim", "int8": "INT8", "slim_int8": "Slim + INT8"}
+
+
+@dataclass
+class FourWayRow:
+    runtime: str
+    batch: int
+    times: dict[str, Timing]  # FOUR_WAY key -> timing
+    ideal: float  # MACs(FP32) / MACs(slim): what the slim column may reach
+
+    def speedup(self, key: str) -> float:
+        """Over the FP32 original."""
+        return self.times["fp32"].median_ms / self.times[key].median_ms
+
+    @property
+    def pruning_gain_in_int8(self) -> float:
+        """INT8 alone / slim + INT8: what pruning still buys once quantized (> 1: faster)."""
+        return self.times["int8"].median_ms / self.times["slim_int8"].median_ms
+
+    def to_dict(self) -> dict:
+        return {"runtime": self.runtime, "batch": self.batch, "ideal": self.ideal,
+                "times": {k: asdict(t) for k, t in self.times.items()},
+                "speedup": {k: self.speedup(k) for k in self.times}, "pruning_gain_in_int8": self.pruning_gain_in_int8}
+
+
+@dataclass
+class FourWayResult:
+    models: dict[str, str]  # FOUR_WAY key -> path timed
+    threads: int
+    runs: int
+    rounds: int
+    rows: list[FourWayRow] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {"models": self.models, "threads": self.threads, "runs": self.runs, "rounds": self.rounds,
+                "rows": [r.to_dict() for r in self.rows], "notes": self.notes}
+
+    def table(self, markdown: bool = False) -> str:
+        head = ("Runtime", "Batch", *(f"{FOUR_WAY_LABELS[k]} ms" for k in FOUR_WAY), "Slim ideal (MACs)",
+                "Slim+INT8 vs INT8")
+        body = []
+        for r in self.rows:
+            cells = [f"{r.times['fp32'].median_ms:.3f}"]
+            cells += [f"{r.times[k].median_ms:.3f} ({r.speedup(k):.2f}x)" for k in FOUR_WAY[1:]]
+            body.append((r.runtime, str(r.batch), *cells, f"{r.ideal:.2f}x", f"{r.pruning_gain_in_int8:.2f}x"))
+        if markdown:
+            lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+            lines += ["| " + " | ".join(row) + " |" for row in body]
+            lines += [""] if self.notes else []
+        else:
+            lines = grid(head, body)
+        lines += [f"Note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+def benchmark_four_way(paths: dict[str, str | os.PathLike], batches: tuple[int, ...] = (1, 32),
+                       threads: int | None = None, runs: int = 30, warmup: int = 5,
+                       runtimes: tuple[str, ...] = ("onnxruntime",), input_shapes: dict[str, list[int]] | None = None,
+                       progress: bool = False, rounds: int = 4, stream: TextIO | None = None,
+                       min_seconds: float = 0.0) -> FourWayResult:
+    """Time the four models of :data:`FOUR_WAY` as :func:`benchmark` times two: one runtime per
+    round (its sessions released before the next), the models alternating within a round
+    (A B C D, D C B A, ...), the first slot passed on from round to round, medians over all runs."""
+    threads = threads or os.cpu_count() or 1
+    missing = [k for k in FOUR_WAY if k not in paths]
+    if missing:
+        raise ValueError(f"benchmark_four_way needs the models {', '.join(missing)}")
+    files = [Path(paths[k]) for k in FOUR_WAY]
+    models = [load_model(p) for p in files]
+    for k, model in zip(FOUR_WAY[1:], models[1:]):
+        check_same_interface(models[0], model, (str(files[0]), str(paths[k])))
+    if runs < 1 or warmup < 0 or rounds < 1:
+        raise BnSlimError("--runs and --rounds must be at least 1 and --warmup at least 0")
+    notes: list[str] = []
+    runtimes = _runtimes(tuple(runtimes), notes)
+    rounds = min(rounds, runs)
+    per_round = -(-runs // rounds)
+    ideal = _mac_ratio(models[:2], input_shapes or {}, str(files[0]))
+    feeds = {b: _feeds(models[0], input_shapes or {}, b, str(files[0])) for b in batches}
+    for b, f in feeds.items():
+        if f is None:
+            notes.append(f"batch {b} skipped: the model's batch size is fixed at {static_batch(models[0])}")
+    batches = tuple(b for b in batches if feeds[b] is not None)
+    del models
+    n = len(files)
+    times = {(rt, b): [[] for _ in files] for rt in runtimes for b in batches}
+    bar = _Progress(rounds * len(runtimes), progress, stream)
+    for r in range(rounds):
+        for runtime in runtimes:
+            order = [(r + k) % n for k in range(n)]  # model r % n goes first in round r
+            runners = [_RUNNERS[runtime](files[k], threads) for k in order]
+            for batch in batches:
+                slots = _alternate(runners, feeds[batch], warmup, per_round, min_seconds)
+                for slot, k in enumerate(order):
+                    times[runtime, batch][k].extend(slots[slot])
+            del runners
+            gc.collect()
+            bar.step(f"round {r + 1}/{rounds} {runtime} batch {', '.join(map(str, batches))}")
+    bar.close()
+    result = FourWayResult({k: str(paths[k]) for k in FOUR_WAY}, threads, per_round * rounds, rounds, notes=notes)
+    for runtime in runtimes:
+        for batch in batches:
+            got = times[runtime, batch]
+            result.rows.append(FourWayRow(runtime, batch, {k: Timing.of(got[i]) for i, k in enumerate(FOUR_WAY)}, ideal))
+    slower = [f"{r.runtime} batch {r.batch} ({r.pruning_gain_in_int8:.2f}x)" for r in result.rows
+              if r.pruning_gain_in_int8 < SLOWER]
+    if slower:
+        notes.append(f"slim + INT8 is slower than INT8 alone (by more than {1 - SLOWER:.0%}) in {', '.join(slower)}: the pruned widths do not suit "
+                     "the INT8 kernels; prune again with --round-to 16 (or 32), or keep the slowed layers (--keep)")
+    return result

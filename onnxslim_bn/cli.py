@@ -12,13 +12,14 @@ import argparse
 import gc
 import logging
 import sys
+import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
 
 from . import __version__
 from .api import inspect, prune, to_openvino
-from .bench import RUNTIMES, benchmark
+from .bench import RUNTIMES, benchmark, benchmark_four_way
 from .errors import BnSlimError, CheckFailed
 from .histogram import ascii_histogram, plot_histogram, require_matplotlib
 from .histogram import summary as score_summary
@@ -27,6 +28,8 @@ from .openvino_ir import INSTALL_HINT as OPENVINO_HINT
 from .openvino_ir import available as openvino_available
 from .openvino_ir import require as require_openvino
 from .plan import PruneOptions
+from .quantize import MODES as QUANTIZE_MODES
+from .quantize import quantize_files
 from .report import coverage, dumps, envelope, export_widths, inspect_table
 from .shapes import parse_input_shapes
 from .sweep import plot_sweep, sweep
@@ -160,9 +163,23 @@ def _prune_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--export-widths", metavar="PATH",
                         help="write per layer the weight name, original and kept width and the kept channel "
                              "indices as JSON, to rebuild the pruned model in the training code")
+    _quantize_flag(parser)
     parser.add_argument("--openvino", metavar="OUT_DIR", help="also write OpenVINO IR here, checked against onnxruntime")
     parser.add_argument("--fp16", action="store_true", help="with --openvino: compress the IR weights to FP16")
     return parser
+
+
+def _quantize_flag(parser: argparse.ArgumentParser) -> None:
+    """--quantize (onnxslim_bn.quantize)."""
+    parser.add_argument("--quantize", choices=QUANTIZE_MODES, metavar="int8",
+                        help="after pruning, quantize to INT8 (onnxruntime QDQ, per-channel int8 weights, uint8 "
+                             "activations on x86) calibrated on the calibration share of --data (needed); the check "
+                             "then compares the INT8 model with the FP32 original and reports each step "
+                             "(default output <model>.slim.int8.onnx)")
+    parser.add_argument("--int8-fp32", default="auto", metavar="auto|N",
+                        help="with --quantize: keep at most N nodes in FP32 where their quantization dominates the "
+                             "INT8 error, measured node by node against the FP32 model on calibration samples "
+                             "(default auto: up to 4, only while one removes at least a fifth of the error; 0: none)")
 
 
 INSPECT_HELP = "Show the channel spaces of a model, their scale statistics, and why any are blocked."
@@ -202,11 +219,19 @@ def _bench_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="fix dynamic non-batch dims, one input per flag")
     parser.add_argument("--data", metavar="PATH",
                         help="time on these inputs instead of seeded random ones (the forms prune --data reads; "
-                             "the first samples make each batch): needed for models with integer inputs")
+                             "the first samples make each batch): needed for models with integer inputs; "
+                             "with --quantize also the INT8 models' calibration samples")
     parser.add_argument("--preprocess", action="append", metavar="KEY=VALUE",
                         help="for a --data folder of images, as in prune")
     parser.add_argument("--json", metavar="PATH", help="also write the result as JSON to PATH ('-' for stdout)")
     parser.add_argument("--markdown", action="store_true", help="print a Markdown table")
+    parser.add_argument("--quantize", choices=QUANTIZE_MODES, metavar="int8",
+                        help="the four-way table: FP32, slim, INT8 alone and slim + INT8, both FP32 models quantized "
+                             "here as prune --quantize does, on the calibration share of --data (needed)")
+    parser.add_argument("--calibration-samples", type=int, metavar="N",
+                        help="with --quantize: the first N samples of --data calibrate (default: the first half, as prune)")
+    parser.add_argument("--int8-fp32", default="auto", metavar="auto|N",
+                        help="with --quantize: nodes kept in FP32 by sensitivity, as prune --int8-fp32")
     return parser
 
 
@@ -226,6 +251,7 @@ def _sweep_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     how.add_argument("--target-params", type=_number_list(float), action="extend",
                      help="or: fractions of the layer parameters to keep, comma-separated")
     _data_flags(parser)  # calibration and the check at every budget
+    _quantize_flag(parser)
     parser.add_argument("--latency", action="store_true",
                         help="also time each pruned model against the original (onnxruntime, batch 1, alternating "
                              "runs, spinning off) and list the speed-up")
@@ -304,6 +330,8 @@ def run_bench(args: argparse.Namespace) -> int:
         raise BnSlimError(f"--threads {args.threads} must be at least 1")
     _json_target(args)
     check_run_files([args.original, args.pruned], {"--json": args.json}, args.data)
+    if args.quantize:
+        return _run_bench_four_way(args, say, runtimes)
     result = benchmark(args.original, args.pruned, tuple(args.batch or (1, 32)), args.threads, args.runs, args.warmup,
                        tuple(runtimes), parse_input_shapes(_shape_specs(args.input_shapes)),
                        progress=not say.quiet,  # a bar on a terminal, a line per round elsewhere
@@ -317,10 +345,33 @@ def run_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def _output_path(model: str, output: str | None) -> Path:
-    """-o, or <model>.slim.onnx beside the input; checked against the input by check_run_files."""
+def _run_bench_four_way(args: argparse.Namespace, say: _Say, runtimes: list[str]) -> int:
+    """bench --quantize int8: both FP32 models quantized on --data, then the four timed side by side."""
+    shapes = parse_input_shapes(_shape_specs(args.input_shapes))
+    with tempfile.TemporaryDirectory(prefix="onnx-bnslim-bench-") as tmp:
+        # slim + INT8 first; INT8 alone then keeps the same nodes in FP32 (names survive pruning): a fair pair
+        slim, described, kept = quantize_files({"slim_int8": args.pruned}, args.data, tmp, shapes, _preprocess(args),
+                                               args.calibration_samples, args.int8_fp32)
+        alone, _, _ = quantize_files({"int8": args.original}, args.data, tmp, shapes, _preprocess(args),
+                                     args.calibration_samples, kept["slim_int8"])
+        paths = {"fp32": args.original, "slim": args.pruned, **alone, **slim}
+        result = benchmark_four_way(paths, tuple(args.batch or (1, 32)), args.threads, args.runs, args.warmup,
+                                    tuple(runtimes), shapes, progress=not say.quiet)
+    result.models.update({"int8": f"{args.original} quantized", "slim_int8": f"{args.pruned} quantized"})
+    result.notes.insert(0, f"INT8 models quantized here on {described}"
+                        + (f"; kept in FP32 in both: {', '.join(kept['slim_int8'])}" if kept["slim_int8"] else ""))
+    say(f"onnx-bnslim bench: {args.original} vs {args.pruned}, FP32 and INT8, {result.threads} threads, "
+        f"{result.runs} interleaved runs each; median ms (speed-up over FP32)")
+    say(result.table(markdown=args.markdown))
+    _write_json(args.json, envelope("bench", result.to_dict()))
+    return 0
+
+
+def _output_path(model: str, output: str | None, quantize: str | None = None) -> Path:
+    """-o, or <model>.slim.onnx (<model>.slim.int8.onnx with --quantize int8) beside the input;
+    checked against the input by check_run_files."""
     src = Path(model)
-    return Path(output) if output else src.with_name(src.stem + ".slim.onnx")
+    return Path(output) if output else src.with_name(src.stem + (f".slim.{quantize}" if quantize else ".slim") + ".onnx")
 
 
 def _check_folder(path: Path, flag: str) -> None:
@@ -338,7 +389,7 @@ def run_prune(args: argparse.Namespace) -> int:
     say = _Say(args)
     if args.openvino:
         require_openvino("--openvino")
-    out = _output_path(args.model, args.output)
+    out = _output_path(args.model, args.output, args.quantize)
     _json_target(args)
     if args.export_widths:
         _check_folder(Path(args.export_widths), "--export-widths")
@@ -352,7 +403,8 @@ def run_prune(args: argparse.Namespace) -> int:
                        max_error=args.max_error, verify=not args.no_verify, exact_borders=args.exact_borders,
                        allow_growth=args.allow_growth,
                        compensation=args.compensation, preprocess=_preprocess(args), calibration_samples=args.calibration_samples,
-                       check_samples=args.check_samples, max_rel_error=args.max_rel_error, min_cosine=args.min_cosine)
+                       check_samples=args.check_samples, max_rel_error=args.max_rel_error, min_cosine=args.min_cosine,
+                       quantize=args.quantize, int8_fp32=args.int8_fp32)
     if args.fp16 and not args.openvino:
         raise BnSlimError("--fp16 applies to the OpenVINO IR: add --openvino OUT_DIR")
     if args.openvino and args.no_verify:
@@ -410,7 +462,8 @@ def run_inspect(args: argparse.Namespace) -> int:
 def run_sweep(args: argparse.Namespace) -> int:
     say = _Say(args)
     _plot_and_json_first(args)
-    options = _options(args, data=args.data, preprocess=_preprocess(args), exact_borders=args.exact_borders)
+    options = _options(args, data=args.data, preprocess=_preprocess(args), exact_borders=args.exact_borders,
+                       quantize=args.quantize, int8_fp32=args.int8_fp32)
     flag, budget = next(((f, b) for f, b in (("thresholds", "threshold"), ("target_macs", "target_macs"),
                                              ("target_params", "target_params")) if getattr(args, f)), ("ratios", "ratio"))
     result = sweep(args.model, options, budget, getattr(args, flag), latency=args.latency)

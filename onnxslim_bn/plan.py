@@ -12,6 +12,8 @@ import numpy as np
 from .analysis import Analysis, Layout, Segment
 from .errors import BnSlimError
 from .hardware import group_width, resolve_round_to, round_up_width, round_width, round_widths
+from .quantize import MODES as QUANTIZE_MODES
+from .quantize import NEEDS_DATA as QUANTIZE_NEEDS_DATA
 
 
 @dataclass
@@ -57,6 +59,10 @@ class PruneOptions:
     # the next layers on calibration data (reconstruct.py), "auto": reconstruct when data is given
     compensation: str = "auto"
     allow_growth: bool = False  # accept weights >10% over the input's (shared weights sliced per reader)
+    quantize: str | None = None  # "int8": quantize the pruned model (quantize.py), calibrated on --data
+    # with quantize: at most this many nodes kept in FP32 where their quantization dominates the
+    # error (quantize.sensitivity); "auto": up to quantize.MAX_FP32, 0: none
+    int8_fp32: int | str = "auto"
 
     def validate(self) -> None:
         given = [v is not None for v in (self.ratio, self.threshold, self.target_macs, self.target_params,
@@ -97,6 +103,12 @@ class PruneOptions:
             raise BnSlimError("--preprocess applies to a folder of images: add --data IMAGE_FOLDER")
         if self.compensation not in ("auto", "bias", "reconstruct"):
             raise BnSlimError(f"--compensation {self.compensation!r}: choose auto, bias or reconstruct")
+        if self.quantize is not None and self.quantize not in QUANTIZE_MODES:  # quantize.py: INT8 after pruning
+            raise BnSlimError(f"--quantize {self.quantize!r}: choose {', '.join(QUANTIZE_MODES)}")
+        if self.quantize is not None and self.data is None:
+            raise BnSlimError(QUANTIZE_NEEDS_DATA)
+        if self.int8_fp32 != "auto" and not (str(self.int8_fp32).isdigit()):
+            raise BnSlimError(f"--int8-fp32 {self.int8_fp32!r}: pass auto or a count of nodes (0 for none)")
 
     def block(self) -> int:
         """The width multiple kept widths are rounded to (``round_to``, resolved)."""

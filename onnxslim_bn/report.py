@@ -253,6 +253,8 @@ class Report:
     selection: dict = field(default_factory=dict)  # Plan.summary(): live channels removed, what was kept and why
     probe: dict | None = None  # bench.ProbeResult.to_dict() when the run timed original and pruned
     options_given: dict = field(default_factory=dict)  # what the caller set; ``options`` is every option as resolved
+    # --quantize: settings, calibration samples, FP32-kept nodes and the check's steps (api._quantization_report)
+    quantization: dict | None = None
 
     @property
     def removed_channels(self) -> int:
@@ -273,6 +275,7 @@ class Report:
             "compensation": asdict(self.surgery), "coverage": coverage(self.spaces),
             "spaces": [asdict(s) for s in self.spaces], "notes": self.notes, "seconds": self.seconds,
             "openvino": None if self.openvino is None else self.openvino.to_dict(),
+            "quantization": self.quantization,
         })
 
     def to_json(self) -> str:
@@ -312,14 +315,34 @@ class Report:
             lines.append(f"{self.surgery.uncompensated_channels} removed channels carry no known constant value.")
         if self.verification is not None:
             lines.extend(check_lines(self.verification))
+        if self.quantization is not None:
+            lines.extend(quantization_lines(self.quantization))
         if self.openvino is not None:
             ov = self.openvino
-            lines.append(f"OpenVINO IR ({'FP16' if ov.fp16 else 'FP32'}): {ov.xml}; max |diff| vs onnxruntime {ov.max_abs_diff:.3g}")
+            kind = "INT8" if self.quantization is not None else "FP16" if ov.fp16 else "FP32"
+            lines.append(f"OpenVINO IR ({kind}): {ov.xml}; max |diff| vs onnxruntime {ov.max_abs_diff:.3g}")
         lines.extend(f"Note: {n}" for n in self.notes)
         if verbose:
             lines.append("")
             lines.extend(layer_table(self.before, self.after))
         return "\n".join(lines)
+
+
+def quantization_lines(q: dict) -> list[str]:
+    """The INT8 step: how, and what each step of the pipeline cost on the check samples."""
+    s = q["settings"]
+    lines = [f"INT8 ({s['format']}, {s['weights']} per-channel weights, {s['activations']} activations, "
+             f"{s['calibration']} on {q['calibration_samples']} calibration samples"
+             + (f", {len(q['excluded_nodes'])} nodes kept in FP32" if q["excluded_nodes"] else "")
+             + "); the check above compares the deployed INT8 model with the FP32 original. Step by step:"]
+    for key, label in (("pruning", "original -> slim (FP32)"), ("quantization", "slim -> slim + INT8"),
+                       ("total", "original -> slim + INT8")):
+        m = q["steps"].get(key)
+        if m is None:
+            continue
+        agree = "" if m["top1_agreement"] is None else f"top-1 agreement {m['top1_agreement']:.1%}, "
+        lines.append(f"  {label}: {agree}cosine {m['cosine']:.5f}, max rel. error {m['max_rel_diff']:.3g}")
+    return lines
 
 
 def selection_lines(sel: dict, chosen: int, removed: int, options: dict) -> list[str]:

@@ -126,7 +126,8 @@ def sweep(model: str | os.PathLike | onnx.ModelProto, options: PruneOptions, bud
 
             point.speedup = probe(proto, run.model, probe_inputs(proto, options.input_shapes, samples=samples),
                                   threads=options.threads, profile_runs=1).speedup
-        result.inputs = v.inputs
+        result.inputs = v.inputs + ("; every budget's model quantized to INT8 (--quantize) and compared, so "
+                                    "quantized, with the FP32 original" if options.quantize else "")
         points.append(point)
     if result is None:
         raise BnSlimError(f"{source}: no budget could be pruned; the first failed with: {points[0].error}")

@@ -114,17 +114,20 @@ class Verification:
                 "cosine": self.cosine, "top1_agreement": self.top1_agreement}
 
 
-def session(model: onnx.ModelProto, what: str, extra_outputs: list[str] = ()):
+def session(model: onnx.ModelProto, what: str, extra_outputs: list[str] = (), optimized: bool = False):
     """An onnxruntime CPU session for a model held in memory, with intermediate tensors as
     ``extra_outputs`` if asked (the model is left exactly as it was).
 
     Graph optimizations are off: the check runs the graph as written, and on a 1 GB model
-    onnxruntime's optimizer alone costs 9 s and 3 GB (bench uses full optimizations)."""
+    onnxruntime's optimizer alone costs 9 s and 3 GB (bench uses full optimizations).
+    ``optimized``: all of them on, as deployed: an INT8 QDQ model then runs onnxruntime's INT8
+    kernels (the QDQ pairs fused away), not its float simulation."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimized else \
+        ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     known = {o.name for o in model.graph.output}
     added = [onnx.helper.make_empty_tensor_value_info(n) for n in extra_outputs if n not in known]
     model.graph.output.extend(added)

@@ -18,7 +18,7 @@ from onnxslim_bn.bench import benchmark
 from onnxslim_bn.cli import main
 from onnxslim_bn.openvino_ir import OpenVinoResult
 from onnxslim_bn.report import SCHEMA_VERSION, envelope, export_widths
-from tests.fixtures import path
+from tests.fixtures import heldout, path
 
 STORED = Path(__file__).with_name("report_schema.json")
 # maps keyed by data (op types, node names, input names, codes, reasons, timings, the options a
@@ -48,6 +48,12 @@ def documents(tmp: Path) -> dict[str, dict]:
     model = str(path("vgg"))
     result = onnxslim_bn.prune(model, ratio=0.3)
     result.report.openvino = OpenVinoResult("ir/vgg.xml", False, 0.0, 1.0, True)  # the part --openvino adds
+    # the part --quantize int8 adds, with the sensitivity search's findings (densenet: INT8 error well above
+    # quantize.SMALL_ERROR, so the per-node list is filled)
+    int8 = onnxslim_bn.prune(str(path("densenet")), threshold=1e-3, quantize="int8",
+                             data={"input": heldout()[0][:128]}, compensation="bias")
+    assert int8.report.quantization["sensitivity"]["most_sensitive"]
+    result.report.quantization = int8.report.quantization
     result.report.output = str(tmp / "vgg.slim.onnx")
     onnxslim_bn.save_model(result.model, tmp / "vgg.slim.onnx")
     docs = {"prune": result.report.to_dict(), "widths": export_widths(result.report)}
