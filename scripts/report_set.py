@@ -110,10 +110,10 @@ SETS = {
         sparse_seeds={"resnet": 7201, "semobilenet": 7202, "vgg": 7203, "concat": 7204},
         ordinary_seeds=(7301, 7302, 7303),
         widths={
-            "resnet": (20, 36, 56),
-            "semobilenet": (12, 32, 48, 112),
-            "vgg": (32, 48, 80, 128),
-            "concat": (24, 16, 28),
+            "resnet": (12, 24, 40),
+            "semobilenet": (12, 20, 36, 80),
+            "vgg": (20, 32, 56, 80),
+            "concat": (16, 10, 16),
         },
     ),
 }
@@ -466,7 +466,7 @@ def _run_one(run: Run, src: Path, python: str, x: np.ndarray, y: np.ndarray, ref
         out, report = Path(tmp) / "slim.onnx", Path(tmp) / "report.json"
         cmd = [python, "-m", "onnxslim_bn", "prune", str(src), *run.args, "-o", str(out), "--report", str(report), "-q"]
         start = time.perf_counter()
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp)  # cwd: PYTHONPATH decides the checkout
         run.seconds = round(time.perf_counter() - start, 1)
         run.exit_code = proc.returncode
         run.error = (proc.stderr.strip().splitlines() or [""])[-1][:300] if proc.returncode else ""
@@ -580,6 +580,21 @@ def _print_ordinary(runs: list[Run], budgets: list[float]) -> None:
             print(f"- {r.model} {r.export} {r.setting}: exit {r.exit_code}: {r.error}")
 
 
+def _origin(python: str) -> str:
+    """The checkout the subprocesses import (from a neutral cwd, as they run), with its commit."""
+    with tempfile.TemporaryDirectory() as tmp:
+        found = subprocess.run([python, "-c", "import onnxslim_bn, pathlib; print(pathlib.Path(onnxslim_bn.__file__).parent.parent)"],
+                               capture_output=True, text=True, cwd=tmp)
+    if found.returncode:
+        return "(onnxslim_bn not importable)"
+    root = found.stdout.strip()
+    head = subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "--", "onnxslim_bn"], capture_output=True, text=True)
+    if head.returncode:
+        return root
+    return f"{root} at {head.stdout.strip()}" + (" with uncommitted changes in onnxslim_bn/" if dirty.stdout.strip() else "")
+
+
 def measure(args: argparse.Namespace) -> None:
     folder = Path(args.dir)
     manifest = json.loads((folder / "manifest.json").read_text())
@@ -598,13 +613,7 @@ def measure(args: argparse.Namespace) -> None:
         key = (r.model, r.export)
         if key not in references:
             references[key] = logits(folder / manifest["models"][r.model]["files"][r.export], x).argmax(1)
-    try:
-        import onnxslim_bn
-
-        origin = str(Path(onnxslim_bn.__file__).resolve().parent.parent)
-    except ImportError:
-        origin = "(onnxslim_bn not importable here)"
-    print(f"# {manifest['set']} set, {args.mode}: {len(runs)} runs of `python -m onnxslim_bn prune` from {origin}"
+    print(f"# {manifest['set']} set, {args.mode}: {len(runs)} runs of `python -m onnxslim_bn prune` from {_origin(args.python)}"
           + (f", extra args `{shlex.join(extra)}`" if extra else ""), flush=True)
 
     def one(r: Run) -> Run:
