@@ -459,6 +459,7 @@ class Run:
     check_cosine: float | None = None
     probe_speedup: float | None = None
     seconds: float | None = None
+    ranked_dead: str = ""  # sparse: "dead/ranked" channels as the checkout's inspect scores them
 
 
 def _run_one(run: Run, src: Path, python: str, x: np.ndarray, y: np.ndarray, reference: np.ndarray) -> Run:
@@ -500,17 +501,33 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
 
 
-def _sparse_runs(manifest: dict, extra: list[str]) -> list[Run]:
+def ranked_dead(python: str, src: Path) -> tuple[int, int]:
+    """(dead, ranked): the channels the checkout ranks (unblocked spaces) and those scored below DEAD.
+
+    The BN dead fraction of the manifest counts every BN; a residual group is removable only where
+    all its BNs are dead, so the fraction that ``--ratio`` can reach without a live channel is this one.
+    """
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "inspect.json"
+        subprocess.run([python, "-m", "onnxslim_bn", "inspect", str(src), "--json", str(out), "-q"],
+                       capture_output=True, text=True, cwd=tmp, check=True)
+        spaces = json.loads(out.read_text())["spaces"]
+    scores = [x for sp in spaces if sp.get("blocked") is None for x in (sp.get("scores") or [])]
+    return sum(x < DEAD for x in scores), len(scores)
+
+
+def _sparse_runs(manifest: dict, folder: Path, python: str, extra: list[str]) -> list[Run]:
     runs = []
     for name, info in manifest["models"].items():
         if info["kind"] != "sparse":
             continue
-        dead = info["dead_fraction"]
-        settings = [(f"ratio {dead / 2:.3f} (dead/2)", ["--ratio", f"{dead / 2:.4f}"]),
-                    (f"ratio {dead:.3f} (dead)", ["--ratio", f"{dead:.4f}"]),
-                    ("threshold 1e-3", ["--threshold", "1e-3"])]
         for export in EXPORTS:
-            runs += [Run(name, export, s, a + extra) for s, a in settings]
+            dead, ranked = ranked_dead(python, folder / info["files"][export])
+            frac = dead / ranked
+            settings = [(f"ratio {frac / 2:.3f} (dead/2)", ["--ratio", f"{frac / 2:.4f}"]),
+                        (f"ratio {frac:.3f} (dead)", ["--ratio", f"{frac:.4f}"]),
+                        ("threshold 1e-3", ["--threshold", "1e-3"])]
+            runs += [Run(name, export, s, a + extra, ranked_dead=f"{dead}/{ranked}") for s, a in settings]
     return runs
 
 
@@ -530,12 +547,12 @@ def _print_sparse(runs: list[Run], manifest: dict) -> None:
     for r in runs:
         info = manifest["models"][r.model]
         rows.append([
-            r.model, r.export, f"{100 * info['dead_fraction']:.1f}%", r.setting, str(r.exit_code),
+            r.model, r.export, f"{100 * info['dead_fraction']:.1f}%", r.ranked_dead, r.setting, str(r.exit_code),
             _pct(r.accuracy_before), _pct(r.accuracy_after), _pct(r.agreement),
             "—" if r.macs_kept is None else f"{r.macs_kept:.3f}",
             "—" if r.live_removed is None else str(r.live_removed),
         ])
-    print(_table(["model", "export", "dead", "setting", "exit", "acc before", "acc after", "agreement %",
+    print(_table(["model", "export", "BN dead", "ranked dead", "setting", "exit", "acc before", "acc after", "agreement %",
                   "MACs kept", "live removed"], rows))
     faithful = [r for r in runs if r.agreement is not None and r.agreement >= 0.995]
     print(f"\n{len(faithful)} of {len(runs)} runs keep held-out agreement >= 99.5% (exit 0 and written).")
@@ -603,7 +620,7 @@ def measure(args: argparse.Namespace) -> None:
     extra = list(args.tool_args or [])
     budgets = [float(b) for b in args.budgets]
     if args.mode == "sparse":
-        runs = _sparse_runs(manifest, extra)
+        runs = _sparse_runs(manifest, folder, args.python, extra)
     else:
         runs = _ordinary_runs(manifest, folder / "calib.npz", extra, budgets)
     if args.models:
