@@ -619,6 +619,11 @@ def measure(args: argparse.Namespace) -> None:
     x, y = held["input"].astype(np.float32), held["label"]
     extra = list(args.tool_args or [])
     budgets = [float(b) for b in args.budgets]
+    if args.peer:
+        results = measure_peer(args, folder, manifest, x, y)
+        if args.json:
+            Path(args.json).write_text(json.dumps(results, indent=1) + "\n")
+        return
     if args.mode == "sparse":
         runs = _sparse_runs(manifest, folder, args.python, extra)
     else:
@@ -651,6 +656,93 @@ def measure(args: argparse.Namespace) -> None:
         Path(args.json).write_text(json.dumps([asdict(r) for r in runs], indent=1) + "\n")
 
 
+
+# --------------------------------------------------------------------------------- the peer
+def count_macs(path: Path, image: int) -> int:
+    """Multiply-accumulates of the Conv, Gemm and MatMul nodes at batch 1, from ONNX shape inference."""
+    import onnx
+
+    model = onnx.load(str(path))
+    for inp in model.graph.input:
+        dims = inp.type.tensor_type.shape.dim
+        if dims and not dims[0].dim_value:
+            dims[0].ClearField("dim_param")
+            dims[0].dim_value = 1
+    model = onnx.shape_inference.infer_shapes(model)
+    shapes = {}
+    for vi in list(model.graph.value_info) + list(model.graph.input) + list(model.graph.output):
+        shapes[vi.name] = [d.dim_value for d in vi.type.tensor_type.shape.dim]
+    for init in model.graph.initializer:
+        shapes[init.name] = list(init.dims)
+    total = 0
+    for node in model.graph.node:
+        if node.op_type == "Conv":
+            w, out = shapes.get(node.input[1]), shapes.get(node.output[0])
+            if w and out:
+                total += int(np.prod(out)) * int(np.prod(w[1:]))
+        elif node.op_type in ("Gemm", "MatMul"):
+            a, out = shapes.get(node.input[0]), shapes.get(node.output[0])
+            if a and out:
+                k = a[0] if node.op_type == "Gemm" and any(x.name == "transA" and x.i for x in node.attribute) else a[-1]
+                total += int(np.prod(out)) * k
+    return total
+
+
+def peer_one(src: str, out: str, calib: str, samples: int, sparsity: float) -> None:
+    """Run in the onnxsim venv: onnxsim 0.8.1's structured Wanda pruning, then its ridge refit, through its API."""
+    import onnx
+    import onnxsim
+
+    x = np.load(calib)["input"][:samples].astype(np.float32)
+    batches = [{"input": x[i : i + 32]} for i in range(0, len(x), 32)]
+    original = onnx.load(src)
+    pruned = onnxsim.apply_structured_wanda_pruning(original, calibration_data=batches, sparsity=sparsity)
+    tuned = onnxsim.apply_pruning_finetune(original, pruned, calibration_data=batches)
+    onnx.save(tuned, out)
+
+
+def measure_peer(args: argparse.Namespace, folder: Path, manifest: dict, x: np.ndarray, y: np.ndarray) -> list[dict]:
+    image = manifest["spec"]["image"]
+    sparsities = [float(v) for v in args.peer_sparsity]
+    names = [n for n, i in manifest["models"].items() if i["kind"] == "ordinary" and (not args.models or n in args.models)]
+    print(f"# {manifest['set']} set, peer onnxsim 0.8.1 (apply_structured_wanda_pruning sparsity S, then "
+          f"apply_pruning_finetune), calibration: the first {args.peer_samples} samples of calib.npz (those the tool calibrates on)\n")
+    results = []
+    for name in names:
+        for export in EXPORTS:
+            src = folder / manifest["models"][name]["files"][export]
+            ref = logits(src, x).argmax(1)
+            base = count_macs(src, image)
+            for sp in sparsities:
+                res = {"model": name, "export": export, "sparsity": sp, "accuracy_before": float((ref == y).mean())}
+                with tempfile.TemporaryDirectory() as tmp:
+                    out = Path(tmp) / "peer.onnx"
+                    start = time.perf_counter()
+                    proc = subprocess.run([args.peer_python, str(Path(__file__).resolve()), "_peer-one", str(src), str(out),
+                                           str(folder / "calib.npz"), str(args.peer_samples), str(sp)],
+                                          capture_output=True, text=True, cwd=tmp)
+                    res["seconds"] = round(time.perf_counter() - start, 1)
+                    res["exit_code"] = proc.returncode
+                    if proc.returncode == 0 and out.exists():
+                        pred = logits(out, x).argmax(1)
+                        res.update(accuracy_after=float((pred == y).mean()), agreement=float((pred == ref).mean()),
+                                   macs_kept=count_macs(out, image) / base)
+                    else:
+                        res["error"] = (proc.stderr.strip().splitlines() or [""])[-1][:300]
+                print(f"  {name} {export} sparsity {sp}: {res}", file=sys.stderr, flush=True)
+                results.append(res)
+    rows = []
+    for name in names:
+        for export in EXPORTS:
+            got = [r for r in results if r["model"] == name and r["export"] == export]
+            rows.append([name, export, _pct(got[0]["accuracy_before"])] + [
+                (f"{_pct(r.get('accuracy_after'))} / {_pct(r.get('agreement'))} @ {r['macs_kept']:.2f}"
+                 if "macs_kept" in r else f"exit {r['exit_code']}") for r in got])
+    print("cells: held-out accuracy / agreement with the original (%) @ MACs kept (fraction, counted here)\n")
+    print(_table(["model", "export", "orig"] + [f"S={sp:g}" for sp in sparsities], rows))
+    return results
+
+
 # ---------------------------------------------------------------------------------------- cli
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -670,8 +762,21 @@ def main() -> None:
     m.add_argument("--json", help="also write every run's numbers here")
     m.add_argument("--tool-args", nargs=argparse.REMAINDER, default=[],
                    help="everything after this goes to every prune run, e.g. --tool-args --round-to 1")
+    m.add_argument("--peer", choices=["onnxsim"], help="instead of the tool: onnxsim 0.8.1's post-training "
+                   "structured pruning (ordinary models only), run in its own venv (--peer-python)")
+    m.add_argument("--peer-python", default="/work/onnxsimvenv/bin/python")
+    m.add_argument("--peer-sparsity", nargs="*", default=[0.1, 0.2, 0.3, 0.4, 0.5],
+                   help="onnxsim's per-chain fraction of channels removed (the MACs it reaches are measured)")
+    m.add_argument("--peer-samples", type=int, default=128)
+    peer = sub.add_parser("_peer-one", help=argparse.SUPPRESS)
+    for arg in ("src", "out", "calib"):
+        peer.add_argument(arg)
+    peer.add_argument("samples", type=int)
+    peer.add_argument("sparsity", type=float)
     args = parser.parse_args()
-    if args.command == "build":
+    if args.command == "_peer-one":
+        peer_one(args.src, args.out, args.calib, args.samples, args.sparsity)
+    elif args.command == "build":
         build(Path(args.out), args.set, args.archs, args.only)
     else:
         measure(args)
