@@ -619,6 +619,14 @@ def measure(args: argparse.Namespace) -> None:
     x, y = held["input"].astype(np.float32), held["label"]
     extra = list(args.tool_args or [])
     budgets = [float(b) for b in args.budgets]
+    if args.from_json:  # print the tables of runs saved by --json (several files: parts of one measurement)
+        runs = [Run(**r) for f in args.from_json for r in json.loads(Path(f).read_text())]
+        print(f"# {manifest['set']} set, {args.mode}: {len(runs)} runs read from {', '.join(args.from_json)}\n")
+        if args.mode == "sparse":
+            _print_sparse(runs, manifest)
+        else:
+            _print_ordinary(runs, budgets)
+        return
     if args.peer:
         results = measure_peer(args, folder, manifest, x, y)
         if args.json:
@@ -760,6 +768,7 @@ def main() -> None:
     m.add_argument("--python", default=sys.executable, help="the interpreter that runs `-m onnxslim_bn`")
     m.add_argument("--jobs", type=int, default=1, help="runs in parallel (default 1: the machine is shared)")
     m.add_argument("--json", help="also write every run's numbers here")
+    m.add_argument("--from-json", nargs="*", help="run nothing: print the tables of runs saved with --json")
     m.add_argument("--tool-args", nargs=argparse.REMAINDER, default=[],
                    help="everything after this goes to every prune run, e.g. --tool-args --round-to 1")
     m.add_argument("--peer", choices=["onnxsim"], help="instead of the tool: onnxsim 0.8.1's post-training "
