@@ -576,7 +576,7 @@ def _print_ordinary(runs: list[Run], budgets: list[float]) -> None:
             rows.append([model, export, _pct(first.accuracy_before)]
                         + [cell(keyed[(model, export, f"macs {b:g}")]) for b in budgets])
         print(f"\n**{title}**\n")
-        print(_table(["model", "export", "orig"] + [f"{b:g}" for b in budgets], rows))
+        print(_table(["model", "export", "orig acc"] + [f"{b:g}" for b in budgets], rows))
     rows = []
     for b in budgets:
         got = [r for r in runs if r.setting == f"macs {b:g}"]
