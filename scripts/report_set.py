@@ -619,6 +619,9 @@ def measure(args: argparse.Namespace) -> None:
     x, y = held["input"].astype(np.float32), held["label"]
     extra = list(args.tool_args or [])
     budgets = [float(b) for b in args.budgets]
+    if args.from_json and args.peer:
+        _print_peer([r for f in args.from_json for r in json.loads(Path(f).read_text())])
+        return
     if args.from_json:  # print the tables of runs saved by --json (several files: parts of one measurement)
         runs = [Run(**r) for f in args.from_json for r in json.loads(Path(f).read_text())]
         print(f"# {manifest['set']} set, {args.mode}: {len(runs)} runs read from {', '.join(args.from_json)}\n")
@@ -739,6 +742,13 @@ def measure_peer(args: argparse.Namespace, folder: Path, manifest: dict, x: np.n
                         res["error"] = (proc.stderr.strip().splitlines() or [""])[-1][:300]
                 print(f"  {name} {export} sparsity {sp}: {res}", file=sys.stderr, flush=True)
                 results.append(res)
+    _print_peer(results)
+    return results
+
+
+def _print_peer(results: list[dict]) -> None:
+    names = list(dict.fromkeys(r["model"] for r in results))
+    sparsities = list(dict.fromkeys(r["sparsity"] for r in results))
     rows = []
     for name in names:
         for export in EXPORTS:
@@ -747,8 +757,7 @@ def measure_peer(args: argparse.Namespace, folder: Path, manifest: dict, x: np.n
                 (f"{_pct(r.get('accuracy_after'))} / {_pct(r.get('agreement'))} @ {r['macs_kept']:.2f}"
                  if "macs_kept" in r else f"exit {r['exit_code']}") for r in got])
     print("cells: held-out accuracy / agreement with the original (%) @ MACs kept (fraction, counted here)\n")
-    print(_table(["model", "export", "orig"] + [f"S={sp:g}" for sp in sparsities], rows))
-    return results
+    print(_table(["model", "export", "orig acc"] + [f"S={sp:g}" for sp in sparsities], rows))
 
 
 # ---------------------------------------------------------------------------------------- cli
