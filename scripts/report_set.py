@@ -9,7 +9,10 @@ Two sub-commands:
     # needs onnxruntime and the onnxslim_bn checkout on PYTHONPATH (the one being measured)
     PYTHONPATH=/path/to/checkout python scripts/report_set.py measure --dir DIR --mode sparse
     PYTHONPATH=/path/to/checkout python scripts/report_set.py measure --dir DIR --mode ordinary \
-        [--json results.json] [--tool-args --round-to 1 ...]
+        [--json results.json] [--jobs 2] [--models NAME ...] [--tool-args --round-to 1 ...]
+    python scripts/report_set.py measure --dir DIR --mode ordinary --from-json part1.json part2.json  # tables only
+    # the peer, onnxsim 0.8.1 in its own venv (python3 -m venv /work/onnxsimvenv; pip install onnxsim==0.8.1 onnxruntime)
+    python scripts/report_set.py measure --dir DIR --mode ordinary --peer onnxsim [--peer-sparsity 0.1 0.2 0.3]
 
 ``build`` generates its data set in code (no download): classes of coloured textures (gratings,
 checkerboards, rings, dot lattices), shifted, jittered and noised. The two sets differ in image
