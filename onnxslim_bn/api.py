@@ -263,7 +263,8 @@ def prune(model: onnx.ModelProto | str | os.PathLike, options: PruneOptions | No
         before = measure(prep.graph, prep.shapes, prep.size_bytes or weight_bytes(prep.model))
         plan: Plan = select(prep.analysis, replace(options, target_latency=target) if target else options, curves)
         prep.notes.extend(plan.notes)
-        stats = apply(prep.analysis, plan, options.exact_borders)
+        # a refit keeps the border maps of removed constants where they make it more exact (reconstruct.py)
+        stats = apply(prep.analysis, plan, options.exact_borders or _compensation(options) == "reconstruct")
         resolved = _options_resolved(options, prep)
         resolved["round_to"] = plan.budget.get("round_to", resolved["round_to"])  # a budget may need a finer block
         pruned = _export(prep, run_metadata(resolved), options.allow_growth)
@@ -271,7 +272,7 @@ def prune(model: onnx.ModelProto | str | os.PathLike, options: PruneOptions | No
         reconstruction = None
         if _compensation(options) == "reconstruct":
             clock = time.perf_counter()
-            pruned, reconstruction = _reconstruct(prep, pruned, options)
+            pruned, reconstruction = _reconstruct(prep, pruned, options, stats)
             seconds["reconstruct"] = time.perf_counter() - clock
         if target is None:
             break
@@ -330,9 +331,11 @@ def _compensation(options: PruneOptions) -> str:
     return options.compensation
 
 
-def _reconstruct(prep: _Prepared, pruned: onnx.ModelProto, options: PruneOptions):
+def _reconstruct(prep: _Prepared, pruned: onnx.ModelProto, options: PruneOptions, stats):
     """Refit the layers whose inputs were pruned on the calibration share of the data (split
-    from the check's here when no scale recovery split it already)."""
+    from the check's here when no scale recovery split it already). Layers under --keep stay as
+    they are; border maps stay where the user asked for them (--exact-borders) or where they
+    make the refit more exact within the input's size."""
     if prep.check is None:
         raise BnSlimError(f"{prep.source}: --compensation reconstruct refits layers on calibration data; "
                           "pass --data (an .npz, .npy or a folder of images) or use --compensation bias")
@@ -340,8 +343,21 @@ def _reconstruct(prep: _Prepared, pruned: onnx.ModelProto, options: PruneOptions
         prep.calibration, prep.check, note = data.split(prep.check, options.calibration_samples)
         prep.calibration_count = prep.calibration.count
         prep.notes.extend([note] if note else [])
-    refit, result = reconstruct(prep.model, pruned, prep.calibration.arrays, seed=options.seed)
+    refit, result = reconstruct(prep.model, pruned, prep.calibration.arrays, seed=options.seed,
+                                frozen=_protected(prep.graph, options), keep_maps=options.exact_borders)
+    stats.border_maps -= result.maps_dropped
+    if not options.exact_borders:  # maps the refit did not decide on (layers it left) must fit too
+        check_size(account(prep.model, refit, copy_origins(prep.graph)), options.allow_growth, prep.source)
+        if weight_bytes(refit) > weight_bytes(prep.model) and not options.allow_growth:
+            raise BnSlimError(f"{prep.source}: the refit model's weights ({weight_bytes(refit)} bytes) exceed the "
+                              f"input's ({weight_bytes(prep.model)}) with the border maps of layers it left as they "
+                              "were; nothing was written. Pass --exact-borders or --allow-growth to accept, "
+                              "or --compensation bias")
     prep.notes.append(result.summary())
+    if result.maps_too_large:
+        prep.notes.append(f"reconstruction: {result.maps_too_large} border map{'s' if result.maps_too_large > 1 else ''} "
+                          "(the exact correction where removed constants meet a conv's padding) left out: they would "
+                          "make the model larger than the input; --exact-borders keeps them")
     for label, reason in result.skipped:
         prep.notes.append(f"reconstruction left {label} as bias folding made it: {reason}")
     return refit, result
