@@ -17,7 +17,7 @@ from . import data, verify
 from .analysis import Analysis, analyze
 from .data import Samples
 from .errors import BnSlimError, CheckFailed
-from .fold import fold_constants, split_sequences
+from .fold import fold_constants, restore_storage, split_sequences
 from .importance import add_data_scores, candidates
 from .metrics import measure, weight_bytes
 from .edits import fix_tensor_names
@@ -346,13 +346,6 @@ def _reconstruct(prep: _Prepared, pruned: onnx.ModelProto, options: PruneOptions
     refit, result = reconstruct(prep.model, pruned, prep.calibration.arrays, seed=options.seed,
                                 frozen=_protected(prep.graph, options), keep_maps=options.exact_borders)
     stats.border_maps -= result.maps_dropped
-    if not options.exact_borders:  # maps the refit did not decide on (layers it left) must fit too
-        check_size(account(prep.model, refit, copy_origins(prep.graph)), options.allow_growth, prep.source)
-        if weight_bytes(refit) > weight_bytes(prep.model) and not options.allow_growth:
-            raise BnSlimError(f"{prep.source}: the refit model's weights ({weight_bytes(refit)} bytes) exceed the "
-                              f"input's ({weight_bytes(prep.model)}) with the border maps of layers it left as they "
-                              "were; nothing was written. Pass --exact-borders or --allow-growth to accept, "
-                              "or --compensation bias")
     prep.notes.append(result.summary())
     if result.maps_too_large:
         prep.notes.append(f"reconstruction: {result.maps_too_large} border map{'s' if result.maps_too_large > 1 else ''} "
@@ -367,6 +360,7 @@ def _export(prep: _Prepared, metadata: dict[str, str], allow_growth: bool = Fals
     """The pruned graph as a model with the input's interface (inputs, outputs, IR, opsets,
     metadata), unique tensor names, and weights no larger than the input's (see interface)."""
     settle_copies(prep.graph)
+    widened = restore_storage(prep.graph)  # fp16 weights behind a Cast stay fp16
     fix_tensor_names(prep.graph)
     origins = copy_origins(prep.graph)
     pruned = gs.export_onnx(prep.graph, do_type_check=False)
@@ -383,7 +377,7 @@ def _export(prep: _Prepared, metadata: dict[str, str], allow_growth: bool = Fals
         pruned.metadata_props.add(key=key, value=value)
     restore_interface(pruned, original, prep.graph)
     check_interface(original, pruned, prep.source)
-    check_size(account(original, pruned, origins), allow_growth, prep.source)
+    check_size(account(original, pruned, origins, widened), allow_growth, prep.source)
     try:  # annotate shapes from a weight-less copy: no second copy of the weights in memory
         inferred = onnx.shape_inference.infer_shapes(skeleton(pruned, None), strict_mode=True)
         known = {t.name for t in pruned.graph.initializer} | {t.name for t in pruned.graph.input}
