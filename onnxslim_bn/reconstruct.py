@@ -418,8 +418,8 @@ class _Store:
     bytes, in ``.npy`` files of a temporary folder past that, read back when used and deleted
     when dropped. The calibration feeds themselves are read from the caller's arrays."""
 
-    def __init__(self, feeds: dict[str, np.ndarray], budget: int = STORE_BYTES) -> None:
-        self.feeds, self.budget = feeds, budget
+    def __init__(self, feeds: dict[str, np.ndarray], budget: int | None = None) -> None:
+        self.feeds, self.budget = feeds, STORE_BYTES if budget is None else budget
         self.memory: dict[tuple, np.ndarray] = {}
         self.files: dict[tuple, str] = {}
         self.held = 0

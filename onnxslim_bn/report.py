@@ -114,10 +114,20 @@ def weight_name(node) -> str:
     constant input with two or more dims), or the node name when there is none."""
     import onnx_graphsurgeon as gs
 
-    consts = [(i, t) for i, t in enumerate(node.inputs) if isinstance(t, gs.Constant) and len(t.shape) >= 2]
+    def stored(t):  # an fp16 weight behind a Cast (fold.restore_storage): the stored initializer
+        if isinstance(t, gs.Variable) and len(t.inputs) == 1 and t.inputs[0].op == "Cast" and \
+                isinstance(t.inputs[0].inputs[0], gs.Constant):
+            return t.inputs[0].inputs[0]
+        return t
+
+    consts = [(i, stored(t)) for i, t in enumerate(node.inputs)]
+    consts = [(i, t) for i, t in consts if isinstance(t, gs.Constant) and len(t.shape) >= 2]
     if not consts:
         return node.name
     index, tensor = next(((i, t) for i, t in consts if i == 1), consts[0])
+    storage = getattr(tensor, "_bnslim_storage", None)  # fp16 behind a Cast: the stored initializer
+    if storage is not None:
+        return storage.source
     return getattr(tensor, "_bnslim_from", None) or tensor.name  # a sliced copy of a shared weight names it
 
 
