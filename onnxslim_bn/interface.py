@@ -192,6 +192,7 @@ class WeightBytes:
     shared: dict[str, int] = field(default_factory=dict)  # weight -> how many distinct tensors it became
     duplicates: list[str] = field(default_factory=list)  # copies with the bytes of another one: a bug
     widened: int = 0  # bytes added by writing weights stored narrow (fp16 + Cast) in a wider type
+    widened_stored: int = 0  # those weights' bytes in their storage type (counted in ``added``)
 
 
 def account(original: onnx.ModelProto, pruned: onnx.ModelProto, origins: dict[str, str],
@@ -211,6 +212,7 @@ def account(original: onnx.ModelProto, pruned: onnx.ModelProto, origins: dict[st
             groups.setdefault(origins[t.name], []).append(t)
         elif t.name in widened:
             account.added += widened[t.name]
+            account.widened_stored += widened[t.name]
             account.widened += _nbytes(t) - widened[t.name]
         elif t.name not in names:
             account.added += _nbytes(t)
@@ -236,7 +238,8 @@ def check_size(weights: WeightBytes, allow_growth: bool, source: str) -> None:
         raise BnSlimError(f"{source}: the pruned model holds identical copies of a shared weight "
                           f"({', '.join(weights.duplicates[:3])}); nothing was written. "
                           "This is a bug in onnx-bnslim: please report it with the model")
-    if weights.widened and weights.after > weights.before and not allow_growth:
+    # growth by widening: beyond the input, not counting what was added on purpose (border maps, new biases)
+    if weights.widened and weights.after - (weights.added - weights.widened_stored) > weights.before and not allow_growth:
         raise BnSlimError(f"{source}: the pruned model's weights ({_mib(weights.after)}) would exceed the input's "
                           f"({_mib(weights.before)}): biases stored as float16 in the input absorbed the removed "
                           f"channels' constants and are written as float32 (+{_mib(weights.widened)}; rounding them "

@@ -15,7 +15,7 @@ from onnxslim_bn.interface import account, check_size
 from onnxslim_bn.metrics import weight_bytes
 from onnxslim_bn.report import export_widths
 
-from .graphs import Builder, random_input, run
+from .graphs import Builder, fp16_behind_casts, random_input, run
 
 H = 8
 
@@ -254,26 +254,6 @@ def test_refit_with_fewer_samples_than_the_fixed_batch_skips_every_layer():
 
 
 # ------------------------------------------------------------------------------ storage types
-def fp16_behind_casts(model: onnx.ModelProto, ops: tuple[str, ...] = ("Conv",)) -> onnx.ModelProto:
-    """Every weight and bias of ``ops`` stored as float16 and read through Cast(to=FLOAT)."""
-    inits = {t.name: t for t in model.graph.initializer}
-    casts = []
-    for node in model.graph.node:
-        if node.op_type not in ops:
-            continue
-        for i in range(1, len(node.input)):
-            tensor = inits[node.input[i]]
-            tensor.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(tensor).astype(np.float16), tensor.name))
-            casts.append(helper.make_node("Cast", [tensor.name], [tensor.name + "_f32"], to=TensorProto.FLOAT,
-                                          name=tensor.name + "_cast"))
-            node.input[i] = tensor.name + "_f32"
-    nodes = casts + list(model.graph.node)
-    del model.graph.node[:]
-    model.graph.node.extend(nodes)
-    onnx.checker.check_model(model, full_check=True)
-    return model
-
-
 def _fp16_model() -> onnx.ModelProto:
     b = Builder(seed=2)
     x = b.op("Relu", [b.bn(b.conv("x", 3, 16, k=3, bias=True), 16, dead=np.arange(0, 16, 2), beta_dead=None)])
