@@ -1,10 +1,11 @@
 """The fuzz of tests/test_fuzz.py with importance from data: random graphs (gates, pads,
 padding-counting pools, layers that never had a BN, concatenations, grouped and transposed
-convs, five heads) pruned to a MAC budget with --data, with bias folding and with
+convs, five heads, fp16 weights behind Casts, If nodes reading outer-scope tensors) pruned to a
+MAC budget with --data, with bias folding and with
 reconstruction. Live channels go, so nothing is exact: the invariants are that the run ends in
 a valid model (the checker, shape inference and the onnxruntime check run inside prune), with
 the input's interface, finite outputs of the original's shapes, no more MACs than the budget
-allows, and nothing blocked that gamma would prune."""
+allows, nothing blocked that gamma would prune, and fp16 storage kept without growth."""
 
 from __future__ import annotations
 
@@ -15,7 +16,9 @@ from hypothesis import HealthCheck, event, given, note, settings
 from hypothesis import strategies as st
 
 from onnxslim_bn import BnSlimError, prune
-from tests.test_fuzz import networks
+from onnx import TensorProto
+
+from tests.test_fuzz import assert_storage_kept, networks
 from tests.graphs import run
 
 EXAMPLES = int(os.environ.get("FUZZ_DATA_EXAMPLES", "300"))
@@ -39,6 +42,11 @@ def test_random_graphs_prune_with_data_to_valid_models(drawn, target, compensati
         event("nothing prunable")
         return
     event(f"{compensation}: removed {'some' if result.report.removed_channels else 'none'}")
+    if any(n.op_type == "If" for n in model.graph.node):
+        event(f"{compensation}: an If reading outer-scope tensors")
+    if any(t.data_type == TensorProto.FLOAT16 for t in model.graph.initializer):
+        event(f"{compensation}: fp16 weights behind Casts")
+        assert_storage_kept(model, result.model)
     got = run(result.model, {"x": x})[0]
     assert got.shape == original.shape and np.isfinite(got).all()
     assert [i.name for i in result.model.graph.input] == [i.name for i in model.graph.input]
