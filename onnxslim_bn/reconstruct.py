@@ -605,6 +605,26 @@ def _remove_after(model: onnx.ModelProto, layer: _Layer, add: onnx.NodeProto) ->
     model.graph.node.remove(add)
 
 
+def _bypass(model: onnx.ModelProto, node: onnx.NodeProto, add: onnx.NodeProto) -> None:
+    """Remove ``add`` (node's output + a constant): its readers read the node's output, whose
+    name stays (the report measures the pruned graph by these names); a graph output keeps its
+    name, the node then writes it."""
+    if add.output[0] in {o.name for o in model.graph.output}:
+        node.output[0] = add.output[0]
+        model.graph.node.remove(add)
+        return
+    old, new = add.output[0], add.input[0]
+    model.graph.node.remove(add)
+
+    def rename(graph: onnx.GraphProto) -> None:
+        for reader in graph.node:
+            reader.input[:] = [new if n == old else n for n in reader.input]
+            for sub in _graphs(reader):
+                rename(sub)
+
+    rename(model.graph)
+
+
 def _fold_bias_adds(model: onnx.ModelProto, layers: list[_Layer]) -> None:
     """After the refits: the bias Adds behind refit Conv/Gemm layers (zero now) go, and so do the
     bias slots of MatMul layers left as they were, and the border maps the refit dropped."""
@@ -614,7 +634,7 @@ def _fold_bias_adds(model: onnx.ModelProto, layers: list[_Layer]) -> None:
             _remove_after(model, layer, add)
             layer.trailing_add = None
         if layer.border is not None and layer.map_kept is False:
-            _remove_after(model, layer, layer.border)
+            _bypass(model, layer.node, layer.border)
             layer.border = None
 
 
@@ -714,8 +734,7 @@ def _settle_leftover_maps(model: onnx.ModelProto, leftover: list[tuple[onnx.Node
         if limit is None or total <= limit:
             report.maps_kept += 1
             continue
-        node.output[0] = add.output[0]
-        model.graph.node.remove(add)
+        _bypass(model, node, add)
         total -= sizes.get(add.input[1], 0)
         report.maps_dropped += 1
         report.maps_too_large += 1

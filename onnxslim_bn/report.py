@@ -302,7 +302,8 @@ class Report:
         lines.extend(selection_lines(self.selection, self.chosen_channels, self.removed_channels, self.options))
         if self.surgery.compensated_layers:
             lines.append(f"Removed channels' constants folded into {self.surgery.compensated_layers} layers' bias"
-                         + (f", {self.surgery.border_maps} with a border map (--exact-borders)"
+                         + (f", {self.surgery.border_maps} with a border map "
+                            + ("(--exact-borders)" if self.options.get("exact_borders") else "(kept by the refit)")
                             if self.surgery.border_maps else "") + ".")
         if self.surgery.approximate:
             worst = {k: v for k, v in self.surgery.approximate.items() if v is not None}
