@@ -166,6 +166,9 @@ class Analysis:
         # the model fixes every input dimension but the batch: inferred sizes hold for any run
         self.static_sizes = all(all(isinstance(d, int) for d in (t.shape or [None])[1:]) for t in graph.inputs)
         self.nodes: list[gs.Node] = []
+        # layer tensors whose shapes inference left open, as one run gave them (verify.concrete_shapes):
+        # for counting costs only, as they hold for that run's inputs (analysis and surgery never read them)
+        self.counted_shapes: dict[str, list[int]] = {}
 
     # ------------------------------------------------------------------ reading the graph
     def layout(self, tensor: gs.Tensor) -> Layout | None:

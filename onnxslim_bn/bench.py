@@ -37,12 +37,13 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from . import openvino_ir
+from .data import load as load_samples
 from .errors import BnSlimError
 from .metrics import measure
 from .model_io import as_file, load_model, too_large_for_protobuf
 from .report import grid
 from .shapes import graph_inputs, infer_shapes, resolve_input_shapes
-from .verify import make_inputs, static_batch
+from .verify import concrete_shapes, make_inputs, open_layer_shapes, static_batch
 
 log = logging.getLogger(__name__)
 
@@ -230,13 +231,17 @@ def _signature(value: onnx.ValueInfoProto) -> tuple[str, int, int]:
 def benchmark(original: str | os.PathLike, pruned: str | os.PathLike, batches: tuple[int, ...] = (1, 32),
               threads: int | None = None, runs: int = 30, warmup: int = 5, runtimes: tuple[str, ...] = RUNTIMES,
               input_shapes: dict[str, list[int]] | None = None, progress: bool = False,
-              rounds: int = 4, stream: TextIO | None = None, min_seconds: float = 0.0) -> BenchResult:
+              rounds: int = 4, stream: TextIO | None = None, min_seconds: float = 0.0,
+              data=None, preprocess: str | None = None) -> BenchResult:
     """Time both models; every runtime and batch size is one row.
 
     ``runs`` timed runs per model and row in all, spread over ``rounds`` rounds; ``warmup``
     untimed runs of each model start every round; ``min_seconds``: each round of a row is timed
     at least that long (more runs for fast models, see :func:`_alternate`). ``progress``: a bar on
     a terminal, one line per round and runtime otherwise (on ``stream``, stderr by default).
+    ``data`` (any form :func:`onnxslim_bn.data.load` reads, with ``preprocess`` for images): the
+    models run on these samples (the first of each batch size, :func:`batch_of`) instead of
+    seeded random inputs -- the only way to time a model with integer inputs.
     """
     threads = threads or os.cpu_count() or 1
     paths = [Path(original), Path(pruned)]
@@ -249,8 +254,19 @@ def benchmark(original: str | os.PathLike, pruned: str | os.PathLike, batches: t
     rounds = min(rounds, runs)
     per_round = -(-runs // rounds)
     result = BenchResult(str(paths[0]), str(paths[1]), threads, per_round * rounds, rounds, notes=notes)
-    ideal = _mac_ratio(models, input_shapes or {}, str(paths[0]))
-    feeds = {b: _feeds(models[0], input_shapes or {}, b, str(paths[0])) for b in batches}
+    for b in batches:
+        if b < 1:
+            raise BnSlimError(f"--batch {b}: a batch size must be at least 1, e.g. --batch 1,32")
+    samples = None
+    if data is not None:
+        shapes, _ = resolve_input_shapes(models[0], input_shapes or {}, str(paths[0]))
+        loaded = load_samples(data, models[0], shapes, preprocess)
+        samples = loaded.arrays
+        notes.append(f"inputs: {loaded.describe()} (the first of each batch)")
+    elif preprocess:
+        raise BnSlimError("--preprocess applies to a folder of images: add --data IMAGE_FOLDER")
+    ideal = _mac_ratio(models, input_shapes or {}, str(paths[0]), samples, notes)
+    feeds = {b: _feeds(models[0], input_shapes or {}, b, str(paths[0]), samples) for b in batches}
     for b, f in feeds.items():
         if f is None:
             notes.append(f"batch {b} skipped: the model's batch size is fixed at {static_batch(models[0])}")
@@ -334,22 +350,56 @@ def _alternate(runners: list[Callable[[dict], object]], feeds: dict, warmup: int
     return times
 
 
-def _mac_ratio(models: list[onnx.ModelProto], given: dict[str, list[int]], source: str) -> float:
+def _mac_ratio(models: list[onnx.ModelProto], given: dict[str, list[int]], source: str,
+               samples: dict[str, np.ndarray] | None = None, notes: list[str] | None = None) -> float:
+    """MACs(original) / MACs(pruned). Layers whose shapes inference leaves open (a Resize sized
+    from an input's values) are counted from one run on the first sample (``samples``, else seeded
+    inputs), and a note names them; when no run can give them, the note says they count 0."""
     macs = []
-    for model in models:
+    for k, model in enumerate(models):
         shapes, _ = resolve_input_shapes(model, given, source)
-        macs.append(measure(gs.import_onnx(model), infer_shapes(model, shapes, source), 0).macs)
+        inferred = infer_shapes(model, shapes, source)
+        layers, tensors = open_layer_shapes(model, inferred)
+        if layers:
+            what = f"{source} (counting layer shapes)" if k == 0 else "the pruned model (counting layer shapes)"
+            try:
+                feeds = _feeds(model, given, static_batch(model) or 1, source, samples)
+                inferred = {**inferred, **concrete_shapes(model, tensors, feeds, what)}
+                told = f"counted from the shapes of one run on {'the first --data sample' if samples else 'seeded inputs'}"
+            except BnSlimError:
+                if samples is not None:
+                    raise
+                told = "not counted (0): pass --data so that a run can count them"
+            if notes is not None and k == 0:
+                notes.append(f"shape inference cannot resolve the shapes of {', '.join(layers[:4])}"
+                             f"{' and more' if len(layers) > 4 else ''}: their MACs are {told}")
+        macs.append(measure(gs.import_onnx(model), inferred, 0).macs)
     if not macs[1]:
         raise BnSlimError(f"{source}: the pruned model has no MACs to count; are these the right two files?")
     return macs[0] / macs[1]
 
 
-def _feeds(model: onnx.ModelProto, given: dict[str, list[int]], batch: int, source: str) -> dict[str, np.ndarray] | None:
-    """Seeded inputs of this batch size; None when the model fixes another."""
+def _feeds(model: onnx.ModelProto, given: dict[str, list[int]], batch: int, source: str,
+           samples: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray] | None:
+    """Inputs of this batch size: the first ``batch`` of the user's ``samples`` (repeated in
+    turn when there are fewer; a rank-0 input's value as given), else seeded random ones. None
+    when the model fixes another batch size."""
     if static_batch(model) not in (None, batch):
         return None
+    if samples is not None:
+        return batch_of(samples, batch)
     shapes, _ = resolve_input_shapes(model, given, source)
     return make_inputs(model, {k: [batch, *v[1:]] for k, v in shapes.items()}, None, seed=0)[0]
+
+
+def batch_of(samples: dict[str, np.ndarray], batch: int) -> dict[str, np.ndarray]:
+    """``batch`` samples of ``samples`` (axis 0): the first ones, cycled through when there are
+    fewer; 0-d arrays (rank-0 inputs) as they are."""
+    out = {}
+    for name, a in samples.items():
+        a = np.asarray(a)
+        out[name] = a if not a.ndim else np.ascontiguousarray(np.take(a, np.arange(batch) % len(a), axis=0))
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -388,8 +438,7 @@ class ProbeResult:
         names = ", ".join(f"{b.node} ({b.original_ms:.3f} -> {b.pruned_ms:.3f} ms)" for b in self.blame[:3])
         return (f"the pruned model is not faster in onnxruntime ({self.original_ms:.3f} -> {self.pruned_ms:.3f} ms, "
                 f"{self.speedup:.2f}x over {self.runs} alternating runs)"
-                + (f"; slower layers: {names}" if names else "")
-                + "; try --round-to auto or keep those layers (--keep)")
+                + (f"; slower layers: {names}" if names else ""))
 
     def summary(self) -> str:
         """One line either way: the warning, or how much faster the pruned model ran."""
@@ -401,10 +450,11 @@ class ProbeResult:
 
 
 def probe_inputs(model: onnx.ModelProto, input_shapes: dict[str, list[int]] | None = None, batch: int = 1,
-                 source: str = "the model") -> dict[str, np.ndarray]:
-    """Seeded inputs for :func:`probe` at ``batch`` (the model's own batch size when it fixes one)."""
+                 source: str = "the model", samples: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+    """Inputs for :func:`probe` at ``batch`` (the model's own batch size when it fixes one): the
+    user's ``samples`` when given (``--data``, see :func:`batch_of`), else seeded random ones."""
     fixed = static_batch(model)
-    return _feeds(model, input_shapes or {}, fixed or batch, source)
+    return _feeds(model, input_shapes or {}, fixed or batch, source, samples)
 
 
 def probe(original: onnx.ModelProto, pruned: onnx.ModelProto, feeds: dict[str, np.ndarray], runs: int = 10,

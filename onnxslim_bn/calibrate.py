@@ -254,14 +254,14 @@ def chunks(feeds: dict[str, np.ndarray], batch: int | None,
     (default 32: small enough that one chunk of a large activation stays in memory, large
     enough to be fast)."""
     step = batch or step or 32
-    n = min(len(v) for v in feeds.values()) if feeds else 0
+    n = verify.count(feeds)  # rank-0 inputs (0-d arrays) are fed whole to every chunk
     if batch and n % batch:
         log.warning("calibration: %d samples is not a multiple of the fixed batch %d; the last %d are not used",
                     n, batch, n % batch)
         n -= n % batch
     for start in range(0, n, step):
         stop = min(n, start + step)
-        yield np.arange(start, stop), {k: v[start:stop] for k, v in feeds.items()}
+        yield np.arange(start, stop), {k: v[start:stop] if np.ndim(v) else v for k, v in feeds.items()}
 
 
 @dataclass

@@ -200,6 +200,11 @@ def _bench_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                              "(default: each one installed; openvino needs pip install 'onnx-bnslim[openvino]')")
     parser.add_argument("--input-shapes", action="append", metavar="NAME:D0,D1,..",
                         help="fix dynamic non-batch dims, one input per flag")
+    parser.add_argument("--data", metavar="PATH",
+                        help="time on these inputs instead of seeded random ones (the forms prune --data reads; "
+                             "the first samples make each batch): needed for models with integer inputs")
+    parser.add_argument("--preprocess", action="append", metavar="KEY=VALUE",
+                        help="for a --data folder of images, as in prune")
     parser.add_argument("--json", metavar="PATH", help="also write the result as JSON to PATH ('-' for stdout)")
     parser.add_argument("--markdown", action="store_true", help="print a Markdown table")
     return parser
@@ -292,11 +297,17 @@ def run_bench(args: argparse.Namespace) -> int:
         raise BnSlimError(f"--runtimes {unknown[0]}: unknown runtime; choose from {', '.join(RUNTIMES)}")
     if "openvino" in runtimes:
         require_openvino("bench --runtimes openvino")
+    bad = [b for b in args.batch or () if b < 1]
+    if bad:
+        raise BnSlimError(f"--batch {bad[0]}: a batch size must be at least 1, e.g. --batch 1,32")
+    if args.threads is not None and args.threads < 1:
+        raise BnSlimError(f"--threads {args.threads} must be at least 1")
     _json_target(args)
-    check_run_files([args.original, args.pruned], {"--json": args.json})
+    check_run_files([args.original, args.pruned], {"--json": args.json}, args.data)
     result = benchmark(args.original, args.pruned, tuple(args.batch or (1, 32)), args.threads, args.runs, args.warmup,
                        tuple(runtimes), parse_input_shapes(_shape_specs(args.input_shapes)),
-                       progress=not say.quiet)  # a bar on a terminal, a line per round elsewhere
+                       progress=not say.quiet,  # a bar on a terminal, a line per round elsewhere
+                       data=args.data, preprocess=_preprocess(args))
     if not args.runtimes and "openvino" not in runtimes:
         result.notes.append(f"OpenVINO is not installed, so only onnxruntime was timed: {OPENVINO_HINT}")
     say(f"onnx-bnslim bench: {args.original} vs {args.pruned}, {result.threads} threads, "

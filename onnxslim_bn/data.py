@@ -67,14 +67,16 @@ class Samples:
     start: int = 0  # first sample's index in the source, when this is a part of it
     total: int = 0  # samples in the whole source
     kind: str = "arrays"  # "npz", "npy", "images", "npy-folder", "arrays"
+    batch: int | None = None  # the largest fixed batch size of the model's inputs: a part holds at least that
 
     @property
     def count(self) -> int:
-        return len(next(iter(self.arrays.values()))) if self.arrays else 0
+        """Samples along axis 0 (a 0-d array, a rank-0 input's one value, is fed whole to every run)."""
+        return min((len(v) for v in self.arrays.values() if np.ndim(v)), default=1 if self.arrays else 0)
 
     def part(self, start: int, stop: int) -> Samples:
-        return Samples({k: v[start:stop] for k, v in self.arrays.items()}, self.source, self.start + start,
-                       self.total or self.count, self.kind)
+        return Samples({k: v[start:stop] if np.ndim(v) else v for k, v in self.arrays.items()}, self.source,
+                       self.start + start, self.total or self.count, self.kind, self.batch)
 
     def describe(self) -> str:
         """``"500 samples of heldout.npz [500:1000]"``; the range only for a part."""
@@ -170,7 +172,12 @@ def split(samples: Samples, calibration_samples: int | None = None) -> tuple[Sam
             raise BnSlimError(f"--calibration-samples {calibration_samples}: {samples.source} has {n} samples; "
                               f"pass a count from 1 to {n - 1} so that some are left for the check")
         cut = calibration_samples
-    elif n >= MIN_SPLIT:
+        b = samples.batch or 1
+        if min(cut, n - cut) < b:
+            raise BnSlimError(f"--calibration-samples {calibration_samples}: the model's batch size is fixed at {b}, "
+                              f"so the calibration and the check need {b} samples each; {samples.source} has {n}: "
+                              + (f"pass a count from {b} to {n - b}" if n >= 2 * b else "drop --calibration-samples"))
+    elif n >= MIN_SPLIT and n // 2 >= (samples.batch or 1):
         cut = n // 2
     else:
         return samples, samples, (
@@ -272,16 +279,7 @@ def _images(folder: Path, files: list[Path], inputs: list[onnx.ValueInfoProto], 
     for i, f in enumerate(files):
         try:
             with Image.open(f) as img:
-                img = img.convert("L" if channels == 1 else "RGB")
-                if pre.resize:
-                    ratio = pre.resize / min(img.size)
-                    img = img.resize((max(width, round(img.size[0] * ratio)), max(height, round(img.size[1] * ratio))),
-                                     Image.Resampling.BILINEAR)
-                    left, top = (img.size[0] - width) // 2, (img.size[1] - height) // 2
-                    img = img.crop((left, top, left + width, top + height))
-                else:
-                    img = img.resize((width, height), Image.Resampling.BILINEAR)
-                pixels = np.asarray(img, np.float32)
+                pixels = _pixels(img, f, channels, pre, height, width, Image)
         except (OSError, UnidentifiedImageError) as exc:
             raise BnSlimError(f"{f}: cannot read it as an image ({str(exc).splitlines()[0]})") from exc
         pixels = pixels.reshape(height, width, -1)
@@ -293,15 +291,58 @@ def _images(folder: Path, files: list[Path], inputs: list[onnx.ValueInfoProto], 
     return Samples({value.name: np.ascontiguousarray(out)}, f"{folder.name}/ ({len(files)} images)", kind="images")
 
 
+# Pillow modes of one channel deeper than 8 bits: the bits of their range
+_DEEP = {"I;16": 16, "I;16B": 16, "I;16L": 16, "I;16N": 16}
+
+
+def _pixels(img, f: Path, channels: int, pre: Preprocess, height: int, width: int, Image) -> np.ndarray:
+    """One image as float32 pixels [H, W, C] in 0..255 units, resized (and cropped) as ``pre`` says.
+
+    8-bit images go through Pillow's RGB / L conversion. 16-bit images (grayscale PNG, TIFF) are
+    scaled by their bit depth, ``value * 255 / 65535``, so that ``--preprocess`` means the same for
+    every bit depth; Pillow's own conversion to 8 bits would clip them at 255. Images of float or
+    32-bit integer pixels are refused: no bit depth says what their range is."""
+    bits = _DEEP.get(img.mode) or (16 if img.mode == "I" and img.format == "PNG" else None)
+    if bits is None and img.mode in ("F", "I"):
+        kind = "float" if img.mode == "F" else "32-bit integer"
+        raise BnSlimError(f"{f}: {kind} pixels (Pillow mode {img.mode}) have no bit depth that says their range, so "
+                          "--preprocess cannot scale them; save the preprocessed samples as .npy files (one per "
+                          "sample) in a folder and pass that folder with --data")
+    if bits is None:
+        img = img.convert("L" if channels == 1 else "RGB")
+        img = _resize(img, pre, height, width, Image)
+        return np.asarray(img, np.float32)
+    values = np.asarray(img, np.float64) * (255.0 / (2**bits - 1))
+    plane = _resize(Image.fromarray(values.astype(np.float32), "F"), pre, height, width, Image)
+    gray = np.asarray(plane, np.float32)[..., None]
+    return gray if channels == 1 else np.repeat(gray, 3, axis=2)
+
+
+def _resize(img, pre: Preprocess, height: int, width: int, Image):
+    if pre.resize:
+        ratio = pre.resize / min(img.size)
+        img = img.resize((max(width, round(img.size[0] * ratio)), max(height, round(img.size[1] * ratio))),
+                         Image.Resampling.BILINEAR)
+        left, top = (img.size[0] - width) // 2, (img.size[1] - height) // 2
+        return img.crop((left, top, left + width, top + height))
+    return img.resize((width, height), Image.Resampling.BILINEAR)
+
+
 def _conform(samples: Samples, inputs: list[onnx.ValueInfoProto]) -> Samples:
-    """Every model input present, cast to its dtype; one sample count; ranks and fixed non-batch dims match."""
+    """Every model input present, cast to its dtype; one sample count; ranks and fixed non-batch dims
+    match; values finite and in the range of an integer input's dtype; at least as many samples as
+    a fixed batch dimension takes. A rank-0 input takes one value (a 0-d array), fed to every run."""
     arrays, where = {}, samples.source
+    batches: dict[str, int] = {}
     for value in inputs:
         if value.name not in samples.arrays:
             raise BnSlimError(f"{where}: no array for input '{value.name}' (it has {sorted(samples.arrays)}); "
                               "name the arrays after the model inputs")
-        a = samples.arrays[value.name]
+        a = np.asarray(samples.arrays[value.name])
         dims = value.type.tensor_type.shape.dim
+        if not dims and a.ndim:
+            raise BnSlimError(f"{where}: array '{value.name}' has shape {list(a.shape)}, the model input is a scalar "
+                              "(rank 0): give one value (a 0-d array, e.g. numpy.float32(0.5)), fed to every run")
         if a.ndim != len(dims):
             raise BnSlimError(f"{where}: array '{value.name}' has shape {list(a.shape)}, the model input has rank "
                               f"{len(dims)}; give samples along axis 0 with the input's other dims")
@@ -310,15 +351,90 @@ def _conform(samples: Samples, inputs: list[onnx.ValueInfoProto]) -> Samples:
                 want = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in dims]
                 raise BnSlimError(f"{where}: array '{value.name}' has shape {list(a.shape)}, the model input takes "
                                   f"{want} (axis {axis} differs)")
+        if dims and dims[0].HasField("dim_value") and dims[0].dim_value > 0:
+            batches[value.name] = dims[0].dim_value
         elem = value.type.tensor_type.elem_type
-        dtype = onnx.helper.tensor_dtype_to_np_dtype(elem) if elem else a.dtype
-        arrays[value.name] = a if a.dtype == dtype else a.astype(dtype)
-    counts = {k: len(v) for k, v in arrays.items()}
+        dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(elem)) if elem else a.dtype
+        arrays[value.name] = _cast(a, dtype, value.name, samples)
+    counts = {k: len(v) for k, v in arrays.items() if v.ndim}
     if len(set(counts.values())) > 1:
         raise BnSlimError(f"{where}: the inputs hold different sample counts {counts}; give each the same number")
     if counts and not min(counts.values()):
         raise BnSlimError(f"{where}: holds no samples")
-    return Samples(arrays, samples.source, samples.start, samples.total, samples.kind)
+    n = min(counts.values(), default=0)
+    short = {k: b for k, b in batches.items() if n < b}
+    if short:
+        name, b = next(iter(short.items()))
+        raise BnSlimError(f"{where}: {n} sample{'' if n == 1 else 's'}, but input '{name}' fixes its batch size at {b}: "
+                          f"give at least {b} samples (runs take whole batches)")
+    return Samples(arrays, samples.source, samples.start, samples.total, samples.kind,
+                   max(batches.values(), default=None))
+
+
+def _cast(a: np.ndarray, dtype: np.dtype, name: str, samples: Samples) -> np.ndarray:
+    """``a`` as ``dtype``, refused with the first sample at fault when it holds NaN / Inf, or values
+    an integer or boolean input cannot hold as given (fractions, out of the dtype's range)."""
+    where = samples.source
+    if a.dtype.kind not in "biufc" or dtype.kind not in "biuf":
+        return a if a.dtype == dtype else a.astype(dtype)
+    if a.dtype.kind in "fc":
+        _finite(a, name, samples, "")
+    if dtype.kind in "iub" and a.dtype.kind in "fc":
+        frac = a != np.round(a)
+        if frac.any():
+            i = _first_sample(frac)
+            raise BnSlimError(f"{where}: array '{name}' holds fractions ({_value(a, frac)}{_at(i, samples)}) for an "
+                              f"{dtype.name} input; integer inputs are read as given: pass whole numbers")
+    if dtype.kind in "iu" and a.size:
+        info = np.iinfo(dtype)
+        out = (a < info.min) | (a > info.max)
+        if out.any():
+            i = _first_sample(out)
+            raise BnSlimError(f"{where}: array '{name}' holds {_value(a, out)}{_at(i, samples)}, outside the range of "
+                              f"the model's {dtype.name} input ({info.min}..{info.max}); pass values it can hold")
+    if dtype.kind == "b" and a.dtype.kind != "b" and not np.isin(a, (0, 1)).all():
+        i = _first_sample(~np.isin(a, (0, 1)))
+        raise BnSlimError(f"{where}: array '{name}' holds values other than 0 and 1{_at(i, samples)} for a bool "
+                          "input; pass 0/1 or booleans")
+    with np.errstate(over="ignore", invalid="ignore"):  # an overflow becomes Inf, refused next
+        cast = a if a.dtype == dtype else a.astype(dtype)
+    if dtype.kind == "f" and cast is not a:
+        _finite(cast, name, samples, f" once cast to the input's {dtype.name}")
+    return cast
+
+
+def _finite(a: np.ndarray, name: str, samples: Samples, after: str, step: int = 64) -> None:
+    """Refuse NaN / Inf, naming the first sample holding one (checked ``step`` samples at a time:
+    no mask as large as the data)."""
+    parts = [(0, a)] if not a.ndim else ((i, a[i:i + step]) for i in range(0, len(a), step))
+    first, kind, total = None, None, 0
+    for start, part in parts:
+        bad = ~np.isfinite(part)
+        if not bad.any():
+            continue
+        total += int(bad.sum())
+        if first is None:
+            i = _first_sample(bad)
+            first = None if i is None else start + i
+            row = part[i] if i is not None else part
+            kind = "NaN" if np.isnan(row).any() else "Inf"
+    if total:
+        raise BnSlimError(f"{samples.source}: array '{name}' holds {kind}{after}{_at(first, samples)} "
+                          f"({total} non-finite values in all); calibration and the check need finite "
+                          "inputs: fix or drop those samples")
+
+
+def _first_sample(mask: np.ndarray) -> int | None:
+    """Index along axis 0 of the first sample holding a flagged value (None for a 0-d array)."""
+    return int(np.flatnonzero(mask.reshape(len(mask), -1).any(1))[0]) if mask.ndim else None
+
+
+def _value(a: np.ndarray, mask: np.ndarray) -> str:
+    return f"{a[mask].flat[0]:g}" if a.dtype.kind in "f" else str(a[mask].flat[0])
+
+
+def _at(i: int | None, samples: Samples) -> str:
+    return "" if i is None else f" in sample {samples.start + i}"
 
 
 def describe_option(data) -> str | None:

@@ -80,10 +80,11 @@ def dead_cluster(scores: np.ndarray) -> DeadCluster | None:
 
 
 def cut_value(spaces: list[SpaceReport], threshold: float | None) -> float | None:
-    """Where the cut falls: the threshold, or (for a ratio) the largest score of a removed channel."""
+    """Where the cut falls: the threshold, or (for a ratio) the largest finite score of a removed channel."""
     if threshold is not None:
-        return threshold
-    removed = [s.scores[i] for s in spaces if s.blocked is None and s.scores for i in s.removed]
+        return threshold if math.isfinite(threshold) else None
+    removed = [s.scores[i] for s in spaces if s.blocked is None and s.scores for i in s.removed
+               if math.isfinite(s.scores[i])]
     return max(removed) if removed else None
 
 

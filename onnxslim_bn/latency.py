@@ -45,6 +45,9 @@ from .model_io import write_text
 log = logging.getLogger(__name__)
 
 CACHE_VERSION = 1
+# the profilers report whole microseconds; widths of a layer that time alike within a few of them
+# cannot be told apart (LatencyCurve.resolved)
+RESOLUTION_MS = 0.003
 FRACTIONS = (0.25, 0.5, 0.75, 1.0)
 LAYER_OPS = ("Conv", "ConvTranspose", "Gemm")
 _OPSET = 13
@@ -75,10 +78,26 @@ class LatencyCurve:
     def full_ms(self) -> float:
         return self.ms[-1][-1]
 
+    @property
+    def resolved(self) -> bool:
+        """Whether the table can tell this layer's widths apart: more than one width was measured
+        and the narrowest runs at least :data:`RESOLUTION_MS` faster than the full width. A layer
+        no wider than the block (one width measured) or one whose widths all time alike within the
+        timer's resolution tells nothing about what pruning it saves."""
+        widths = len(self.c_out) * (1 if self.tied else len(self.c_in))
+        return widths > 1 and self.full_ms - min(min(row) for row in self.ms) >= RESOLUTION_MS
+
     def cost(self, c_in: int, c_out: int) -> float:
         """Predicted ms at these widths: bilinear between measured widths, flat below the smallest
         and above the largest, times the off-block penalty for a width that was not measured and is
-        not a multiple of the block."""
+        not a multiple of the block. A layer below the timer's resolution (not :attr:`resolved`)
+        is costed as its full time times its kept fraction of MACs (the fraction of input times
+        output channels; of its channels when depthwise): MACs are the proxy where the timer is blind."""
+        if not self.resolved:
+            fraction = c_out / max(self.c_out)
+            if not self.tied:
+                fraction *= c_in / max(self.c_in)
+            return float(self.full_ms * fraction)
         if self.tied:
             value = _interp(self.c_out, self.ms[0], c_out)
         else:
@@ -449,11 +468,41 @@ def machine_id(runtime: str) -> str:
 
 
 def _load_cache(path: Path) -> dict[str, dict]:
+    """The cache's entries; a file that is not a cache of this version (unreadable, ``[]``, another
+    shape) or entries that are not curves are ignored with a warning, re-measured and rewritten:
+    a cache only saves time, so a bad one never stops a run."""
     try:
         data = json.loads(path.read_text())
-    except (OSError, ValueError):
+    except FileNotFoundError:
         return {}
-    return data.get("entries", {}) if data.get("version") == CACHE_VERSION else {}
+    except (OSError, ValueError) as exc:
+        log.warning("latency cache %s is unreadable (%s): ignored, the layers are timed again", path, exc)
+        return {}
+    if not isinstance(data, dict) or not isinstance(data.get("entries"), dict):
+        log.warning("latency cache %s is not a cache file (a JSON object with 'version' and 'entries'): ignored, "
+                    "the layers are timed again and the file rewritten", path)
+        return {}
+    if data.get("version") != CACHE_VERSION:
+        return {}
+    entries = {k: v for k, v in data["entries"].items() if _curve_or_none(v) is not None}
+    if len(entries) < len(data["entries"]):
+        log.warning("latency cache %s: %d entries are not latency curves: ignored, those layers are timed again",
+                    path, len(data["entries"]) - len(entries))
+    return entries
+
+
+def _curve_or_none(entry) -> LatencyCurve | None:
+    """The curve an entry holds, or None when it is not one (wrong type, missing or ragged fields)."""
+    try:
+        curve = LatencyCurve.from_dict(entry)
+        rows = [[float(v) for v in row] for row in curve.ms]
+        ok = (curve.c_in and curve.c_out and all(isinstance(w, int) for w in [*curve.c_in, *curve.c_out])
+              and len(rows) == len(curve.c_in) and all(len(r) == len(curve.c_out) for r in rows)
+              and all(math.isfinite(v) and v >= 0 for r in rows for v in r)
+              and isinstance(curve.block, int) and curve.block >= 1)
+        return curve if ok else None
+    except (TypeError, KeyError, ValueError, AttributeError):
+        return None
 
 
 def _save_cache(path: Path, new: dict[str, dict]) -> None:
@@ -528,6 +577,19 @@ def layer_latency_table(model: onnx.ModelProto, shapes: dict[str, list],
     return curves
 
 
+def resolution_note(curves: dict[str, LatencyCurve]) -> str | None:
+    """One line naming the layers below the timer's resolution (costed by MACs), or None."""
+    blind = [name for name, c in curves.items() if not c.resolved]
+    if not blind:
+        return None
+    names = ", ".join(blind[:4]) + (f" and {len(blind) - 4} more" if len(blind) > 4 else "")
+    share = sum(curves[n].full_ms for n in blind) / max(sum(c.full_ms for c in curves.values()), 1e-12)
+    head = ("the latency table cannot see a gain in any layer" if len(blind) == len(curves) else
+            f"{len(blind)} of {len(curves)} layers in the latency table are below the timer's resolution")
+    return (f"{head} ({names}: their widths time alike within {RESOLUTION_MS * 1e3:.0f} us, or only one width fits "
+            f"the block); their time ({share:.0%} of the table's) is costed in proportion to their MACs")
+
+
 def predicted_ms(curves: dict[str, LatencyCurve], widths: dict[str, tuple[int, int]] | None = None) -> float:
     """Sum of the layers' predicted times at ``widths`` (name -> (c_in, c_out); full widths for
     layers not listed)."""
@@ -542,4 +604,4 @@ def predicted_ms(curves: dict[str, LatencyCurve], widths: dict[str, tuple[int, i
 
 
 __all__ = ["LatencyCurve", "LayerShape", "TableStats", "layer_latency_table", "layer_shapes", "measure_curve",
-           "predicted_ms", "cache_path"]
+           "predicted_ms", "resolution_note", "cache_path"]

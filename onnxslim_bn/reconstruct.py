@@ -50,7 +50,7 @@ from onnx import numpy_helper
 
 from .calibrate import Gram, Patches, _ids, chunks, sample_positions
 from .metrics import weight_bytes
-from .verify import static_batch
+from .verify import count as sample_count, static_batch
 
 log = logging.getLogger(__name__)
 
@@ -447,9 +447,10 @@ class _Store:
         self.spilled += value.nbytes
 
     def get(self, name: str, index: int) -> np.ndarray:
-        if name in self.feeds:
+        if name in self.feeds:  # a rank-0 input is fed whole to every chunk
             start, stop = self.ranges[index]
-            return self.feeds[name][start:stop]
+            value = self.feeds[name]
+            return value[start:stop] if np.ndim(value) else value
         key = (name, index)
         return self.memory[key] if key in self.memory else np.load(self.files[key])
 
@@ -669,7 +670,7 @@ def reconstruct(original: onnx.ModelProto, pruned: onnx.ModelProto, feeds: dict[
     model = copy.deepcopy(pruned)
     leftover: list[tuple[onnx.NodeProto, onnx.NodeProto]] = []
     layers, skipped = find_layers(original, model, consumers, downstream, frozen, leftover)
-    report = ReconstructionReport(samples=min((len(v) for v in feeds.values()), default=0), skipped=skipped)
+    report = ReconstructionReport(samples=sample_count(feeds), skipped=skipped)
     batch = static_batch(original)
     if layers and batch and report.samples < batch:
         report.skipped.extend((layer.node.name or layer.target, f"{report.samples} calibration samples do not fill "
@@ -759,7 +760,7 @@ def _collect_targets(original: onnx.ModelProto, feeds: dict[str, np.ndarray], la
     sess = _session(_with_outputs(original, targets))
     size = batch
     if size is None:
-        probe = sess.run(targets, {k: v[:1] for k, v in feeds.items()})
+        probe = sess.run(targets, {k: v[:1] if np.ndim(v) else v for k, v in feeds.items()})
         size = int(max(1, min(32, CHUNK_BYTES // max(1, sum(v.nbytes for v in probe)))))
         del probe
     for index, (samples, chunk) in enumerate(chunks(feeds, batch, size)):

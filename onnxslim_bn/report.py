@@ -19,7 +19,7 @@ from .version import __version__
 # The JSON every command writes (prune's report, inspect, bench, sweep, --export-widths) carries
 # this number. Bump it whenever a key is added, removed or renamed; tests/test_schema.py holds the
 # key set of each document and fails when it changes without a bump.
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 # Blocked reasons as data: a stable code per kind of reason, derived from the reason's text.
 # (Until the analysis records reasons with their code, this table is the one place that knows
@@ -111,7 +111,8 @@ class SpaceReport:
 
 def weight_name(node) -> str:
     """The name of a layer's weight initializer (input 1 of Conv / Gemm / MatMul, else the first
-    constant input with two or more dims), or the node name when there is none."""
+    constant input with two or more dims; a BN of a pre-activation branch: its scale, input 1, as
+    a framework names ``bn.weight``), or the node name when there is none."""
     import onnx_graphsurgeon as gs
 
     def stored(t):  # an fp16 weight behind a Cast (fold.restore_storage): the stored initializer
@@ -122,6 +123,9 @@ def weight_name(node) -> str:
 
     consts = [(i, stored(t)) for i, t in enumerate(node.inputs)]
     consts = [(i, t) for i, t in consts if isinstance(t, gs.Constant) and len(t.shape) >= 2]
+    if not consts:
+        consts = [(i, t) for i, t in enumerate(node.inputs) if isinstance(t, gs.Constant) and len(t.shape) == 1
+                  and node.op == "BatchNormalization"]
     if not consts:
         return node.name
     index, tensor = next(((i, t) for i, t in consts if i == 1), consts[0])
@@ -339,16 +343,26 @@ def selection_lines(sel: dict, chosen: int, removed: int, options: dict) -> list
         lines.append(f"{sel['kept_unknown_replacement']} channels below the cut stay: their value is not a known "
                      f"constant where {where} reads them (a gate, a pad value, a border effect); they are not ranked.")
     kept = [(sel.get("kept_by_branches", 0), "another reader BN's branch still uses them")]
-    rounded = chosen - removed + sel.get("removed_by_branches", 0) - sum(n for n, _ in kept)
+    rounded = chosen - removed + sel.get("removed_by_branches", 0) + sel.get("removed_by_rounding", 0) \
+        - sum(n for n, _ in kept)
     if rounded > 0:
-        block = (sel.get("budget") or {}).get("round_to", options.get("round_to"))
-        kept.append((rounded, f"rounding widths to multiples of {block} and evening out conv groups "
-                              "(--round-to 1 for the exact ratio)"))
+        budget = sel.get("budget") or {}
+        block = budget.get("round_to", options.get("round_to"))
+        dead = sel.get("dead_kept_by_rounding", 0)
+        how = "rounding widths to multiples of" if budget else "rounding widths up (never down past a kept channel) to"
+        kept.append((rounded, f"{how} {block} and evening out conv groups"
+                              + (f" ({dead} of them dead)" if dead else "") + " (--round-to 1 for the exact ratio)"))
     reasons = "; ".join(f"{n} because {why}" for n, why in kept if n > 0)
     if reasons:
         lines.append(f"The ranking chose {chosen}; kept {reasons}.")
     if sel.get("removed_by_branches"):
         lines.append(f"{sel['removed_by_branches']} shared channels removed: every reader BN's branch dropped them.")
+    if sel.get("removed_by_rounding"):
+        lines.append(f"{sel['removed_by_rounding']} more channels removed rounding widths down, all of them "
+                     + ("within the budget." if sel.get("budget") else "dead (in the dead cluster or exactly 0)."))
+    if sel.get("kept_by_min_channels"):
+        lines.append(f"{sel['kept_by_min_channels']} channels passed over: their layer reached --min-channels "
+                     f"{options.get('min_channels')} (or a Split / Slice part its last channel).")
     if sel.get("kept_by_layer_cap"):
         lines.append(f"{sel['kept_by_layer_cap']} live channels passed over: their layer reached --max-layer-ratio "
                      f"{options.get('max_layer_ratio')}.")
@@ -364,7 +378,9 @@ def selection_lines(sel: dict, chosen: int, removed: int, options: dict) -> list
             line += " (the Parameters row also counts biases and BN parameters)"
         if budget["metric"] == "latency":
             line += " as the layer table predicts" + (f", {budget['measured']:.1%} measured" if "measured" in budget else "")
-        if budget.get("unreachable"):
+        if budget.get("met"):
+            line += " -- met, as measured"
+        elif budget.get("unreachable"):
             line += (" -- out of reach: that is all the removable channels allow (--max-layer-ratio, "
                      "--min-channels and the blocked layers limit it)")
         lines.append(line + ".")

@@ -15,11 +15,13 @@ from dataclasses import asdict, dataclass, field, replace
 
 import onnx
 
+from . import data
 from .api import prune
 from .errors import BnSlimError
 from .model_io import load_model
 from .plan import PruneOptions
 from .report import grid
+from .shapes import resolve_input_shapes
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +94,10 @@ def sweep(model: str | os.PathLike | onnx.ModelProto, options: PruneOptions, bud
     for value in values:  # every budget is checked before the first run
         _at(options, budget, value).validate()
     proto = model if isinstance(model, onnx.ModelProto) else load_model(model)
+    samples = None  # --latency times on the user's samples when given (seeded random inputs otherwise)
+    if latency and options.data is not None:
+        shapes, _ = resolve_input_shapes(proto, options.input_shapes, source)
+        samples = data.load(options.data, proto, shapes, options.preprocess).arrays
     result: SweepResult | None = None
     points = []
     for value in values:
@@ -118,8 +124,8 @@ def sweep(model: str | os.PathLike | onnx.ModelProto, options: PruneOptions, bud
         if latency:
             from .bench import probe, probe_inputs
 
-            point.speedup = probe(proto, run.model, probe_inputs(proto, options.input_shapes), threads=options.threads,
-                                  profile_runs=1).speedup
+            point.speedup = probe(proto, run.model, probe_inputs(proto, options.input_shapes, samples=samples),
+                                  threads=options.threads, profile_runs=1).speedup
         result.inputs = v.inputs
         points.append(point)
     if result is None:

@@ -140,6 +140,44 @@ def session(model: onnx.ModelProto, what: str, extra_outputs: list[str] = ()):
             model.graph.output.pop()
 
 
+LAYER_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")  # the ops whose MACs rules.layer_cost counts
+
+
+def open_layer_shapes(model: onnx.ModelProto, shapes: dict[str, list]) -> tuple[list[str], list[str]]:
+    """(layers, tensors): the layers with a constant weight whose input or output shape inference
+    left open (a ``Resize`` sized from an input's values), and those tensors."""
+    consts = {t.name for t in model.graph.initializer}
+    consts |= {o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
+    inputs = {i.name for i in model.graph.input}
+    layers, tensors = [], []
+    for node in model.graph.node:
+        if node.op_type not in LAYER_OPS or len(node.input) < 2 or node.input[1] not in consts:
+            continue
+        open_ = [t for t in (node.input[0], node.output[0]) if t and not _static(shapes.get(t))]
+        if open_:
+            layers.append(node.name or node.output[0])
+            tensors.extend(t for t in open_ if t not in inputs and t not in tensors)
+    return layers, tensors
+
+
+def concrete_shapes(model: onnx.ModelProto, tensors: list[str], feeds: dict[str, np.ndarray],
+                    what: str) -> dict[str, list[int]]:
+    """The shapes ``tensors`` take in one onnxruntime run of ``model`` on ``feeds``."""
+    if not tensors:
+        return {}
+    sess = session(model, what, extra_outputs=tensors)
+    try:
+        outs = sess.run(tensors, feeds)
+    except Exception as exc:  # onnxruntime raises its own unexported exception types
+        raise BnSlimError(f"{what}: onnxruntime fails on the inputs that were to count its layers' shapes "
+                          f"({str(exc).splitlines()[0]}); check --data and --input-shapes") from exc
+    return {name: [int(d) for d in out.shape] for name, out in zip(tensors, outs)}
+
+
+def _static(dims: list | None) -> bool:
+    return dims is not None and all(isinstance(d, int) and d >= 0 for d in dims)
+
+
 def check_model(model: onnx.ModelProto, what: str) -> None:
     """onnx.checker with full (strict shape inference) checks."""
     try:

@@ -29,7 +29,8 @@ def digest(p) -> str:
 
 def test_prune_writes_model_table_and_json_report(vgg, capsys):
     report = vgg.with_name("report.json")
-    assert main([str(vgg), "--ratio", "0.1", "--round-to", "1", "--report", str(report), "-v"]) == 0
+    # --no-probe: the probe may replace a cut it times as slower (issue 16); the counts below are exact
+    assert main([str(vgg), "--ratio", "0.1", "--round-to", "1", "--no-probe", "--report", str(report), "-v"]) == 0
     out = capsys.readouterr().out
     slim = vgg.with_name("vgg.slim.onnx")
     assert slim.is_file()
