@@ -280,6 +280,7 @@ def find_layers(original: onnx.ModelProto, pruned: onnx.ModelProto, consumers: l
         for name in reads(node):
             readers.setdefault(name, []).append(node)
     casts = {n.output[0]: n for n in pruned.graph.node if n.op_type == "Cast" and n.input[0] in pruned_const}
+    orig_casts = {n.output[0]: n for n in original.graph.node if n.op_type == "Cast" and n.input[0] in orig_const}
     layers, skipped = [], []
     for node in pruned.graph.node:
         if changed.intersection(reads(node)):
@@ -298,19 +299,10 @@ def find_layers(original: onnx.ModelProto, pruned: onnx.ModelProto, consumers: l
                 continue
         orig_node = orig_by_out[target]
         label = node.name or target
-        if consumers is not None and label not in consumers and target not in consumers:
-            continue
-        w_orig = orig_const.get(orig_node.input[1])
-        if w_orig is None:
-            continue
         if node.input[1] in casts:
             w = pruned_const.get(casts[node.input[1]].input[0])
         else:
             w = pruned_const.get(node.input[1])
-        channels = (_input_channels(node, w.shape), _input_channels(orig_node, w_orig.shape))
-        if channels[0] == channels[1] and not (downstream and node.input[0] in changed):
-            continue
-        changed.update(node.output)
         if trailing is not None:
             extra = pruned_const.get(trailing.input[1])
             if extra.size != len(_as_rows(node, w)[0]):  # not a bias: the surgery's border map
@@ -318,6 +310,16 @@ def find_layers(original: onnx.ModelProto, pruned: onnx.ModelProto, consumers: l
                     skipped.append((label, "a constant tensor that is neither a bias nor a border map is added behind it"))
                     continue
                 trailing, border = None, trailing
+        name = orig_node.input[1]
+        w_orig = orig_const.get(orig_casts[name].input[0] if name in orig_casts else name)
+        if (consumers is not None and label not in consumers and target not in consumers) or w_orig is None:
+            if border is not None and leftover is not None:  # not refit: its map is settled by size
+                leftover.append((node, border))
+            continue
+        channels = (_input_channels(node, w.shape), _input_channels(orig_node, w_orig.shape))
+        if channels[0] == channels[1] and not (downstream and node.input[0] in changed):
+            continue
+        changed.update(node.output)
         reason = None
         attrs = _attrs(node)
         others = [r for name in node.input[1:3] if name for r in readers.get(name, []) if r is not node]
