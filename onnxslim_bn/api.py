@@ -19,7 +19,7 @@ from . import data, verify
 from .analysis import Analysis, analyze
 from .data import Samples
 from .errors import BnSlimError, CheckFailed
-from .fold import fold_constants, split_sequences
+from .fold import fold_constants, restore_storage, split_sequences
 from .importance import add_data_scores, candidates
 from .metrics import measure, weight_bytes
 from .edits import fix_tensor_names
@@ -401,7 +401,8 @@ def _prune_once(model, options: PruneOptions, given: dict) -> tuple[PruneResult,
         if blind:  # below the timer's resolution: those layers were costed by MACs
             prep.notes.append(blind)
             plan.budget["macs_proxy_layers"] = sorted(n for n, c in curves.items() if not c.resolved)
-        stats = apply(prep.analysis, plan, options.exact_borders)
+        # a refit keeps the border maps of removed constants where they make it more exact (reconstruct.py)
+        stats = apply(prep.analysis, plan, options.exact_borders or _compensation(options) == "reconstruct")
         resolved = _options_resolved(options, prep)
         resolved["round_to"] = plan.budget.get("round_to", resolved["round_to"])  # a budget may need a finer block
         pruned = _export(prep, run_metadata(resolved), options.allow_growth)
@@ -409,7 +410,7 @@ def _prune_once(model, options: PruneOptions, given: dict) -> tuple[PruneResult,
         reconstruction = None
         if _compensation(options) == "reconstruct":
             clock = time.perf_counter()
-            pruned, reconstruction = _reconstruct(prep, pruned, options)
+            pruned, reconstruction = _reconstruct(prep, pruned, options, stats)
             seconds["reconstruct"] = time.perf_counter() - clock
         if target is None:
             break
@@ -599,9 +600,11 @@ def _compensation(options: PruneOptions) -> str:
     return options.compensation
 
 
-def _reconstruct(prep: _Prepared, pruned: onnx.ModelProto, options: PruneOptions):
+def _reconstruct(prep: _Prepared, pruned: onnx.ModelProto, options: PruneOptions, stats):
     """Refit the layers whose inputs were pruned on the calibration share of the data (split
-    from the check's here when no scale recovery split it already)."""
+    from the check's here when no scale recovery split it already). Layers under --keep stay as
+    they are; border maps stay where the user asked for them (--exact-borders) or where they
+    make the refit more exact within the input's size."""
     if prep.check is None:
         raise BnSlimError(f"{prep.source}: --compensation reconstruct refits layers on calibration data; "
                           "pass --data (an .npz, .npy or a folder of images) or use --compensation bias")
@@ -609,8 +612,14 @@ def _reconstruct(prep: _Prepared, pruned: onnx.ModelProto, options: PruneOptions
         prep.calibration, prep.check, note = data.split(prep.check, options.calibration_samples)
         prep.calibration_count = prep.calibration.count
         prep.notes.extend([note] if note else [])
-    refit, result = reconstruct(prep.model, pruned, prep.calibration.arrays, seed=options.seed)
+    refit, result = reconstruct(prep.model, pruned, prep.calibration.arrays, seed=options.seed,
+                                frozen=_protected(prep.graph, options), keep_maps=options.exact_borders)
+    stats.border_maps -= result.maps_dropped
     prep.notes.append(result.summary())
+    if result.maps_too_large:
+        prep.notes.append(f"reconstruction: {result.maps_too_large} border map{'s' if result.maps_too_large > 1 else ''} "
+                          "(the exact correction where removed constants meet a conv's padding) left out: they would "
+                          "make the model larger than the input; --exact-borders keeps them")
     for label, reason in result.skipped:
         prep.notes.append(f"reconstruction left {label} as bias folding made it: {reason}")
     return refit, result
@@ -620,6 +629,7 @@ def _export(prep: _Prepared, metadata: dict[str, str], allow_growth: bool = Fals
     """The pruned graph as a model with the input's interface (inputs, outputs, IR, opsets,
     metadata), unique tensor names, and weights no larger than the input's (see interface)."""
     settle_copies(prep.graph)
+    widened = restore_storage(prep.graph)  # fp16 weights behind a Cast stay fp16
     fix_tensor_names(prep.graph)
     origins = copy_origins(prep.graph)
     pruned = gs.export_onnx(prep.graph, do_type_check=False)
@@ -632,7 +642,7 @@ def _export(prep: _Prepared, metadata: dict[str, str], allow_growth: bool = Fals
     pruned.doc_string = original.doc_string
     restore_interface(pruned, original, prep.graph)
     check_interface(original, pruned, prep.source)
-    check_size(account(original, pruned, origins), allow_growth, prep.source)
+    check_size(account(original, pruned, origins, widened), allow_growth, prep.source)
     try:  # annotate shapes from a weight-less copy: no second copy of the weights in memory
         inferred = onnx.shape_inference.infer_shapes(skeleton(pruned, None), strict_mode=True)
         known = {t.name for t in pruned.graph.initializer} | {t.name for t in pruned.graph.input}

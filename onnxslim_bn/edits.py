@@ -84,6 +84,8 @@ def replace_constant(node: gs.Node, index: int, values: np.ndarray) -> None:
         origin = getattr(old, "_bnslim_from", None) or old.name  # a copy of a copy names the first weight
         copy = gs.Constant(f"{origin or node.name + '_in' + str(index)}_slim", values)
         copy._bnslim_from = origin  # a derived copy, told apart in the size accounting
+        if getattr(old, "_bnslim_storage", None) is not None:  # stored narrow: written back so (fold.restore_storage)
+            copy._bnslim_storage = old._bnslim_storage
         if key is not None:
             if copies is None:
                 copies = old._bnslim_copies = {}

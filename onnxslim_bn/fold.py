@@ -9,6 +9,8 @@ implementation (no onnxruntime session, no change to any op that reads an activa
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
@@ -21,6 +23,18 @@ FOLDABLE = {"Shape", "Gather", "Unsqueeze", "Squeeze", "Concat", "Cast", "CastLi
             "Mul", "Div", "Identity", "Reshape", "ConstantOfShape", "Range", "Expand", "ReduceProd", "Equal",
             "Where", "Transpose", "Neg", "Sqrt", "Reciprocal"}
 MAX_FOLDED = 1 << 22  # elements; a folded tensor larger than this stays computed
+
+
+@dataclass(frozen=True)
+class Storage:
+    """A weight stored narrower than it is computed (an fp16 initializer behind ``Cast(to=float)``):
+    folded for the analysis, written back in its storage type by :func:`restore_storage`."""
+
+    source: str  # the stored initializer's name
+    dtype: np.dtype  # its type
+    output: str  # the Cast's output name
+    cast: str  # the Cast node's name
+    to: int  # the Cast's target type
 
 
 def evaluate(op: str, inputs: list[np.ndarray | None], attrs: dict, opset: int) -> np.ndarray | None:
@@ -65,6 +79,10 @@ def fold_constants(graph: gs.Graph) -> int:
             if value is None or value.size > MAX_FOLDED:
                 continue
             const = gs.Constant(out.name + "_folded", value)
+            source = node.inputs[0] if node.op == "Cast" else None
+            if isinstance(source, gs.Constant) and not source.inputs and _widens(source, value):
+                const._bnslim_storage = Storage(source.name, np.dtype(source.dtype), out.name, node.name,
+                                                int(node.attrs["to"]))
         for consumer in list(out.outputs):
             for i, t in enumerate(consumer.inputs):
                 if t is out:
@@ -72,6 +90,50 @@ def fold_constants(graph: gs.Graph) -> int:
         folded += 1
     graph.cleanup()
     return folded
+
+
+def _widens(source: gs.Constant, value: np.ndarray) -> bool:
+    """A float initializer cast to a wider float type: a storage type, not a computation."""
+    have = np.dtype(source.dtype) if source.dtype is not None else None
+    return (have is not None and np.issubdtype(have, np.floating) and np.issubdtype(value.dtype, np.floating)
+            and value.dtype.itemsize > have.itemsize)
+
+
+def restore_storage(graph: gs.Graph) -> dict[str, int]:
+    """Write folded storage casts back (see :class:`Storage`): every constant that came from
+    ``Cast(stored)`` and still holds values the storage type represents exactly (sliced, not
+    recomputed) becomes the stored tensor again, in its type, behind the same ``Cast``. A value
+    the compensation changed (a bias that absorbed removed channels) stays in the computed type
+    under the Cast's output name: rounding it would lose the compensation's exactness.
+    Returns those widened tensors: name -> their bytes in the storage type."""
+    done: dict[int, gs.Tensor] = {}
+    narrow, widened = 0, {}
+    for node in list(graph.nodes):
+        for i, tensor in enumerate(node.inputs):
+            storage = getattr(tensor, "_bnslim_storage", None)
+            if storage is None:
+                continue
+            if id(tensor) not in done:
+                values = constant_values(tensor)
+                stored = values.astype(storage.dtype)
+                copy = "_slim" if getattr(tensor, "_bnslim_from", None) else ""
+                if np.array_equal(stored.astype(values.dtype), values, equal_nan=True):
+                    source = gs.Constant(storage.source + copy, stored)
+                    if copy:
+                        source._bnslim_from = storage.source
+                    out = gs.Variable(storage.output + copy, dtype=values.dtype, shape=list(values.shape))
+                    graph.nodes.append(gs.Node("Cast", storage.cast + copy, {"to": storage.to},
+                                               inputs=[source], outputs=[out]))
+                    done[id(tensor)] = out
+                    narrow += 1
+                else:
+                    tensor.name = storage.output + copy
+                    widened[tensor.name] = int(values.size) * storage.dtype.itemsize
+                    done[id(tensor)] = tensor
+            node.inputs[i] = done[id(tensor)]
+    if narrow:
+        graph.toposort()
+    return widened
 
 
 def split_sequences(graph: gs.Graph) -> int:

@@ -89,7 +89,9 @@ def settle_copies(graph: gs.Graph) -> None:
     """A shared weight whose readers all moved to one new value: that value takes the
     weight's name back (one tensor, the same name, an initializer-input stays one)."""
     live: dict[str, list[gs.Tensor]] = {}
-    for node in graph.nodes:
+    readers = list(graph.nodes)  # If / Loop bodies read outer weights too: those keep the original
+    readers += [n for node in graph.nodes for sub in node.subgraphs(recursive=True) for n in sub.nodes]
+    for node in readers:
         for t in node.inputs:
             if t.name and all(t is not u for u in live.get(t.name, [])):
                 live.setdefault(t.name, []).append(t)
@@ -189,9 +191,15 @@ class WeightBytes:
     copies: int = 0  # distinct slices of weights shared by nodes that keep different channels
     shared: dict[str, int] = field(default_factory=dict)  # weight -> how many distinct tensors it became
     duplicates: list[str] = field(default_factory=list)  # copies with the bytes of another one: a bug
+    widened: int = 0  # bytes added by writing weights stored narrow (fp16 + Cast) in a wider type
+    widened_stored: int = 0  # those weights' bytes in their storage type (counted in ``added``)
 
 
-def account(original: onnx.ModelProto, pruned: onnx.ModelProto, origins: dict[str, str]) -> WeightBytes:
+def account(original: onnx.ModelProto, pruned: onnx.ModelProto, origins: dict[str, str],
+            widened: dict[str, int] | None = None) -> WeightBytes:
+    """``widened``: tensors stored narrower in the input and written wider (fold.restore_storage),
+    by name -> their bytes in the storage type: only those bytes count as added."""
+    widened = widened or {}
     before = sum(_nbytes(t) for t in original.graph.initializer)
     before += sum(_nbytes(a.t) for n in original.graph.node if n.op_type == "Constant"
                   for a in n.attribute if a.name == "value" and a.type == onnx.AttributeProto.TENSOR)
@@ -202,6 +210,10 @@ def account(original: onnx.ModelProto, pruned: onnx.ModelProto, origins: dict[st
         if t.name in origins:
             account.copies += _nbytes(t)
             groups.setdefault(origins[t.name], []).append(t)
+        elif t.name in widened:
+            account.added += widened[t.name]
+            account.widened_stored += widened[t.name]
+            account.widened += _nbytes(t) - widened[t.name]
         elif t.name not in names:
             account.added += _nbytes(t)
     by_name = {t.name: t for t in pruned.graph.initializer}
@@ -226,6 +238,12 @@ def check_size(weights: WeightBytes, allow_growth: bool, source: str) -> None:
         raise BnSlimError(f"{source}: the pruned model holds identical copies of a shared weight "
                           f"({', '.join(weights.duplicates[:3])}); nothing was written. "
                           "This is a bug in onnx-bnslim: please report it with the model")
+    # growth by widening: beyond the input, not counting what was added on purpose (border maps, new biases)
+    if weights.widened and weights.after - (weights.added - weights.widened_stored) > weights.before and not allow_growth:
+        raise BnSlimError(f"{source}: the pruned model's weights ({_mib(weights.after)}) would exceed the input's "
+                          f"({_mib(weights.before)}): biases stored as float16 in the input absorbed the removed "
+                          f"channels' constants and are written as float32 (+{_mib(weights.widened)}; rounding them "
+                          "would undo the compensation); nothing was written. Remove more channels or pass --allow-growth")
     if weights.after > weights.before + weights.added + weights.copies:
         raise BnSlimError(f"{source}: the pruned model's weights ({_mib(weights.after)}) exceed the input's "
                           f"({_mib(weights.before)}) by more than the tensors it added; nothing was written. "

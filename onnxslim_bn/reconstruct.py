@@ -14,9 +14,20 @@ For each such consumer (Conv, Gemm, MatMul with a constant weight), in topologic
   refit returns it unchanged.
 
 The pruned model is run once, layer level by layer level: the nodes that depend on refit
-layers of level L run after those layers are refit, from the cached activations of the level
+layers of level L run after those layers are refit, from the stored activations of the level
 before (kept per chunk of samples), so every node runs once. The original runs once, keeping
-only its layer outputs at the sampled positions.
+only its layer outputs at the sampled positions. What is stored between levels is held in memory
+up to ``STORE_BYTES`` and goes to files in a temporary folder past that (:class:`_Store`), so the
+memory of a refit does not grow with the number of samples (the Gram matrices are reducers).
+
+The refit is an edit of the weights the plan already owns: a refit layer's weight and bias are
+rewritten in place under their own names (an initializer that is also a graph input stays
+overridable); a layer protected with ``--keep`` (``frozen``), a weight read by another node or
+inside a subgraph, and a weight stored behind a ``Cast`` are left as bias folding made them.
+Where the removed channels meet a padded consumer, the surgery's border map (the constant
+channels' exact correction at the borders) is a fixed part of the fit: the layer is refit with
+it in place, and the map is kept when it makes the fit more exact (always, when the removed
+channels were constant) and the model stays no larger than the input, else dropped.
 
 Nodes are matched between the two models by their output tensor name (pruning keeps it; a
 constant ``Add`` that bias folding put behind a MatMul is recognised). Which original output
@@ -28,6 +39,8 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
+import tempfile
 import time
 from dataclasses import dataclass, field
 
@@ -35,7 +48,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from .calibrate import Gram, Patches, chunks
+from .calibrate import Gram, Patches, _ids, chunks, sample_positions
+from .metrics import weight_bytes
 from .verify import count as sample_count, static_batch
 
 log = logging.getLogger(__name__)
@@ -49,6 +63,10 @@ MIN_ROWS_PER_UNKNOWN = 4
 # 16,384 (agreement within noise), and on a ResNet-50 the wide 3x3 layers get the rows they need
 ROWS_FLOOR = 4096
 CHUNK_BYTES = 256 * 2**20  # the original's layer outputs held at once (see _collect_targets)
+STORE_BYTES = 256 * 2**20  # activations and targets kept in memory between levels; the rest go to files
+# a border map stays behind a refit layer when the fit with it leaves at most this share of the
+# squared residual of the fit without it (constant removed channels: ~0)
+MAP_GAIN = 0.5
 
 
 @dataclass
@@ -73,14 +91,21 @@ class ReconstructionReport:
     seconds: float = 0.0  # in all; of which:
     seconds_original: float = 0.0  # running the original for the targets
     seconds_pruned: float = 0.0  # running the pruned model level by level (the refits: LayerFit.seconds)
+    spilled_bytes: int = 0  # activations and targets the store wrote to files (past STORE_BYTES)
+    maps_kept: int = 0  # border maps kept behind refit layers
+    maps_dropped: int = 0  # border maps a refit layer did better without (or that did not fit the size)
+    maps_too_large: int = 0  # of those, maps that would have been more exact but make the model larger than the input
 
     def summary(self) -> str:
         if not self.layers:
             return f"reconstruction: no layer refit ({len(self.skipped)} skipped)"
         before = np.mean([f.error_before for f in self.layers])
         after = np.mean([f.error_after for f in self.layers])
+        maps = "" if not (self.maps_kept or self.maps_dropped) else \
+            f", {self.maps_kept} border maps kept and {self.maps_dropped} dropped"
         return (f"reconstruction: {len(self.layers)} layers refit on {self.samples} calibration samples "
-                f"(mean relative error {before:.3g} -> {after:.3g}), {len(self.skipped)} skipped, {self.seconds:.1f} s")
+                f"(mean relative error {before:.3g} -> {after:.3g}), {len(self.skipped)} skipped{maps}, "
+                f"{self.seconds:.1f} s")
 
 
 @dataclass
@@ -93,10 +118,13 @@ class _Layer:
     input_channels: tuple[int, int]
     weight_shape: tuple[int, ...]
     downstream: bool = False  # refit because its input changed, not because it lost input channels
+    border: onnx.NodeProto | None = None  # the surgery's border-map Add behind it (a fixed [1, C, H, W] offset)
     gram: Gram | None = None
-    targets: list[np.ndarray] = field(default_factory=list)  # per chunk: [n, P, kept outputs]
+    plain: Gram | None = None  # with a border map: the same rows against the targets without the map
     level: int = 0
     refit: bool = False  # done (a downstream layer with too few rows is left as it was)
+    slot: bool = False  # its bias Add was made by the refit (_add_bias_slots)
+    map_kept: bool | None = None  # with a border map: the refit's decision
 
 
 class _Constants:
@@ -204,25 +232,63 @@ def _input_channels(node: onnx.NodeProto, shape: tuple[int, ...]) -> int:
     return shape[0]
 
 
+def _graphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
+    out = []
+    for a in node.attribute:
+        if a.type == onnx.AttributeProto.GRAPH:
+            out.append(a.g)
+        elif a.type == onnx.AttributeProto.GRAPHS:
+            out.extend(a.graphs)
+    return out
+
+
+def _outer_reads(graph: onnx.GraphProto) -> set[str]:
+    """Names a subgraph (and the subgraphs inside it) reads from the enclosing scopes."""
+    local = {v.name for v in graph.input} | {t.name for t in graph.initializer}
+    reads: set[str] = set()
+    for node in graph.node:
+        reads.update(n for n in node.input if n)
+        for sub in _graphs(node):
+            reads |= _outer_reads(sub)
+        local.update(node.output)
+    return reads - local
+
+
+def reads(node: onnx.NodeProto) -> list[str]:
+    """Every tensor a node reads: its inputs, and the outer-scope tensors its If / Loop / Scan
+    bodies read implicitly."""
+    names = [n for n in node.input if n]
+    for sub in _graphs(node):
+        names.extend(sorted(_outer_reads(sub) - set(names)))
+    return names
+
+
 def find_layers(original: onnx.ModelProto, pruned: onnx.ModelProto, consumers: list[str] | None = None,
-                downstream: bool = False) -> tuple[list[_Layer], list[tuple[str, str]]]:
+                downstream: bool = False, frozen: frozenset[str] | set[str] = frozenset(),
+                leftover: list[tuple[onnx.NodeProto, onnx.NodeProto]] | None = None,
+                ) -> tuple[list[_Layer], list[tuple[str, str]]]:
     """The pruned model's layers whose input channels were pruned, matched to the original;
     with ``downstream``, also every later layer whose input the cut changed (values differ from
-    the original only downstream of a layer that lost input channels)."""
+    the original only downstream of a layer that lost input channels). Layers named in
+    ``frozen`` (``--keep``) are never refit; ``leftover`` collects the (layer, border-map Add)
+    pairs of the layers left as they are."""
     changed: set[str] = set()
     orig_const, pruned_const = _Constants(original), _Constants(pruned)
     orig_by_out = {o: n for n in original.graph.node for o in n.output}
     readers: dict[str, list[onnx.NodeProto]] = {}
     for node in pruned.graph.node:
-        for name in node.input:
+        for name in reads(node):
             readers.setdefault(name, []).append(node)
+    casts = {n.output[0]: n for n in pruned.graph.node if n.op_type == "Cast" and n.input[0] in pruned_const}
+    orig_casts = {n.output[0]: n for n in original.graph.node if n.op_type == "Cast" and n.input[0] in orig_const}
     layers, skipped = [], []
     for node in pruned.graph.node:
-        if changed.intersection(node.input):
+        if changed.intersection(reads(node)):
             changed.update(node.output)
-        if node.op_type not in CONSUMER_OPS or len(node.input) < 2 or node.input[1] not in pruned_const:
+        if node.op_type not in CONSUMER_OPS or len(node.input) < 2 or \
+                (node.input[1] not in pruned_const and node.input[1] not in casts):
             continue
-        target, trailing = node.output[0], None
+        target, trailing, border = node.output[0], None, None
         if orig_by_out.get(target) is None or orig_by_out[target].op_type != node.op_type:
             after = readers.get(target, [])
             if (len(after) == 1 and after[0].op_type == "Add" and after[0].input[0] == target
@@ -233,10 +299,22 @@ def find_layers(original: onnx.ModelProto, pruned: onnx.ModelProto, consumers: l
                 continue
         orig_node = orig_by_out[target]
         label = node.name or target
-        if consumers is not None and label not in consumers and target not in consumers:
-            continue
-        w_orig, w = orig_const.get(orig_node.input[1]), pruned_const.get(node.input[1])
-        if w_orig is None:
+        if node.input[1] in casts:
+            w = pruned_const.get(casts[node.input[1]].input[0])
+        else:
+            w = pruned_const.get(node.input[1])
+        if trailing is not None:
+            extra = pruned_const.get(trailing.input[1])
+            if extra.size != len(_as_rows(node, w)[0]):  # not a bias: the surgery's border map
+                if node.op_type != "Conv" or extra.ndim != 4 or extra.shape[:2] != (1, len(_as_rows(node, w)[0])):
+                    skipped.append((label, "a constant tensor that is neither a bias nor a border map is added behind it"))
+                    continue
+                trailing, border = None, trailing
+        name = orig_node.input[1]
+        w_orig = orig_const.get(orig_casts[name].input[0] if name in orig_casts else name)
+        if (consumers is not None and label not in consumers and target not in consumers) or w_orig is None:
+            if border is not None and leftover is not None:  # not refit: its map is settled by size
+                leftover.append((node, border))
             continue
         channels = (_input_channels(node, w.shape), _input_channels(orig_node, w_orig.shape))
         if channels[0] == channels[1] and not (downstream and node.input[0] in changed):
@@ -244,7 +322,16 @@ def find_layers(original: onnx.ModelProto, pruned: onnx.ModelProto, consumers: l
         changed.update(node.output)
         reason = None
         attrs = _attrs(node)
-        if node.op_type == "Gemm" and attrs.get("transA", 0):
+        others = [r for name in node.input[1:3] if name for r in readers.get(name, []) if r is not node]
+        if label in frozen or node.name in frozen:
+            reason = "protected with --keep"
+        elif node.input[1] in casts or any(name in casts for name in node.input[2:3]):
+            reason = f"its weight is stored as {w.dtype} behind a Cast (refitting it would change its storage)"
+        elif others:
+            inside = [r for r in others if node.input[1] not in r.input and (len(node.input) < 3 or node.input[2] not in r.input)]
+            reason = (f"its weight is also read by {others[0].op_type} {others[0].name or others[0].output[0]}"
+                      + (" inside a subgraph" if inside else "") + ": refitting it in place would change that reader too")
+        elif node.op_type == "Gemm" and attrs.get("transA", 0):
             reason = "Gemm with transA"
         elif node.op_type == "Gemm" and len(node.input) > 2 and node.input[2] and node.input[2] not in pruned_const:
             reason = "Gemm with a computed bias"
@@ -254,8 +341,6 @@ def find_layers(original: onnx.ModelProto, pruned: onnx.ModelProto, consumers: l
             reason = "its weight or bias is read through an Identity"
         elif not np.issubdtype(w.dtype, np.floating):
             reason = f"weight of type {w.dtype}"
-        elif trailing is not None and pruned_const.get(trailing.input[1]).size != len(_as_rows(node, w)[0]):
-            reason = "a constant map, not a bias, is added behind it (border correction)"
         if reason is None:
             (ro, go), (rp, gp) = _as_rows(orig_node, w_orig), _as_rows(node, w)
             kept = kept_outputs(ro, go, rp, gp)
@@ -263,9 +348,11 @@ def find_layers(original: onnx.ModelProto, pruned: onnx.ModelProto, consumers: l
                 reason = "its weight is not a slice of the original's (cannot match the channels)"
         if reason is not None:
             skipped.append((label, reason))
+            if border is not None and leftover is not None:
+                leftover.append((node, border))
             continue
         layers.append(_Layer(len(layers), node, target, trailing, kept, channels, tuple(w.shape),
-                             downstream=channels[0] == channels[1]))
+                             downstream=channels[0] == channels[1], border=border))
     return layers, skipped
 
 
@@ -289,7 +376,7 @@ def _with_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
 
 def _submodel(model: onnx.ModelProto, nodes: list[onnx.NodeProto], inputs: dict[str, np.dtype],
               outputs: list[str], constants: dict[str, onnx.TensorProto]) -> onnx.ModelProto:
-    used = {n for node in nodes for n in node.input}
+    used = {n for node in nodes for n in reads(node)}
     graph = onnx.helper.make_graph(
         nodes, "segment",
         [onnx.helper.make_tensor_value_info(n, onnx.helper.np_dtype_to_tensor_dtype(d), None)
@@ -307,7 +394,7 @@ def _levels(nodes: list[onnx.NodeProto], layers: list[_Layer]) -> list[int]:
     level: dict[str, int] = {}
     out = []
     for node in nodes:
-        here = max((level.get(n, 0) for n in node.input if n), default=0)
+        here = max((level.get(n, 0) for n in reads(node)), default=0)
         layer = of_node.get(id(node))
         if layer is not None:
             layer.level = here + 1
@@ -324,8 +411,66 @@ def _needed(nodes: list[onnx.NodeProto], wanted: set[str]) -> set[int]:
     for i in range(len(nodes) - 1, -1, -1):
         if need.intersection(nodes[i].output):
             keep.add(i)
-            need.update(n for n in nodes[i].input if n)
+            need.update(reads(nodes[i]))
     return keep
+
+
+class _Store:
+    """Per-chunk arrays kept between levels (activations, targets): in memory up to ``budget``
+    bytes, in ``.npy`` files of a temporary folder past that, read back when used and deleted
+    when dropped. The calibration feeds themselves are read from the caller's arrays."""
+
+    def __init__(self, feeds: dict[str, np.ndarray], budget: int | None = None) -> None:
+        self.feeds, self.budget = feeds, STORE_BYTES if budget is None else budget
+        self.memory: dict[tuple, np.ndarray] = {}
+        self.files: dict[tuple, str] = {}
+        self.held = 0
+        self.spilled = 0  # bytes written to files in all
+        self.folder: tempfile.TemporaryDirectory | None = None
+        self.ranges: list[tuple[int, int]] = []
+
+    def names(self) -> set[str]:
+        return {key[0] for key in (*self.memory, *self.files)}
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.feeds or name in self.names()
+
+    def put(self, name: str, index: int, value: np.ndarray) -> None:
+        key = (name, index)
+        if self.held + value.nbytes <= self.budget:
+            self.memory[key] = value
+            self.held += value.nbytes
+            return
+        if self.folder is None:
+            self.folder = tempfile.TemporaryDirectory(prefix="bnslim-refit-")
+        path = os.path.join(self.folder.name, f"{len(self.files)}-{self.spilled}.npy")
+        np.save(path, np.ascontiguousarray(value))
+        self.files[key] = path
+        self.spilled += value.nbytes
+
+    def get(self, name: str, index: int) -> np.ndarray:
+        if name in self.feeds:  # a rank-0 input is fed whole to every chunk
+            start, stop = self.ranges[index]
+            value = self.feeds[name]
+            return value[start:stop] if np.ndim(value) else value
+        key = (name, index)
+        return self.memory[key] if key in self.memory else np.load(self.files[key])
+
+    def dtype(self, name: str) -> np.dtype:
+        return self.get(name, 0).dtype
+
+    def drop(self, name: str) -> None:
+        for key in [k for k in self.memory if k[0] == name]:
+            self.held -= self.memory.pop(key).nbytes
+        for key in [k for k in self.files if k[0] == name]:
+            os.remove(self.files.pop(key))
+
+    def close(self) -> None:
+        self.memory.clear()
+        self.files.clear()
+        if self.folder is not None:
+            self.folder.cleanup()
+            self.folder = None
 
 
 def _current(layer: _Layer, const: dict[str, onnx.TensorProto]) -> np.ndarray:
@@ -347,14 +492,6 @@ def _current(layer: _Layer, const: dict[str, onnx.TensorProto]) -> np.ndarray:
     flat = rows.reshape(len(rows), -1)
     return np.stack([np.concatenate([flat[j * per:(j + 1) * per].T, bias[None, j * per:(j + 1) * per]])
                      for j in range(groups)])
-
-
-def _error(gram: Gram, delta: np.ndarray | None = None) -> float:
-    """Relative error of the layer (after adding ``delta``) against the targets, from the
-    reducer's sums alone: residual norm over the targets' spread around their mean."""
-    spread = gram.spread()
-    sq = max(gram.residual(delta), 0.0)
-    return float(np.sqrt(sq / spread)) if spread > 0 else float(np.sqrt(sq))
 
 
 def _solve(gram: Gram, ridge: float) -> np.ndarray:
@@ -381,26 +518,44 @@ def _unique(name: str, taken: set[str]) -> str:
     return out
 
 
+def _set_constant(model: onnx.ModelProto, const: dict[str, onnx.TensorProto], name: str, values: np.ndarray) -> None:
+    """New values for constant ``name`` under the same name: an initializer in place (an
+    initializer-input stays overridable), or a ``Constant`` node's value."""
+    tensor = numpy_helper.from_array(values, name)
+    for init in model.graph.initializer:
+        if init.name == name:
+            init.CopyFrom(tensor)
+            break
+    else:
+        for node in model.graph.node:
+            if node.op_type == "Constant" and list(node.output) == [name]:
+                node.attribute[0].t.CopyFrom(tensor)
+                break
+        else:
+            model.graph.initializer.append(tensor)
+    const[name] = tensor
+
+
 def _write(layer: _Layer, w: np.ndarray, model: onnx.ModelProto, const: dict[str, onnx.TensorProto],
            taken: set[str]) -> None:
-    """Put the fitted [groups, d + 1, outputs per group] into the working model."""
+    """Put the fitted [groups, d + 1, outputs per group] into the working model: the weight and
+    the bias keep their names and storage types (a layer without a bias gets one)."""
     node = layer.node
     dtype = numpy_helper.to_array(const[node.input[1]]).dtype
     groups, d1, per = w.shape
     weight = np.concatenate([w[j, :-1, :].T for j in range(groups)])  # [outputs, d]
     bias = np.concatenate([w[j, -1, :] for j in range(groups)])
 
-    def put(values: np.ndarray, base: str) -> str:
-        name = _unique(f"{base}_refit", taken)
-        tensor = numpy_helper.from_array(values.astype(dtype), name)
-        model.graph.initializer.append(tensor)
-        const[name] = tensor
-        return name
-
-    def set_input(index: int, name: str) -> None:
+    def put(index: int, values: np.ndarray, base: str) -> None:
         while len(node.input) <= index:
             node.input.append("")
-        node.input[index] = name
+        if not node.input[index]:
+            node.input[index] = _unique(f"{base}_bias", taken)
+            shape, kind = values.shape, dtype
+        else:
+            old = numpy_helper.to_array(const[node.input[index]])
+            shape, kind = old.shape, old.dtype
+        _set_constant(model, const, node.input[index], values.reshape(shape).astype(kind))
 
     def set_attr(key: str, value: float) -> None:
         for a in node.attribute:
@@ -411,18 +566,19 @@ def _write(layer: _Layer, w: np.ndarray, model: onnx.ModelProto, const: dict[str
 
     label = node.name or layer.target
     if node.op_type == "Conv":
-        set_input(1, put(weight.reshape(layer.weight_shape), label + "_W"))
-        set_input(2, put(bias, label + "_B"))
+        put(1, weight.reshape(layer.weight_shape), label)
+        put(2, bias, label)
     elif node.op_type == "Gemm":
-        set_input(1, put(weight if _attrs(node).get("transB", 0) else weight.T, label + "_B"))
-        set_input(2, put(bias, label + "_C"))
+        put(1, weight if _attrs(node).get("transB", 0) else weight.T, label)
+        put(2, bias, label)
         set_attr("alpha", 1.0)
         set_attr("beta", 1.0)
     else:
-        set_input(1, put(weight.T, label + "_W"))
+        put(1, weight.T, label)
     if layer.trailing_add is not None:  # MatMul: its bias Add; Conv/Gemm: zero now (removed at the end)
         values = bias if node.op_type == "MatMul" else np.zeros_like(bias)
-        layer.trailing_add.input[1] = put(values, label + "_bias")
+        old = numpy_helper.to_array(const[layer.trailing_add.input[1]])
+        _set_constant(model, const, layer.trailing_add.input[1], values.reshape(old.shape).astype(old.dtype))
 
 
 def _add_bias_slots(model: onnx.ModelProto, layers: list[_Layer], taken: set[str]) -> None:
@@ -444,24 +600,51 @@ def _add_bias_slots(model: onnx.ModelProto, layers: list[_Layer], taken: set[str
         position = next(i for i, n in enumerate(model.graph.node) if n is node)
         model.graph.node.insert(position + 1, add)
         layer.trailing_add = model.graph.node[position + 1]
+        layer.slot = True
+
+
+def _remove_after(model: onnx.ModelProto, layer: _Layer, add: onnx.NodeProto) -> None:
+    layer.node.output[0] = add.output[0]
+    model.graph.node.remove(add)
+
+
+def _bypass(model: onnx.ModelProto, node: onnx.NodeProto, add: onnx.NodeProto) -> None:
+    """Remove ``add`` (node's output + a constant): its readers read the node's output, whose
+    name stays (the report measures the pruned graph by these names); a graph output keeps its
+    name, the node then writes it."""
+    if add.output[0] in {o.name for o in model.graph.output}:
+        node.output[0] = add.output[0]
+        model.graph.node.remove(add)
+        return
+    old, new = add.output[0], add.input[0]
+    model.graph.node.remove(add)
+
+    def rename(graph: onnx.GraphProto) -> None:
+        for reader in graph.node:
+            reader.input[:] = [new if n == old else n for n in reader.input]
+            for sub in _graphs(reader):
+                rename(sub)
+
+    rename(model.graph)
 
 
 def _fold_bias_adds(model: onnx.ModelProto, layers: list[_Layer]) -> None:
-    """After the refits: the bias Adds behind refit Conv/Gemm layers (zero now) go."""
+    """After the refits: the bias Adds behind refit Conv/Gemm layers (zero now) go, and so do the
+    bias slots of MatMul layers left as they were, and the border maps the refit dropped."""
     for layer in layers:
         add = layer.trailing_add
-        if add is None or layer.node.op_type == "MatMul" or not layer.refit:
-            continue
-        layer.node.output[0] = add.output[0]
-        model.graph.node.remove(add)
-        layer.trailing_add = None
+        if add is not None and ((layer.node.op_type != "MatMul" and layer.refit) or (layer.slot and not layer.refit)):
+            _remove_after(model, layer, add)
+            layer.trailing_add = None
+        if layer.border is not None and layer.map_kept is False:
+            _bypass(model, layer.node, layer.border)
+            layer.border = None
 
 
 def _drop_unused(model: onnx.ModelProto) -> None:
-    used = {n for node in model.graph.node for n in node.input}
-    for graph in (a.g for node in model.graph.node for a in node.attribute if a.type == onnx.AttributeProto.GRAPH):
-        used |= {n for node in graph.node for n in node.input}
-    keep = [t for t in model.graph.initializer if t.name in used or t.name in {i.name for i in model.graph.input}]
+    used = {n for node in model.graph.node for n in reads(node)}
+    inputs = {i.name for i in model.graph.input}
+    keep = [t for t in model.graph.initializer if t.name in used or t.name in inputs]
     del model.graph.initializer[:]
     model.graph.initializer.extend(keep)
 
@@ -469,41 +652,61 @@ def _drop_unused(model: onnx.ModelProto) -> None:
 # -------------------------------------------------------------------------------------- the stage
 def reconstruct(original: onnx.ModelProto, pruned: onnx.ModelProto, feeds: dict[str, np.ndarray],
                 consumers: list[str] | None = None, ridge: float = 1e-3, max_positions: int = 64,
-                seed: int = 0, downstream: bool = True,
-                max_rows: int = 16384) -> tuple[onnx.ModelProto, ReconstructionReport]:
+                seed: int = 0, downstream: bool = True, max_rows: int = 16384,
+                frozen: frozenset[str] | set[str] = frozenset(),
+                keep_maps: bool = False) -> tuple[onnx.ModelProto, ReconstructionReport]:
     """Refit the layers of ``pruned`` whose input channels were pruned (or those named in
     ``consumers``, by node name or output tensor) on the calibration ``feeds``; with
     ``downstream``, also the later layers whose input the cut changed (when the samples give
-    enough rows: ``MIN_ROWS_PER_UNKNOWN``).
+    enough rows: ``MIN_ROWS_PER_UNKNOWN``). Layers named in ``frozen`` stay as they are.
 
     ``ridge`` scales the regularisation relative to the Gram matrix's mean diagonal;
     ``max_positions`` caps the spatial positions sampled per sample and layer, and ``max_rows``
     the rows of one layer's fit (over all samples; each layer takes ``MIN_ROWS_PER_UNKNOWN`` per
     unknown, at least ``ROWS_FLOOR``): the Gram matrix costs rows x width², and a 3x3 conv over
-    256 channels is 2,305 wide. Neither input
-    model is modified; the returned model is a refit copy of ``pruned``."""
+    256 channels is 2,305 wide. Border maps behind refit layers stay when ``keep_maps``
+    (``--exact-borders``), else when they make the fit more exact (``MAP_GAIN``) and the model's
+    weights stay within the original's. Neither input model is modified; the returned model is
+    a refit copy of ``pruned``."""
     clock = time.perf_counter()
     model = copy.deepcopy(pruned)
-    layers, skipped = find_layers(original, model, consumers, downstream)
+    leftover: list[tuple[onnx.NodeProto, onnx.NodeProto]] = []
+    layers, skipped = find_layers(original, model, consumers, downstream, frozen, leftover)
     report = ReconstructionReport(samples=sample_count(feeds), skipped=skipped)
-    for label, reason in skipped:
+    batch = static_batch(original)
+    if layers and batch and report.samples < batch:
+        report.skipped.extend((layer.node.name or layer.target, f"{report.samples} calibration samples do not fill "
+                               f"one batch of the model's fixed batch size {batch}") for layer in layers)
+        layers = []
+    for label, reason in report.skipped:
         log.info("reconstruction skips %s: %s", label, reason)
     if not layers:
+        _settle_leftover_maps(model, leftover, None if keep_maps else weight_bytes(original), report)
         report.seconds = time.perf_counter() - clock
         return model, report
-    batch = static_batch(original)
     for layer in layers:
         # a Conv's SAME padding needs the input size: its patches are set again at the refit
         patches = Patches.for_conv(layer.node, layer.weight_shape, None) if layer.node.op_type == "Conv" else Patches()
         rows = min(max_rows, max(ROWS_FLOOR, MIN_ROWS_PER_UNKNOWN * _unknowns(layer)))
         per_sample = max(1, min(max_positions, rows // max(report.samples, 1)))
         layer.gram = Gram(patches, per_sample, seed, layer.index)
-    step = time.perf_counter()
-    size = _collect_targets(original, feeds, layers, batch)
-    report.seconds_original = time.perf_counter() - step
-    _refit_in_order(model, feeds, layers, batch, size, ridge, report)
+        if layer.border is not None:
+            layer.plain = Gram(patches, per_sample, seed, layer.index)
+    store = _Store(feeds)
+    try:
+        step = time.perf_counter()
+        size = _collect_targets(original, feeds, layers, batch, store)
+        report.seconds_original = time.perf_counter() - step
+        maps = sum(_map_bytes(layer, model) for layer in layers if layer.border is not None)
+        room = None if keep_maps else weight_bytes(original) - (weight_bytes(model) - maps)
+        _refit_in_order(model, layers, batch, size, ridge, report, store, room)
+        report.spilled_bytes = store.spilled
+    finally:
+        store.close()
     _fold_bias_adds(model, layers)
-    _drop_unused(model)
+    report.maps_kept = sum(1 for layer in layers if layer.map_kept)
+    report.maps_dropped = sum(1 for layer in layers if layer.map_kept is False)
+    _settle_leftover_maps(model, leftover, None if keep_maps else weight_bytes(original), report)
     report.seconds = time.perf_counter() - clock
     log.info(report.summary())
     return model, report
@@ -519,9 +722,38 @@ def _unknowns(layer: _Layer) -> int:
     return int(shape[0]) + 1
 
 
+
+
+def _settle_leftover_maps(model: onnx.ModelProto, leftover: list[tuple[onnx.NodeProto, onnx.NodeProto]],
+                          limit: int | None, report: ReconstructionReport) -> None:
+    """The border maps behind layers the refit left: kept while the weights stay within
+    ``limit`` bytes (None: all kept), else removed (the layer is then exact inside and
+    approximate at the borders, as bias folding left it)."""
+    _drop_unused(model)
+    sizes = {t.name: int(np.prod(t.dims)) * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+             for t in model.graph.initializer}
+    total = weight_bytes(model)
+    for node, add in leftover:
+        if limit is None or total <= limit:
+            report.maps_kept += 1
+            continue
+        _bypass(model, node, add)
+        total -= sizes.get(add.input[1], 0)
+        report.maps_dropped += 1
+        report.maps_too_large += 1
+    _drop_unused(model)
+
+
+def _map_bytes(layer: _Layer, model: onnx.ModelProto) -> int:
+    name = layer.border.input[1]
+    tensor = next((t for t in model.graph.initializer if t.name == name), None)
+    return 0 if tensor is None else int(numpy_helper.to_array(tensor).nbytes)
+
+
 def _collect_targets(original: onnx.ModelProto, feeds: dict[str, np.ndarray], layers: list[_Layer],
-                     batch: int | None) -> int:
-    """One run of the original: each layer's output at its sampled positions, kept channels only.
+                     batch: int | None, store: _Store) -> int:
+    """One run of the original: each layer's output at its sampled positions, kept channels
+    only, into ``store`` (as ``("target", layer index)``).
 
     Returns the chunk size for both models (the same chunks keep the sampled positions the same):
     the fixed batch, else as many samples as keep every layer output of one chunk within
@@ -533,19 +765,22 @@ def _collect_targets(original: onnx.ModelProto, feeds: dict[str, np.ndarray], la
         probe = sess.run(targets, {k: v[:1] if np.ndim(v) else v for k, v in feeds.items()})
         size = int(max(1, min(32, CHUNK_BYTES // max(1, sum(v.nbytes for v in probe)))))
         del probe
-    for samples, chunk in chunks(feeds, batch, size):
+    for index, (samples, chunk) in enumerate(chunks(feeds, batch, size)):
+        store.ranges.append((int(samples[0]), int(samples[-1]) + 1))
         values = sess.run(targets, chunk)
         for layer, y in zip(layers, values):
-            layer.targets.append(layer.gram.target_rows(y, samples)[..., layer.kept_outputs].astype(np.float32))
+            rows = layer.gram.target_rows(y, samples)[..., layer.kept_outputs].astype(np.float32)
+            store.put(f"target {layer.index}", index, rows)
+        del values
     return size
 
 
-def _refit_in_order(model: onnx.ModelProto, feeds: dict[str, np.ndarray], layers: list[_Layer],
-                    batch: int | None, size: int, ridge: float, report: ReconstructionReport) -> None:
+def _refit_in_order(model: onnx.ModelProto, layers: list[_Layer], batch: int | None, size: int, ridge: float,
+                    report: ReconstructionReport, store: _Store, room: int | None) -> None:
     """Run the pruned model level by level, every node once: the layers of level L are refit
-    from the cached activations, then the nodes that depend on them run (with the new weights)
-    and cache, chunk by chunk, what later levels read. A cached tensor goes once read for the
-    last time."""
+    from the stored activations, then the nodes that depend on them run (with the new weights)
+    and store, chunk by chunk, what later levels read. A stored tensor goes once read for the
+    last time. ``room``: bytes the border maps may add (None: no limit)."""
     taken = {t.name for t in model.graph.initializer}
     taken |= {n for node in model.graph.node for n in (*node.input, *node.output, node.name)}
     _add_bias_slots(model, layers, taken)
@@ -563,58 +798,94 @@ def _refit_in_order(model: onnx.ModelProto, feeds: dict[str, np.ndarray], layers
     report.levels = max(layer.level for layer in layers)
     last_read: dict[str, int] = {}
     for node, level in zip(nodes, segment):
-        for name in node.input:
+        for name in reads(node):
             last_read[name] = max(last_read.get(name, -1), level)
     produced_in = {o: level for node, level in zip(nodes, segment) for o in node.output}
-    cache: dict[str, list[np.ndarray]] = {}
-    sample_chunks = []
-    for samples, chunk in chunks(feeds, batch, size):
-        sample_chunks.append(samples)
-        for name, value in chunk.items():
-            cache.setdefault(name, []).append(value)
+    count = len(store.ranges)
+    state = {"room": room}
     for level in range(report.levels + 1):
         for layer in (layer for layer in layers if layer.level == level):
-            _refit(layer, cache[layer.node.input[0]], sample_chunks, model, const, taken, ridge, report)
+            _refit(layer, store, count, model, const, taken, ridge, report, state)
         here = [n for n, s in zip(nodes, segment) if s == level]
         outputs = [o for o in dict.fromkeys(o for n in here for o in n.output) if o and last_read.get(o, -1) > level]
         if outputs:
             step = time.perf_counter()
             made = {o for n in here for o in n.output}
-            inputs = {n: cache[n][0].dtype for node in here for n in node.input
-                      if n and n not in made and n not in const}
+            inputs = {n: store.dtype(n) for node in here for n in reads(node)
+                      if n not in made and n not in const and n in store}
             sess = _session(_submodel(model, here, inputs, outputs, const))
-            for i in range(len(sample_chunks)):
-                for name, value in zip(outputs, sess.run(outputs, {n: cache[n][i] for n in inputs})):
-                    cache.setdefault(name, []).append(value)
+            for i in range(count):
+                for name, value in zip(outputs, sess.run(outputs, {n: store.get(n, i) for n in inputs})):
+                    store.put(name, i, value)
+            del sess
             report.seconds_pruned += time.perf_counter() - step
-        for name in [n for n in cache if last_read.get(n, -1) <= level and produced_in.get(n, 0) <= level]:
-            del cache[name]
+        for name in [n for n in store.names() if last_read.get(n, -1) <= level and produced_in.get(n, 0) <= level
+                     and not n.startswith("target ")]:
+            store.drop(name)
 
 
-def _refit(layer: _Layer, inputs: list[np.ndarray], sample_chunks: list[np.ndarray], model: onnx.ModelProto,
-           const: dict[str, onnx.TensorProto], taken: set[str], ridge: float, report: ReconstructionReport) -> None:
+def _map_rows(border: np.ndarray, gram: Gram, n: int, samples: np.ndarray) -> np.ndarray:
+    """The border map [1, C, *spatial] at the layer's sampled positions of ``n`` samples: [n, P, C]."""
+    flat = border.reshape(border.shape[1], -1)
+    pos = sample_positions(flat.shape[1], gram.max_positions, gram.seed, gram.layer, _ids(samples, n))
+    return flat[:, pos].transpose(1, 2, 0)
+
+
+def _refit(layer: _Layer, store: _Store, count: int, model: onnx.ModelProto, const: dict[str, onnx.TensorProto],
+           taken: set[str], ridge: float, report: ReconstructionReport, state: dict) -> None:
     clock = time.perf_counter()
     node = layer.node
-    gram = layer.gram
-    if node.op_type == "Conv":
-        gram.patches = Patches.for_conv(node, layer.weight_shape, tuple(inputs[0].shape[2:]))
+    gram, plain = layer.gram, layer.plain
+    border = None if layer.border is None else numpy_helper.to_array(const[layer.border.input[1]]).astype(np.float32)
     w0 = _current(layer, const)
-    for x, samples, y in zip(inputs, sample_chunks, layer.targets):
+    for i in range(count):
+        x = store.get(node.input[0], i)
+        if i == 0 and node.op_type == "Conv":
+            gram.patches = Patches.for_conv(node, layer.weight_shape, tuple(x.shape[2:]))
+            if plain is not None:
+                plain.patches = gram.patches
+        start, stop = store.ranges[i]
+        samples = np.arange(start, stop)
+        y = store.get(f"target {layer.index}", i)
+        if border is not None:
+            plain.update(x, samples, y, w0)
+            y = y - _map_rows(border, gram, x.shape[0], samples)
         gram.update(x, samples, y, w0)
-    layer.targets = []
+    store.drop(f"target {layer.index}")
     unknowns = gram.ata.shape[1]
     if layer.downstream and gram.rows < MIN_ROWS_PER_UNKNOWN * unknowns:
         report.skipped.append((node.name or layer.target, f"downstream layer with {gram.rows} sampled rows for "
                                f"{unknowns} unknowns per output: too few to refit without overfitting"))
-        layer.gram = None
+        layer.gram = layer.plain = None
         return
     delta = _solve(gram, ridge)
+    scale = gram if plain is None else plain  # errors against the original's output, map or not
+    before, after = gram.residual(), gram.residual(delta)
+    if plain is not None:
+        delta_plain = _solve(plain, ridge)
+        after_plain = plain.residual(delta_plain)
+        size = border.size * numpy_helper.to_array(const[layer.border.input[1]]).dtype.itemsize
+        fits = state["room"] is None or size <= state["room"]
+        layer.map_kept = state["room"] is None or (fits and after < MAP_GAIN * after_plain)
+        report.maps_too_large += int(not fits and after < MAP_GAIN * after_plain)
+        if layer.map_kept:
+            if state["room"] is not None:
+                state["room"] -= size
+        else:  # without the map: the segments after this level run with it zero, it goes at the end
+            delta, before, after = delta_plain, plain.residual(), after_plain
+            name = layer.border.input[1]
+            _set_constant(model, const, name, np.zeros_like(numpy_helper.to_array(const[name])))
+    spread = scale.spread()
     fit = LayerFit(node.name or layer.target, node.op_type, layer.target, layer.input_channels, layer.downstream,
-                   _error(gram), _error(gram, delta), gram.rows, 0.0)
-    w = w0 + delta
-    _write(layer, w, model, const, taken)
+                   _relative(before, spread), _relative(after, spread), gram.rows, 0.0)
+    _write(layer, w0 + delta, model, const, taken)
     layer.refit = True
-    layer.gram = None
+    layer.gram = layer.plain = None
     fit.seconds = time.perf_counter() - clock
     report.layers.append(fit)
     log.debug("refit %s: relative error %.4g -> %.4g on %d rows", fit.node, fit.error_before, fit.error_after, fit.rows)
+
+
+def _relative(residual: float, spread: float) -> float:
+    residual = max(residual, 0.0)
+    return float(np.sqrt(residual / spread)) if spread > 0 else float(np.sqrt(residual))

@@ -115,13 +115,23 @@ def weight_name(node) -> str:
     a framework names ``bn.weight``), or the node name when there is none."""
     import onnx_graphsurgeon as gs
 
-    consts = [(i, t) for i, t in enumerate(node.inputs) if isinstance(t, gs.Constant) and len(t.shape) >= 2]
+    def stored(t):  # an fp16 weight behind a Cast (fold.restore_storage): the stored initializer
+        if isinstance(t, gs.Variable) and len(t.inputs) == 1 and t.inputs[0].op == "Cast" and \
+                isinstance(t.inputs[0].inputs[0], gs.Constant):
+            return t.inputs[0].inputs[0]
+        return t
+
+    consts = [(i, stored(t)) for i, t in enumerate(node.inputs)]
+    consts = [(i, t) for i, t in consts if isinstance(t, gs.Constant) and len(t.shape) >= 2]
     if not consts:
         consts = [(i, t) for i, t in enumerate(node.inputs) if isinstance(t, gs.Constant) and len(t.shape) == 1
                   and node.op == "BatchNormalization"]
     if not consts:
         return node.name
     index, tensor = next(((i, t) for i, t in consts if i == 1), consts[0])
+    storage = getattr(tensor, "_bnslim_storage", None)  # fp16 behind a Cast: the stored initializer
+    if storage is not None:
+        return storage.source
     return getattr(tensor, "_bnslim_from", None) or tensor.name  # a sliced copy of a shared weight names it
 
 
@@ -299,7 +309,8 @@ class Report:
         lines.extend(selection_lines(self.selection, self.chosen_channels, self.removed_channels, self.options))
         if self.surgery.compensated_layers:
             lines.append(f"Removed channels' constants folded into {self.surgery.compensated_layers} layers' bias"
-                         + (f", {self.surgery.border_maps} with a border map (--exact-borders)"
+                         + (f", {self.surgery.border_maps} with a border map "
+                            + ("(--exact-borders)" if self.options.get("exact_borders") else "(kept by the refit)")
                             if self.surgery.border_maps else "") + ".")
         if self.surgery.approximate:
             worst = {k: v for k, v in self.surgery.approximate.items() if v is not None}

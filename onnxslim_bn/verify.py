@@ -151,6 +151,7 @@ def open_layer_shapes(model: onnx.ModelProto, shapes: dict[str, list]) -> tuple[
     left open (a ``Resize`` sized from an input's values), and those tensors."""
     consts = {t.name for t in model.graph.initializer}
     consts |= {o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
+    consts |= {n.output[0] for n in model.graph.node if n.op_type == "Cast" and n.input[0] in consts}  # fp16 storage
     inputs = {i.name for i in model.graph.input}
     layers, tensors = [], []
     for node in model.graph.node:

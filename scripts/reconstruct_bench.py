@@ -1,5 +1,6 @@
 """Time and peak memory of reconstruction on a large model (issue 10: a ResNet-50-sized model,
-256 samples at 224x224, 2 cores; aim under 60 s and 4 GB). Measures, asserts nothing.
+256 samples at 224x224, 2 cores; aim under 60 s and 4 GB; issue 18: 1,000 samples cost no more
+memory than 256). Measures, asserts nothing.
 
     python fixtures/resnet50.py out/resnet50.onnx        # needs torch (the fixtures extra)
     python scripts/reconstruct_bench.py out/resnet50.onnx [--samples 256] [--max-positions 16]
@@ -20,7 +21,7 @@ import numpy as np
 import onnx
 
 from onnxslim_bn import prune
-from onnxslim_bn.reconstruct import reconstruct
+from onnxslim_bn.reconstruct import STORE_BYTES, reconstruct
 
 
 def rss_mb() -> float:
@@ -58,7 +59,9 @@ def main() -> None:
           f"{report.seconds_original:.1f} s running the original, {report.seconds_pruned:.1f} s the pruned model), "
           f"{len(report.skipped)} skipped, {report.levels} levels; process peak RSS {peak:.0f} MB "
           f"(before reconstruct {before:.0f} MB); {args.samples} samples, at most {args.max_positions} positions "
-          f"per sample and {args.max_rows} rows per layer; CPU time {cpu:.0f} s (all threads)")
+          f"per sample and {args.max_rows} rows per layer; CPU time {cpu:.0f} s (all threads); "
+          f"{report.spilled_bytes / 2**20:.0f} MB of activations went through files (past "
+          f"{STORE_BYTES // 2**20} MB in memory)")
 
 
 if __name__ == "__main__":

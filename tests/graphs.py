@@ -92,3 +92,34 @@ def weight_shapes(model: onnx.ModelProto) -> dict[str, list[int]]:
     """Node name -> shape of its weight (input 1) for Conv / Gemm / MatMul."""
     inits = {t.name: list(t.dims) for t in model.graph.initializer}
     return {n.name: inits.get(n.input[1]) for n in model.graph.node if n.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul")}
+
+
+def fp16_behind_casts(model: onnx.ModelProto, ops: tuple[str, ...] = ("Conv",)) -> onnx.ModelProto:
+    """Every weight and bias of ``ops`` stored as float16 and read through Cast(to=FLOAT)."""
+    inits = {t.name: t for t in model.graph.initializer}
+    casts = []
+    for node in model.graph.node:
+        if node.op_type not in ops:
+            continue
+        for i in range(1, len(node.input)):
+            tensor = inits[node.input[i]]
+            tensor.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(tensor).astype(np.float16), tensor.name))
+            casts.append(helper.make_node("Cast", [tensor.name], [tensor.name + "_f32"], to=TensorProto.FLOAT,
+                                          name=tensor.name + "_cast"))
+            node.input[i] = tensor.name + "_f32"
+    renamed = {c.input[0]: c.output[0] for c in casts}
+
+    def follow(graph: onnx.GraphProto) -> None:  # If / Loop bodies reading a weight read its Cast too
+        for node in graph.node:
+            for attr in node.attribute:
+                for sub in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs):
+                    for inner in sub.node:
+                        inner.input[:] = [renamed.get(n, n) for n in inner.input]
+                    follow(sub)
+
+    follow(model.graph)
+    nodes = casts + list(model.graph.node)
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    onnx.checker.check_model(model, full_check=True)
+    return model

@@ -11,7 +11,10 @@ Each drawn graph has BatchNorms whose "dead" channels have gamma = 0 exactly and
 - pruning at a random ratio gives a model that passes the checker, runs in onnxruntime and
   keeps its output shapes.
 
-Some graphs lose their node names (valid ONNX). ``make fuzz`` runs many more examples (FUZZ_EXAMPLES).
+Some graphs store their conv weights as fp16 behind ``Cast`` (kept so: :func:`assert_storage_kept`),
+some have an ``If`` whose branches read a pruned tensor and a conv weight from the outer scope
+(the tensor's channels are blocked, the weight copied before slicing). Some graphs lose their
+node names (valid ONNX). ``make fuzz`` runs many more examples (FUZZ_EXAMPLES).
 """
 
 from __future__ import annotations
@@ -22,15 +25,17 @@ import numpy as np
 import onnx
 from hypothesis import HealthCheck, event, given, note, settings
 from hypothesis import strategies as st
+from onnx import TensorProto, helper
 
 from onnxslim_bn import BnSlimError, prune
-from tests.graphs import Builder, random_input, run
+from tests.graphs import Builder, fp16_behind_casts, random_input, run
 
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "500"))
 # activations with f(0) = 0: a dead channel stays exactly 0 through them, borders included
 ACTIVATIONS = ["Relu", "LeakyRelu", "Tanh", "Clip", "Identity", "HardSwish", "Elu"]
 BLOCKS = ["cba", "residual", "concat", "concat-input", "se", "depthwise", "pool", "pad", "resize", "mul-const", "up", "csp",
-          "slice", "grouped", "preact", "pad-value", "avgpool", "conv1x1-pad", "convt-overlap", "reader-concat", "plain"]
+          "slice", "grouped", "preact", "pad-value", "avgpool", "conv1x1-pad", "convt-overlap", "reader-concat", "plain",
+          "if-read"]
 HEADS = ["gap-gemm", "flatten-gemm", "conv", "reshape-gemm", "matmul"]
 
 
@@ -145,6 +150,18 @@ class Net:
                       output_padding=[1, 1])
             self.x, self.c = self.act(self.bn(up, w)), w
             self.size *= 2
+        elif kind == "if-read":  # an If whose branches read a pruned tensor and a conv weight from outside
+            w = self.width()
+            y = self.cba(x, c, w)
+            weight = next(n for n in reversed(b.nodes) if n.op_type == "Conv").input[1]
+            then = helper.make_graph([helper.make_node("ReduceMean", [y], ["if_then"], keepdims=0)], "then", [],
+                                     [helper.make_tensor_value_info("if_then", TensorProto.FLOAT, [])])
+            other = helper.make_graph([helper.make_node("ReduceMean", [weight], ["if_else"], keepdims=0)], "else", [],
+                                      [helper.make_tensor_value_info("if_else", TensorProto.FLOAT, [])])
+            s = b.name("if_out")
+            cond = b.const(np.array(self.draw(st.booleans())), "cond")
+            b.nodes.append(helper.make_node("If", [cond], [s], then_branch=then, else_branch=other, name=b.name("If")))
+            self.x, self.c = b.op("Add", [y, s]), w
         elif kind == "mul-const":
             scale = b.rng.uniform(0.5, 2.0, (c, 1, 1)).astype(np.float32)
             self.x = b.op("Mul", [x, b.const(scale)])
@@ -164,6 +181,20 @@ class Net:
         return b.conv(x, c, 2, k=1)
 
 
+def assert_storage_kept(model: onnx.ModelProto, pruned: onnx.ModelProto) -> None:
+    """fp16 weights stay fp16 behind their Casts (only a bias that absorbed removed constants is
+    written as float32, under the Cast's name), and the model is no larger than the input."""
+    from onnxslim_bn.metrics import weight_bytes
+
+    stored = {t.name for t in model.graph.initializer if t.data_type == TensorProto.FLOAT16}
+    after = {t.name: t.data_type for t in pruned.graph.initializer}
+    for name in stored:
+        assert after.get(name) == TensorProto.FLOAT16 or after.get(name + "_f32") == TensorProto.FLOAT \
+            or name not in {n for node in pruned.graph.node for n in node.input}, name
+    assert not any(name.endswith("_folded") for name in after)
+    assert weight_bytes(pruned) <= weight_bytes(model)
+
+
 @st.composite
 def networks(draw):
     opset = draw(st.sampled_from([9, 11, 13, 15, 17]))
@@ -173,6 +204,8 @@ def networks(draw):
         net.block(kind)
     out = net.head(draw(st.sampled_from(HEADS)))
     model = net.b.model({"x": [2, 3, size, size]}, [out])
+    if draw(st.integers(0, 3)) == 0:  # conv weights stored as fp16 behind Cast(to=FLOAT)
+        model = fp16_behind_casts(model)
     if draw(st.booleans()):  # node names are optional in ONNX
         for node in model.graph.node:
             if draw(st.booleans()):
@@ -186,7 +219,7 @@ def networks(draw):
 def test_random_graphs_prune_to_valid_faithful_models(drawn, ratio):
     model, shape, final_size = drawn
     note(" ".join(f"{n.op_type}({','.join(n.input)})->{','.join(n.output)}" for n in model.graph.node))
-    note(str({t.name: (list(t.dims), onnx.numpy_helper.to_array(t).ravel()[:8].round(3).tolist()) for t in model.graph.initializer}))
+    note(str({t.name: (list(t.dims), onnx.numpy_helper.to_array(t).ravel()[:8].astype(float).round(3).tolist()) for t in model.graph.initializer}))
     x = random_input(shape)
     original = run(model, {"x": x})[0]
     # 1e-5 of the output's range; a head that averages a large map (repeated upsampling) sums a
@@ -205,6 +238,11 @@ def test_random_graphs_prune_to_valid_faithful_models(drawn, ratio):
     np.testing.assert_allclose(got, original, atol=tolerance, rtol=0)
     plain = prune(model, threshold=1e-6, min_channels=1, round_to=1, compensation="bias")
     assert plain.report.surgery.uncompensated_channels == 0
+    if any(n.op_type == "If" for n in model.graph.node):
+        event("an If reading outer-scope tensors")
+    if any(t.data_type == TensorProto.FLOAT16 for t in model.graph.initializer):  # storage types kept
+        event("fp16 weights behind Casts")
+        assert_storage_kept(model, plain.model)
     if not plain.report.surgery.approximate:  # nothing named approximate: then it is exact
         np.testing.assert_allclose(run(plain.model, {"x": x})[0], original, atol=tolerance, rtol=0)
     else:

@@ -1,10 +1,11 @@
 """The fuzz of tests/test_fuzz.py with importance from data: random graphs (gates, pads,
 padding-counting pools, layers that never had a BN, concatenations, grouped and transposed
-convs, five heads) pruned to a MAC budget with --data, with bias folding and with
+convs, five heads, fp16 weights behind Casts, If nodes reading outer-scope tensors) pruned to a
+MAC budget with --data, with bias folding and with
 reconstruction. Live channels go, so nothing is exact: the invariants are that the run ends in
 a valid model (the checker, shape inference and the onnxruntime check run inside prune), with
 the input's interface, finite outputs of the original's shapes, no more MACs than the budget
-allows, and nothing blocked that gamma would prune.
+allows, nothing blocked that gamma would prune, and fp16 storage kept without growth.
 
 The same graphs also get NaN / Inf-bearing data (refused in one line naming the sample) and a
 Resize sized from a scalar input in front (shapes inference cannot follow; every layer's MACs
@@ -22,9 +23,10 @@ from hypothesis import strategies as st
 from onnx import TensorProto, helper
 
 from onnxslim_bn import BnSlimError, prune
+from onnxslim_bn.fold import fold_constants
 from onnxslim_bn.metrics import measure
 from onnxslim_bn.shapes import infer_shapes
-from tests.test_fuzz import networks
+from tests.test_fuzz import assert_storage_kept, networks
 from tests.graphs import run
 
 EXAMPLES = int(os.environ.get("FUZZ_DATA_EXAMPLES", "300"))
@@ -48,6 +50,11 @@ def test_random_graphs_prune_with_data_to_valid_models(drawn, target, compensati
         event("nothing prunable")
         return
     event(f"{compensation}: removed {'some' if result.report.removed_channels else 'none'}")
+    if any(n.op_type == "If" for n in model.graph.node):
+        event(f"{compensation}: an If reading outer-scope tensors")
+    if any(t.data_type == TensorProto.FLOAT16 for t in model.graph.initializer):
+        event(f"{compensation}: fp16 weights behind Casts")
+        assert_storage_kept(model, result.model)
     got = run(result.model, {"x": x})[0]
     assert got.shape == original.shape and np.isfinite(got).all()
     assert [i.name for i in result.model.graph.input] == [i.name for i in model.graph.input]
@@ -127,7 +134,9 @@ def test_random_graphs_behind_an_unresolvable_resize_count_every_layer(drawn, co
     note(" ".join(f"{n.op_type}({','.join(n.input)})->{','.join(n.output)}" for n in wrapped.graph.node))
     samples = np.random.default_rng(0).standard_normal((64, *shape[1:])).astype(np.float32)
     one = np.array(1.0, np.float32)
-    reference = measure(gs.import_onnx(model), infer_shapes(model, {}, "drawn"), 0)
+    plain = gs.import_onnx(model)
+    fold_constants(plain)  # weights stored as fp16 behind a Cast (networks() draws them) are the layers' weights
+    reference = measure(plain, infer_shapes(model, {}, "drawn"), 0)
     try:
         result = prune(wrapped, target_macs=0.6, importance="data", compensation=compensation, min_channels=1,
                        data={"x": samples, "s": one}, calibration_samples=48)
