@@ -31,12 +31,33 @@ from .edits import constant_values
 log = logging.getLogger(__name__)
 
 
-def _weight_energy(node, entries: int) -> np.ndarray | None:
-    """Per input entry of a consumer: the sum of its squared weights over the outputs."""
+def _output_scale(node) -> np.ndarray | None:
+    """The per-output scale of a BatchNormalization that is the consumer's only reader
+    (``gamma / sqrt(var + eps)``), or None. A folded export carries that scale in the
+    consumer's weights; the BN-kept export of the same weights applies it after: the cost is
+    measured at the BN's output in both, so that the two choose the same channels."""
+    users = list(node.outputs[0].outputs)
+    if len(users) != 1 or users[0].op != "BatchNormalization" or users[0].inputs[0] is not node.outputs[0]:
+        return None
+    gamma, var = constant_values(users[0].inputs[1]), constant_values(users[0].inputs[4])
+    if gamma is None or var is None or gamma.shape != var.shape or gamma.ndim != 1:
+        return None
+    return gamma.astype(np.float64) / np.sqrt(var.astype(np.float64) + users[0].attrs.get("epsilon", 1e-5))
+
+
+def _weight_energy(node, entries: int, out_scale: np.ndarray | None = None) -> np.ndarray | None:
+    """Per input entry of a consumer: the sum of its squared weights over the outputs (each
+    output weighted by ``out_scale ** 2`` when given: a BN after the consumer)."""
     weight = constant_values(node.inputs[1])
     if weight is None:
         return None
     w2 = weight.astype(np.float64) ** 2
+    if out_scale is not None:
+        axis = 0 if node.op == "Conv" or (node.op == "Gemm" and node.attrs.get("transB", 0)) else \
+            1 if node.op in ("Gemm", "MatMul") and w2.ndim == 2 else None
+        if axis is None or w2.shape[axis] != len(out_scale):
+            return None
+        w2 = w2 * (out_scale ** 2).reshape([-1 if a == axis else 1 for a in range(w2.ndim)])
     if node.op in ("Gemm", "MatMul"):
         trans = node.op == "Gemm" and node.attrs.get("transB", 0)
         energy = w2.sum(0) if trans else w2.sum(1)
@@ -63,10 +84,15 @@ def data_importance(analysis: Analysis, model: onnx.ModelProto, feeds: dict[str,
         node = consumer.node
         layout = analysis.layout(node.inputs[0])
         x, y = stats[node.inputs[0].name], stats[node.outputs[0].name]
-        energy = _weight_energy(node, len(x.var))
+        out_scale = _output_scale(node)
+        if out_scale is not None and len(out_scale) != len(y.var):
+            out_scale = None
+        energy = _weight_energy(node, len(x.var), out_scale)
+        if energy is None and out_scale is not None:  # a weight layout the scale does not fit: unscaled
+            out_scale, energy = None, _weight_energy(node, len(x.var))
         if energy is None or len(energy) != len(x.var):
             continue
-        scale = float(y.var.sum())
+        scale = float((y.var * (1.0 if out_scale is None else out_scale ** 2)).sum())
         cost = x.var * energy / scale if scale > 0 else np.zeros_like(x.var)
         repeat = np.concatenate([np.full(s.size, s.repeat) for s in layout])
         per_channel = np.add.reduceat(cost, np.concatenate([[0], np.cumsum(repeat)[:-1]]))
