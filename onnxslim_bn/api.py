@@ -5,6 +5,7 @@ from __future__ import annotations
 import difflib
 import logging
 import os
+import re
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -13,7 +14,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from . import data, verify
+from . import collapse, data, verify
 from .analysis import Analysis, analyze
 from .data import Samples
 from .errors import BnSlimError, CheckFailed
@@ -51,6 +52,9 @@ class PruneResult:
     check_inputs: dict[str, np.ndarray] = field(default_factory=dict)
     check_outputs: list[np.ndarray] = field(default_factory=list)
     reconstruction: ReconstructionReport | None = None  # when compensation was by reconstruction
+    # the loaded original and its fixed input shapes, while prune() still needs them (the probe)
+    _original: onnx.ModelProto | None = field(default=None, repr=False)
+    _input_shapes: dict = field(default_factory=dict, repr=False)
 
 
 def to_openvino(result: PruneResult, out_dir: str | os.PathLike, name: str = "model", fp16: bool = False) -> OpenVinoResult:
@@ -252,6 +256,101 @@ def prune(model: onnx.ModelProto | str | os.PathLike, options: PruneOptions | No
     options = options or PruneOptions(**kwargs)
     options.validate()
     given = _options_given(options, kwargs)
+    result = _prune_once(model, options, given)
+    report = result.report
+    found = collapse.of_report(report)
+    if found is not None:
+        result = _attempts(model, options, given, result, found)
+        report = result.report
+        if not found.resolved:
+            log.warning("%s", found.message())
+    verification = report.verification
+    if verification is not None and verification.failed:
+        raise CheckFailed(f"{report.model} (pruned): the check failed: {verification.failed}; nothing was written. "
+                          "Lower --ratio or relax the gate", report)
+    if options.probe and report.removed_channels:  # nothing removed: the same model, nothing to time
+        timed = probe(result._original, result.model, probe_inputs(result._original, result._input_shapes),
+                      threads=options.threads)
+        report.probe = timed.to_dict()
+        report.notes.append(timed.summary())
+        if not timed.faster:
+            log.warning("%s", timed.message())
+    result._original = None
+    return result
+
+
+# what a collapsed budget run tries instead, in this order (each a whole run; the first that does
+# not collapse ends the search, else the best of them is kept)
+ATTEMPTS = ("keep the layer that lost the largest share", "the other importance", "half the per-layer cut")
+
+
+def _attempts(model, options: PruneOptions, given: dict, result: PruneResult, found: collapse.Collapse) -> PruneResult:
+    """A collapsed result (:mod:`.collapse`): a budget run (--target-macs / --target-params) tries
+    the :data:`ATTEMPTS` that its options leave open and keeps the best one by the check's
+    agreement, then cosine; every result, the chosen one too, is recorded in ``found``, which
+    the report carries (``report.collapse``). Only a result that is not collapsed ends the search."""
+    def entry(what: str, r: PruneResult) -> dict:
+        v = r.report.verification
+        return {"what": what, "agreement": v.top1_agreement, "cosine": v.cosine,
+                "collapsed": collapse.of_report(r.report) is not None, "chosen": False}
+
+    found.attempts.append(entry("as asked", result))
+    best, chosen = result, 0
+    budget = options.target_macs is not None or options.target_params is not None
+    for what, alternative in (_alternatives(options, result) if budget else ()):
+        try:
+            other = _prune_once(model, alternative, given)
+        except BnSlimError as exc:
+            found.attempts.append({"what": what, "failed": str(exc).splitlines()[0][:200], "chosen": False})
+            continue
+        found.attempts.append(entry(what, other))
+        if (other.report.selection.get("budget") or {}).get("unreachable") and \
+                not (result.report.selection.get("budget") or {}).get("unreachable"):
+            continue  # it misses the budget the first run met
+        if collapse.quality(other.report) > collapse.quality(best.report):
+            best, chosen = other, len(found.attempts) - 1
+            if not found.attempts[-1]["collapsed"]:
+                found.resolved = True
+                break
+    found.attempts[chosen]["chosen"] = True
+    if best is not result:  # the numbers of the result written
+        v = best.report.verification
+        written = collapse.of_report(best.report)
+        found.agreement, found.cosine = v.top1_agreement, v.cosine
+        if written is not None:
+            found.cut, found.allowed_disagreement, found.allowed_cosine_loss = \
+                written.cut, written.allowed_disagreement, written.allowed_cosine_loss
+    best.report.collapse = found
+    if best is not result:
+        tried = ", ".join(f"{a['what']}: " + (f"agreement {a['agreement']:.1%}" if a.get("agreement") is not None else
+                                             f"cosine {a['cosine']:.4f}" if "cosine" in a else "failed")
+                          for a in found.attempts)
+        best.report.notes.append(f"the run as asked collapsed; written instead: {found.attempts[chosen]['what']} "
+                                 f"(tried {tried})")
+    return best
+
+
+def _alternatives(options: PruneOptions, result: PruneResult):
+    """(label, options) of the :data:`ATTEMPTS` the options leave open: the layer that lost the
+    largest share of its channels kept whole (--keep), the other importance (only when
+    --importance is auto and --data is given), half of --max-layer-ratio."""
+    spaces = [s for s in result.report.spaces if s.kept < s.channels and s.producers]
+    if spaces:
+        culprit = max(spaces, key=lambda s: ((s.channels - s.kept) / s.channels, s.channels - s.kept))
+        pattern = re.sub(r"([\[\]*?])", r"[\1]", culprit.producers[0])
+        yield (f"{ATTEMPTS[0]} ({culprit.producers[0]}, {culprit.channels - culprit.kept} of {culprit.channels} "
+               "channels removed) whole", replace(options, keep=[*options.keep, pattern]))
+    used = result.report.options.get("importance")
+    if options.importance == "auto" and options.data is not None and used in ("gamma", "data"):
+        other = "data" if used == "gamma" else "gamma"
+        yield f"{ATTEMPTS[1]} ({other})", replace(options, importance=other)
+    yield (f"{ATTEMPTS[2]} (--max-layer-ratio {options.max_layer_ratio / 2:g})",
+           replace(options, max_layer_ratio=options.max_layer_ratio / 2))
+
+
+def _prune_once(model, options: PruneOptions, given: dict) -> PruneResult:
+    """One run: prepare, select, cut, compensate and check; the gates' failure is recorded in
+    the report's check, not raised (:func:`prune` raises it for the result it keeps)."""
     clock = time.perf_counter()
     curves, target, timed = None, options.target_latency, None
     for attempt in range(3 if target is not None else 1):  # --target-latency: timed, tightened when missed
@@ -298,16 +397,10 @@ def prune(model: onnx.ModelProto | str | os.PathLike, options: PruneOptions | No
         before=before, after=measure(prep.graph, pruned_shapes, weight_bytes(pruned)),
         verification=verification, surgery=stats, spaces=describe_spaces(prep.analysis, plan),
         notes=prep.notes, seconds=seconds, chosen_channels=plan.chosen, selection=plan.summary())
-    if verification is not None and verification.failed:
-        raise CheckFailed(f"{prep.source} (pruned): the check failed: {verification.failed}; nothing was written. "
-                          "Lower --ratio or relax the gate", report)
-    if options.probe and report.removed_channels:  # nothing removed: the same model, nothing to time
-        found = probe(prep.model, pruned, probe_inputs(prep.model, prep.input_shapes), threads=options.threads)
-        report.probe = found.to_dict()
-        report.notes.append(found.summary())
-        if not found.faster:
-            log.warning("%s", found.message())
-    return PruneResult(pruned, report, feeds, outputs, reconstruction)
+    found = collapse.of_report(report)
+    if found is not None:
+        report.collapse = found
+    return PruneResult(pruned, report, feeds, outputs, reconstruction, prep.model, prep.input_shapes)
 
 
 def _latency_table(prep: _Prepared, options: PruneOptions) -> dict:

@@ -19,7 +19,7 @@ from .version import __version__
 # The JSON every command writes (prune's report, inspect, bench, sweep, --export-widths) carries
 # this number. Bump it whenever a key is added, removed or renamed; tests/test_schema.py holds the
 # key set of each document and fails when it changes without a bump.
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 # Blocked reasons as data: a stable code per kind of reason, derived from the reason's text.
 # (Until the analysis records reasons with their code, this table is the one place that knows
@@ -249,6 +249,7 @@ class Report:
     selection: dict = field(default_factory=dict)  # Plan.summary(): live channels removed, what was kept and why
     probe: dict | None = None  # bench.ProbeResult.to_dict() when the run timed original and pruned
     options_given: dict = field(default_factory=dict)  # what the caller set; ``options`` is every option as resolved
+    collapse: object | None = None  # collapse.Collapse: the check far worse than the cut warrants
 
     @property
     def removed_channels(self) -> int:
@@ -269,6 +270,7 @@ class Report:
             "compensation": asdict(self.surgery), "coverage": coverage(self.spaces),
             "spaces": [asdict(s) for s in self.spaces], "notes": self.notes, "seconds": self.seconds,
             "openvino": None if self.openvino is None else self.openvino.to_dict(),
+            "collapse": None if self.collapse is None else self.collapse.to_dict(),
         })
 
     def to_json(self) -> str:
@@ -308,6 +310,8 @@ class Report:
             lines.append(f"{self.surgery.uncompensated_channels} removed channels carry no known constant value.")
         if self.verification is not None:
             lines.extend(check_lines(self.verification))
+        if self.collapse is not None and not self.collapse.resolved:
+            lines.append(self.collapse.message())
         if self.openvino is not None:
             ov = self.openvino
             lines.append(f"OpenVINO IR ({'FP16' if ov.fp16 else 'FP32'}): {ov.xml}; max |diff| vs onnxruntime {ov.max_abs_diff:.3g}")

@@ -16,6 +16,7 @@ import pytest
 import onnxslim_bn
 from onnxslim_bn.bench import benchmark
 from onnxslim_bn.cli import main
+from onnxslim_bn.collapse import Collapse
 from onnxslim_bn.openvino_ir import OpenVinoResult
 from onnxslim_bn.report import SCHEMA_VERSION, envelope, export_widths
 from tests.fixtures import path
@@ -48,6 +49,8 @@ def documents(tmp: Path) -> dict[str, dict]:
     model = str(path("vgg"))
     result = onnxslim_bn.prune(model, ratio=0.3)
     result.report.openvino = OpenVinoResult("ir/vgg.xml", False, 0.0, 1.0, True)  # the part --openvino adds
+    result.report.collapse = Collapse(0.5, 0.4, 0.8, 0.3, 0.075, [{"what": "as asked", "agreement": 0.4, "cosine": 0.8,
+                                                               "collapsed": True, "chosen": True}])  # a collapsed check
     result.report.output = str(tmp / "vgg.slim.onnx")
     onnxslim_bn.save_model(result.model, tmp / "vgg.slim.onnx")
     docs = {"prune": result.report.to_dict(), "widths": export_widths(result.report)}
