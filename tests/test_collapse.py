@@ -13,8 +13,8 @@ import pytest
 from onnxslim_bn import BnSlimError, inspect, prune
 from onnxslim_bn.cli import main
 from onnxslim_bn.collapse import LOSS_PER_CUT, judge
-from onnxslim_bn.plan import PruneOptions, dead_level
-from tests.fixtures import heldout
+from onnxslim_bn.plan import DATA_DEAD_SHARE, PruneOptions, data_dead_level, dead_level
+from tests.fixtures import heldout, path
 from tests.graphs import run
 
 from pathlib import Path
@@ -55,10 +55,26 @@ def test_data_scores_of_an_ordinary_model_show_no_dead_cluster():
         found = inspect(str(PLAIN / name), options=PruneOptions(ratio=0.1, data=_data(), calibration_samples=256,
                                                                 importance="data"))
         scores = np.concatenate([s.scores for s in found.spaces if s.scores and s.blocked is None])
-        assert len(scores) > 300 and dead_level(scores) == 0.0
+        assert len(scores) > 300 and dead_level(scores) == 0.0 and data_dead_level(scores) == 0.0
         result = prune(str(PLAIN / name), target_macs=0.5, data=_data(), calibration_samples=256)
         assert result.report.selection["dead_level"] == 0.0
         assert result.report.options["importance"] == "data"
+
+
+def test_data_scores_of_a_sparse_model_find_its_dead_channels():
+    """The sparsity-trained ResNet fixture ranked by data: the channels its |gamma| calls dead
+    (below the gamma dead level) score at most DATA_DEAD_SHARE, nearly all the live ones above it."""
+    x = heldout()[0].astype(np.float32)
+    by = {}
+    for importance in ("gamma", "data"):
+        found = inspect(str(path("resnet")), options=PruneOptions(ratio=0.1, data={"input": x}, importance=importance))
+        by[importance] = np.concatenate([s.scores for s in found.spaces if s.scores and s.blocked is None])
+    gamma_dead = by["gamma"] <= dead_level(by["gamma"])
+    assert gamma_dead.sum() > 50
+    data_dead = by["data"] <= data_dead_level(by["data"])
+    # measured: 3 of 344 disagree, channels just above the gamma level that cost < 4e-7 at their consumers
+    assert (data_dead == gamma_dead).mean() >= 0.98 and data_dead[gamma_dead].all()
+    assert np.median(by["data"][~gamma_dead]) > 1000 * DATA_DEAD_SHARE
 
 
 def test_judge_measures_against_the_cut():
