@@ -82,8 +82,10 @@ def test_judge_measures_against_the_cut():
     assert judge(0.5938, 0.886, 0.5, 64) is not None  # its collapse
     allowed = judge(0.0, 0.0, 0.5, 64).allowed_disagreement
     assert allowed == pytest.approx(LOSS_PER_CUT * 0.5)
-    assert judge(1 - allowed + 1e-9, 1.0, 0.5, 64) is None and judge(1 - allowed - 1e-3, 1.0, 0.5, 64) is not None
-    assert judge(0.96, 1.0, 0.02, 64) is None  # two samples of 64 at a tiny cut: the check's noise
+    assert judge(1 - allowed + 1e-9, 0.5, 0.5, 64) is None and judge(1 - allowed - 1e-3, 0.5, 0.5, 64) is not None
+    assert judge(0.5, 1 - allowed / 4 + 1e-9, 0.5, 64) is None and judge(0.5, 1 - allowed / 4 - 1e-3, 0.5, 64)
+    assert judge(0.922, 0.9953, 0.112, 128) is None  # the tuning ResNet at 0.9: near-ties flip, cosine holds
+    assert judge(0.96, 0.5, 0.02, 64) is None  # two samples of 64 at a tiny cut: the check's noise
     assert judge(None, 0.95, 0.5, 64) is None and judge(None, 0.90, 0.5, 64) is not None  # no class scores: cosine
 
 
