@@ -93,14 +93,15 @@ def _numpy_flags() -> set[str]:
     return {flag for key, flag in names.items() if features.get(key)}
 
 
-def width_candidates(size: int, keep: int, block: int, min_channels: int) -> tuple[int, ...]:
-    """The widths ``keep`` may be rounded to (see the module's rule); empty when it stays as it is."""
+def width_candidates(size: int, keep: int, block: int, min_channels: int, least: int = 0) -> tuple[int, ...]:
+    """The widths ``keep`` may be rounded to (see the module's rule); empty when it stays as it is.
+    ``least``: no width below it (what the constraints of the selection, e.g. --max-layer-ratio, allow)."""
     if block <= 1 or keep >= size or keep % block == 0:
         return ()
     down = keep // block * block
     up = down + block
     found = []
-    if down >= max(min_channels, block):
+    if down >= max(min_channels, block, least):
         found.append(down)
     if up < size:
         found.append(up)
@@ -108,12 +109,13 @@ def width_candidates(size: int, keep: int, block: int, min_channels: int) -> tup
 
 
 def round_widths(keeps: Sequence[int], sizes: Sequence[int], block: int, min_channels: int = 4,
-                 weights: Sequence[float] | None = None) -> list[int]:
+                 weights: Sequence[float] | None = None, least: Sequence[int] | None = None) -> list[int]:
     """Kept widths rounded to multiples of ``block``, up or down, whichever keeps the total closest
     to the budget (the sum of ``keeps`` weighted by ``weights``; each 1 when not given).
 
     ``keeps[i]`` is what the selection keeps of a space of ``sizes[i]`` channels, ``weights[i]``
-    the cost of one of its channels (MACs, ms, or 1 to count channels). Returns the new widths in
+    the cost of one of its channels (MACs, ms, or 1 to count channels), ``least[i]`` the narrowest
+    width the selection's constraints allow (rounding down never goes below it). Returns the new widths in
     the same order; the caller chooses which channels to put back or take away (by score).
     """
     if len(keeps) != len(sizes) or (weights is not None and len(weights) != len(keeps)):
@@ -122,7 +124,9 @@ def round_widths(keeps: Sequence[int], sizes: Sequence[int], block: int, min_cha
         raise ValueError(f"round_widths: block {block} must be at least 1")
     weights = [1.0] * len(keeps) if weights is None else [float(w) for w in weights]
     out = [int(k) for k in keeps]
-    choices = {i: width_candidates(int(s), int(k), block, min_channels) for i, (k, s) in enumerate(zip(keeps, sizes))}
+    least = [0] * len(keeps) if least is None else [int(n) for n in least]
+    choices = {i: width_candidates(int(s), int(k), block, min_channels, least[i])
+               for i, (k, s) in enumerate(zip(keeps, sizes))}
     drift = 0.0  # kept cost above the budget so far
     for i in sorted((i for i in choices if choices[i]), key=lambda i: (-weights[i], i)):
         k = int(keeps[i])
@@ -136,6 +140,17 @@ def round_widths(keeps: Sequence[int], sizes: Sequence[int], block: int, min_cha
         drift += (best - k) * weights[i]
         out[i] = best
     return out
+
+
+def round_up_width(size: int, keep: int, block: int) -> int:
+    """``keep`` rounded *up* to the block, or ``size`` (the space left whole) when the multiple
+    above is not below it: what a ``--ratio`` / ``--threshold`` run rounds to. Up only keeps
+    channels the ranking chose to remove (dead ones, in a sparsity-trained model); down would
+    remove channels the ranking kept (live ones)."""
+    if block <= 1 or keep >= size or keep % block == 0:
+        return min(keep, size)
+    up = -(-keep // block) * block
+    return up if up < size else size
 
 
 def round_width(size: int, keep: int, block: int, min_channels: int = 4) -> int:
@@ -179,4 +194,4 @@ def resolve_round_to(value: int | str) -> tuple[int, str]:
     return block, f"--round-to {block}"
 
 
-__all__ = ["channel_block", "width_candidates", "round_widths", "round_width", "group_width", "resolve_round_to"]
+__all__ = ["channel_block", "width_candidates", "round_widths", "round_width", "round_up_width", "group_width", "resolve_round_to"]

@@ -122,6 +122,10 @@ class Plan:
     ranked: int = 0  # channels the ranking may remove (scored, with a known replacement everywhere)
     unsafe_where: dict[str, int] = field(default_factory=dict)  # consumer -> channels it made unsafe
     capped: int = 0  # channels the per-layer cap (max_layer_ratio) kept
+    min_kept: int = 0  # channels --min-channels (or a Split / Slice part's last channel) kept
+    rounded_back: int = 0  # chosen channels rounding widths to the block put back
+    rounded_back_dead: int = 0  # of those, the ones in the dead cluster (or exact zeros)
+    rounded_down: int = 0  # channels rounding down removed beyond the chosen ones
     derived_removed: int = 0  # shared channels removed because every reader BN's branch dropped them
     branch_kept: int = 0  # chosen channels a reader BN's branch still reads (so the shared tensor keeps them)
     budget: dict = field(default_factory=dict)  # for --target-macs / --target-params: target and reached
@@ -135,6 +139,8 @@ class Plan:
                 "max_removed_score": self.max_removed_score, "kept_unknown_replacement": self.unsafe_kept,
                 "unknown_replacement_at": dict(self.unsafe_where), "kept_by_layer_cap": self.capped,
                 "kept_by_branches": self.branch_kept, "removed_by_branches": self.derived_removed,
+                "kept_by_min_channels": self.min_kept, "kept_by_rounding": self.rounded_back,
+                "dead_kept_by_rounding": self.rounded_back_dead, "removed_by_rounding": self.rounded_down,
                 "budget": dict(self.budget)}
 
     def _kept(self, seg: Segment) -> np.ndarray:
@@ -351,10 +357,9 @@ def select(analysis: Analysis, options: PruneOptions, curves: dict | None = None
         removable = ~walk.unsafe_flat
         if options.threshold is not None:
             order = order[flat[order] < options.threshold]
-            target = int(removable[order].sum())
+            target = len(order)  # every channel below it that can go (the walk counts those that cannot)
         else:  # a fraction of the channels that can go: those with a known replacement everywhere
             target = int(math.floor(options.ratio * int(removable.sum()) + 1e-9))
-        walk.whole_order = options.threshold is not None  # every channel below the threshold counts
         plan = walk.plan(order, target)
     else:
         plan = _within_budget(analysis, walk, flat, options, curves)
@@ -373,8 +378,8 @@ class _Walk:
         self.owner = np.concatenate([np.full(s.size, i) for i, s in enumerate(spaces)]) if spaces else np.zeros(0, int)
         self.channel = np.concatenate([np.arange(s.size) for s in spaces]) if spaces else np.zeros(0, int)
         self.flat = np.concatenate([scores[s.id] for s in spaces]) if spaces else np.zeros(0)
-        self.whole_order = False
         self.block = options.block()
+        self.rounded_back = self.rounded_back_dead = self.rounded_down = 0
         self.fine_everywhere = False  # a finer block for every space (a budget out of reach otherwise)
         self.costs, self.which = None, 0  # a budget's costs: rounding weighs channels by them
         self.unsafe_flat = np.concatenate([unsafe.mask.get(s.id, np.zeros(s.size, bool)) for s in spaces]) \
@@ -387,16 +392,18 @@ class _Walk:
         left = {s.id: s.size - min(s.size, options.min_channels) for s in spaces}
         live_left = {s.id: int(math.floor(cap * int((self.scores[s.id] > self.level).sum()) + 1e-9)) for s in spaces}
         part_left = {s.id: [[o, n, n - min(n, options.min_channels)] for o, n in set(s.parts)] for s in spaces}
-        stats = {"chosen": 0, "unsafe": 0, "capped": 0}
-        cut = -np.inf  # the largest score taken
+        # every channel the walk passes over is counted under its reason
+        stats = {"chosen": 0, "unsafe": 0, "capped": 0, "min_kept": 0}
         for i in order:
             if stats["chosen"] == target:
                 break
             space, c = spaces[self.owner[i]], int(self.channel[i])
-            if self.unsafe_flat[i]:  # it cannot go: not a candidate (counted below)
+            if self.unsafe_flat[i]:  # it cannot go: its value is not a known constant at some consumer
+                stats["unsafe"] += 1
                 continue
             parts = [p for p in part_left[space.id] if p[0] <= c < p[0] + p[1]]
             if left[space.id] == 0 or any(p[2] == 0 for p in parts):
+                stats["min_kept"] += 1  # --min-channels, or a Split / Slice part down to one channel
                 continue
             live = self.flat[i] > self.level
             if live and live_left[space.id] == 0:
@@ -408,15 +415,13 @@ class _Walk:
                 p[2] -= 1
             removed[space.id][c] = True
             stats["chosen"] += 1
-            cut = max(cut, self.flat[i])
-        # channels that scored like the removed ones but stay: their value is not a known constant
-        below = order if self.whole_order else order[self.flat[order] <= cut]
-        stats["unsafe"] = int(self.unsafe_flat[below].sum())
         for s in spaces:
             removed[s.id] = self._finish(s, removed[s.id])
         self._round(removed)
         stats["derived"] = self._derive(removed)
         stats["branch_kept"] = self.branch_kept
+        stats["rounded_back"], stats["rounded_back_dead"] = self.rounded_back, self.rounded_back_dead
+        stats["rounded_down"] = self.rounded_down
         return removed, stats
 
     def _finish(self, s, gone: np.ndarray) -> np.ndarray:
@@ -434,12 +439,18 @@ class _Walk:
         return gone
 
     def _round(self, removed: dict[int, np.ndarray]) -> None:
-        """Kept widths to multiples of the block, up or down, whichever keeps the total nearest
-        the selection (:func:`onnxslim_bn.hardware.round_widths`): up puts back the best removed
-        channels, down takes the weakest kept ones that may go. Grouped spaces round per group
-        (:meth:`_round_groups`); spaces that Split / Slice take parts of keep their widths."""
+        """Kept widths to multiples of the block. A ``--ratio`` / ``--threshold`` run rounds *up*
+        (:func:`onnxslim_bn.hardware.round_up_width`): it puts back the best of the removed
+        channels (dead ones, where the model was sparsity-trained), and rounds down only through
+        dead channels (:meth:`_up_or_dead_down`), so it never removes a live channel the ranking
+        kept. A budget rounds up or down, whichever keeps its total nearest the
+        selection (:func:`onnxslim_bn.hardware.round_widths`), and down never past the
+        constraints of the walk (``min_channels``, ``max_layer_ratio``, unknown replacements).
+        Grouped spaces round per group (:meth:`_round_groups`); spaces that Split / Slice take
+        parts of keep their widths. ``self.rounded_back`` counts the channels rounding put back."""
         block = self.block
         self.notes, self.whole_groups = [], []
+        self.rounded_back = self.rounded_back_dead = self.rounded_down = 0
         if block <= 1:
             return
         spaces = [s for s in self.spaces if s.groups == 1 and not s.parts and removed[s.id].any()]
@@ -461,6 +472,19 @@ class _Walk:
                               "conv off onnxruntime's blocked kernels (slower than not pruning it): "
                               + ", ".join(self.whole_groups))
 
+    def _removable(self, s, gone: np.ndarray) -> np.ndarray:
+        """Channels of ``s`` that rounding down may still take, in the order it takes them
+        (lowest score first), within ``min_channels`` and ``max_layer_ratio``."""
+        scores = self.scores[s.id]
+        mask = self.unsafe.mask.get(s.id, np.zeros(s.size, bool))
+        free = np.flatnonzero(~gone & ~mask & np.isfinite(scores))
+        free = free[np.argsort(scores[free], kind="stable")]
+        live = scores > self.level
+        live_left = int(math.floor(self.options.max_layer_ratio * int(live.sum()) + 1e-9)) - int((gone & live).sum())
+        free = free[~live[free] | (np.cumsum(live[free]) <= max(live_left, 0))]
+        room = s.size - min(s.size, self.options.min_channels) - int(gone.sum())
+        return free[:max(room, 0)]
+
     def _round_spaces(self, removed: dict[int, np.ndarray], spaces: list, block: int) -> None:
         """Round ungrouped ``spaces`` to ``block`` (see :meth:`_round`)."""
         from .hardware import round_widths
@@ -468,21 +492,45 @@ class _Walk:
         if not spaces:
             return
         keeps = [int(s.size - removed[s.id].sum()) for s in spaces]
-        widths = round_widths(keeps, [s.size for s in spaces], block, self.options.min_channels, self.weights(spaces))
-        for s, keep, width in zip(spaces, keeps, widths):
+        takes = [self._removable(s, removed[s.id]) for s in spaces]
+        if self.costs is None:  # --ratio / --threshold: up, or down through dead channels only
+            widths = [self._up_or_dead_down(s, keep, take, block) for s, keep, take in zip(spaces, keeps, takes)]
+        else:
+            widths = round_widths(keeps, [s.size for s in spaces], block, self.options.min_channels, self.weights(spaces),
+                                  least=[keep - len(t) for keep, t in zip(keeps, takes)])
+        for s, keep, width, take in zip(spaces, keeps, widths, takes):
             gone, scores = removed[s.id], self.scores[s.id]
             if width % block and 2 * (s.size - width) <= block:  # a few channels off a whole space: not
                 width = s.size  # worth a width off the block (the kernels would run it slower)
             if width > keep:
                 back = np.flatnonzero(gone)[np.argsort(-scores[gone], kind="stable")[:width - keep]]
                 gone[back] = False
+                self.rounded_back += len(back)
+                self.rounded_back_dead += int((scores[back] <= self.level).sum())
             elif width < keep:
-                mask = self.unsafe.mask.get(s.id, np.zeros(s.size, bool))
-                free = np.flatnonzero(~gone & ~mask & np.isfinite(scores))
-                gone[free[np.argsort(scores[free], kind="stable")[:keep - width]]] = True
+                gone[take[:keep - width]] = True
+                self.rounded_down += keep - width
+
+    def _up_or_dead_down(self, s, keep: int, take: np.ndarray, block: int) -> int:
+        """A --ratio / --threshold width: the multiple of the block above ``keep``
+        (:func:`onnxslim_bn.hardware.round_up_width`), or the one below when it is nearer and
+        every channel it takes is dead (in the dead cluster, or exactly 0) like those chosen."""
+        from .hardware import round_up_width
+
+        up = round_up_width(s.size, keep, block)
+        down = keep // block * block
+        if up == keep or down < max(block, self.options.min_channels) or keep - down >= up - keep:
+            return up
+        extra = take[:keep - down]
+        threshold = self.options.threshold
+        dead = self.scores[s.id][extra] <= self.level
+        if threshold is not None:
+            dead &= self.scores[s.id][extra] < threshold
+        return down if len(extra) == keep - down and dead.all() else up
 
     def _round_groups(self, s, gone: np.ndarray, block: int) -> None:
-        """A grouped space: the same width in every group, up or down, whichever is nearer.
+        """A grouped space: the same width in every group; a budget rounds up or down, whichever
+        is nearer, a ``--ratio`` / ``--threshold`` run up only.
 
         Groups already on the block (``per % block == 0``) stay on it: each group keeps a multiple
         of the block, or the whole space stays when no such width is left (onnxruntime's blocked
@@ -490,27 +538,37 @@ class _Walk:
         of the block; off it, the conv runs unblocked between two layout reorders, slower than the
         unpruned conv: :func:`onnxslim_bn.hardware.group_width`). Otherwise only the whole width
         goes on the block (each group a multiple of block / gcd(block, groups))."""
-        from .hardware import group_width, round_width
+        from .hardware import group_width, round_up_width, round_width
 
         per = s.size // s.groups
         blocks, scores = gone.reshape(s.groups, per), self.scores[s.id].reshape(s.groups, per)
         mask = self.unsafe.mask.get(s.id, np.zeros(s.size, bool)).reshape(s.groups, per)
         keep = per - int(blocks[0].sum())
         least = max(1, -(-self.options.min_channels // s.groups))
-        if per % block == 0:
+        step = block if per % block == 0 else block // math.gcd(block, s.groups)
+        if self.costs is None:
+            width = round_up_width(per, keep, step)
+        elif per % block == 0:
             width = group_width(per, keep, block, least)
-            if width == per and keep < per:
-                self.whole_groups.append(f"{s.producers[0] if s.producers else f'space {s.id}'} ({s.groups}x{per})")
         else:
-            width = round_width(per, keep, block // math.gcd(block, s.groups), least)
+            width = round_width(per, keep, step, least)
+        if per % block == 0 and width == per and keep < per:
+            self.whole_groups.append(f"{s.producers[0] if s.producers else f'space {s.id}'} ({s.groups}x{per})")
         if width > keep:
             for row, score in zip(blocks, scores):
-                row[np.flatnonzero(row)[np.argsort(-score[row], kind="stable")[:width - keep]]] = False
+                back = np.flatnonzero(row)[np.argsort(-score[row], kind="stable")[:width - keep]]
+                row[back] = False
+                self.rounded_back += len(back)
+                self.rounded_back_dead += int((score[back] <= self.level).sum())
         elif width < keep:
+            live = self.scores[s.id] > self.level
+            live_left = int(math.floor(self.options.max_layer_ratio * int(live.sum()) + 1e-9)) - int((gone & live).sum())
             free = [np.flatnonzero(~row & ~m & np.isfinite(score)) for row, m, score in zip(blocks, mask, scores)]
-            if all(len(f) >= keep - width for f in free):  # every group must lose the same number
-                for row, f, score in zip(blocks, free, scores):
-                    row[f[np.argsort(score[f], kind="stable")[:keep - width]]] = True
+            picks = [f[np.argsort(score[f], kind="stable")[:keep - width]] for f, score in zip(free, scores)]
+            taken_live = sum(int((score[p] > self.level).sum()) for p, score in zip(picks, scores))
+            if all(len(p) == keep - width for p in picks) and taken_live <= live_left:  # every group loses the same
+                for row, p in zip(blocks, picks):
+                    row[p] = True
 
     def weights(self, spaces) -> list[float]:
         """What one channel of each space costs, for rounding towards the budget (1: channels)."""
@@ -568,7 +626,8 @@ class _Walk:
         kept = {root: np.flatnonzero(~gone) for root, gone in removed.items()}
         plan = Plan(kept, self.analysis, chosen=stats["chosen"], dead_level=self.level,
                     unsafe_kept=stats["unsafe"], capped=stats["capped"], derived_removed=stats["derived"],
-                    branch_kept=stats["branch_kept"])
+                    branch_kept=stats["branch_kept"], min_kept=stats["min_kept"], rounded_back=stats["rounded_back"],
+                    rounded_back_dead=stats["rounded_back_dead"], rounded_down=stats["rounded_down"])
         plan.notes = list(self.notes)
         gone_scores = np.concatenate([self.scores[s.id][removed[s.id]] for s in self.spaces]) if self.spaces else np.zeros(0)
         gone_scores = gone_scores[np.isfinite(gone_scores)]
@@ -607,7 +666,7 @@ def _respect(space, gone: np.ndarray, min_channels: int, round_to: int) -> np.nd
 # a budget met on the machine's block may land this far (a fraction of the original's cost)
 # under the target; further, finer blocks are tried (narrow layers step by a whole block)
 BUDGET_SLACK = 0.02
-BLOCK_FLOOR = 4  # no finer: below it a width is as good as unrounded for the kernels
+BLOCK_FLOOR = 4  # the finest halved block: below it a width is as good as unrounded for the kernels
 
 
 def _within_budget(analysis: Analysis, walk: _Walk, flat: np.ndarray, options: PruneOptions,
@@ -628,26 +687,25 @@ def _within_budget(analysis: Analysis, walk: _Walk, flat: np.ndarray, options: P
     per_channel = _channel_costs(analysis, walk, costs, which)
     order = np.argsort(flat / np.maximum(per_channel, 1e-30), kind="stable")
     limit = fraction * full
-    # --round-to auto only (a block the user set is kept): the machine's block, else halved ones
-    # down to BLOCK_FLOOR, until the rounded widths come within BUDGET_SLACK of the budget
-    floor = min(walk.block, BLOCK_FLOOR) if options.round_to == "auto" else walk.block
-    # first the finer blocks for the spaces off the machine's block only; for all spaces only when
-    # the budget is out of reach otherwise
+    # --round-to auto only (a block the user set is kept): the machine's block, then halved ones
+    # down to BLOCK_FLOOR for the layers off the machine's block, then for every layer, and last
+    # unrounded widths, until the plan comes within BUDGET_SLACK under the budget
     machine, tried = walk.block, []
-    for everywhere in (False, True):
-        walk.fine_everywhere, block = everywhere, machine if not everywhere else machine // 2
-        while block >= floor:
-            walk.block = block
-            best, reached = _longest_fit(walk, order, costs, which, limit)
-            tried.append((block, best, reached, everywhere))
-            if block // 2 < floor or (best is not None and reached >= limit - BUDGET_SLACK * full):
-                break
-            block //= 2
-        if any(t[1] is not None for t in tried) or floor == machine:
+    halved = []
+    while options.round_to == "auto" and (halved or [machine])[-1] // 2 >= min(machine, BLOCK_FLOOR):
+        halved.append((halved or [machine])[-1] // 2)
+    steps = [(machine, False)] + [(b, False) for b in halved] + [(b, True) for b in halved]
+    if options.round_to == "auto" and machine > 1:
+        steps.append((1, True))
+    for block, everywhere in steps:
+        walk.block, walk.fine_everywhere = block, everywhere
+        best, reached = _longest_fit(walk, order, costs, which, limit)
+        tried.append((block, best, reached, everywhere))
+        if best is not None and reached >= limit - BUDGET_SLACK * full:
             break
     met = [t for t in tried if t[1] is not None]
-    # the last block tried when it came within the slack, else the met plan nearest the budget,
-    # else (out of reach on every block) the one that came closest
+    # the met plan nearest the budget (the last tried, when it came within the slack), else (out
+    # of reach on every block) the one that came closest
     block, best, reached, everywhere = max(met, key=lambda t: (t[2], t[0])) if met else \
         min(tried, key=lambda t: (t[2], -t[0]))
     walk.block, walk.fine_everywhere = block, everywhere
@@ -656,8 +714,10 @@ def _within_budget(analysis: Analysis, walk: _Walk, flat: np.ndarray, options: P
         missed = f"under the budget kept {first[2] / full:.1%}" if first[1] is not None else \
             f"could reach only {first[2] / full:.1%}"
         where = "in every layer" if everywhere else "in the layers whose width is off that block (the others keep it)"
-        notes = [f"widths rounded to multiples of {block}, not {first[0]}, {where}: on the coarser block the nearest "
-                 f"plan {missed} (budget {fraction:.1%}); narrow layers cannot step finer"]
+        how = f"widths rounded to multiples of {block}, not {first[0]}, {where}" if block > 1 else \
+            f"widths left unrounded, not on multiples of {first[0]} (some convs may leave the blocked kernels)"
+        notes = [f"{how}: on the coarser block the nearest plan {missed} (budget {fraction:.1%}); "
+                 "narrow layers cannot step finer"]
     else:
         notes = []
     plan = walk.plan(order, len(order) if best is None else best)

@@ -29,6 +29,39 @@ import numpy as np
 from .analysis import Analysis
 
 
+@dataclass(frozen=True)
+class Row:
+    """One line of the replacement algebra: what a removed channel's constant becomes through an op.
+
+    ``zero``: a channel that is exactly 0 on the op's input (gamma = 0, beta = 0) is still a known
+    constant on its output (not always 0: sigmoid(0) = 0.5), so it can be removed exactly.
+    ``constant``: the same for any other constant c (gamma = 0, beta = c)."""
+
+    ops: str
+    zero: bool
+    constant: bool
+    why: str
+
+
+# The algebra, in one place (the rules' ``dead_values`` implement it; tests/test_faithful_defaults.py
+# builds one graph per row and checks that the dead channels go, exactly, or stay, counted).
+ALGEBRA: dict[str, Row] = {
+    "relu": Row("Relu, LeakyRelu, Elu, Tanh, Clip, HardSwish, PRelu", True, True, "f(c) is a constant; f(0) = 0"),
+    "sigmoid": Row("Sigmoid, HardSigmoid", True, True, "f(c) is a constant (f(0) = 0.5, not 0)"),
+    "silu": Row("x * Sigmoid(x) (SiLU, as exporters spell it)", True, True, "c * sigmoid(c)"),
+    "se-gate": Row("Mul by a squeeze-excitation gate", True, False, "0 * gate = 0; c * gate depends on the data"),
+    "maxpool-padded": Row("MaxPool (padded), GlobalAveragePool, GlobalMaxPool", True, True, "max / mean of c is c"),
+    "avgpool": Row("AveragePool not counting the padding", True, True, "mean of c is c"),
+    "avgpool-count-pad": Row("AveragePool counting the padding", True, False, "0 stays 0; c shrinks at the border"),
+    "pad-zero": Row("Pad with value 0", True, False, "0 stays 0; c meets 0 at the border"),
+    "pad-value": Row("Pad with value v != 0", False, False, "0 and c meet v at the border"),
+    "pad-edge": Row("Pad edge / reflect", True, True, "repeats c"),
+    "resize": Row("Resize (interpolation weights sum to 1)", True, True, "c stays c"),
+    "depthwise-padded": Row("depthwise Conv, padded, no bias", True, False, "0 * w = 0; c * w loses taps at the border"),
+    "depthwise-valid": Row("depthwise Conv, unpadded", True, True, "c * sum(w) + b"),
+}
+
+
 def dead_values(analysis: Analysis) -> dict[str, np.ndarray]:
     """The constant each removed channel carries, per channel-carrying tensor (NaN: unknown)."""
     from .rules import RULES

@@ -19,7 +19,7 @@ from .version import __version__
 # The JSON every command writes (prune's report, inspect, bench, sweep, --export-widths) carries
 # this number. Bump it whenever a key is added, removed or renamed; tests/test_schema.py holds the
 # key set of each document and fails when it changes without a bump.
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 # Blocked reasons as data: a stable code per kind of reason, derived from the reason's text.
 # (Until the analysis records reasons with their code, this table is the one place that knows
@@ -332,16 +332,26 @@ def selection_lines(sel: dict, chosen: int, removed: int, options: dict) -> list
         lines.append(f"{sel['kept_unknown_replacement']} channels below the cut stay: their value is not a known "
                      f"constant where {where} reads them (a gate, a pad value, a border effect); they are not ranked.")
     kept = [(sel.get("kept_by_branches", 0), "another reader BN's branch still uses them")]
-    rounded = chosen - removed + sel.get("removed_by_branches", 0) - sum(n for n, _ in kept)
+    rounded = chosen - removed + sel.get("removed_by_branches", 0) + sel.get("removed_by_rounding", 0) \
+        - sum(n for n, _ in kept)
     if rounded > 0:
-        block = (sel.get("budget") or {}).get("round_to", options.get("round_to"))
-        kept.append((rounded, f"rounding widths to multiples of {block} and evening out conv groups "
-                              "(--round-to 1 for the exact ratio)"))
+        budget = sel.get("budget") or {}
+        block = budget.get("round_to", options.get("round_to"))
+        dead = sel.get("dead_kept_by_rounding", 0)
+        how = "rounding widths to multiples of" if budget else "rounding widths up (never down past a kept channel) to"
+        kept.append((rounded, f"{how} {block} and evening out conv groups"
+                              + (f" ({dead} of them dead)" if dead else "") + " (--round-to 1 for the exact ratio)"))
     reasons = "; ".join(f"{n} because {why}" for n, why in kept if n > 0)
     if reasons:
         lines.append(f"The ranking chose {chosen}; kept {reasons}.")
     if sel.get("removed_by_branches"):
         lines.append(f"{sel['removed_by_branches']} shared channels removed: every reader BN's branch dropped them.")
+    if sel.get("removed_by_rounding"):
+        lines.append(f"{sel['removed_by_rounding']} more channels removed rounding widths down, all of them "
+                     + ("within the budget." if sel.get("budget") else "dead (in the dead cluster or exactly 0)."))
+    if sel.get("kept_by_min_channels"):
+        lines.append(f"{sel['kept_by_min_channels']} channels passed over: their layer reached --min-channels "
+                     f"{options.get('min_channels')} (or a Split / Slice part its last channel).")
     if sel.get("kept_by_layer_cap"):
         lines.append(f"{sel['kept_by_layer_cap']} live channels passed over: their layer reached --max-layer-ratio "
                      f"{options.get('max_layer_ratio')}.")

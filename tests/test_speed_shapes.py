@@ -100,12 +100,15 @@ def test_grouped_conv_on_the_block_loses_whole_blocks_per_group(tmp_path):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(np.abs(want).max()))
 
 
-def test_grouped_conv_rounds_down_to_the_block_taking_the_weakest(tmp_path):
-    # 12 dead per group of 32: 20 kept rounds to 16 (nearer than 32): every group loses its 4
-    # weakest live channels too, the same number in each group
+def test_grouped_conv_ratio_run_rounds_up_never_taking_live_channels(tmp_path):
+    # 12 dead per group of 32: 20 kept per group. A --ratio run rounds up only (issue 16): the next
+    # multiple of 16 is the whole group, so the grouped space stays whole, said in a note; rounding
+    # down to 16 would have removed 4 live channels per group
     model = grouped_model(groups=2, per=32, dead_per_group=12)
     result = prune(model, ratio=48 / 128, round_to=16, verify=False)
-    assert grouped_conv(result.model) == ([32, 16, 3, 3], 2)
+    assert grouped_conv(result.model) == ([64, 32, 3, 3], 2)
+    assert any(n.startswith("grouped channels kept whole") for n in result.report.notes)
+    assert result.report.selection["live_removed"] == 0
     exact = prune(model, ratio=48 / 128, round_to=1, verify=False)
     assert grouped_conv(exact.model) == ([40, 20, 3, 3], 2)
 
