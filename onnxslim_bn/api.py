@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from . import data, verify
+from . import collapse, data, verify
 from .analysis import Analysis, analyze
 from .data import Samples
 from .errors import BnSlimError, CheckFailed
@@ -313,6 +313,12 @@ def prune(model: onnx.ModelProto | str | os.PathLike, options: PruneOptions | No
     options.validate()
     given = _options_given(options, kwargs)
     result, prep = _prune_once(model, options, given)
+    found = collapse.of_report(result.report)
+    if found is not None:
+        result, prep = _attempts(model, options, given, result, prep, found)
+        if not found.resolved:
+            log.warning("%s", found.message())
+    _raise_failed_gate(result)
     if options.probe and result.report.removed_channels:  # nothing removed: the same model, nothing to time
         if result.fp32_model is None:
             result = _never_slower(model, options, given, result, prep)
@@ -325,6 +331,20 @@ def prune(model: onnx.ModelProto | str | os.PathLike, options: PruneOptions | No
     return result
 
 
+def _raise_failed_gate(result: PruneResult) -> None:
+    """A gate (--max-error, --min-cosine, ...) the kept result fails: CheckFailed, nothing written."""
+    report = result.report
+    verification = report.verification
+    if verification is None or not verification.failed:
+        return
+    int8_steps = (report.quantization or {}).get("steps") if result.fp32_model is not None else None
+    what = f"{report.model} (pruned" + (" + INT8)" if result.fp32_model is not None else ")")
+    steps = "" if not int8_steps else \
+        " (" + "; ".join(f"{k}: cosine {m['cosine']:.5f}" for k, m in int8_steps.items()) + ")"
+    raise CheckFailed(f"{what}: the check failed: {verification.failed}{steps}; nothing was written. "
+                      "Lower --ratio or relax the gate", report)
+
+
 def _never_slower(model, options: PruneOptions, given: dict, result: PruneResult, prep: _Prepared) -> PruneResult:
     """The probe (:func:`onnxslim_bn.bench.probe`): time the pruned model beside the original in
     onnxruntime; when it is not faster, prune again keeping the layers the probe blames whole,
@@ -335,11 +355,14 @@ def _never_slower(model, options: PruneOptions, given: dict, result: PruneResult
     found = probe(prep.model, result.model, feeds, threads=options.threads)
     best, best_found, tried = result, found, []
     slower = found.pruned_ms > found.original_ms * (1 + PROBE_NOISE)
-    for label, alternative in (_alternatives(options, given, found, prep, result) if slower else []):
+    for label, alternative in (_probe_alternatives(options, given, found, prep, result) if slower else []):
         try:
             candidate, _ = _prune_once(model, alternative, given)
         except BnSlimError as err:  # a gate of the check, or nothing left to prune
             tried.append(f"{label} (not possible: {str(err).split(': ', 1)[-1][:80]})")
+            continue
+        if candidate.report.verification is not None and candidate.report.verification.failed:
+            tried.append(f"{label} (fails the check: {candidate.report.verification.failed})")
             continue
         if not candidate.report.removed_channels:
             tried.append(f"{label} (removes nothing)")
@@ -366,8 +389,8 @@ def _never_slower(model, options: PruneOptions, given: dict, result: PruneResult
 PROBE_NOISE = 0.05
 
 
-def _alternatives(options: PruneOptions, given: dict, found, prep: _Prepared,
-                  result: PruneResult) -> list[tuple[str, PruneOptions]]:
+def _probe_alternatives(options: PruneOptions, given: dict, found, prep: _Prepared,
+                        result: PruneResult) -> list[tuple[str, PruneOptions]]:
     """Other cuts to try when the probe finds the pruned model slower (see :func:`_never_slower`):
     the layers it blames kept whole; widths on the machine's block, unless the user set a block."""
     out = []
@@ -383,8 +406,79 @@ def _alternatives(options: PruneOptions, given: dict, found, prep: _Prepared,
     return out
 
 
+# what a collapsed budget run tries instead, in this order (each a whole run; the first that does
+# not collapse ends the search, else the best of them is kept)
+ATTEMPTS = ("keep the layer that lost the largest share", "the other importance", "half the per-layer cut")
+
+
+def _attempts(model, options: PruneOptions, given: dict, result: PruneResult, prep: _Prepared,
+              found: collapse.Collapse) -> tuple[PruneResult, _Prepared]:
+    """A collapsed result (:mod:`.collapse`): a budget run (--target-macs / --target-params) tries
+    the :data:`ATTEMPTS` that its options leave open and keeps the best one by the check's
+    agreement, then cosine; every result, the chosen one too, is recorded in ``found``, which
+    the report carries (``report.collapse``). Only a result that is not collapsed ends the search."""
+    def entry(what: str, r: PruneResult) -> dict:
+        v = r.report.verification
+        return {"what": what, "agreement": v.top1_agreement, "cosine": v.cosine,
+                "collapsed": collapse.of_report(r.report) is not None, "chosen": False}
+
+    found.attempts.append(entry("as asked", result))
+    best, best_prep, chosen = result, prep, 0
+    budget = options.target_macs is not None or options.target_params is not None
+    for what, alternative in (_collapse_alternatives(options, result) if budget else ()):
+        try:
+            other, other_prep = _prune_once(model, alternative, given)
+        except BnSlimError as exc:
+            found.attempts.append({"what": what, "failed": str(exc).splitlines()[0][:200], "chosen": False})
+            continue
+        found.attempts.append(entry(what, other))
+        if (other.report.selection.get("budget") or {}).get("unreachable") and \
+                not (result.report.selection.get("budget") or {}).get("unreachable"):
+            continue  # it misses the budget the first run met
+        if collapse.quality(other.report) > collapse.quality(best.report):
+            best, best_prep, chosen = other, other_prep, len(found.attempts) - 1
+            if not found.attempts[-1]["collapsed"]:
+                found.resolved = True
+                break
+    found.attempts[chosen]["chosen"] = True
+    if best is not result:  # the numbers of the result written
+        v = best.report.verification
+        written = collapse.of_report(best.report)
+        found.agreement, found.cosine = v.top1_agreement, v.cosine
+        if written is not None:
+            found.cut, found.allowed_disagreement, found.allowed_cosine_loss = \
+                written.cut, written.allowed_disagreement, written.allowed_cosine_loss
+    best.report.collapse = found
+    if best is not result:
+        tried = ", ".join(f"{a['what']}: " + (f"agreement {a['agreement']:.1%}" if a.get("agreement") is not None else
+                                             f"cosine {a['cosine']:.4f}" if "cosine" in a else "failed")
+                          for a in found.attempts)
+        best.report.notes.append(f"the run as asked collapsed; written instead: {found.attempts[chosen]['what']} "
+                                 f"(tried {tried})")
+    return best, best_prep
+
+
+def _collapse_alternatives(options: PruneOptions, result: PruneResult):
+    """(label, options) of the :data:`ATTEMPTS` the options leave open: the layer that lost the
+    largest share of its channels kept whole (--keep), the other importance (only when
+    --importance is auto and --data is given), half of --max-layer-ratio."""
+    spaces = [s for s in result.report.spaces if s.kept < s.channels and s.producers]
+    if spaces:
+        culprit = max(spaces, key=lambda s: ((s.channels - s.kept) / s.channels, s.channels - s.kept))
+        pattern = re.sub(r"([\[\]*?])", r"[\1]", culprit.producers[0])
+        yield (f"{ATTEMPTS[0]} ({culprit.producers[0]}, {culprit.channels - culprit.kept} of {culprit.channels} "
+               "channels removed) whole", replace(options, keep=[*options.keep, pattern]))
+    used = result.report.options.get("importance")
+    if options.importance == "auto" and options.data is not None and used in ("gamma", "data"):
+        other = "data" if used == "gamma" else "gamma"
+        yield f"{ATTEMPTS[1]} ({other})", replace(options, importance=other)
+    yield (f"{ATTEMPTS[2]} (--max-layer-ratio {options.max_layer_ratio / 2:g})",
+           replace(options, max_layer_ratio=options.max_layer_ratio / 2))
+
+
 def _prune_once(model, options: PruneOptions, given: dict) -> tuple[PruneResult, _Prepared]:
-    """One cut and its check (:func:`prune` without the probe)."""
+    """One run: prepare, select, cut, compensate, quantize and check; the gates' failure is recorded
+    in the report's check, not raised (:func:`prune` raises it for the result it keeps)."""
     clock = time.perf_counter()
     curves, target, timed = None, options.target_latency, None
     for attempt in range(3 if target is not None else 1):  # --target-latency: timed, tightened when missed
@@ -451,11 +545,9 @@ def _prune_once(model, options: PruneOptions, given: dict) -> tuple[PruneResult,
         notes=prep.notes, seconds=seconds, chosen_channels=plan.chosen, selection=plan.summary())
     if quantized is not None:
         report.quantization = _quantization_report(prep, pruned, quantized, verification, feeds, outputs)
-    if verification is not None and verification.failed:
-        steps = "" if quantized is None or not report.quantization.get("steps") else \
-            " (" + "; ".join(f"{k}: cosine {m['cosine']:.5f}" for k, m in report.quantization["steps"].items()) + ")"
-        raise CheckFailed(f"{what}: the check failed: {verification.failed}{steps}; nothing was written. "
-                          "Lower --ratio or relax the gate", report)
+    found = collapse.of_report(report)
+    if found is not None:
+        report.collapse = found
     return PruneResult(deployed, report, feeds, outputs, reconstruction, pruned if quantized is not None else None), prep
 
 

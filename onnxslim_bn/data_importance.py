@@ -6,11 +6,17 @@ hundred calibration samples the cost of a channel can be measured where it matte
 consumers. A removed channel is replaced by its mean (folded into the consumer's bias), so
 what is lost at consumer K is the channel's variation through K's weights:
 
-    cost_K(c) = Var(x_c) * ||W_K[:, c]||^2 / sum_o Var(y_K,o)
+    cost_K(c) = sum_o Var(x_c) * W_K[o, c]^2 / Var(y_K,o)  /  n_o
 
--- the channel's share of the variance of K's output (cross-channel correlations ignored),
-a relative figure, so that channels of different layers compare in one global ranking. A
-channel read by several consumers (a residual group, a concatenation) sums its costs.
+-- the channel's share of the variance of each output of K, averaged over the outputs
+(cross-channel correlations ignored), a relative figure, so that channels of different layers
+compare in one global ranking. Each output counts as one whatever its scale: a BN kept after K
+and the same BN folded into K's weights scale an output and its variance alike (for a kept BN
+its scale is applied first, so that an output a zero gamma made constant counts for nothing in
+either form), so the BN-kept and the folded export of one model rank alike (weighting the outputs by their variance, as
+``sum_o W^2 Var(x) / sum_o Var(y)`` did, gave the two exports a per-layer factor of up to 1.17
+and removed-channel overlaps down to 0.50 on the ordinary ResNet fixture). A channel read by
+several consumers (a residual group, a concatenation) sums its costs.
 
 The replacement of a channel at a consumer becomes its measured mean there, also where the
 rules prove no constant (a gate, a Pad of another value: :mod:`.replacement`); with gamma
@@ -31,12 +37,43 @@ from .edits import constant_values
 log = logging.getLogger(__name__)
 
 
-def _weight_energy(node, entries: int) -> np.ndarray | None:
-    """Per input entry of a consumer: the sum of its squared weights over the outputs."""
+def _output_scale(node) -> np.ndarray | None:
+    """The per-output scale ``gamma / sqrt(var + eps)`` of a BatchNormalization that is the
+    consumer's only reader, or None. A folded export carries it in the consumer's weights; the
+    BN-kept export applies it after: :func:`data_importance` applies it to the kept one's
+    weights and output variances, so that both see the same outputs (a BN with gamma 0 makes
+    its output constant in either)."""
+    users = list(node.outputs[0].outputs)
+    if len(users) != 1 or users[0].op != "BatchNormalization" or users[0].inputs[0] is not node.outputs[0]:
+        return None
+    gamma, var = constant_values(users[0].inputs[1]), constant_values(users[0].inputs[4])
+    if gamma is None or var is None or gamma.shape != var.shape or gamma.ndim != 1:
+        return None
+    return gamma.astype(np.float64) / np.sqrt(var.astype(np.float64) + users[0].attrs.get("epsilon", 1e-5))
+
+
+def _output_weights(var: np.ndarray) -> np.ndarray:
+    """``1 / Var(y_o)`` per output of a consumer (0 for outputs that do not vary): each output's
+    variance counts as one, whatever scale the export left on it -- a BN kept after the
+    consumer, folded into its weights, or split into a Mul."""
+    var = np.asarray(var, np.float64)
+    floor = 1e-12 * float(var.max()) if var.size and var.max() > 0 else np.inf
+    return np.where(var > floor, 1.0 / np.maximum(var, floor if np.isfinite(floor) else 1.0), 0.0)
+
+
+def _weight_energy(node, entries: int, out_weight: np.ndarray | None = None) -> np.ndarray | None:
+    """Per input entry of a consumer: the sum of its squared weights over the outputs (each
+    output weighted by ``out_weight`` when given)."""
     weight = constant_values(node.inputs[1])
     if weight is None:
         return None
     w2 = weight.astype(np.float64) ** 2
+    if out_weight is not None:  # the output axis of the weight: Conv [C_out, ...], Gemm / MatMul [K, N] or [N, K]
+        axis = 0 if node.op == "Conv" or (node.op == "Gemm" and node.attrs.get("transB", 0)) else \
+            1 if node.op in ("Gemm", "MatMul") and w2.ndim == 2 else None
+        if axis is None or w2.shape[axis] != len(out_weight):
+            return None
+        w2 = w2 * out_weight.reshape([-1 if a == axis else 1 for a in range(w2.ndim)])
     if node.op in ("Gemm", "MatMul"):
         trans = node.op == "Gemm" and node.attrs.get("transB", 0)
         energy = w2.sum(0) if trans else w2.sum(1)
@@ -63,10 +100,20 @@ def data_importance(analysis: Analysis, model: onnx.ModelProto, feeds: dict[str,
         node = consumer.node
         layout = analysis.layout(node.inputs[0])
         x, y = stats[node.inputs[0].name], stats[node.outputs[0].name]
-        energy = _weight_energy(node, len(x.var))
+        # each output counts as one (its variance's share, not its size): the same ranking whatever
+        # per-output scale the export left (a BN kept after the layer, folded into it, split into a Mul)
+        # (the outputs of a BN kept after the layer: its scale applied, as folded into the weights)
+        per_output = node.op == "Conv" or analysis.rank(node.outputs[0]) == 2
+        bn = _output_scale(node) if per_output else None
+        bn = bn if bn is not None and len(bn) == len(y.var) else None
+        var = y.var if bn is None else y.var * bn ** 2
+        weight = _output_weights(var) if per_output else None
+        energy = _weight_energy(node, len(x.var), None if weight is None else weight * (1.0 if bn is None else bn ** 2))
+        if energy is None:  # a weight layout without one output axis (ConvTranspose): outputs pooled
+            weight, var, energy = None, y.var, _weight_energy(node, len(x.var))
         if energy is None or len(energy) != len(x.var):
             continue
-        scale = float(y.var.sum())
+        scale = float((var * (1.0 if weight is None else weight)).sum())
         cost = x.var * energy / scale if scale > 0 else np.zeros_like(x.var)
         repeat = np.concatenate([np.full(s.size, s.repeat) for s in layout])
         per_channel = np.add.reduceat(cost, np.concatenate([[0], np.cumsum(repeat)[:-1]]))

@@ -210,6 +210,23 @@ def dead_level(scores: np.ndarray) -> float:
     return float(values[k])
 
 
+# data scores (data_importance: a channel's share of its consumers' output variance) at or below
+# this are dead: measured, the channels Network Slimming killed score 0 or at most 2e-8 at their
+# consumers (the sparse fixtures), the live channels of the ordinary fixtures at least 7.6e-5
+DATA_DEAD_SHARE = 1e-6
+
+
+def data_dead_level(scores: np.ndarray) -> float:
+    """The dead level of data scores: they are shares of measured variance, on one absolute
+    scale, so a dead channel is one whose removal costs its consumers at most
+    :data:`DATA_DEAD_SHARE` of their output variance -- not a cluster found by shape (the
+    data scores of an ordinary model can be bimodal where nothing is dead: a split would
+    exempt live channels from --max-layer-ratio)."""
+    values = np.asarray(scores, np.float64)
+    dead = values[np.isfinite(values) & (values <= DATA_DEAD_SHARE)]
+    return float(dead.max()) if len(dead) else 0.0
+
+
 class Costs:
     """MACs and parameters of the graph's layers as a function of the kept channels.
 
@@ -344,7 +361,8 @@ def select(analysis: Analysis, options: PruneOptions, curves: dict | None = None
     spaces = [s for s in analysis.prunable() if s.sources]
     scores = {s.id: s.scores() for s in spaces}
     flat = np.concatenate([scores[s.id] for s in spaces]) if spaces else np.zeros(0)
-    level = dead_level(flat)
+    by_data = bool(spaces) and all(s.source_kinds == ["data"] for s in spaces)
+    level = data_dead_level(flat) if by_data else dead_level(flat)
     walk = _Walk(analysis, spaces, scores, unsafe, level, options, dead)
     if options.target_macs is None and options.target_params is None and options.target_latency is None:
         order = np.argsort(flat, kind="stable")  # global ranking; ties keep graph order

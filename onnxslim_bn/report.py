@@ -19,7 +19,7 @@ from .version import __version__
 # The JSON every command writes (prune's report, inspect, bench, sweep, --export-widths) carries
 # this number. Bump it whenever a key is added, removed or renamed; tests/test_schema.py holds the
 # key set of each document and fails when it changes without a bump.
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 # Blocked reasons as data: a stable code per kind of reason, derived from the reason's text.
 # (Until the analysis records reasons with their code, this table is the one place that knows
@@ -265,6 +265,7 @@ class Report:
     options_given: dict = field(default_factory=dict)  # what the caller set; ``options`` is every option as resolved
     # --quantize: settings, calibration samples, FP32-kept nodes and the check's steps (api._quantization_report)
     quantization: dict | None = None
+    collapse: object | None = None  # collapse.Collapse: the check far worse than the cut warrants
 
     @property
     def removed_channels(self) -> int:
@@ -286,6 +287,7 @@ class Report:
             "spaces": [asdict(s) for s in self.spaces], "notes": self.notes, "seconds": self.seconds,
             "openvino": None if self.openvino is None else self.openvino.to_dict(),
             "quantization": self.quantization,
+            "collapse": None if self.collapse is None else self.collapse.to_dict(),
         })
 
     def to_json(self) -> str:
@@ -328,6 +330,8 @@ class Report:
             lines.extend(check_lines(self.verification))
         if self.quantization is not None:
             lines.extend(quantization_lines(self.quantization))
+        if self.collapse is not None and not self.collapse.resolved:
+            lines.append(self.collapse.message())
         if self.openvino is not None:
             ov = self.openvino
             kind = "INT8" if self.quantization is not None else "FP16" if ov.fp16 else "FP32"

@@ -16,6 +16,7 @@ import pytest
 import onnxslim_bn
 from onnxslim_bn.bench import benchmark
 from onnxslim_bn.cli import main
+from onnxslim_bn.collapse import Collapse
 from onnxslim_bn.openvino_ir import OpenVinoResult
 from onnxslim_bn.report import SCHEMA_VERSION, envelope, export_widths
 from tests.fixtures import heldout, path
@@ -54,6 +55,8 @@ def documents(tmp: Path) -> dict[str, dict]:
                              data={"input": heldout()[0][:128]}, compensation="bias")
     assert int8.report.quantization["sensitivity"]["most_sensitive"]
     result.report.quantization = int8.report.quantization
+    result.report.collapse = Collapse(0.5, 0.4, 0.8, 0.3, 0.075, [{"what": "as asked", "agreement": 0.4, "cosine": 0.8,
+                                                               "collapsed": True, "chosen": True}])  # a collapsed check
     result.report.output = str(tmp / "vgg.slim.onnx")
     onnxslim_bn.save_model(result.model, tmp / "vgg.slim.onnx")
     docs = {"prune": result.report.to_dict(), "widths": export_widths(result.report)}
