@@ -1,9 +1,9 @@
 """Fuzz for issue 16's classes, on the random graphs of tests/test_fuzz.py.
 
 - Default widths (``--round-to auto``, ``--min-channels 4``): a ``--threshold`` run never removes
-  a channel scored above the threshold, and a ``--ratio`` run inside the dead fraction removes no
-  live channel (rounding goes up, or down through dead channels only); both stay exact with
-  ``exact_borders``.
+  a channel scored above the threshold, and a ``--ratio`` run inside the dead fraction removes a
+  live channel only in place of a dead one that a constraint kept (rounding goes up, or down
+  through dead channels only); both stay exact with ``exact_borders``.
 - Zero stays zero: with beta = 0 on every dead channel, no dead channel is held back for an
   unknown replacement value, unless the graph has a block of ``NOT_CONSTANT``.
 """
@@ -66,6 +66,9 @@ def test_default_widths_never_remove_live_channels_and_zero_stays_zero(drawn, sh
         ratio = share * dead / sel["ranked"]
         if ratio > 0:
             inside = prune(model, ratio=ratio, exact_borders=True, verify=False)
-            assert inside.report.selection["live_removed"] == 0, inside.report.selection
+            # a live channel goes only in place of a dead one a constraint kept (--ratio counts channels);
+            # rounding never spends one
+            passed = inside.report.selection
+            assert passed["live_removed"] <= passed["kept_by_min_channels"] + passed["kept_by_layer_cap"], passed
             _exact(model, inside.model, shape, final_size)
             event("ratio inside the dead fraction")
