@@ -54,13 +54,7 @@ def channel_block(cpuinfo: str | None = None, machine: str | None = None) -> tup
     ``cpuinfo`` (the text of /proc/cpuinfo) and ``machine`` (``platform.machine()``) are read from
     the system when not given. Without /proc/cpuinfo, numpy's own CPU feature detection is asked.
     """
-    machine = (machine if machine is not None else platform.machine()).lower()
-    if cpuinfo is None:
-        try:
-            cpuinfo = Path("/proc/cpuinfo").read_text()
-        except OSError:
-            cpuinfo = ""
-    flags = _cpuinfo_flags(cpuinfo)
+    machine, flags = cpu_features(cpuinfo, machine)
     source = "/proc/cpuinfo"
     if not flags:
         flags, source = _numpy_flags(), "numpy's CPU feature detection"
@@ -70,6 +64,18 @@ def channel_block(cpuinfo: str | None = None, machine: str | None = None) -> tup
     if "neon" in flags or "asimd" in flags or machine.startswith(("arm", "aarch64")):
         return _FALLBACK_BLOCK, f"NEON ({machine or 'ARM'}): 4 channels per 128-bit vector"
     return _FALLBACK_BLOCK, f"no AVX / AVX-512 found in {source} ({machine or 'unknown machine'}): 4 channels"
+
+
+def cpu_features(cpuinfo: str | None = None, machine: str | None = None) -> tuple[str, set[str]]:
+    """(machine, feature flags of the first processor in /proc/cpuinfo), read from the system
+    when not given; the flags are empty without /proc/cpuinfo."""
+    machine = (machine if machine is not None else platform.machine()).lower()
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            cpuinfo = ""
+    return machine, _cpuinfo_flags(cpuinfo)
 
 
 def _cpuinfo_flags(text: str) -> set[str]:

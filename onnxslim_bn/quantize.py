@@ -27,7 +27,6 @@ What is done, and why
 from __future__ import annotations
 
 import logging
-import platform
 import tempfile
 import time
 from collections.abc import Sequence
@@ -38,7 +37,7 @@ import numpy as np
 import onnx
 
 from .errors import BnSlimError
-from .hardware import _cpuinfo_flags
+from .hardware import cpu_features
 from .model_io import _save_external, too_large_for_protobuf
 
 log = logging.getLogger(__name__)
@@ -80,13 +79,7 @@ class Quantized:
 
 def settings_for_cpu(cpuinfo: str | None = None, machine: str | None = None) -> Settings:
     """The activation type that suits this CPU's INT8 instructions (see the module doc)."""
-    machine = (machine if machine is not None else platform.machine()).lower()
-    if cpuinfo is None:
-        try:
-            cpuinfo = Path("/proc/cpuinfo").read_text()
-        except OSError:
-            cpuinfo = ""
-    flags = _cpuinfo_flags(cpuinfo)
+    machine, flags = cpu_features(cpuinfo, machine)
     if machine.startswith(("arm", "aarch64")) or "asimd" in flags:
         return Settings(activations="int8", reason="ARM: SDOT multiplies signed by signed 8-bit values (S8S8)")
     vnni = bool({"avx512_vnni", "avx_vnni", "avx512vnni"} & flags)
