@@ -247,12 +247,8 @@ def benchmark(original: str | os.PathLike, pruned: str | os.PathLike, batches: t
     paths = [Path(original), Path(pruned)]
     models = [load_model(p) for p in paths]
     check_same_interface(models[0], models[1], (str(paths[0]), str(paths[1])))
-    if runs < 1 or warmup < 0 or rounds < 1:
-        raise BnSlimError("--runs and --rounds must be at least 1 and --warmup at least 0")
     notes: list[str] = []
-    runtimes = _runtimes(tuple(runtimes), notes)
-    rounds = min(rounds, runs)
-    per_round = -(-runs // rounds)
+    runtimes, rounds, per_round = _schedule(runtimes, runs, warmup, rounds, notes)
     result = BenchResult(str(paths[0]), str(paths[1]), threads, per_round * rounds, rounds, notes=notes)
     for b in batches:
         if b < 1:
@@ -314,6 +310,14 @@ def benchmark(original: str | os.PathLike, pruned: str | os.PathLike, batches: t
         notes.append(f"wide spread, p90/p10 above {WIDE_SPREAD} (original / pruned): {', '.join(wide)}; the machine "
                      "was busy, so those medians are less sure: rerun with more --runs on an idle machine")
     return result
+
+
+def _schedule(runtimes, runs: int, warmup: int, rounds: int, notes: list[str]) -> tuple[tuple[str, ...], int, int]:
+    """The runtimes to time (a note for those missing), the rounds, and the timed runs per round."""
+    if runs < 1 or warmup < 0 or rounds < 1:
+        raise BnSlimError("--runs and --rounds must be at least 1 and --warmup at least 0")
+    rounds = min(rounds, runs)
+    return _runtimes(tuple(runtimes), notes), rounds, -(-runs // rounds)
 
 
 def _load_average() -> float:
@@ -646,12 +650,8 @@ def benchmark_four_way(paths: dict[str, str | os.PathLike], batches: tuple[int, 
     models = [load_model(p) for p in files]
     for k, model in zip(FOUR_WAY[1:], models[1:]):
         check_same_interface(models[0], model, (str(files[0]), str(paths[k])))
-    if runs < 1 or warmup < 0 or rounds < 1:
-        raise BnSlimError("--runs and --rounds must be at least 1 and --warmup at least 0")
     notes: list[str] = []
-    runtimes = _runtimes(tuple(runtimes), notes)
-    rounds = min(rounds, runs)
-    per_round = -(-runs // rounds)
+    runtimes, rounds, per_round = _schedule(runtimes, runs, warmup, rounds, notes)
     ideal = _mac_ratio(models[:2], input_shapes or {}, str(files[0]))
     feeds = {b: _feeds(models[0], input_shapes or {}, b, str(files[0])) for b in batches}
     for b, f in feeds.items():
