@@ -16,9 +16,9 @@ import onnx
 import onnxruntime as ort
 
 from onnxslim_bn import prune, save_model
-from onnxslim_bn.bench import FOUR_WAY, FOUR_WAY_LABELS, benchmark_four_way
-from onnxslim_bn.openvino_ir import available as openvino_available
-from onnxslim_bn.quantize import quantize_with_fallback
+from onnxslim_bn.app.bench import FOUR_WAY, FOUR_WAY_LABELS, benchmark_four_way
+from onnxslim_bn.ir.openvino_ir import available as openvino_available
+from onnxslim_bn.passes.quantize import quantize_with_fallback
 
 ROOT = Path(__file__).resolve().parent.parent
 

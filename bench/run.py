@@ -20,11 +20,11 @@ import onnx
 import onnxruntime
 
 from onnxslim_bn import prune, save_model
-from onnxslim_bn.bench import RUNTIMES, BenchResult, benchmark
+from onnxslim_bn.app.bench import RUNTIMES, BenchResult, benchmark
 from onnxslim_bn.hardware import channel_block
-from onnxslim_bn.latency import TableStats, layer_latency_table, layer_shapes, predicted_ms
-from onnxslim_bn.openvino_ir import available as openvino_available
-from onnxslim_bn.shapes import infer_shapes, resolve_input_shapes
+from onnxslim_bn.passes.latency import TableStats, layer_latency_table, layer_shapes, predicted_ms
+from onnxslim_bn.ir.openvino_ir import available as openvino_available
+from onnxslim_bn.ir.shapes import infer_shapes, resolve_input_shapes
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "out" / "bench"
@@ -63,10 +63,10 @@ def tool_cost(model: Path, out: Path) -> dict:
         code += "\nimport resource; print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
         done = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
         return int(done.stdout.split()[-1]) / 1024
-    baseline = peak_mb("import onnxslim_bn.cli, onnxruntime")
+    baseline = peak_mb("import onnxslim_bn.app.cli, onnxruntime")
     report = out.with_suffix(".json")
     args = [str(model), "--ratio", "0.5", "--no-verify", "--no-probe", "-o", str(out), "--report", str(report)]
-    peak = peak_mb(f"import onnxslim_bn.cli, onnxruntime\nassert onnxslim_bn.cli.main({args!r}) == 0")
+    peak = peak_mb(f"import onnxslim_bn.app.cli, onnxruntime\nassert onnxslim_bn.app.cli.main({args!r}) == 0")
     data = json.loads(report.read_text())
     seconds = (data.get("result") or data).get("seconds", {})  # the report, possibly inside an envelope
     return {"model_mb": model.stat().st_size / 2**20, "baseline_mb": baseline, "peak_mb": peak, **seconds}

@@ -5,10 +5,10 @@
 >>> print(result.report.table())                          # doctest: +SKIP
 """
 
-from .api import InspectResult, PruneResult, inspect, prune, to_openvino
+from .app.api import InspectResult, PruneResult, inspect, prune, to_openvino
 from .errors import BnSlimError, CheckFailed
-from .model_io import load_model, save_model
-from .plan import PruneOptions
+from .ir.model_io import load_model, save_model
+from .options import PruneOptions
 from .version import __version__
 
 __all__ = ["BnSlimError", "CheckFailed", "InspectResult", "PruneOptions", "PruneResult", "inspect", "load_model", "prune", "save_model", "to_openvino", "__version__"]

@@ -13,7 +13,7 @@ class BnSlimError(Exception):
 class CheckFailed(BnSlimError):
     """The onnxruntime check of the pruned model failed (a gate, or NaN/Inf where the original has none).
 
-    ``report`` is the run's :class:`onnxslim_bn.report.Report` with ``verification.failed`` set, so
+    ``report`` is the run's :class:`onnxslim_bn.app.report.Report` with ``verification.failed`` set, so
     that a caller (the CLI's ``--report``) can still record why; no model is written.
     """
 

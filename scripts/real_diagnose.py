@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 import real_models
-from onnxslim_bn import api
+from onnxslim_bn.app import api
 
 
 def softmax(z: np.ndarray) -> np.ndarray:

@@ -21,7 +21,7 @@ import numpy as np
 import onnx
 
 from onnxslim_bn import prune
-from onnxslim_bn.reconstruct import STORE_BYTES, reconstruct
+from onnxslim_bn.passes.reconstruct import STORE_BYTES, reconstruct
 
 
 def rss_mb() -> float:

@@ -33,7 +33,7 @@ def timed(path: str, pruned: onnx.ModelProto) -> str:
     """Speed-ups of ``pruned`` over ``path`` (bench.benchmark: alternating, rounds), two table cells."""
     import tempfile
 
-    from onnxslim_bn.bench import benchmark
+    from onnxslim_bn.app.bench import benchmark
 
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "pruned.onnx"

@@ -12,7 +12,7 @@ import onnx
 import pytest
 
 from onnxslim_bn import inspect, prune
-from onnxslim_bn.report import coverage
+from onnxslim_bn.app.report import coverage
 from tests.graphs import run
 
 ARCH = Path(__file__).resolve().parent.parent / "fixtures" / "arch"

@@ -11,13 +11,14 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from onnxslim_bn import bench, latency
-from onnxslim_bn.bench import Blame, ProbeResult, benchmark, check_same_interface, probe
-from onnxslim_bn.cli import main
+from onnxslim_bn.app import bench
+from onnxslim_bn.passes import latency
+from onnxslim_bn.app.bench import Blame, ProbeResult, benchmark, check_same_interface, probe
+from onnxslim_bn.app.cli import main
 from onnxslim_bn.errors import BnSlimError
 from onnxslim_bn.hardware import channel_block, resolve_round_to, round_width, round_widths, width_candidates
-from onnxslim_bn.latency import LatencyCurve, TableStats, layer_latency_table, predicted_ms
-from onnxslim_bn.shapes import infer_shapes
+from onnxslim_bn.passes.latency import LatencyCurve, TableStats, layer_latency_table, predicted_ms
+from onnxslim_bn.ir.shapes import infer_shapes
 from tests.graphs import Builder, random_input
 
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from onnxslim_bn import prune
-from onnxslim_bn.plan import BUDGET_SLACK
+from onnxslim_bn.passes.select import BUDGET_SLACK
 from tests.fixtures import FIXTURES
 
 PLAIN = FIXTURES / "plain"

@@ -8,7 +8,7 @@ import onnx
 import pytest
 
 from onnxslim_bn import prune
-from onnxslim_bn.plan import PruneOptions
+from onnxslim_bn.options import PruneOptions
 from tests.fixtures import FIXTURES, heldout, path
 from tests.graphs import run
 

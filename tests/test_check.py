@@ -12,9 +12,9 @@ import pytest
 from onnx import TensorProto
 
 from onnxslim_bn import prune
-from onnxslim_bn.cli import main
+from onnxslim_bn.app.cli import main
 from onnxslim_bn.errors import BnSlimError, CheckFailed
-from onnxslim_bn.verify import compare_output, run
+from onnxslim_bn.passes.verify import compare_output, run
 from tests.fixtures import heldout, path
 from tests.graphs import Builder
 

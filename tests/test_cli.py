@@ -11,7 +11,7 @@ import numpy as np
 import onnx
 import pytest
 
-from onnxslim_bn.cli import main
+from onnxslim_bn.app.cli import main
 from tests.fixtures import path
 from tests.graphs import Builder
 
@@ -116,7 +116,7 @@ def test_external_data_models_load_prune_and_save(tmp_path, monkeypatch, capsys)
     source = tmp_path / "ext.onnx"
     onnx.save_model(model, str(source), save_as_external_data=True, location="ext.onnx.data", size_threshold=0)
     assert (tmp_path / "ext.onnx.data").is_file()
-    from onnxslim_bn import model_io
+    from onnxslim_bn.ir import model_io
 
     monkeypatch.setattr(model_io, "PROTO_LIMIT", 1000)  # treat every model as over the protobuf limit
     out = tmp_path / "out.onnx"

@@ -11,9 +11,10 @@ import onnx
 import pytest
 
 from onnxslim_bn import BnSlimError, inspect, prune
-from onnxslim_bn.cli import main
-from onnxslim_bn.collapse import LOSS_PER_CUT, judge
-from onnxslim_bn.plan import DATA_DEAD_SHARE, PruneOptions, data_dead_level, dead_level
+from onnxslim_bn.app.cli import main
+from onnxslim_bn.passes.collapse import LOSS_PER_CUT, judge
+from onnxslim_bn.passes.select import DATA_DEAD_SHARE, data_dead_level, dead_level
+from onnxslim_bn.options import PruneOptions
 from tests.fixtures import heldout, path
 from tests.graphs import run
 

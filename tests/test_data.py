@@ -11,8 +11,8 @@ import onnx
 import pytest
 
 from onnxslim_bn import prune
-from onnxslim_bn.cli import main
-from onnxslim_bn.data import load, parse_preprocess, split
+from onnxslim_bn.app.cli import main
+from onnxslim_bn.ir.data import load, parse_preprocess, split
 from onnxslim_bn.errors import BnSlimError
 from tests.fixtures import path
 

@@ -1,4 +1,4 @@
-"""Calibration data validated where it enters (onnxslim_bn.data), and the same user samples in
+"""Calibration data validated where it enters (onnxslim_bn.ir.data), and the same user samples in
 every stage that runs the model (issue 18): non-finite values, integer and rank-0 inputs, fixed
 batch sizes, 16-bit and float images; the probe, the latency timing, bench and sweep --latency
 on the user's samples."""
@@ -15,11 +15,11 @@ import pytest
 from onnx import TensorProto, helper
 
 from onnxslim_bn import BnSlimError, prune
-from onnxslim_bn import api, bench
-from onnxslim_bn.cli import main
-from onnxslim_bn.data import load, split
-from onnxslim_bn.plan import PruneOptions
-from onnxslim_bn.sweep import sweep
+from onnxslim_bn.app import api, bench
+from onnxslim_bn.app.cli import main
+from onnxslim_bn.ir.data import load, split
+from onnxslim_bn.options import PruneOptions
+from onnxslim_bn.app.sweep import sweep
 from tests.fixtures import path
 from tests.graphs import Builder, run
 
@@ -88,7 +88,7 @@ def test_a_part_of_the_data_names_the_sample_by_its_index_in_the_source():
     whole = load({"input": _x(6)}, _vgg(), {})
     part = whole.part(3, 6)
     part.arrays["input"] = x[3:6]
-    from onnxslim_bn.data import _conform, graph_inputs  # noqa: PLC0415 (the entry check itself)
+    from onnxslim_bn.ir.data import _conform, graph_inputs
 
     with pytest.raises(BnSlimError, match="in sample 4"):
         _conform(part, graph_inputs(_vgg()))
@@ -340,8 +340,8 @@ def test_bad_data_is_one_line_nonzero_no_output_inputs_untouched(case, tmp_path,
 
 
 def test_the_histogram_never_draws_nan_even_from_nan_scores():
-    from onnxslim_bn.histogram import ascii_histogram, summary
-    from onnxslim_bn.report import SpaceReport
+    from onnxslim_bn.app.histogram import ascii_histogram, summary
+    from onnxslim_bn.app.report import SpaceReport
 
     scores = [0.5, math.nan, 0.01, 1e-6, math.inf, 0.2]
     space = SpaceReport(["conv"], 6, 3, "bn", ["bn"], 1e-6, 0.1, 0.5, None, scores, removed=[1, 3, 2])

@@ -16,10 +16,10 @@ import pytest
 from onnx import numpy_helper
 
 import onnxslim_bn
-from onnxslim_bn import cli
-from onnxslim_bn.cli import main
-from onnxslim_bn.histogram import dead_cluster
-from onnxslim_bn.report import reason_code
+from onnxslim_bn.app import cli
+from onnxslim_bn.app.cli import main
+from onnxslim_bn.app.histogram import dead_cluster
+from onnxslim_bn.app.report import reason_code
 from tests.fixtures import FIXTURES, heldout, path
 
 ROOT = FIXTURES.parent
@@ -275,7 +275,7 @@ def test_export_widths_matches_the_pruned_weights(tmp_path):
     out, widths = tmp_path / "o.onnx", tmp_path / "w.json"
     assert main([source, "--ratio", "0.3", "-o", str(out), "--export-widths", str(widths), "-q"]) == 0
     doc = json.loads(widths.read_text())
-    assert doc["kind"] == "widths" and doc["schema_version"] == onnxslim_bn.report.SCHEMA_VERSION
+    assert doc["kind"] == "widths" and doc["schema_version"] == onnxslim_bn.app.report.SCHEMA_VERSION
     before = {t.name: numpy_helper.to_array(t) for t in onnx.load(source).graph.initializer}
     after = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(out)).graph.initializer}
     layers = {layer["weight"]: layer for layer in doc["layers"]}

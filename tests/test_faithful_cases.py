@@ -44,7 +44,7 @@ import pytest
 from onnx import TensorProto
 
 from onnxslim_bn import prune
-from onnxslim_bn.plan import PruneOptions
+from onnxslim_bn.options import PruneOptions
 from tests.graphs import Builder, random_input, run, weight_shapes
 
 RTOL = 1e-5  # relative to the output's largest magnitude

@@ -1,6 +1,6 @@
 """Faithful by default (issue 16): widths never spend live channels in --ratio / --threshold runs,
 a budget's rounding keeps --max-layer-ratio, budgets on narrow layers land near the target, and
-zero stays zero through every op whose algebra says so (the table in onnxslim_bn.replacement).
+zero stays zero through every op whose algebra says so (the table in onnxslim_bn.passes.replacement).
 
 The sparse models here have dead channels with gamma = 0 and live ones with gammas spread over
 two decades (0.01 .. 1), as sparsity training leaves them: rounding down past the dead ones would
@@ -16,7 +16,7 @@ import onnx
 import pytest
 
 from onnxslim_bn import prune
-from onnxslim_bn.replacement import ALGEBRA
+from onnxslim_bn.passes.replacement import ALGEBRA
 from tests.graphs import Builder, random_input, run, weight_shapes
 
 EXACT = 1e-5  # of the output's range: float32 through a few layers where the cut is exact
@@ -128,7 +128,7 @@ def _depthwise(b: Builder, y: str, c: int, pad: int) -> str:
     return b.conv(y, c, c, k=3, pad=pad, group=c)
 
 
-# one graph per row of onnxslim_bn.replacement.ALGEBRA: (builder, the row's op applied to y)
+# one graph per row of onnxslim_bn.passes.replacement.ALGEBRA: (builder, the row's op applied to y)
 BUILD = {
     "relu": lambda b, y, c: b.op("HardSwish", [b.op("LeakyRelu", [b.op("Relu", [y])], alpha=0.1)]),
     "sigmoid": lambda b, y, c: b.op("Sigmoid", [y]),
@@ -186,8 +186,8 @@ def test_replacement_algebra_row(row, beta_dead):
 def test_a_slower_cut_is_replaced_by_a_faster_candidate(monkeypatch):
     """The probe's verdicts are scripted (tests never time): the first cut is 'slower' and blames
     a layer; the tool prunes again keeping that layer whole, re-probes, and keeps the faster cut."""
-    from onnxslim_bn import api
-    from onnxslim_bn.bench import Blame, ProbeResult
+    from onnxslim_bn.app import api
+    from onnxslim_bn.app.bench import Blame, ProbeResult
 
     model = sparse_net(seed=4)
     first_conv = next(n.name for n in model.graph.node if n.op_type == "Conv")
@@ -208,8 +208,8 @@ def test_a_slower_cut_is_replaced_by_a_faster_candidate(monkeypatch):
 
 
 def test_when_no_candidate_is_faster_the_warning_names_what_was_tried(monkeypatch, caplog):
-    from onnxslim_bn import api
-    from onnxslim_bn.bench import Blame, ProbeResult
+    from onnxslim_bn.app import api
+    from onnxslim_bn.app.bench import Blame, ProbeResult
 
     model = sparse_net(seed=4)
     first_conv = next(n.name for n in model.graph.node if n.op_type == "Conv")

@@ -12,7 +12,7 @@ import onnx
 from onnx import numpy_helper
 
 from onnxslim_bn import inspect, prune
-from onnxslim_bn.importance import NEVER_BN
+from onnxslim_bn.passes.importance import NEVER_BN
 from tests.graphs import Builder, random_input, run, weight_shapes
 
 SHAPE = [8, 3, 8, 8]  # 8 random samples in every comparison

@@ -184,7 +184,7 @@ class Net:
 def assert_storage_kept(model: onnx.ModelProto, pruned: onnx.ModelProto) -> None:
     """fp16 weights stay fp16 behind their Casts (only a bias that absorbed removed constants is
     written as float32, under the Cast's name), and the model is no larger than the input."""
-    from onnxslim_bn.metrics import weight_bytes
+    from onnxslim_bn.ir.model_io import weight_bytes
 
     stored = {t.name for t in model.graph.initializer if t.data_type == TensorProto.FLOAT16}
     after = {t.name: t.data_type for t in pruned.graph.initializer}

@@ -9,7 +9,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxslim_bn import BnSlimError, prune
-from onnxslim_bn.metrics import weight_bytes
+from onnxslim_bn.ir.model_io import weight_bytes
 from tests.graphs import Builder, random_input, run
 
 DEAD = np.array([1, 4, 6])
@@ -224,7 +224,7 @@ def test_shared_weight_needing_two_slices_is_refused_over_the_growth_limit_unles
 
 
 def test_identical_copies_of_a_shared_weight_are_caught(monkeypatch):
-    from onnxslim_bn import edits
+    from onnxslim_bn.ir import values as edits
 
     counter = iter(range(10**6))
     monkeypatch.setattr(edits, "_fingerprint", lambda values: next(counter))  # dedupe broken on purpose
@@ -260,7 +260,7 @@ def test_exact_borders_follow_the_model_dtype(elem):
 
 
 def test_no_verify_still_runs_the_checker(monkeypatch):
-    from onnxslim_bn import verify
+    from onnxslim_bn.passes import verify
 
     checked = []
     real = verify.check_model

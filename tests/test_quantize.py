@@ -1,4 +1,4 @@
-"""--quantize int8 (onnxslim_bn.quantize): the deployed INT8 model, checked against the FP32 original."""
+"""--quantize int8 (onnxslim_bn.passes.quantize): the deployed INT8 model, checked against the FP32 original."""
 
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ import onnxruntime as ort
 import pytest
 
 import onnxslim_bn
-from onnxslim_bn.cli import main
+from onnxslim_bn.app.cli import main
 from onnxslim_bn.errors import BnSlimError, CheckFailed
-from onnxslim_bn.quantize import NEEDS_DATA, quantize, settings_for_cpu
-from onnxslim_bn.verify import compare_output
+from onnxslim_bn.passes.quantize import NEEDS_DATA, quantize, settings_for_cpu
+from onnxslim_bn.passes.verify import compare_output
 from tests.fixtures import heldout, path
 from tests.graphs import Builder
 
@@ -220,7 +220,7 @@ def test_bench_four_way_times_the_four_models_and_quantizes_both(tmp_path, capsy
         assert all(t["median_ms"] > 0 for t in row["times"].values())
         assert row["pruning_gain_in_int8"] == pytest.approx(row["times"]["int8"]["median_ms"]
                                                             / row["times"]["slim_int8"]["median_ms"])
-    from onnxslim_bn.bench import _mac_ratio
+    from onnxslim_bn.app.bench import _mac_ratio
 
     ideal = _mac_ratio([onnx.load(str(path("resnet"))), onnx.load(str(slim))], {}, "resnet")
     assert doc["rows"][0]["ideal"] == pytest.approx(ideal) and ideal > 1.2
@@ -271,8 +271,8 @@ def test_int8_probe_keeps_the_blamed_layers_whole_and_writes_the_faster(monkeypa
     """The INT8 pair's probe acts on its finding: the layers onnxruntime's fused INT8 kernels
     ('<layer>_token_<n>') blame are kept whole in a second run, and the faster model is written.
     Timings are faked here (tests never assert a time): the decision is what is tested."""
-    import onnxslim_bn.api as api
-    from onnxslim_bn.bench import Blame, ProbeResult
+    import onnxslim_bn.app.api as api
+    from onnxslim_bn.app.bench import Blame, ProbeResult
 
     layer = "/layers/layers.1/conv1/Conv"  # a layer the first cut prunes (24 -> 16; widths round up since issue 16)
     calls = []
@@ -298,8 +298,8 @@ def test_int8_probe_keeps_the_blamed_layers_whole_and_writes_the_faster(monkeypa
 
 
 def test_sweep_quantizes_every_budget_and_says_so():
-    from onnxslim_bn.plan import PruneOptions
-    from onnxslim_bn.sweep import sweep
+    from onnxslim_bn.options import PruneOptions
+    from onnxslim_bn.app.sweep import sweep
 
     common = dict(data=_data(), calibration_samples=CALIBRATION, compensation="bias")
     fp32 = sweep(str(path("resnet")), PruneOptions(**common), "threshold", [1e-3])
@@ -343,7 +343,7 @@ def test_nodes_whose_quantization_dominates_the_error_stay_fp32():
 
 
 def test_named_fp32_nodes_are_kept_without_a_search():
-    from onnxslim_bn.quantize import quantize_with_fallback
+    from onnxslim_bn.passes.quantize import quantize_with_fallback
 
     model = onnx.load(str(path("densenet")))
     node = "/features/features.2/body/body.0/BatchNormalization"

@@ -8,9 +8,9 @@ import pytest
 from onnx import helper, numpy_helper
 
 from onnxslim_bn import prune
-from onnxslim_bn.calibrate import Gram, Moments, Patches, calibrate, sample_positions
+from onnxslim_bn.passes.calibrate import Gram, Moments, Patches, calibrate, sample_positions
 from onnxslim_bn.errors import BnSlimError
-from onnxslim_bn.reconstruct import kept_outputs, reconstruct
+from onnxslim_bn.passes.reconstruct import kept_outputs, reconstruct
 
 from .graphs import Builder, random_input, run
 
@@ -214,7 +214,7 @@ def test_prune_api_reconstructs_with_data_and_refuses_without():
 
 
 def test_cli_compensation_flag(tmp_path, capsys):
-    from onnxslim_bn.cli import main
+    from onnxslim_bn.app.cli import main
 
     model = _two_stage(1, dead=None)
     path, data = tmp_path / "m.onnx", tmp_path / "d.npz"

@@ -1,7 +1,7 @@
 """The JSON documents are a contract: their key sets are stored in tests/report_schema.json with
 the SCHEMA_VERSION they belong to. Changing a key without bumping the version fails here.
 
-After a deliberate change: bump ``onnxslim_bn.report.SCHEMA_VERSION``, then rewrite the stored
+After a deliberate change: bump ``onnxslim_bn.app.report.SCHEMA_VERSION``, then rewrite the stored
 key sets with ``python -m tests.test_schema`` and commit both.
 """
 
@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 
 import onnxslim_bn
-from onnxslim_bn.bench import benchmark
-from onnxslim_bn.cli import main
-from onnxslim_bn.collapse import Collapse
-from onnxslim_bn.openvino_ir import OpenVinoResult
-from onnxslim_bn.report import SCHEMA_VERSION, envelope, export_widths
+from onnxslim_bn.app.bench import benchmark
+from onnxslim_bn.app.cli import main
+from onnxslim_bn.passes.collapse import Collapse
+from onnxslim_bn.ir.openvino_ir import OpenVinoResult
+from onnxslim_bn.app.report import SCHEMA_VERSION, envelope, export_widths
 from tests.fixtures import heldout, path
 
 STORED = Path(__file__).with_name("report_schema.json")
@@ -90,7 +90,7 @@ def test_key_sets_change_only_with_a_schema_version_bump(now):
     for kind in sorted(set(now) | set(stored["documents"])):
         was, got = set(stored["documents"].get(kind, [])), set(now.get(kind, []))
         assert got == was, (f"the '{kind}' JSON changed without a SCHEMA_VERSION bump: added {sorted(got - was)}, "
-                            f"removed {sorted(was - got)}; bump onnxslim_bn.report.SCHEMA_VERSION and run "
+                            f"removed {sorted(was - got)}; bump onnxslim_bn.app.report.SCHEMA_VERSION and run "
                             "`python -m tests.test_schema`")
 
 

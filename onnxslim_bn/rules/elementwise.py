@@ -9,9 +9,11 @@ from collections.abc import Callable
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from ..analysis import Analysis, channels
-from ..edits import SelectChannels, SliceParam, constant_values
-from . import Rule, attr, block_inputs, carrying, register, used
+from ..channels.context import Analysis
+from ..channels.layout import channels
+from ..channels.edits import SelectChannels, SliceParam
+from ..ir.values import constant_values
+from .base import Rule, attr, block_inputs, carrying, register, used
 
 
 @register

@@ -5,19 +5,12 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from ..analysis import Analysis, width
-from ..edits import (
-    SetGroup,
-    SliceGroupedInput,
-    SliceParam,
-    add_after,
-    constant_shape,
-    constant_values,
-    replace_constant,
-    unique_name,
-)
-from ..shapes import known_product
-from . import Compensation, Rule, attr, block_inputs, register
+from ..channels.context import Analysis
+from ..channels.layout import width
+from ..channels.edits import SetGroup, SliceGroupedInput, SliceParam
+from ..ir.values import add_after, constant_shape, constant_values, replace_constant, unique_name
+from ..ir.values import known_product
+from .base import Compensation, Rule, attr, block_inputs, register
 
 
 def _removed_rows(dead: np.ndarray, removed: np.ndarray, repeat: np.ndarray | int = 1):

@@ -5,9 +5,11 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from ..analysis import Analysis, Layout, Segment, channels, cut, width
-from ..edits import SetShapeEntry, SetSliceRange, SetSplitSizes, constant_values
-from . import Rule, attr, block_inputs, carrying, is_channel_axis, opset, register, used
+from ..channels.context import Analysis
+from ..channels.layout import Layout, Segment, channels, cut, width
+from ..channels.edits import SetShapeEntry, SetSliceRange, SetSplitSizes
+from ..ir.values import constant_values
+from .base import Rule, attr, block_inputs, carrying, is_channel_axis, opset, register, used
 
 
 def _axes(node: gs.Node, ctx: Analysis, input_index: int, since: int) -> list[int] | None:

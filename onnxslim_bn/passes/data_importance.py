@@ -30,9 +30,10 @@ import logging
 import numpy as np
 import onnx
 
-from . import calibrate
-from .analysis import Analysis, ScoreSource
-from .edits import constant_values
+from ..passes import calibrate
+from ..channels.context import Analysis
+from ..channels.spaces import ScoreSource
+from ..ir.values import constant_values
 
 log = logging.getLogger(__name__)
 

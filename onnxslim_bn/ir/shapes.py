@@ -8,7 +8,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from .errors import BnSlimError
+from ..errors import BnSlimError
+from .fold import CONSTANT_ATTRS, FOLDABLE, evaluate
 
 log = logging.getLogger(__name__)
 
@@ -138,8 +139,6 @@ def _fold_shape_arithmetic(light: onnx.ModelProto, shapes: dict[str, list]) -> b
     """
     from onnx import numpy_helper
 
-    from .fold import CONSTANT_ATTRS, FOLDABLE, evaluate
-
     known = {t.name: numpy_helper.to_array(t) for t in light.graph.initializer}
     opset = next((o.version for o in light.opset_import if o.domain in ("", "ai.onnx")), 13)
     folded = False
@@ -173,18 +172,6 @@ def _fold_shape_arithmetic(light: onnx.ModelProto, shapes: dict[str, list]) -> b
         node.attribute.append(helper.make_attribute("value", numpy_helper.from_array(np.asarray(value), node.output[0])))
         folded = True
     return folded
-
-
-def known_product(dims: list | None) -> int | None:
-    """Product of the dims when every one is a known integer, else None."""
-    if dims is None:
-        return None
-    total = 1
-    for d in dims:
-        if not isinstance(d, int):
-            return None
-        total *= d
-    return total
 
 
 def _is_static(shape: list | None) -> bool:

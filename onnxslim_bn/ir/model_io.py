@@ -10,17 +10,18 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import onnx
 from google.protobuf.message import DecodeError
 
-from .errors import BnSlimError
+from ..errors import BnSlimError
+from .shapes import skeleton
 
 # A protobuf cannot exceed 2 GiB; models whose weights come near it travel as external data.
 PROTO_LIMIT = 2**31 - 2**27
 
 
 def too_large_for_protobuf(model: onnx.ModelProto) -> bool:
-    from .metrics import weight_bytes
 
     return weight_bytes(model) > PROTO_LIMIT
 
@@ -136,7 +137,6 @@ def check_input(model: onnx.ModelProto, source: str, copy: bool = False) -> tupl
     entries dropped (in place, or in a copy with ``copy``), with a note each: returns the
     model to use and the notes. Any other fault is one BnSlimError naming it.
     """
-    from .shapes import skeleton
 
     error = _checker_error(skeleton(model, None))
     if error is None:
@@ -187,7 +187,6 @@ def _declared(value: onnx.ValueInfoProto) -> list | None:
 
 def _stale_shapes(model: onnx.ModelProto) -> list[tuple[onnx.ValueInfoProto, str, list, list, onnx.TensorShapeProto]]:
     """Declared output / value_info shapes that contradict shape inference run without them."""
-    from .shapes import skeleton
 
     bare = skeleton(model, None)
     for value in bare.graph.output:
@@ -387,3 +386,12 @@ def check_run_files(models: list[str | os.PathLike], writes: dict[str, str | os.
                 raise BnSlimError(f"--openvino {folder / (name + suffix)}: is a symbolic link; "
                                   "the IR files are replaced by renames: pass another folder")
     plan_outputs(reads, planned)
+
+
+def weight_bytes(model: onnx.ModelProto) -> int:
+    """Bytes of the initializers, without serializing the model (ByteSize() would, in full)."""
+    total = 0
+    for t in model.graph.initializer:
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(t.data_type) if t.data_type else np.dtype(np.float32)
+        total += int(np.prod(t.dims)) * dtype.itemsize
+    return total

@@ -48,7 +48,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from .errors import BnSlimError
+from ..errors import BnSlimError
 from .shapes import graph_inputs
 
 log = logging.getLogger(__name__)

@@ -6,8 +6,8 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
-import onnx
 import onnx_graphsurgeon as gs
+from ..rules import RULES
 
 
 @dataclass
@@ -24,9 +24,8 @@ class Metrics:
 
 
 def measure(graph: gs.Graph, shapes: dict[str, list], size_bytes: int) -> Metrics:
-    """Count a graph. ``shapes`` come from :func:`onnxslim_bn.shapes.infer_shapes` with fixed
+    """Count a graph. ``shapes`` come from :func:`onnxslim_bn.ir.shapes.infer_shapes` with fixed
     inputs; each op's output channels and MACs come from its rule (:meth:`Rule.layer_cost`)."""
-    from .rules import RULES
 
     params = sum(int(np.prod(t.shape)) for t in graph.tensors().values() if isinstance(t, gs.Constant))
     layers, channels, macs = {}, 0, 0
@@ -40,12 +39,3 @@ def measure(graph: gs.Graph, shapes: dict[str, list], size_bytes: int) -> Metric
         macs += layer_macs
         layers[node.name] = {"op": node.op, "out_channels": out_c, "macs": layer_macs}
     return Metrics(channels, params, macs, size_bytes, dict(Counter(n.op for n in graph.nodes)), layers)
-
-
-def weight_bytes(model: onnx.ModelProto) -> int:
-    """Bytes of the initializers, without serializing the model (ByteSize() would, in full)."""
-    total = 0
-    for t in model.graph.initializer:
-        dtype = onnx.helper.tensor_dtype_to_np_dtype(t.data_type) if t.data_type else np.dtype(np.float32)
-        total += int(np.prod(t.dims)) * dtype.itemsize
-    return total

@@ -57,9 +57,10 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from .analysis import Analysis, Segment
-from .edits import constant_values
-from .rules import RULES
+from ..channels.context import Analysis
+from ..channels.layout import Segment
+from ..ir.values import constant_values
+from ..rules import RULES
 
 log = logging.getLogger(__name__)
 

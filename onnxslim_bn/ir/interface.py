@@ -16,7 +16,7 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx import helper, numpy_helper
 
-from .errors import BnSlimError
+from ..errors import BnSlimError
 
 log = logging.getLogger(__name__)
 

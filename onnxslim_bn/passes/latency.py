@@ -37,10 +37,11 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from . import openvino_ir
-from .errors import BnSlimError
-from .hardware import channel_block
-from .model_io import write_text
+from ..ir import openvino_ir
+from ..errors import BnSlimError
+from ..hardware import channel_block
+from ..ir.model_io import write_text
+from ..ir.runtime import ort_session
 
 log = logging.getLogger(__name__)
 
@@ -286,7 +287,6 @@ _BRANCH = re.compile(r"^(?:layer|y)(\d+)(?:_nchwc)?$")
 
 def _ort_branch_ms(model: onnx.ModelProto, threads: int, runs: int) -> dict[int, float]:
     """Fastest kernel time of each branch over ``runs`` profiled runs (after one untimed)."""
-    from .bench import ort_session
 
     feeds = _feeds_for(model)
     with tempfile.TemporaryDirectory(prefix="onnx-bnslim-latency-") as tmp:
@@ -541,7 +541,7 @@ def layer_latency_table(model: onnx.ModelProto, shapes: dict[str, list],
     """Per-layer latency curves of ``model`` on ``runtime`` at ``batch`` and ``threads``.
 
     ``shapes`` are the model's tensor shapes with the inputs fixed
-    (:func:`onnxslim_bn.shapes.infer_shapes`); only the batch dimension is replaced. ``layers``
+    (:func:`onnxslim_bn.ir.shapes.infer_shapes`); only the batch dimension is replaced. ``layers``
     are node names (optionally with their full ``(c_in, c_out)`` as a check); every Conv,
     ConvTranspose and Gemm with a constant weight when None. ``cache``: True for the default file,
     a path for another, False for none. ``block`` is the channel block (detected when None).

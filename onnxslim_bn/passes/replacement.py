@@ -26,7 +26,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .analysis import Analysis
+from ..channels.context import Analysis
+from ..rules import RULES
 
 
 @dataclass(frozen=True)
@@ -64,7 +65,6 @@ ALGEBRA: dict[str, Row] = {
 
 def dead_values(analysis: Analysis) -> dict[str, np.ndarray]:
     """The constant each removed channel carries, per channel-carrying tensor (NaN: unknown)."""
-    from .rules import RULES
 
     dead: dict[str, np.ndarray] = {}
     for node in analysis.nodes:

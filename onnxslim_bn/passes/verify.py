@@ -2,7 +2,7 @@
 
 What the check compares, on what
 --------------------------------
-Inputs: with data, the check's share of it (:func:`onnxslim_bn.data.split`: disjoint from the
+Inputs: with data, the check's share of it (:func:`onnxslim_bn.ir.data.split`: disjoint from the
 calibration samples). Without, ``CHECK_SAMPLES`` (32) seeded samples per input drawn from the
 standard normal N(0, 1), rounded up to whole batches when the model fixes its batch size, from
 a random stream apart from the calibration's; integer and bool inputs need data. A fixed batch
@@ -34,10 +34,10 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import onnx
 
-from . import data
-from .errors import BnSlimError
-from .model_io import as_file, too_large_for_protobuf
-from .shapes import graph_inputs
+from ..ir import data
+from ..errors import BnSlimError
+from ..ir.model_io import as_file, too_large_for_protobuf
+from ..ir.shapes import graph_inputs
 
 log = logging.getLogger(__name__)
 
@@ -225,9 +225,9 @@ def make_inputs(model: onnx.ModelProto, shapes: dict[str, list[int]], data: None
                 calibration: bool = False) -> tuple[dict[str, np.ndarray], str]:
     """Seeded standard-normal inputs of exactly ``shapes`` (bench), or for ``calibration`` 16
     samples or more (whole batches when the model's batch size is fixed). Data goes through
-    :mod:`onnxslim_bn.data`."""
+    :mod:`onnxslim_bn.ir.data`."""
     if data is not None:
-        raise ValueError("make_inputs draws seeded inputs; read data with onnxslim_bn.data.load")
+        raise ValueError("make_inputs draws seeded inputs; read data with onnxslim_bn.ir.data.load")
     samples = None
     if calibration:
         step = static_batch(model) or CALIBRATION_BATCH

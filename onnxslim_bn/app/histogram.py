@@ -3,7 +3,7 @@
 Scores (|gamma|, or the recovered scale of folded BN) of the prunable spaces, on a log scale,
 per source kind, with the cut the given ratio or threshold makes and the *dead cluster*.
 
-The dead cluster is :func:`onnxslim_bn.plan.dead_level`'s (one definition for the picture and
+The dead cluster is :func:`onnxslim_bn.passes.select.dead_level`'s (one definition for the picture and
 the prune summary): the log10 scores are split in two where the split best separates them
 (Otsu's criterion), and the lower group is dead when the split explains most of the variance
 and the two groups' mean log scores lie at least two decades (a factor of 100) apart. Sparsity
@@ -31,8 +31,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import BnSlimError
-from .plan import dead_level
+from ..errors import BnSlimError
+from ..passes.select import dead_level
 from .report import SpaceReport
 
 MIN_SEPARATION_DECADES = 2.0  # as plan.dead_level: groups closer than a factor of 100 are one group
@@ -67,7 +67,7 @@ def scores_by_kind(spaces: list[SpaceReport]) -> dict[str, np.ndarray]:
 
 
 def dead_cluster(scores: np.ndarray) -> DeadCluster | None:
-    """The channels at or below :func:`onnxslim_bn.plan.dead_level` (the level the prune summary
+    """The channels at or below :func:`onnxslim_bn.passes.select.dead_level` (the level the prune summary
     counts live channels against), with how far the two groups' mean log scores lie apart."""
     values = np.sort(np.asarray(scores, np.float64)[np.isfinite(scores)])
     level = dead_level(values)

@@ -15,13 +15,15 @@ from dataclasses import asdict, dataclass, field, replace
 
 import onnx
 
-from . import data
+from ..ir import data
 from .api import prune
-from .errors import BnSlimError
-from .model_io import load_model
-from .plan import PruneOptions
+from ..errors import BnSlimError
+from ..ir.model_io import load_model
+from ..options import PruneOptions
 from .report import grid
-from .shapes import resolve_input_shapes
+from ..ir.shapes import resolve_input_shapes
+from .bench import probe, probe_inputs
+from .histogram import require_matplotlib, save_png
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +124,6 @@ def sweep(model: str | os.PathLike | onnx.ModelProto, options: PruneOptions, bud
         point.max_rel_error = float(v.max_abs_diff / scale) if scale > 0 else (0.0 if v.max_abs_diff == 0 else math.inf)
         point.agreement = min(top1) if top1 else None
         if latency:
-            from .bench import probe, probe_inputs
 
             point.speedup = probe(proto, run.model, probe_inputs(proto, options.input_shapes, samples=samples),
                                   threads=options.threads, profile_runs=1).speedup
@@ -137,7 +138,6 @@ def sweep(model: str | os.PathLike | onnx.ModelProto, options: PruneOptions, bud
 
 def plot_sweep(result: SweepResult, path: str | os.PathLike) -> None:
     """Quality against MACs: cosine and top-1 agreement (left axis), max relative error (right, log)."""
-    from .histogram import require_matplotlib, save_png
 
     require_matplotlib()
     import matplotlib

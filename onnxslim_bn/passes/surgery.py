@@ -8,11 +8,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from .analysis import Analysis
-from .edits import add_after
-from .plan import Plan
+from ..channels.context import Analysis
+from ..ir.values import add_after
+from .select import Plan
 from .replacement import dead_values
-from .rules import RULES, Compensation
+from ..rules import RULES, Compensation
 
 log = logging.getLogger(__name__)
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from . import verify
+from ..passes import verify
 
 log = logging.getLogger(__name__)
 

@@ -49,7 +49,7 @@ import onnx
 from onnx import numpy_helper
 
 from .calibrate import Gram, Patches, _ids, chunks, sample_positions
-from .metrics import weight_bytes
+from ..ir.model_io import weight_bytes
 from .verify import count as sample_count, static_batch
 
 log = logging.getLogger(__name__)

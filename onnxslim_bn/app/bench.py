@@ -36,14 +36,15 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from . import openvino_ir
-from .data import load as load_samples
-from .errors import BnSlimError
-from .metrics import measure
-from .model_io import as_file, load_model, too_large_for_protobuf
+from ..ir import openvino_ir
+from ..ir.runtime import ort_session
+from ..ir.data import load as load_samples
+from ..errors import BnSlimError
+from ..passes.metrics import measure
+from ..ir.model_io import as_file, load_model, too_large_for_protobuf
 from .report import grid
-from .shapes import graph_inputs, infer_shapes, resolve_input_shapes
-from .verify import concrete_shapes, make_inputs, open_layer_shapes, static_batch
+from ..ir.shapes import graph_inputs, infer_shapes, resolve_input_shapes
+from ..passes.verify import concrete_shapes, make_inputs, open_layer_shapes, static_batch
 
 log = logging.getLogger(__name__)
 
@@ -155,24 +156,6 @@ class _Progress:
             self.stream.flush()
 
 
-def ort_session(model: str | Path | bytes, threads: int, profile: str | None = None):
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.log_severity_level = 3
-    # Sessions timed alternately must not spin-wait for work after a run: one would steal the
-    # cores the other needs, and whichever runs second would look slower than it is.
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    options.add_session_config_entry("session.inter_op.allow_spinning", "0")
-    if profile:
-        options.enable_profiling = True
-        options.profile_file_prefix = profile
-    return ort.InferenceSession(model if isinstance(model, bytes) else str(model), options,
-                                providers=["CPUExecutionProvider"])
-
-
 def _ort_runner(path: Path, threads: int) -> Callable[[dict], object]:
     sess = ort_session(path, threads)
     return lambda feeds: sess.run(None, feeds)
@@ -239,7 +222,7 @@ def benchmark(original: str | os.PathLike, pruned: str | os.PathLike, batches: t
     untimed runs of each model start every round; ``min_seconds``: each round of a row is timed
     at least that long (more runs for fast models, see :func:`_alternate`). ``progress``: a bar on
     a terminal, one line per round and runtime otherwise (on ``stream``, stderr by default).
-    ``data`` (any form :func:`onnxslim_bn.data.load` reads, with ``preprocess`` for images): the
+    ``data`` (any form :func:`onnxslim_bn.ir.data.load` reads, with ``preprocess`` for images): the
     models run on these samples (the first of each batch size, :func:`batch_of`) instead of
     seeded random inputs -- the only way to time a model with integer inputs.
     """
@@ -564,7 +547,6 @@ def time_pair(original: onnx.ModelProto, pruned: onnx.ModelProto, runtime: str, 
               threads: int | None = None, runs: int = 20, warmup: int = 3) -> tuple[float, float]:
     """Median ms of ``original`` and ``pruned`` on ``runtime``, timed alternately (A B, B A, ...;
     onnxruntime spinning off), as ``--target-latency`` checks the latency it reached."""
-    from .model_io import as_file
 
     threads = threads or os.cpu_count() or 1
     with as_file(original) as first, as_file(pruned) as second:

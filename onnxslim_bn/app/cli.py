@@ -17,21 +17,21 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from . import __version__
+from ..version import __version__
 from .api import inspect, prune, to_openvino
 from .bench import RUNTIMES, benchmark, benchmark_four_way
-from .errors import BnSlimError, CheckFailed
+from ..errors import BnSlimError, CheckFailed
 from .histogram import ascii_histogram, plot_histogram, require_matplotlib
 from .histogram import summary as score_summary
-from .model_io import STDOUT, check_run_files, save_model, target, write_text
-from .openvino_ir import INSTALL_HINT as OPENVINO_HINT
-from .openvino_ir import available as openvino_available
-from .openvino_ir import require as require_openvino
-from .plan import PruneOptions
-from .quantize import MODES as QUANTIZE_MODES
-from .quantize import quantize_files
+from ..ir.model_io import STDOUT, check_run_files, save_model, target, write_text
+from ..ir.openvino_ir import INSTALL_HINT as OPENVINO_HINT
+from ..ir.openvino_ir import available as openvino_available
+from ..ir.openvino_ir import require as require_openvino
+from ..options import PruneOptions
+from ..passes.quantize import MODES as QUANTIZE_MODES
+from ..passes.quantize import quantize_files
 from .report import coverage, dumps, envelope, export_widths, inspect_table
-from .shapes import parse_input_shapes
+from ..ir.shapes import parse_input_shapes
 from .sweep import plot_sweep, sweep
 
 COMMANDS = ("prune", "inspect", "bench", "sweep")
@@ -81,7 +81,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
 
 
 def _data_flags(parser: argparse.ArgumentParser) -> None:
-    """--data and --preprocess (onnxslim_bn.data)."""
+    """--data and --preprocess (onnxslim_bn.ir.data)."""
     parser.add_argument("--data", metavar="PATH",
                         help="real inputs for calibration and the check: an .npz (arrays named after the model "
                              "inputs, samples on axis 0), an .npy, a folder of images (see --preprocess) or of .npy "
@@ -93,7 +93,7 @@ def _data_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def _preprocess(args: argparse.Namespace) -> str | None:
-    """--preprocess values joined into one spec (onnxslim_bn.data.parse_preprocess)."""
+    """--preprocess values joined into one spec (onnxslim_bn.ir.data.parse_preprocess)."""
     return " ".join(args.preprocess) if getattr(args, "preprocess", None) else None
 
 
@@ -170,7 +170,7 @@ def _prune_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def _quantize_flag(parser: argparse.ArgumentParser) -> None:
-    """--quantize (onnxslim_bn.quantize)."""
+    """--quantize (onnxslim_bn.passes.quantize)."""
     parser.add_argument("--quantize", choices=QUANTIZE_MODES, metavar="int8",
                         help="after pruning, quantize to INT8 (onnxruntime QDQ, per-channel int8 weights, uint8 "
                              "activations on x86) calibrated on the calibration share of --data (needed); the check "

@@ -36,16 +36,20 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from .errors import BnSlimError
-from .hardware import cpu_features
-from .model_io import _save_external, too_large_for_protobuf
+from ..errors import BnSlimError
+from ..options import QUANTIZE_MODES as MODES
+from ..options import QUANTIZE_NEEDS_DATA as NEEDS_DATA
+from ..hardware import cpu_features
+from ..ir.model_io import _save_external, too_large_for_protobuf
+from . import verify
+from ..ir import data as data_module
+from ..ir.model_io import load_model, save_model
+from ..ir.shapes import resolve_input_shapes
 
 log = logging.getLogger(__name__)
 
-MODES = ("int8",)  # --quantize values
 CALIBRATION_BATCH = 16
-NEEDS_DATA = ("--quantize int8 calibrates each activation's INT8 range on real inputs (random noise would set "
-              "ranges the deployed model never sees): pass --data (an .npz, .npy or a folder of images)")
+
 
 
 @dataclass(frozen=True)
@@ -197,7 +201,6 @@ def _relative_error(got: list[np.ndarray], want: list[np.ndarray]) -> float:
 
 
 def _ort_run(model: onnx.ModelProto, feeds: dict[str, np.ndarray], batch: int | None) -> list[np.ndarray]:
-    from . import verify
 
     sess = verify.session(model, "sensitivity", optimized=True)
     return verify.run(sess, feeds, batch)
@@ -371,9 +374,6 @@ def quantize_files(models: dict[str, str | Path], data, folder: str | Path, inpu
     calibrated on the calibration share of ``data`` as ``prune --quantize`` takes it (the first
     half, or ``calibration_samples``); returns the paths, a description of the samples and the
     nodes each kept in FP32 (:func:`quantize_with_fallback`)."""
-    from . import data as data_module
-    from .model_io import load_model, save_model
-    from .shapes import resolve_input_shapes
 
     if data is None:
         raise BnSlimError(NEEDS_DATA)

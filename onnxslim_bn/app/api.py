@@ -15,29 +15,32 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from . import collapse, data, verify
-from .analysis import Analysis, analyze
-from .data import Samples
-from .errors import BnSlimError, CheckFailed
-from .fold import fold_constants, restore_storage, split_sequences
-from .importance import add_data_scores, candidates
-from .metrics import measure, weight_bytes
-from .edits import fix_tensor_names
-from .interface import (account, check_interface, check_size, copy_origins, fix_node_names, fix_proto_node_names,
-                        needs_node_names, remember_node_metadata, restore_interface, settle_copies)
-from .model_io import check_input, load_model_and_files, too_large_for_protobuf
-from .openvino_ir import OpenVinoResult, export_ir
-from .openvino_ir import require as require_openvino
-from .data_importance import close_unmeasured, data_importance, open_unscaled
+from ..passes import collapse, verify
+from ..ir import data
+from ..channels.context import Analysis
+from ..passes.analyse import analyze
+from ..ir.data import Samples
+from ..errors import BnSlimError, CheckFailed
+from ..ir.fold import fold_constants, restore_storage, split_sequences
+from ..passes.importance import add_data_scores, candidates
+from ..passes.metrics import measure
+from ..ir.model_io import weight_bytes
+from ..ir.values import fix_tensor_names
+from ..ir.interface import account, check_interface, check_size, copy_origins, fix_node_names, fix_proto_node_names, needs_node_names, remember_node_metadata, restore_interface, settle_copies
+from ..ir.model_io import check_input, load_model_and_files, too_large_for_protobuf
+from ..ir.openvino_ir import OpenVinoResult, export_ir
+from ..ir.openvino_ir import require as require_openvino
+from ..passes.data_importance import close_unmeasured, data_importance, open_unscaled
 from .bench import batch_of, probe, probe_inputs, time_pair
-from .hardware import resolve_round_to
-from .latency import layer_latency_table, resolution_note
-from .plan import dead_level, Plan, PruneOptions, select
-from . import quantize as int8
-from .reconstruct import ReconstructionReport, reconstruct
+from ..hardware import resolve_round_to
+from ..passes.latency import layer_latency_table, resolution_note
+from ..passes.select import dead_level, Plan, select
+from ..options import PruneOptions
+from ..passes import quantize as int8
+from ..passes.reconstruct import ReconstructionReport, reconstruct
 from .report import Report, SpaceReport, describe_spaces, run_metadata, weight_name
-from .shapes import infer_shapes, resolve_input_shapes, skeleton
-from .surgery import apply
+from ..ir.shapes import infer_shapes, resolve_input_shapes, skeleton
+from ..passes.surgery import apply
 
 log = logging.getLogger(__name__)
 
@@ -346,7 +349,7 @@ def _raise_failed_gate(result: PruneResult) -> None:
 
 
 def _never_slower(model, options: PruneOptions, given: dict, result: PruneResult, prep: _Prepared) -> PruneResult:
-    """The probe (:func:`onnxslim_bn.bench.probe`): time the pruned model beside the original in
+    """The probe (:func:`onnxslim_bn.app.bench.probe`): time the pruned model beside the original in
     onnxruntime; when it is not faster, prune again keeping the layers the probe blames whole,
     then with widths on the machine's block, re-probe each, and keep the fastest candidate.
     Only when none is faster is the pruned model written as it is, with a warning naming what

@@ -8,13 +8,14 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from .analysis import Analysis, Segment
-from .metrics import Metrics
-from .openvino_ir import OpenVinoResult
-from .plan import Plan
-from .surgery import SurgeryStats
-from .verify import Verification
-from .version import __version__
+from ..channels.context import Analysis
+from ..channels.layout import Segment
+from ..passes.metrics import Metrics
+from ..ir.openvino_ir import OpenVinoResult
+from ..passes.select import Plan
+from ..passes.surgery import SurgeryStats
+from ..passes.verify import Verification
+from ..version import __version__
 
 # The JSON every command writes (prune's report, inspect, bench, sweep, --export-widths) carries
 # this number. Bump it whenever a key is added, removed or renamed; tests/test_schema.py holds the

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from .errors import BnSlimError
+from ..errors import BnSlimError
 from .model_io import as_file
 
 # OpenVINO's CPU plugin computes in FP32 when asked to; FP16 weights cost about 3 decimal digits.
