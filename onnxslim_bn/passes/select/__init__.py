@@ -1,0 +1,55 @@
+"""Choosing channels: one global ranking by importance over every prunable space.
+
+``ranking`` reads what the walk ranks from the analysis (and never writes into it), ``walk``
+takes channels in ranked order under the constraints, ``rounding`` puts widths on the block,
+``branches`` settles the tensors reader BNs share, ``costs`` and ``budget`` serve the budgets;
+``plan`` is the result, ``levels`` the dead level.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from ...channels.context import Analysis
+from ...options import PruneOptions
+from .budget import BUDGET_SLACK, within_budget
+from .levels import DATA_DEAD_SHARE, data_dead_level, dead_level
+from .plan import Plan
+from .ranking import Ranking
+from .walk import Walk
+
+__all__ = ["BUDGET_SLACK", "DATA_DEAD_SHARE", "Plan", "data_dead_level", "dead_level", "select"]
+
+
+def select(analysis: Analysis, options: PruneOptions, curves: dict | None = None) -> Plan:
+    """Choose which channels go.
+
+    One global ranking by importance over every prunable space, walked greedily from the least
+    important channel: ``ratio`` takes that fraction of the ranked channels, ``threshold`` every
+    channel below it, ``target_macs`` / ``target_params`` / ``target_latency`` as many as it
+    takes to reach the budget (ranked by importance per MAC, parameter or millisecond saved; the
+    latency ``curves`` come from :func:`onnxslim_bn.passes.latency.layer_latency_table`). The walk
+    skips a channel when
+
+    - its replacement value is not a known constant at some consumer (:mod:`onnxslim_bn.passes.replacement`),
+    - its space would fall below ``min_channels``, or a Split / Slice part below one channel,
+    - its layer would lose more than ``max_layer_ratio`` of its live channels (channels in the
+      dead cluster, see :func:`dead_level`, are not limited).
+
+    Then grouped convs even out their groups, kept widths are rounded to the block (``round_to``,
+    up or down, :class:`.rounding.Rounding`), and a tensor read by reader BNs' branches (see
+    :class:`onnxslim_bn.channels.context.Selector`) loses only the channels every one of them dropped.
+    """
+    ranking = Ranking.of(analysis, options)
+    if options.target_macs is None and options.target_params is None and options.target_latency is None:
+        flat = ranking.flat
+        order = np.argsort(flat, kind="stable")  # global ranking; ties keep graph order
+        if options.threshold is not None:
+            order = order[flat[order] < options.threshold]
+            target = len(order)  # every channel below it that can go (the walk counts those that cannot)
+        else:  # a fraction of the channels that can go: those with a known replacement everywhere
+            target = int(math.floor(options.ratio * int((~ranking.unsafe_flat).sum()) + 1e-9))
+        return Walk(ranking).plan(order, target)
+    return within_budget(ranking, curves)
