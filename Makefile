@@ -33,9 +33,17 @@ fixtures: $(VENV)/.fixtures
 	$(BIN)/python fixtures/train.py
 	$(BIN)/python fixtures/architectures.py
 
+# The peer, onnxsim 0.8.1, in an environment of its own (its pins must not move ours).
+PEER := .venv-onnxsim
+$(PEER)/.installed:
+	$(PYTHON) -m venv $(PEER)
+	$(PEER)/bin/python -m pip install --quiet 'onnxsim==0.8.1' onnxruntime numpy
+	touch $@
+
 # Measures, asserts nothing; needs torch (fixtures extra) to build the ResNet-50-sized model.
-bench: $(VENV)/.fixtures
+bench: $(VENV)/.fixtures $(PEER)/.installed
 	$(BIN)/python bench/run.py
+	$(BIN)/python bench/peer.py --peer-python $(PEER)/bin/python
 
 clean:
-	rm -rf $(VENV) $(OUT) .pytest_cache
+	rm -rf $(VENV) $(PEER) $(OUT) .pytest_cache
