@@ -26,13 +26,15 @@ importance such channels stay unremovable.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
 
 from ..passes import calibrate
-from ..channels.context import Analysis
-from ..channels.spaces import ScoreSource
+from ..channels.context import Analysis, Scores
+from ..channels.layout import Segment
+from ..channels.reasons import Reason
 from ..ir.values import constant_values
 
 log = logging.getLogger(__name__)
@@ -88,14 +90,30 @@ def _weight_energy(node, entries: int, out_weight: np.ndarray | None = None) -> 
     return energy if len(energy) == entries else None
 
 
-def data_importance(analysis: Analysis, model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> int:
+NO_CONSUMER = "no BatchNorm scale, and no consumer of its channels could be measured on the data"
+
+
+@dataclass(frozen=True)
+class Ranking:
+    """What :func:`data_importance` measured, for :meth:`Analysis.apply` (``scores``)."""
+
+    scores: Scores
+    measured: int  # consumers measured
+    ranked: int  # spaces left alone for want of a BN scale (with gamma) that the data ranks
+
+
+def data_importance(analysis: Analysis, model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> Ranking:
     """Score every ranked space by the cost its channels cause at their consumers, measured on
-    ``feeds``; record each consumer input's channel means as the replacement values. Returns
-    how many consumers were measured."""
+    ``feeds``; each consumer input's channel means become the replacement values there.
+
+    With data, the spaces left alone only for want of a BN scale (a layer that never had a BN,
+    a re-parameterised conv: :func:`unscaled`) are ranked like any other; those no consumer
+    measured stay blocked, with the reason :data:`NO_CONSUMER` in place of their own."""
     consumers = [c for c in analysis.consumers if analysis.layout(c.node.inputs[0]) is not None]
     tensors = [c.node.inputs[0].name for c in consumers] + [c.node.outputs[0].name for c in consumers]
     stats = calibrate.calibrate(model, feeds, moments=list(dict.fromkeys(tensors)), what="the calibration").moments
     totals: dict[int, np.ndarray] = {}
+    input_means: dict[str, np.ndarray] = {}
     measured = 0
     for consumer in consumers:
         node = consumer.node
@@ -119,50 +137,26 @@ def data_importance(analysis: Analysis, model: onnx.ModelProto, feeds: dict[str,
         repeat = np.concatenate([np.full(s.size, s.repeat) for s in layout])
         per_channel = np.add.reduceat(cost, np.concatenate([[0], np.cumsum(repeat)[:-1]]))
         means = np.add.reduceat(x.mean, np.concatenate([[0], np.cumsum(repeat)[:-1]])) / repeat
-        analysis.input_means[node.inputs[0].name] = means
+        input_means[node.inputs[0].name] = means
         roots, index = analysis.channel_ids(layout)
         for root in np.unique(roots):
             space = analysis.spaces[int(root)]
             total = totals.setdefault(int(root), np.zeros(space.size))
             np.add.at(total, index[roots == root], per_channel[roots == root])
         measured += 1
-    for space in analysis.prunable():
-        if space.sources and space.id in totals:
-            space.sources = [ScoreSource("consumers", "data", totals[space.id])]
+    opened = unscaled(analysis)
+    ranked = [s.id for s in analysis.prunable() if s.sources] + opened
+    unmeasured = [root for root in opened if root not in totals]
     log.info("data importance: %d consumers measured on %d samples", measured, calibrate.verify.count(feeds))
-    return measured
+    scores = Scores(ranked=tuple((root, totals[root]) for root in ranked if root in totals), reopened=tuple(opened),
+                    blocks=tuple(((Segment(root, analysis.spaces[root].size),), Reason("no-scale", None, NO_CONSUMER))
+                                 for root in unmeasured),
+                    input_means=tuple(input_means.items()))
+    return Ranking(scores, measured, len(opened) - len(unmeasured))
 
 
-PLACEHOLDER = "unscaled"  # the source node of a space opened by :func:`open_unscaled`, until measured
-
-
-def open_unscaled(analysis: Analysis) -> list[int]:
-    """With data, the spaces left alone only for want of a BN scale (a layer that never had a BN,
-    a re-parameterised conv) can be ranked like any other: their channels' cost is measured at
-    the consumers. Returns the opened spaces; :func:`data_importance` scores them, and those it
-    could not measure are blocked again."""
-    opened = []
-    for space in analysis.roots():
-        if not space.producers or space.sources:
-            continue
-        if space.blocked and not all("has no BatchNorm scale" in reason for reason in space.blocked):
-            continue
-        space.blocked = []
-        space.sources = [ScoreSource(PLACEHOLDER, "data", np.zeros(space.size))]
-        opened.append(space.id)
-    return opened
-
-
-def close_unmeasured(analysis: Analysis, opened: list[int]) -> int:
-    """Block again the opened spaces that no consumer measured (their placeholder scores are
-    zero: they would go first). Returns how many stay open."""
-    left = 0
-    for root in opened:
-        space = analysis.spaces[root]
-        if any(s.node == PLACEHOLDER for s in space.sources):
-            space.sources = []
-            space.blocked.append("no BatchNorm scale, and no consumer of its channels could be measured on the data")
-        else:
-            left += 1
-    return left
+def unscaled(analysis: Analysis) -> list[int]:
+    """The root spaces that no score ranks, left alone (if at all) only for want of a BN scale."""
+    return [space.id for space in analysis.roots() if space.writers and not space.sources
+            and all(reason.code == "no-scale" for reason in space.blocked)]
 

@@ -23,6 +23,7 @@ import onnx_graphsurgeon as gs
 
 from ..channels.context import Analysis
 from ..channels.layout import Layout, channels
+from ..channels.reasons import Reason
 
 RULES: dict[str, Rule] = {}
 
@@ -94,10 +95,10 @@ def carrying(node: gs.Node, ctx: Analysis) -> list[tuple[int, Layout]]:
     return [(i, ctx.layout(t)) for i, t in enumerate(node.inputs) if ctx.layout(t) is not None]
 
 
-def block_inputs(node: gs.Node, ctx: Analysis, why: str) -> None:
-    """Block every space that reaches ``node``; ``why`` completes "<op> <name> ..."."""
+def block_inputs(node: gs.Node, ctx: Analysis, code: str, why: str) -> None:
+    """Block every space that reaches ``node`` (reason ``code``); ``why`` completes "<op> <name> ..."."""
     for _, layout in carrying(node, ctx):
-        ctx.block(layout, f"{node.op} {node.name} {why}")
+        ctx.block(layout, Reason.at(code, node, why))
 
 
 def is_channel_axis(axis: int, rank: int | None) -> bool:
