@@ -17,6 +17,7 @@ from ..ir.openvino_ir import OpenVinoResult
 from ..passes.select import Plan
 from ..passes.surgery import SurgeryStats
 from ..passes.verify import Verification
+from ..rules.roles import CASTS, NORMALIZATION
 from ..version import __version__
 
 # The JSON every command writes (prune's report, inspect, bench, sweep, --export-widths) carries
@@ -66,7 +67,7 @@ def weight_name(node) -> str:
     import onnx_graphsurgeon as gs
 
     def stored(t):  # an fp16 weight behind a Cast (fold.restore_storage): the stored initializer
-        if isinstance(t, gs.Variable) and len(t.inputs) == 1 and t.inputs[0].op == "Cast" and \
+        if isinstance(t, gs.Variable) and len(t.inputs) == 1 and t.inputs[0].op in CASTS and \
                 isinstance(t.inputs[0].inputs[0], gs.Constant):
             return t.inputs[0].inputs[0]
         return t
@@ -75,7 +76,7 @@ def weight_name(node) -> str:
     consts = [(i, t) for i, t in consts if isinstance(t, gs.Constant) and len(t.shape) >= 2]
     if not consts:
         consts = [(i, t) for i, t in enumerate(node.inputs) if isinstance(t, gs.Constant) and len(t.shape) == 1
-                  and node.op == "BatchNormalization"]
+                  and node.op in NORMALIZATION]
     if not consts:
         return node.name
     index, tensor = next(((i, t) for i, t in consts if i == 1), consts[0])

@@ -35,7 +35,7 @@ from ..passes import calibrate
 from ..channels.context import Analysis, Scores
 from ..channels.layout import Segment
 from ..channels.reasons import Reason
-from ..ir.values import constant_values
+from ..rules import RULES
 
 log = logging.getLogger(__name__)
 
@@ -47,12 +47,9 @@ def _output_scale(node) -> np.ndarray | None:
     weights and output variances, so that both see the same outputs (a BN with gamma 0 makes
     its output constant in either)."""
     users = list(node.outputs[0].outputs)
-    if len(users) != 1 or users[0].op != "BatchNormalization" or users[0].inputs[0] is not node.outputs[0]:
+    if len(users) != 1 or users[0].op not in RULES or users[0].inputs[0] is not node.outputs[0]:
         return None
-    gamma, var = constant_values(users[0].inputs[1]), constant_values(users[0].inputs[4])
-    if gamma is None or var is None or gamma.shape != var.shape or gamma.ndim != 1:
-        return None
-    return gamma.astype(np.float64) / np.sqrt(var.astype(np.float64) + users[0].attrs.get("epsilon", 1e-5))
+    return RULES[users[0].op].channel_scale(users[0])
 
 
 def _output_weights(var: np.ndarray) -> np.ndarray:
@@ -62,32 +59,6 @@ def _output_weights(var: np.ndarray) -> np.ndarray:
     var = np.asarray(var, np.float64)
     floor = 1e-12 * float(var.max()) if var.size and var.max() > 0 else np.inf
     return np.where(var > floor, 1.0 / np.maximum(var, floor if np.isfinite(floor) else 1.0), 0.0)
-
-
-def _weight_energy(node, entries: int, out_weight: np.ndarray | None = None) -> np.ndarray | None:
-    """Per input entry of a consumer: the sum of its squared weights over the outputs (each
-    output weighted by ``out_weight`` when given)."""
-    weight = constant_values(node.inputs[1])
-    if weight is None:
-        return None
-    w2 = weight.astype(np.float64) ** 2
-    if out_weight is not None:  # the output axis of the weight: Conv [C_out, ...], Gemm / MatMul [K, N] or [N, K]
-        axis = 0 if node.op == "Conv" or (node.op == "Gemm" and node.attrs.get("transB", 0)) else \
-            1 if node.op in ("Gemm", "MatMul") and w2.ndim == 2 else None
-        if axis is None or w2.shape[axis] != len(out_weight):
-            return None
-        w2 = w2 * out_weight.reshape([-1 if a == axis else 1 for a in range(w2.ndim)])
-    if node.op in ("Gemm", "MatMul"):
-        trans = node.op == "Gemm" and node.attrs.get("transB", 0)
-        energy = w2.sum(0) if trans else w2.sum(1)
-        return energy * (node.attrs.get("alpha", 1.0) ** 2 if node.op == "Gemm" else 1.0)
-    if node.op == "ConvTranspose":  # [C_in, C_out / g, k...]
-        return w2.reshape(w2.shape[0], -1).sum(1)
-    group = node.attrs.get("group", 1)  # Conv [C_out, C_in / g, k...]: input c feeds its group's outputs
-    per_in, per_out = w2.shape[1], w2.shape[0] // group
-    taps = w2.reshape(w2.shape[0], per_in, -1).sum(2)
-    energy = np.concatenate([taps[j * per_out:(j + 1) * per_out].sum(0) for j in range(group)])
-    return energy if len(energy) == entries else None
 
 
 NO_CONSUMER = "no BatchNorm scale, and no consumer of its channels could be measured on the data"
@@ -122,14 +93,13 @@ def data_importance(analysis: Analysis, model: onnx.ModelProto, feeds: dict[str,
         # each output counts as one (its variance's share, not its size): the same ranking whatever
         # per-output scale the export left (a BN kept after the layer, folded into it, split into a Mul)
         # (the outputs of a BN kept after the layer: its scale applied, as folded into the weights)
-        per_output = node.op == "Conv" or analysis.rank(node.outputs[0]) == 2
-        bn = _output_scale(node) if per_output else None
+        bn = _output_scale(node)
         bn = bn if bn is not None and len(bn) == len(y.var) else None
         var = y.var if bn is None else y.var * bn ** 2
-        weight = _output_weights(var) if per_output else None
-        energy = _weight_energy(node, len(x.var), None if weight is None else weight * (1.0 if bn is None else bn ** 2))
+        weight = _output_weights(var)
+        energy = consumer.rule.weight_energy(node, weight * (1.0 if bn is None else bn ** 2))
         if energy is None:  # a weight layout without one output axis (ConvTranspose): outputs pooled
-            weight, var, energy = None, y.var, _weight_energy(node, len(x.var))
+            weight, var, energy = None, y.var, consumer.rule.weight_energy(node, None)
         if energy is None or len(energy) != len(x.var):
             continue
         scale = float((var * (1.0 if weight is None else weight)).sum())

@@ -63,18 +63,12 @@ from ..channels.reasons import Reason
 from ..ir.ids import ObjectMap
 from ..ir.values import constant_values
 from ..rules import RULES
+from ..rules.roles import ACTIVATIONS, BIAS, GATES, JOINS, NORMALIZATION, PASSING, SCALE
 
 log = logging.getLogger(__name__)
 
 
 NEVER_BN = "no BatchNorm scale (the exporter kept BN elsewhere; this layer never had one)"
-# the activations a folded Conv-BN-Act block ends in; Sigmoid / HardSigmoid alone are gates or
-# output squashes (x * Sigmoid(x) and x * HardSigmoid(x) are SiLU and HardSwish, and count)
-ACTIVATIONS = frozenset({"Relu", "LeakyRelu", "PRelu", "Clip", "HardSwish", "Elu", "Selu", "Celu", "Gelu", "Mish",
-                         "Softplus", "ThresholdedRelu"})
-GATES = frozenset({"Sigmoid", "HardSigmoid"})
-PASSING = frozenset({"Identity", "Dropout", "Cast"})
-JOINS = frozenset({"Add", "Sum"})
 # all-folded models: a layer without spatial extent is folded when its deviation lies within
 # [reference / BELOW, reference * ABOVE] of the folded layers with spatial extent (see the module docstring)
 BELOW, ABOVE = 3.0, 10.0
@@ -95,7 +89,7 @@ class Verdict:
 def keeps_bn(analysis: Analysis) -> bool:
     """Whether the exporter kept BN for some layer: a BatchNormalization node, or a BN split
     into a per-channel Mul (+ Add) after a layer."""
-    if any(n.op == "BatchNormalization" for n in analysis.nodes):
+    if any(n.op in NORMALIZATION for n in analysis.nodes):
         return True
     return any(_split_scale(node, analysis) is not None for s in analysis.roots() for node in s.writers + s.coupled)
 
@@ -207,7 +201,7 @@ def _level(act: np.ndarray) -> float:
 def _split_scale(node: gs.Node, analysis: Analysis) -> gs.Node | None:
     """The per-channel Mul that is a layer's only consumer: the scale of a split BN."""
     users = list(node.outputs[0].outputs)
-    if len(users) == 1 and users[0].op == "Mul" and _channel_constant(users[0], node.outputs[0], analysis):
+    if len(users) == 1 and users[0].op in SCALE and _channel_constant(users[0], node.outputs[0], analysis):
         return users[0]
     return None
 
@@ -216,7 +210,7 @@ def _bias_add(node: gs.Node, analysis: Analysis) -> gs.Node | None:
     """The per-channel Add of a constant that is a layer's only consumer: its bias, written
     apart (newer paddle2onnx: a bias-less Conv then Add; tf2onnx and others: MatMul then Add)."""
     users = list(node.outputs[0].outputs)
-    if len(users) == 1 and users[0].op == "Add" and _channel_constant(users[0], node.outputs[0], analysis):
+    if len(users) == 1 and users[0].op in BIAS and _channel_constant(users[0], node.outputs[0], analysis):
         return users[0]
     return None
 
@@ -253,7 +247,7 @@ def _activated(tensor: gs.Tensor, joined: bool = False) -> bool:
         return True
     if len(users) == 2:
         gate = next((u for u in users if u.op in GATES), None)
-        mul = next((u for u in users if u.op == "Mul"), None)
+        mul = next((u for u in users if u.op in SCALE), None)
         if gate is not None and mul is not None and {id(t) for t in mul.inputs} == {id(tensor), id(gate.outputs[0])}:
             return True
     if not joined and len(users) == 1 and users[0].op in JOINS \

@@ -77,6 +77,17 @@ class Rule:
         """For layers with weights: (output channels, multiply-accumulates) at these shapes."""
         return None
 
+    def weight_energy(self, node: gs.Node, out_weight: np.ndarray | None) -> np.ndarray | None:
+        """For consumers: per input entry, the sum of its squared weights over the outputs, each
+        output weighted by ``out_weight`` when given (data importance); None when the weight has
+        no single output axis of that length."""
+        return None
+
+    def channel_scale(self, node: gs.Node) -> np.ndarray | None:
+        """For a normalization: the per-channel factor it multiplies its input by (a BN's
+        gamma / sqrt(var + eps)), when its parameters are constants."""
+        return None
+
 
 def _unknown(ctx: Analysis, tensor: gs.Tensor) -> np.ndarray | None:
     layout = ctx.layout(tensor)

@@ -58,6 +58,12 @@ class BatchNormRule(Rule):
             return
         ctx.set_layout(node.outputs[0], layout)
 
+    def channel_scale(self, node):
+        gamma, var = constant_values(node.inputs[1]), constant_values(node.inputs[4])
+        if gamma is None or var is None or gamma.shape != var.shape or gamma.ndim != 1:
+            return None
+        return gamma.astype(np.float64) / np.sqrt(var.astype(np.float64) + attr(node, "epsilon", 1e-5))
+
     def dead_values(self, node, ctx, inputs):
         """beta, the output with gamma taken as 0; where the input is itself a known constant
         (a channel dead upstream too), the BN of that constant, which is exact."""

@@ -160,6 +160,9 @@ class ConvRule(Rule):
         border = None if exact else (lambda: _border_map(node, ctx, weight, value, delta))
         return Compensation(delta, exact, missing, border)
 
+    def weight_energy(self, node, out_weight):
+        return _conv_energy(node, out_weight)
+
     def add_bias(self, node, delta, graph):
         weight = node.inputs[1]
         c_out = self._channels(node, tuple(weight.shape))[1]
@@ -168,6 +171,26 @@ class ConvRule(Rule):
             replace_constant(node, 2, bias)
         else:
             _set_input(node, 2, gs.Constant(unique_name(graph, f"{node.name}_bias_slim"), bias))
+
+
+def _conv_energy(node: gs.Node, out_weight: np.ndarray | None) -> np.ndarray | None:
+    """:meth:`Rule.weight_energy` of a Conv [C_out, C_in / g, k...], whose input c feeds its
+    group's outputs, or a ConvTranspose [C_in, C_out / g, k...], which has no single output axis
+    (its outputs are pooled)."""
+    weight = constant_values(node.inputs[1])
+    if weight is None:
+        return None
+    w2 = weight.astype(np.float64) ** 2
+    if out_weight is not None:
+        if node.op == "ConvTranspose" or w2.shape[0] != len(out_weight):
+            return None
+        w2 = w2 * out_weight.reshape([-1] + [1] * (w2.ndim - 1))
+    if node.op == "ConvTranspose":
+        return w2.reshape(w2.shape[0], -1).sum(1)
+    group = attr(node, "group", 1)
+    per_in, per_out = w2.shape[1], w2.shape[0] // group
+    taps = w2.reshape(w2.shape[0], per_in, -1).sum(2)
+    return np.concatenate([taps[j * per_out:(j + 1) * per_out].sum(0) for j in range(group)])
 
 
 def _border_map(node: gs.Node, ctx: Analysis, weight: np.ndarray, value: np.ndarray,
@@ -295,6 +318,18 @@ class GemmRule(Rule):
         if node.op == "Gemm":
             delta = delta * attr(node, "alpha", 1.0)
         return Compensation(delta, True, missing)
+
+    def weight_energy(self, node, out_weight):
+        weight = constant_values(node.inputs[1])
+        if weight is None:
+            return None
+        w2 = weight.astype(np.float64) ** 2
+        out_axis = self._weight_axes(node)[1]
+        if out_weight is not None:
+            if w2.ndim != 2 or w2.shape[out_axis] != len(out_weight):
+                return None
+            w2 = w2 * out_weight.reshape([-1 if a == out_axis else 1 for a in range(w2.ndim)])
+        return w2.sum(out_axis) * (attr(node, "alpha", 1.0) ** 2 if node.op == "Gemm" else 1.0)
 
     def add_bias(self, node, delta, graph):
         dtype = node.inputs[1].dtype
