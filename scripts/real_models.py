@@ -43,7 +43,7 @@ removed channels behind squeeze-excitation gates (replacement.py), the angle cla
 others, half of the last stage's 32-channel residual stream, which alone cost 7-8 points
 (``real_diagnose.py --sensitivity``). The PP-OCRv4 recognizer's convs are re-parameterised
 (no BN: 13.5% of its channels were prunable by gamma, 72.4% with data); before data ranked them too
-(data_importance.open_unscaled) its removable channels could not reach the budget (98.3% of
+(data_importance.unscaled) its removable channels could not reach the budget (98.3% of
 the MACs kept, 13.0% of the strings unchanged).
 """
 

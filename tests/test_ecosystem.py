@@ -19,7 +19,7 @@ import onnxslim_bn
 from onnxslim_bn.app import cli
 from onnxslim_bn.app.cli import main
 from onnxslim_bn.app.histogram import dead_cluster
-from onnxslim_bn.app.report import reason_code
+from onnxslim_bn.channels.reasons import At, Reason
 from tests.fixtures import FIXTURES, heldout, path
 
 ROOT = FIXTURES.parent
@@ -190,17 +190,25 @@ def test_blocked_reasons_carry_codes(vgg, capsys):
     assert [(s["blocked_code"], s["reasons"][0]["code"]) for s in blocked] == [("graph-output", "graph-output")]
 
 
-@pytest.mark.parametrize("text,code", [
-    ("the channels reach the graph output 'y'", "graph-output"),
-    ("Foo n1 is not an op onnx-bnslim can follow", "unknown-op"),
-    ("Reshape /head/Reshape_2 changes the channel axis ([1, 8, 4, 4] -> [1, 128])", "reshape-channel-axis"),
-    ("node_Conv_214 is protected by --keep", "protected"),
-    ("Add a joins tensors whose channel groups differ (8 vs 4)", "join-mismatch"),
-    ("Shape s reads the channel count (used by Gather g)", "shape-read"),
-    ("Transpose t moves the channel axis", "transpose-channel-axis"),
+@pytest.mark.parametrize("reason,text,code", [
+    (Reason("graph-output", None, "the channels reach the graph output 'y'"),
+     "the channels reach the graph output 'y'", "graph-output"),
+    (Reason("unknown-op", At("Foo", "n1"), "is not an op onnx-bnslim can follow"),
+     "Foo n1 is not an op onnx-bnslim can follow", "unknown-op"),
+    (Reason("reshape-channel-axis", At("Reshape", "/head/Reshape_2"), "changes the channel axis ([1, 8, 4, 4] -> [1, 128])"),
+     "Reshape /head/Reshape_2 changes the channel axis ([1, 8, 4, 4] -> [1, 128])", "reshape-channel-axis"),
+    (Reason("protected", None, "node_Conv_214 is protected by --keep"), "node_Conv_214 is protected by --keep", "protected"),
+    (Reason("join-mismatch", At("Add", "a"), "joins tensors whose channel groups differ (8 vs 4)"),
+     "Add a joins tensors whose channel groups differ (8 vs 4)", "join-mismatch"),
+    (Reason("shape-read", At("Shape", "s"), "reads the channel count (used by Gather g)"),
+     "Shape s reads the channel count (used by Gather g)", "shape-read"),
+    (Reason("transpose-channel-axis", At("Squeeze", "t"), "moves the channel axis"),
+     "Squeeze t moves the channel axis", "transpose-channel-axis"),
 ])
-def test_reason_code_from_text(text, code):
-    assert reason_code(text) == code
+def test_reason_reads_as_its_message_and_keeps_its_code(reason, text, code):
+    assert str(reason) == text and reason.code == code
+    with pytest.raises(ValueError, match="unknown reason code"):
+        Reason("no-such-code", None, text)
 
 
 def test_every_blocked_reason_in_the_architecture_fixtures_has_a_code():

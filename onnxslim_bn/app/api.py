@@ -30,7 +30,7 @@ from ..ir.interface import account, check_interface, check_size, copy_origins, f
 from ..ir.model_io import check_input, load_model_and_files, too_large_for_protobuf
 from ..ir.openvino_ir import OpenVinoResult, export_ir
 from ..ir.openvino_ir import require as require_openvino
-from ..passes.data_importance import close_unmeasured, data_importance, open_unscaled
+from ..passes.data_importance import data_importance
 from .bench import batch_of, probe, probe_inputs, time_pair
 from ..hardware import resolve_round_to
 from ..passes.latency import layer_latency_table, resolution_note
@@ -167,7 +167,9 @@ def _prepare(model, options: PruneOptions, strict: bool = True) -> _Prepared:
     samples = None if options.data is None else data.load(options.data, proto, input_shapes, options.preprocess)
     count_feeds = _count_open_layers(proto, shapes, input_shapes, samples, analysis, options, source, notes)
     calibration = check = samples
-    found, sess, count = candidates(analysis), None, 0
+    recovery = candidates(analysis)
+    analysis.apply(recovery.scores)
+    found, sess, count = recovery.found, None, 0
     # Calibration: activation statistics of the original (scale recovery). With data, it takes its
     # share of the samples (data.split) and the check the rest; a stage that needs calibration
     # later (reconstruction) takes the same share.
@@ -183,7 +185,7 @@ def _prepare(model, options: PruneOptions, strict: bool = True) -> _Prepared:
             feeds, described = verify.make_inputs(proto, input_shapes, None, options.seed, calibration=True)
             described = f"{verify.count(feeds)} seeded N(0,1) samples"
         count = verify.count(feeds)
-        add_data_scores(analysis, found, verify.run(sess, feeds, verify.static_batch(proto), names))
+        analysis.apply(add_data_scores(analysis, found, verify.run(sess, feeds, verify.static_batch(proto), names)))
         notes.append(f"no BatchNormalization for some layers: their BN scale was recovered from activation statistics "
                      f"on {described}" + ("" if samples is not None else "; pass --data with real inputs for a closer estimate"))
     prep = _Prepared(proto, source, size, input_shapes, notes, shapes, graph, analysis, sess or loaded,
@@ -263,9 +265,9 @@ def _rank_by_data(prep: _Prepared, options: PruneOptions, samples) -> None:
         feeds, _ = verify.make_inputs(prep.model, prep.input_shapes, None, options.seed, calibration=True)
         described = f"{verify.count(feeds)} seeded N(0,1) samples (pass --data: random inputs rank channels poorly)"
     prep.calibration_count = max(prep.calibration_count, verify.count(feeds))
-    opened = open_unscaled(prep.analysis)
-    measured = data_importance(prep.analysis, prep.model, feeds)
-    ranked = close_unmeasured(prep.analysis, opened) if opened else 0
+    ranking = data_importance(prep.analysis, prep.model, feeds)
+    prep.analysis.apply(ranking.scores)
+    measured, ranked = ranking.measured, ranking.ranked
     if ranked:
         prep.notes.append(f"{ranked} channel group{'s' if ranked > 1 else ''} without a BatchNorm scale "
                           "(left alone with gamma) ranked by data too")

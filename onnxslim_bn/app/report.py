@@ -10,70 +10,20 @@ import numpy as np
 
 from ..channels.context import Analysis
 from ..channels.layout import Segment
+from ..channels.reasons import Reason
+from ..ir.ids import ObjectSet
 from ..passes.metrics import Metrics
 from ..ir.openvino_ir import OpenVinoResult
 from ..passes.select import Plan
 from ..passes.surgery import SurgeryStats
 from ..passes.verify import Verification
+from ..rules.roles import CASTS, NORMALIZATION
 from ..version import __version__
 
 # The JSON every command writes (prune's report, inspect, bench, sweep, --export-widths) carries
 # this number. Bump it whenever a key is added, removed or renamed; tests/test_schema.py holds the
 # key set of each document and fails when it changes without a bump.
 SCHEMA_VERSION = 4
-
-# Blocked reasons as data: a stable code per kind of reason, derived from the reason's text.
-# (Until the analysis records reasons with their code, this table is the one place that knows
-# them; a reason object with a ``code`` attribute is taken as it is.)
-_REASON_CODES: tuple[tuple[str, str], ...] = (
-    ("protected by --keep", "protected"),
-    ("reach the graph output", "graph-output"),
-    ("is a graph output", "shape-read"),
-    ("is not an op onnx-bnslim can follow", "unknown-op"),
-    ("changes the channel axis", "reshape-channel-axis"),
-    ("moves the channel axis", "transpose-channel-axis"),
-    ("turns flattened features into channels", "flatten-to-channels"),
-    ("reads the channel count", "shape-read"),
-    ("inside its subgraph", "subgraph"),
-    ("joins tensors whose channel groups differ", "join-mismatch"),
-    ("grouped convolution", "grouped-conv"),
-    ("is grouped (group=", "grouped-conv"),
-    ("is a grouped", "grouped-conv"),
-    ("splits the channels into groups", "grouped-conv"),
-    ("depthwise convolution of channels no layer produces", "depthwise-unproduced"),
-    ("computed", "computed-parameter"),
-    ("BatchNormalization", "batchnorm-unsupported"),
-    ("second output in use", "second-output"),
-    ("non-float type", "cast-non-float"),
-    ("a constant of shape", "per-entry-constant"),
-    ("per entry", "per-entry-constant"),
-    ("laid out as", "width-mismatch"),
-    ("features, ", "width-mismatch"),
-    ("is not [batch, features]", "matmul-not-2d"),
-    ("unknown rank", "unknown-shape"),
-    ("shape inference could not find", "unknown-shape"),
-    ("Flatten", "flatten-unsupported"),
-    ("Slice", "slice-unsupported"),
-    ("takes every", "slice-unsupported"),
-    ("takes no channel", "slice-unsupported"),
-    ("slices the batch axis", "slice-unsupported"),
-    ("mixes in", "concat-foreign-input"),
-    ("scales the channel axis", "resize-channel-axis"),
-    ("pads the channel axis", "pad-channel-axis"),
-    ("reduces over", "reduce-channel-axis"),
-    ("axes that are not spelled out", "unknown-axes"),
-    ("indices that depend on the channel count", "channel-indices"),
-    ("no BatchNorm scale", "no-scale"),
-)
-
-
-def reason_code(reason: object) -> str:
-    """The stable code of a blocked reason ("graph-output", "unknown-op", "protected", ...)."""
-    code = getattr(reason, "code", None)
-    if isinstance(code, str):
-        return code
-    text = str(reason)
-    return next((c for needle, c in _REASON_CODES if needle in text), "other")
 
 
 @dataclass
@@ -105,7 +55,7 @@ class SpaceReport:
     scores: list[float] = field(default_factory=list)  # per channel, in channel order
     removed: list[int] = field(default_factory=list)  # indices of the removed channels
     label: str = ""  # the first producer's weight name (e.g. layer1.0.conv1.weight), else its node name
-    blocked_code: str | None = None  # reason_code(blocked)
+    blocked_code: str | None = None  # the code of the first reason (channels.reasons.CODES)
     reasons: list[dict] = field(default_factory=list)  # every reason: {"code", "text"}
     layers: list[SpaceLayer] = field(default_factory=list)  # producers and depthwise convs, with their place
 
@@ -117,7 +67,7 @@ def weight_name(node) -> str:
     import onnx_graphsurgeon as gs
 
     def stored(t):  # an fp16 weight behind a Cast (fold.restore_storage): the stored initializer
-        if isinstance(t, gs.Variable) and len(t.inputs) == 1 and t.inputs[0].op == "Cast" and \
+        if isinstance(t, gs.Variable) and len(t.inputs) == 1 and t.inputs[0].op in CASTS and \
                 isinstance(t.inputs[0].inputs[0], gs.Constant):
             return t.inputs[0].inputs[0]
         return t
@@ -126,7 +76,7 @@ def weight_name(node) -> str:
     consts = [(i, t) for i, t in consts if isinstance(t, gs.Constant) and len(t.shape) >= 2]
     if not consts:
         consts = [(i, t) for i, t in enumerate(node.inputs) if isinstance(t, gs.Constant) and len(t.shape) == 1
-                  and node.op == "BatchNormalization"]
+                  and node.op in NORMALIZATION]
     if not consts:
         return node.name
     index, tensor = next(((i, t) for i, t in consts if i == 1), consts[0])
@@ -140,20 +90,16 @@ def _layers(analysis: Analysis, space_id: int) -> list[SpaceLayer]:
     """Where each producer and depthwise conv of a root space writes into it."""
     root = analysis.find(space_id)
     space = analysis.spaces[root]
-    by_name = {}
-    for node in analysis.nodes:
-        by_name.setdefault(node.name, node)
     out: list[SpaceLayer] = []
-    for name in dict.fromkeys(space.producers + space.coupled):
-        node = by_name.get(name)
-        layout = analysis.layout(node.outputs[0]) if node is not None and node.outputs else None
-        if node is None or layout is None:
+    for node in ObjectSet(space.writers + space.coupled):
+        layout = analysis.layout(node.outputs[0]) if node.outputs else None
+        if layout is None:
             continue
         at = 0
         for seg in layout:
             seg_root, first, size = analysis.where(seg)
             if seg_root == root:
-                out.append(SpaceLayer(name, node.op, weight_name(node), first, size, at))
+                out.append(SpaceLayer(node.name, node.op, weight_name(node), first, size, at))
             at += size
     return out
 
@@ -163,11 +109,11 @@ def describe_spaces(analysis: Analysis, plan: Plan | None) -> list[SpaceReport]:
     # read by reader BNs: such a space loses what every branch dropped, with or without a score
     branched = {analysis.find(seg.space) for sel in analysis.selectors for seg in sel.source}
     for space in analysis.roots():
-        if not space.producers:
+        if not space.writers:
             continue
         scores = space.scores()
         reasons = list(space.blocked) or ([] if scores is not None or space.id in branched else
-                                          [f"no BatchNorm scale ranks the channels of {space.producers[0]}"])
+                                          [Reason("no-scale", None, f"no BatchNorm scale ranks the channels of {space.producers[0]}")])
         reason = str(reasons[0]) if reasons else None
         removed = plan.removed_mask((Segment(space.id, space.size),)) if plan is not None else np.zeros(space.size, bool)
         layers = _layers(analysis, space.id)
@@ -175,14 +121,14 @@ def describe_spaces(analysis: Analysis, plan: Plan | None) -> list[SpaceReport]:
             producers=space.producers, channels=space.size, kept=int(space.size - removed.sum()),
             removed=[int(i) for i in np.flatnonzero(removed)],
             source=",".join(space.source_kinds) or ("branches" if space.id in branched else ""),
-            score_nodes=[s.node for s in space.sources],
+            score_nodes=[s.label for s in space.sources],
             score_min=None if scores is None else float(scores.min()),
             score_median=None if scores is None else float(np.median(scores)),
             score_max=None if scores is None else float(scores.max()),
             blocked=reason, scores=[] if scores is None else [float(v) for v in scores],
             label=layers[0].weight if layers else space.producers[0],
-            blocked_code=None if reason is None else reason_code(reasons[0]),
-            reasons=[{"code": reason_code(r), "text": str(r)} for r in reasons], layers=layers))
+            blocked_code=None if reason is None else reasons[0].code,
+            reasons=[{"code": r.code, "text": str(r)} for r in reasons], layers=layers))
     return out
 
 
@@ -195,7 +141,7 @@ def coverage(spaces: list[SpaceReport]) -> dict:
     for s in spaces:
         if s.blocked is not None:
             reasons[s.blocked] = reasons.get(s.blocked, 0) + s.channels
-            code = s.blocked_code or reason_code(s.blocked)
+            code = s.blocked_code
             codes[code] = codes.get(code, 0) + s.channels
     return {"channels": total, "prunable_channels": prunable,
             "prunable_fraction": prunable / total if total else 0.0,
@@ -462,7 +408,7 @@ def inspect_table(spaces: list[SpaceReport], ratio: float | None, threshold: flo
                  f"({cov['prunable_fraction']:.1%}) are prunable.")
     codes = {s.blocked: s.blocked_code for s in spaces if s.blocked}
     for reason, n in sorted(cov["blocked_by_reason"].items(), key=lambda kv: -kv[1]):
-        lines.append(f"  blocked ({n} channels) [{codes.get(reason) or reason_code(reason)}]: {reason}")
+        lines.append(f"  blocked ({n} channels) [{codes[reason]}]: {reason}")
     return "\n".join(lines)
 
 

@@ -13,9 +13,11 @@ from typing import TYPE_CHECKING, Protocol
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from ..ir.ids import ObjectMap, ObjectSet
 from ..ir.values import known_product
 from .layout import Layout, channels
-from .spaces import Space, Spaces
+from .reasons import Reason
+from .spaces import ScoreSource, Space, Spaces
 
 if TYPE_CHECKING:
     from ..rules.base import Rule
@@ -45,6 +47,24 @@ class Selector:
     space: int
 
 
+@dataclass(frozen=True)
+class Scores:
+    """What an importance pass found, for :meth:`Analysis.apply`: the passes (scale recovery,
+    data importance) compute it from the analysis and return it; only the analysis writes it in."""
+
+    # (layout, per-channel values, kind, node): importance read from a node (a recovered BN scale)
+    added: tuple[tuple[Layout, np.ndarray, str, gs.Node], ...] = ()
+    # (root space, cost per channel measured at the consumers): the space's scores from now on
+    ranked: tuple[tuple[int, np.ndarray], ...] = ()
+    # root spaces left alone only for want of a BN scale that the pass ranks after all: those reasons go
+    reopened: tuple[int, ...] = ()
+    blocks: tuple[tuple[Layout, Reason], ...] = ()
+    # nodes acting as the BN scale of a space without BN, with their mean output (the replacement)
+    scale_means: tuple[tuple[gs.Node, np.ndarray], ...] = ()
+    # consumer input tensor -> its measured channel means (the replacement there)
+    input_means: tuple[tuple[str, np.ndarray], ...] = ()
+
+
 @dataclass
 class Consumer:
     """A node whose weights read a channel-carrying input (compensation happens here)."""
@@ -64,13 +84,13 @@ class Analysis(Spaces):
         self.edits: list[Edit] = []
         self.consumers: list[Consumer] = []
         self.selectors: list[Selector] = []
-        self.selecting: set[str] = set()  # reader BNs (by node name) that score their branch only
+        self.selecting: ObjectSet[gs.Node] = ObjectSet()  # reader BNs that score their branch only
         self.readers: list[tuple[gs.Node, Layout]] = []  # every BN that is one reader among several
         # consumer input tensor -> measured channel means (data importance): the replacement there
         self.input_means: dict[str, np.ndarray] = {}
         # nodes that act as the BN scale of a space without BN (folded producers, split-BN Muls),
         # with the mean of their output: the constant a removed channel is replaced by
-        self.scale_nodes: dict[str, np.ndarray] = {}
+        self.scale_nodes: ObjectMap[gs.Node, np.ndarray] = ObjectMap()
         # the model fixes every input dimension but the batch: inferred sizes hold for any run
         self.static_sizes = all(all(isinstance(d, int) for d in (t.shape or [None])[1:]) for t in graph.inputs)
         self.nodes: list[gs.Node] = []
@@ -99,7 +119,7 @@ class Analysis(Spaces):
 
     def select(self, source: Layout, node: gs.Node) -> Layout:
         """A branch of its own for a reader BN: a new space, one channel per channel of ``source``."""
-        layout = self._add(Space(len(self.spaces), channels(source), producers=[node.name]))
+        layout = self._add(Space(len(self.spaces), channels(source), writers=[node]))
         self.selectors.append(Selector(node, source, layout[0].space))
         return layout
 
@@ -111,14 +131,27 @@ class Analysis(Spaces):
         if index is not None and index < len(edit.node.inputs):
             tensor = edit.node.inputs[index]
             if any(tensor is out for out in self.graph.outputs):  # slicing it would change the interface
-                self.block(layout, f"{edit.node.op} {edit.node.name} reads '{tensor.name}', which is also a graph output")
+                self.block(layout, Reason.at("other", edit.node, f"reads '{tensor.name}', which is also a graph output"))
                 return
         self.edits.append(edit)
 
     def consume(self, node: gs.Node, rule: Rule) -> None:
         self.consumers.append(Consumer(node, rule))
 
+    def apply(self, scores: Scores) -> None:
+        """Write in what an importance pass found (its reasons through :meth:`block`)."""
+        for root in scores.reopened:
+            self.spaces[root].blocked = [r for r in self.spaces[root].blocked if r.code != "no-scale"]
+        for layout, reason in scores.blocks:
+            self.block(layout, reason)
+        for layout, values, kind, node in scores.added:
+            self.add_scores(layout, values, kind, node)
+        for root, values in scores.ranked:
+            self.spaces[root].sources = [ScoreSource(None, "data", values)]
+        self.scale_nodes.update(scores.scale_means)
+        self.input_means.update(scores.input_means)
+
     def prunable(self) -> list[Space]:
         """Spaces whose channels a score ranks, or that reader BNs may empty (see Selector)."""
         read = {self.find(seg.space) for sel in self.selectors for seg in sel.source}
-        return [s for s in self.roots() if not s.blocked and s.producers and (s.sources or s.id in read)]
+        return [s for s in self.roots() if not s.blocked and s.writers and (s.sources or s.id in read)]

@@ -14,29 +14,37 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from .layout import Layout, Segment, sizes as _sizes
+from .reasons import Reason
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class ScoreSource:
-    """Per-channel importance read from one node (a BN scale, a Mul scale, folded weights)."""
+    """Per-channel importance read from one node (a BN scale, a Mul scale, folded weights), or
+    measured at the consumers of the channels (``node`` None, kind "data")."""
 
-    node: str
-    kind: str  # "bn" | "mul" | "folded"
+    node: gs.Node | None
+    kind: str  # "bn" | "mul" | "folded" | "data"
     values: np.ndarray
     offset: int = 0  # the first channel of the space it scores (a BN after a Split sees a part)
+
+    @property
+    def label(self) -> str:
+        """What the report names as the source: the node's name, or "consumers"."""
+        return "consumers" if self.node is None else self.node.name
 
 
 @dataclass
 class Space:
     id: int
     size: int
-    producers: list[str] = field(default_factory=list)
+    # the nodes that open the space: layers (Conv, Gemm), a reader BN that selects its branch
+    writers: list[gs.Node] = field(default_factory=list)
     # depthwise convs write the space too (a folded BN after them scales it)
-    coupled: list[str] = field(default_factory=list)
+    coupled: list[gs.Node] = field(default_factory=list)
     sources: list[ScoreSource] = field(default_factory=list)
-    blocked: list[str] = field(default_factory=list)
+    blocked: list[Reason] = field(default_factory=list)
     # (offset, size) parts that Split / Slice take: each must keep at least one channel
     parts: list[tuple[int, int]] = field(default_factory=list)
     # a grouped Conv reads or writes the space in `groups` equal blocks: each block loses
@@ -61,6 +69,11 @@ class Space:
     @property
     def source_kinds(self) -> list[str]:
         return sorted({s.kind for s in self.sources})
+
+    @property
+    def producers(self) -> list[str]:
+        """The writers' names: the user's words (reports, --keep patterns, notes)."""
+        return [node.name for node in self.writers]
 
 
 class Spaces:
@@ -105,13 +118,13 @@ class Spaces:
         return (Segment(space.id, space.size),)
 
     def new_space(self, size: int, producer: gs.Node) -> Layout:
-        return self._add(Space(len(self.spaces), size, producers=[producer.name]))
+        return self._add(Space(len(self.spaces), size, writers=[producer]))
 
-    def opaque(self, size: int, reason: str) -> Layout:
+    def opaque(self, size: int, reason: Reason) -> Layout:
         """Channels that flow on but cannot be removed (a graph input inside a Concat, ...)."""
         return self._add(Space(len(self.spaces), size, blocked=[reason]))
 
-    def block(self, layout: Layout | None, reason: str) -> None:
+    def block(self, layout: Layout | None, reason: Reason) -> None:
         if not layout:
             return
         for seg in layout:
@@ -137,8 +150,8 @@ class Spaces:
                 if wa != wb and wa[0] == wb[0] or not (self.whole(sa) or self.whole(sb)) and wa != wb:
                     fits = False
         if not fits:
-            reason = (f"{node.op} {node.name} joins tensors whose channel groups differ "
-                      f"({_sizes(a)} vs {_sizes(b)})")
+            reason = Reason.at("join-mismatch", node, f"joins tensors whose channel groups differ "
+                                                      f"({_sizes(a)} vs {_sizes(b)})")
             self.block(a, reason)
             self.block(b, reason)
             return False
@@ -155,7 +168,7 @@ class Spaces:
     def _attach(self, gone: int, keep: int, offset: int) -> None:
         self._parent[gone], self._offset[gone] = keep, offset
         into, other = self.spaces[keep], self.spaces[gone]
-        into.producers += other.producers
+        into.writers += other.writers
         into.coupled += other.coupled
         into.parts += [(o + offset, n) for o, n in other.parts]
         if other.groups > 1:
@@ -166,7 +179,7 @@ class Spaces:
     def group(self, layout: Layout, groups: int, node: gs.Node) -> bool:
         """Require equal removal in ``groups`` blocks of the channels of a whole-space layout."""
         if len(layout) != 1 or not self.whole(layout[0]):
-            self.block(layout, f"{node.op} {node.name} is a grouped convolution over channels of several layers")
+            self.block(layout, Reason.at("grouped-conv", node, "is a grouped convolution over channels of several layers"))
             return False
         return self._group(self.find(layout[0].space), groups, node)
 
@@ -174,9 +187,11 @@ class Spaces:
         space = self.spaces[root]
         both = math.lcm(space.groups, groups) if groups else 0
         if not both or space.size % both:
-            where = f"{node.op} {node.name}" if node is not None else "a grouped convolution"
-            if f"{where} splits the channels into groups that do not fit" not in space.blocked:
-                space.blocked.append(f"{where} splits the channels into groups that do not fit")
+            detail = "splits the channels into groups that do not fit"
+            reason = (Reason("grouped-conv", None, f"a grouped convolution {detail}") if node is None
+                      else Reason.at("grouped-conv", node, detail))
+            if reason not in space.blocked:
+                space.blocked.append(reason)
             return False
         space.groups = both
         return True
@@ -193,7 +208,7 @@ class Spaces:
         offset = 0
         for seg in layout:
             root, first, size = self.where(seg)
-            self.spaces[root].sources.append(ScoreSource(node.name, kind, values[offset : offset + size], first))
+            self.spaces[root].sources.append(ScoreSource(node, kind, values[offset : offset + size], first))
             offset += seg.size
 
     def roots(self) -> list[Space]:

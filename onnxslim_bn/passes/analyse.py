@@ -9,6 +9,8 @@ import onnx_graphsurgeon as gs
 
 from ..channels.context import Analysis
 from ..channels.layout import Segment
+from ..channels.reasons import Reason
+from ..ir.ids import ObjectSet
 from ..rules import RULES
 from .replacement import dead_values, unsafe_channels
 
@@ -22,18 +24,18 @@ def analyze(graph: gs.Graph, shapes: dict[str, list[int | str | None]],
     Where some other reader sees the raw channels (a shortcut, a downsample conv: the replacement
     is unknown there, see :mod:`.replacement`), that would keep them all; the walk is then done
     again with those BNs scoring only their branch (:class:`Selector`)."""
-    first = _walk(graph, shapes, protect, set())
+    first = _walk(graph, shapes, protect, ObjectSet())
     if not first.readers:
         return first
     unsafe = unsafe_channels(first, dead_values(first))
-    raw = {bn.name for bn, source in first.readers  # a raw reader, or a tensor nothing else may prune
-           if any(unsafe.mask.get(first.find(seg.space), np.zeros(1, bool)).any() or first.space(seg.space).blocked
-                  for seg in source)}
+    raw = ObjectSet(bn for bn, source in first.readers  # a raw reader, or a tensor nothing else may prune
+                    if any(unsafe.mask.get(first.find(seg.space), np.zeros(1, bool)).any() or first.space(seg.space).blocked
+                           for seg in source))
     return _walk(graph, shapes, protect, raw) if raw else first
 
 
 def _walk(graph: gs.Graph, shapes: dict[str, list[int | str | None]], protect: Callable[[str], bool] | None,
-          selecting: set[str]) -> Analysis:
+          selecting: ObjectSet[gs.Node]) -> Analysis:
     ctx = Analysis(graph, shapes)
     ctx.selecting = selecting
     graph.toposort()
@@ -43,19 +45,19 @@ def _walk(graph: gs.Graph, shapes: dict[str, list[int | str | None]], protect: C
         for sub in node.subgraphs(recursive=True):  # If / Loop bodies read outer tensors implicitly
             for name in sub.tensors():
                 if name in ctx.layouts:
-                    ctx.block(ctx.layouts[name], f"{node.op} {node.name} reads '{name}' inside its subgraph")
+                    ctx.block(ctx.layouts[name], Reason.at("subgraph", node, f"reads '{name}' inside its subgraph"))
         rule = RULES.get(node.op) if node.domain in ("", "ai.onnx", None) else None
         if rule is None:
             if carrying:
                 for t in carrying:
-                    ctx.block(ctx.layout(t), f"{node.op} {node.name} is not an op onnx-bnslim can follow")
+                    ctx.block(ctx.layout(t), Reason.at("unknown-op", node, "is not an op onnx-bnslim can follow"))
             continue
         rule.analyze(node, ctx)
     for out in graph.outputs:
-        ctx.block(ctx.layout(out), f"the channels reach the graph output '{out.name}'")
+        ctx.block(ctx.layout(out), Reason("graph-output", None, f"the channels reach the graph output '{out.name}'"))
     if protect is not None:
         for space in ctx.roots():
             hit = [p for p in space.producers if protect(p)]
             if hit:
-                ctx.block((Segment(space.id, space.size),), f"{hit[0]} is protected by --keep")
+                ctx.block((Segment(space.id, space.size),), Reason("protected", None, f"{hit[0]} is protected by --keep"))
     return ctx

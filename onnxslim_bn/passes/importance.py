@@ -57,22 +57,18 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from ..channels.context import Analysis
-from ..channels.layout import Segment
+from ..channels.context import Analysis, Scores
+from ..channels.layout import Layout, Segment
+from ..channels.reasons import Reason
+from ..ir.ids import ObjectMap
 from ..ir.values import constant_values
 from ..rules import RULES
+from ..rules.roles import ACTIVATIONS, BIAS, GATES, JOINS, NORMALIZATION, PASSING, SCALE
 
 log = logging.getLogger(__name__)
 
 
 NEVER_BN = "no BatchNorm scale (the exporter kept BN elsewhere; this layer never had one)"
-# the activations a folded Conv-BN-Act block ends in; Sigmoid / HardSigmoid alone are gates or
-# output squashes (x * Sigmoid(x) and x * HardSigmoid(x) are SiLU and HardSwish, and count)
-ACTIVATIONS = frozenset({"Relu", "LeakyRelu", "PRelu", "Clip", "HardSwish", "Elu", "Selu", "Celu", "Gelu", "Mish",
-                         "Softplus", "ThresholdedRelu"})
-GATES = frozenset({"Sigmoid", "HardSigmoid"})
-PASSING = frozenset({"Identity", "Dropout", "Cast"})
-JOINS = frozenset({"Add", "Sum"})
 # all-folded models: a layer without spatial extent is folded when its deviation lies within
 # [reference / BELOW, reference * ABOVE] of the folded layers with spatial extent (see the module docstring)
 BELOW, ABOVE = 3.0, 10.0
@@ -93,11 +89,9 @@ class Verdict:
 def keeps_bn(analysis: Analysis) -> bool:
     """Whether the exporter kept BN for some layer: a BatchNormalization node, or a BN split
     into a per-channel Mul (+ Add) after a layer."""
-    if any(n.op == "BatchNormalization" for n in analysis.nodes):
+    if any(n.op in NORMALIZATION for n in analysis.nodes):
         return True
-    by_name = {n.name: n for n in analysis.nodes}
-    return any(_split_scale(by_name[p], analysis) is not None
-               for s in analysis.roots() for p in s.producers + s.coupled if p in by_name)
+    return any(_split_scale(node, analysis) is not None for s in analysis.roots() for node in s.writers + s.coupled)
 
 
 def judge(layer: gs.Node, analysis: Analysis, kept: bool) -> Verdict:
@@ -128,7 +122,15 @@ def _all_dead(layer: gs.Node, bias: np.ndarray | None) -> bool:
     return bias is not None and weight is not None and weight.size > 0 and not np.any(weight)
 
 
-def candidates(analysis: Analysis) -> list[tuple[gs.Node, gs.Tensor, str]]:
+@dataclass(frozen=True)
+class Candidates:
+    """The layers whose BN scale the calibration statistics recover, and the spaces that never had one."""
+
+    found: list[tuple[gs.Node, gs.Tensor, str]]  # (scale node, tensor whose statistics score it, kind)
+    scores: Scores  # the spaces blocked with the reason NEVER_BN (for Analysis.apply)
+
+
+def candidates(analysis: Analysis) -> Candidates:
     """(scale node, tensor whose statistics score it, kind) for every space without BN scale.
 
     Each layer writing such a space is judged by :func:`judge` (the rule in the module
@@ -136,58 +138,58 @@ def candidates(analysis: Analysis) -> list[tuple[gs.Node, gs.Tensor, str]]:
     in a model whose exporter kept BN elsewhere, is blocked with the reason :data:`NEVER_BN`.
     """
     kept = keeps_bn(analysis)
-    by_name = {n.name: n for n in analysis.nodes}
-    found = []
+    found, blocks = [], []
     for space in analysis.roots():
-        if space.sources or not space.producers or space.blocked:
+        if space.sources or not space.writers or space.blocked:
             continue
-        verdicts = [judge(by_name[name], analysis, kept) for name in space.producers + space.coupled]
+        verdicts = [judge(node, analysis, kept) for node in space.writers + space.coupled]
         scored = [v for v in verdicts if v.scale is not None]
         found += [(v.scale, v.scale.outputs[0], v.kind) for v in scored]
         never = [v for v in verdicts if v.biased and v.scale is None]
         if not scored and never:
             v = never[0]
-            analysis.block((Segment(space.id, space.size),), f"{v.layer.op} {v.layer.name} has {NEVER_BN}: {v.why}")
+            blocks.append(((Segment(space.id, space.size),), Reason.at("no-scale", v.layer, f"has {NEVER_BN}: {v.why}")))
         for v in verdicts:
             log.debug("%s %s: %s (%s)", v.layer.op, v.layer.name, v.kind, v.why)
-    return found
+    return Candidates(found, Scores(blocks=tuple(blocks)))
 
 
-def settle(analysis: Analysis, found: list[tuple[gs.Node, gs.Tensor, str]],
-           values: list[np.ndarray]) -> tuple[list[tuple[gs.Node, gs.Tensor, str]], list[np.ndarray]]:
+def settle(analysis: Analysis, found: list[tuple[gs.Node, gs.Tensor, str]], values: list[np.ndarray]
+           ) -> tuple[list[tuple[gs.Node, gs.Tensor, str]], list[np.ndarray], list[tuple[Layout, Reason]]]:
     """Keep the tentative folded layers (all-folded model, no spatial extent) whose output
-    deviation is on the scale of the structurally folded ones; block the spaces of the others.
+    deviation is on the scale of the structurally folded ones; the spaces of the others are
+    blocked (the third item: (layout, reason) pairs).
 
     The scale of a layer is the 90th percentile of its per-channel deviation (live channels:
     a sparsity-trained layer may be mostly dead); the reference is the median of that over the
     folded layers with spatial extent. Without a reference every tentative layer is kept."""
     kept = keeps_bn(analysis)
-    by_name = {n.name: n for n in analysis.nodes}
-    tentative = {}
+    tentative: ObjectMap[gs.Node, Verdict] = ObjectMap()  # scale node -> the verdict on its layer
     for space in analysis.roots():
-        for name in space.producers + space.coupled:
-            v = judge(by_name[name], analysis, kept) if name in by_name else None
-            if v is not None and v.tentative and v.scale is not None:
-                tentative[v.scale.name] = v
+        for node in space.writers + space.coupled:
+            v = judge(node, analysis, kept)
+            if v.tentative and v.scale is not None:
+                tentative[v.scale] = v
     if not tentative:
-        return found, values
+        return found, values, []
     levels = [_level(act) for (node, _, _), act in zip(found, values)]
-    reference = [lv for (node, _, _), lv in zip(found, levels) if node.name not in tentative]
+    reference = [lv for (node, _, _), lv in zip(found, levels) if node not in tentative]
     if not reference:
-        return found, values
+        return found, values, []
     ref = float(np.median(reference))
-    keep = [node.name not in tentative or ref / BELOW <= lv <= ref * ABOVE for (node, _, _), lv in zip(found, levels)]
+    keep = [node not in tentative or ref / BELOW <= lv <= ref * ABOVE for (node, _, _), lv in zip(found, levels)]
     out_found = [f for f, k in zip(found, keep) if k]
     survivors = {analysis.find(seg.space) for node, tensor, _ in out_found for seg in analysis.layout(tensor) or ()}
+    blocks = []
     for (node, tensor, _), lv, k in zip(found, levels, keep):
         if k:
             continue
         layout = tuple(seg for seg in analysis.layout(tensor) or () if analysis.find(seg.space) not in survivors)
-        layer = tentative[node.name].layer
-        analysis.block(layout, f"{layer.op} {layer.name} has no BatchNorm scale (its output deviation {lv:.2g} is not "
-                               f"on the scale of the folded layers' {ref:.2g}; this layer never had one)")
+        layer = tentative[node].layer
+        blocks.append((layout, Reason.at("no-scale", layer, f"has no BatchNorm scale (its output deviation {lv:.2g} is not "
+                                                            f"on the scale of the folded layers' {ref:.2g}; this layer never had one)")))
         log.info("%s %s: deviation %.3g vs folded layers %.3g: never had a BN", layer.op, layer.name, lv, ref)
-    return out_found, [a for a, k in zip(values, keep) if k]
+    return out_found, [a for a, k in zip(values, keep) if k], blocks
 
 
 def _level(act: np.ndarray) -> float:
@@ -199,7 +201,7 @@ def _level(act: np.ndarray) -> float:
 def _split_scale(node: gs.Node, analysis: Analysis) -> gs.Node | None:
     """The per-channel Mul that is a layer's only consumer: the scale of a split BN."""
     users = list(node.outputs[0].outputs)
-    if len(users) == 1 and users[0].op == "Mul" and _channel_constant(users[0], node.outputs[0], analysis):
+    if len(users) == 1 and users[0].op in SCALE and _channel_constant(users[0], node.outputs[0], analysis):
         return users[0]
     return None
 
@@ -208,7 +210,7 @@ def _bias_add(node: gs.Node, analysis: Analysis) -> gs.Node | None:
     """The per-channel Add of a constant that is a layer's only consumer: its bias, written
     apart (newer paddle2onnx: a bias-less Conv then Add; tf2onnx and others: MatMul then Add)."""
     users = list(node.outputs[0].outputs)
-    if len(users) == 1 and users[0].op == "Add" and _channel_constant(users[0], node.outputs[0], analysis):
+    if len(users) == 1 and users[0].op in BIAS and _channel_constant(users[0], node.outputs[0], analysis):
         return users[0]
     return None
 
@@ -245,7 +247,7 @@ def _activated(tensor: gs.Tensor, joined: bool = False) -> bool:
         return True
     if len(users) == 2:
         gate = next((u for u in users if u.op in GATES), None)
-        mul = next((u for u in users if u.op == "Mul"), None)
+        mul = next((u for u in users if u.op in SCALE), None)
         if gate is not None and mul is not None and {id(t) for t in mul.inputs} == {id(tensor), id(gate.outputs[0])}:
             return True
     if not joined and len(users) == 1 and users[0].op in JOINS \
@@ -254,14 +256,16 @@ def _activated(tensor: gs.Tensor, joined: bool = False) -> bool:
     return False
 
 
-def add_data_scores(analysis: Analysis, found: list[tuple[gs.Node, gs.Tensor, str]], values: list[np.ndarray]) -> None:
-    """Score the spaces of ``found`` (see :func:`candidates`) with the per-channel deviation
+def add_data_scores(analysis: Analysis, found: list[tuple[gs.Node, gs.Tensor, str]], values: list[np.ndarray]) -> Scores:
+    """The scores of the spaces of ``found`` (see :func:`candidates`): the per-channel deviation
     of each scale tensor over the calibration batch (``values``, in the same order)."""
-    found, values = settle(analysis, found, values)  # tentative layers: folded only if their statistics agree
+    found, values, blocks = settle(analysis, found, values)  # tentative layers: folded only if their statistics agree
+    added, means = [], []
     for (node, tensor, kind), act in zip(found, values):
         act = act.astype(np.float64)
         axes = tuple(a for a in range(act.ndim) if a != 1)
-        analysis.add_scores(analysis.layout(tensor), act.std(axis=axes), kind, node)
+        added.append((analysis.layout(tensor), act.std(axis=axes), kind, node))
         # what a removed channel is replaced by: its mean output (beta, for a BN with gamma ~ 0)
-        analysis.scale_nodes[node.name] = act.mean(axis=axes)
+        means.append((node, act.mean(axis=axes)))
     log.info("scored %d layers from activation statistics (%s)", len(found), ", ".join(sorted({k for *_, k in found})))
+    return Scores(added=tuple(added), blocks=tuple(blocks), scale_means=tuple(means))

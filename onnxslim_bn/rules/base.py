@@ -23,6 +23,7 @@ import onnx_graphsurgeon as gs
 
 from ..channels.context import Analysis
 from ..channels.layout import Layout, channels
+from ..channels.reasons import Reason
 
 RULES: dict[str, Rule] = {}
 
@@ -76,6 +77,17 @@ class Rule:
         """For layers with weights: (output channels, multiply-accumulates) at these shapes."""
         return None
 
+    def weight_energy(self, node: gs.Node, out_weight: np.ndarray | None) -> np.ndarray | None:
+        """For consumers: per input entry, the sum of its squared weights over the outputs, each
+        output weighted by ``out_weight`` when given (data importance); None when the weight has
+        no single output axis of that length."""
+        return None
+
+    def channel_scale(self, node: gs.Node) -> np.ndarray | None:
+        """For a normalization: the per-channel factor it multiplies its input by (a BN's
+        gamma / sqrt(var + eps)), when its parameters are constants."""
+        return None
+
 
 def _unknown(ctx: Analysis, tensor: gs.Tensor) -> np.ndarray | None:
     layout = ctx.layout(tensor)
@@ -94,10 +106,10 @@ def carrying(node: gs.Node, ctx: Analysis) -> list[tuple[int, Layout]]:
     return [(i, ctx.layout(t)) for i, t in enumerate(node.inputs) if ctx.layout(t) is not None]
 
 
-def block_inputs(node: gs.Node, ctx: Analysis, why: str) -> None:
-    """Block every space that reaches ``node``; ``why`` completes "<op> <name> ..."."""
+def block_inputs(node: gs.Node, ctx: Analysis, code: str, why: str) -> None:
+    """Block every space that reaches ``node`` (reason ``code``); ``why`` completes "<op> <name> ..."."""
     for _, layout in carrying(node, ctx):
-        ctx.block(layout, f"{node.op} {node.name} {why}")
+        ctx.block(layout, Reason.at(code, node, why))
 
 
 def is_channel_axis(axis: int, rank: int | None) -> bool:

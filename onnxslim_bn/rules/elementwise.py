@@ -11,6 +11,7 @@ import onnx_graphsurgeon as gs
 
 from ..channels.context import Analysis
 from ..channels.layout import channels
+from ..channels.reasons import Reason
 from ..channels.edits import SelectChannels, SliceParam
 from ..ir.values import constant_values
 from .base import Rule, attr, block_inputs, carrying, register, used
@@ -35,17 +36,17 @@ class BatchNormRule(Rule):
             return
         params = [constant_values(t) for t in node.inputs[1:5]]
         if any(p is None for p in params):
-            ctx.block(layout, f"BatchNormalization {node.name} has computed parameters")
+            ctx.block(layout, Reason.at("computed-parameter", node, "has computed parameters"))
         elif attr(node, "spatial", 1) == 0 or any(p.ndim != 1 for p in params):
-            ctx.block(layout, f"BatchNormalization {node.name} has per-position parameters (spatial=0)")
+            ctx.block(layout, Reason.at("batchnorm-unsupported", node, "has per-position parameters (spatial=0)"))
         elif any(used(t, ctx) for t in node.outputs[1:]):
-            ctx.block(layout, f"BatchNormalization {node.name} is in training mode (its statistics are used)")
+            ctx.block(layout, Reason.at("batchnorm-unsupported", node, "is in training mode (its statistics are used)"))
         elif any(s.repeat != 1 for s in layout):
-            ctx.block(layout, f"BatchNormalization {node.name} normalizes flattened features")
+            ctx.block(layout, Reason.at("batchnorm-unsupported", node, "normalizes flattened features"))
         else:
             if not _sole_reader(node, ctx):
                 ctx.readers.append((node, layout))
-            if node.name in ctx.selecting:
+            if node in ctx.selecting:
                 # one reader among several, beside raw readers: its gamma says nothing of what they read
                 own = ctx.select(layout, node)
                 ctx.edit(SelectChannels(node, layout, own, ctx.graph))
@@ -56,6 +57,12 @@ class BatchNormRule(Rule):
             ctx.set_layout(node.outputs[0], layout)
             return
         ctx.set_layout(node.outputs[0], layout)
+
+    def channel_scale(self, node):
+        gamma, var = constant_values(node.inputs[1]), constant_values(node.inputs[4])
+        if gamma is None or var is None or gamma.shape != var.shape or gamma.ndim != 1:
+            return None
+        return gamma.astype(np.float64) / np.sqrt(var.astype(np.float64) + attr(node, "epsilon", 1e-5))
 
     def dead_values(self, node, ctx, inputs):
         """beta, the output with gamma taken as 0; where the input is itself a known constant
@@ -159,13 +166,13 @@ class UnaryRule(Rule):
         others = [t for t in node.inputs[1:] if t.name and not isinstance(t, gs.Constant)]
         why = None
         if others:
-            why = "takes a computed parameter"
+            why = Reason.at("computed-parameter", node, "takes a computed parameter")
         elif any(used(t, ctx) for t in node.outputs[1:]):
-            why = "has a second output in use"
+            why = Reason.at("second-output", node, "has a second output in use")
         elif node.op == "Cast" and not _is_float(attr(node, "to")):
-            why = "casts the channels to a non-float type"
+            why = Reason.at("cast-non-float", node, "casts the channels to a non-float type")
         if why is not None:  # a blocked op passes no layout on
-            ctx.block(layout, f"{node.op} {node.name} {why}")
+            ctx.block(layout, why)
             return
         ctx.set_layout(node.outputs[0], layout)
 
@@ -221,14 +228,16 @@ class ElementwiseRule(Rule):
         rank = ctx.rank(node.outputs[0])
         computed = [t for t in node.inputs if ctx.layout(t) is None and not isinstance(t, gs.Constant)]
         if computed:
-            block_inputs(node, ctx, f"combines the channels with '{computed[0].name}', which onnx-bnslim cannot follow")
+            block_inputs(node, ctx, "other", f"combines the channels with '{computed[0].name}', which onnx-bnslim cannot follow")
             return
         if node.op == "Pow" and flowing[0][0] != 0:
-            block_inputs(node, ctx, "raises a constant to the power of the channels")
+            block_inputs(node, ctx, "other", "raises a constant to the power of the channels")
             return
         layout = flowing[0][1]
         if rank is None or any(ctx.rank(node.inputs[i]) != rank for i, _ in flowing):
-            block_inputs(node, ctx, "broadcasts the channel axis" if rank is not None else "has an output of unknown rank")
+            code, why = (("other", "broadcasts the channel axis") if rank is not None else
+                         ("unknown-shape", "has an output of unknown rank"))
+            block_inputs(node, ctx, code, why)
             return
         joined = all([ctx.merge(layout, other, node) for _, other in flowing[1:]])
         kept = all([_per_channel_axis(t, rank, layout, node, ctx, i)
@@ -247,8 +256,8 @@ class ElementwiseRule(Rule):
             out = functools.reduce(BINARY[node.op], values)
             if node.op == "Mul":  # 0 * (anything finite or not) is 0: a gated dead channel stays dead
                 out = np.where(np.any([v == 0 for v in values], axis=0), 0.0, out)
-        if node.name in ctx.scale_nodes:  # a split BN's scale: the channel's mean output
-            out = np.where(np.isfinite(out), out, ctx.scale_nodes[node.name])
+        if node in ctx.scale_nodes:  # a split BN's scale: the channel's mean output
+            out = np.where(np.isfinite(out), out, ctx.scale_nodes[node])
         return [out]
 
 
@@ -256,22 +265,23 @@ def _per_channel_axis(tensor: gs.Tensor, rank: int | None, layout, node: gs.Node
     """Record the slice of a constant that broadcasts against [N, C, ...]; block if it mixes."""
     values = constant_values(tensor)
     if values is None:
-        ctx.block(layout, f"{node.op} {node.name} takes a computed parameter")
+        ctx.block(layout, Reason.at("computed-parameter", node, "takes a computed parameter"))
         return False
     if values.size == 1:
         return True
     if rank is None:
-        ctx.block(layout, f"{node.op} {node.name} has an output of unknown rank; run shape inference on the model")
+        ctx.block(layout, Reason.at("unknown-shape", node, "has an output of unknown rank; run shape inference on the model"))
         return False
     axis = 1 - (rank - values.ndim)
     if axis < 0 or values.shape[axis] == 1:
         return True
     size = sum(s.size * s.repeat for s in layout)
     if values.shape[axis] != size:
-        ctx.block(layout, f"{node.op} {node.name} has a constant of shape {list(values.shape)} across {size} channels")
+        ctx.block(layout, Reason.at("per-entry-constant", node,
+                                    f"has a constant of shape {list(values.shape)} across {size} channels"))
         return False
     if any(s.repeat != 1 for s in layout):
-        ctx.block(layout, f"{node.op} {node.name} scales flattened features per entry")
+        ctx.block(layout, Reason.at("per-entry-constant", node, "scales flattened features per entry"))
         return False
     ctx.edit(SliceParam(node, index, axis, layout))
     return True

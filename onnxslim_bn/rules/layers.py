@@ -7,6 +7,7 @@ import onnx_graphsurgeon as gs
 
 from ..channels.context import Analysis
 from ..channels.layout import width
+from ..channels.reasons import Reason
 from ..channels.edits import SetGroup, SliceGroupedInput, SliceParam
 from ..ir.values import add_after, constant_shape, constant_values, replace_constant, unique_name
 from ..ir.values import known_product
@@ -44,24 +45,25 @@ class ConvRule(Rule):
     def analyze(self, node: gs.Node, ctx: Analysis) -> None:
         weight = constant_shape(node.inputs[1])
         if weight is None:
-            block_inputs(node, ctx, "has a computed weight")
+            block_inputs(node, ctx, "computed-parameter", "has a computed weight")
             return
         group = attr(node, "group", 1)
         (c_in, c_out), (in_axis, out_axis) = self._channels(node, weight), self._axes(node)
         bias_ok = len(node.inputs) < 3 or not node.inputs[2].name or isinstance(node.inputs[2], gs.Constant)
         layout = ctx.layout(node.inputs[0])
         if not bias_ok:
-            block_inputs(node, ctx, "has a computed bias")
+            block_inputs(node, ctx, "computed-parameter", "has a computed bias")
         if group == 1:
             if layout is not None and bias_ok:
                 if width(layout) != c_in or any(s.repeat != 1 for s in layout):
-                    ctx.block(layout, f"{node.op} {node.name} reads {c_in} channels from a tensor laid out as {width(layout)}")
+                    ctx.block(layout, Reason.at("width-mismatch", node,
+                                                f"reads {c_in} channels from a tensor laid out as {width(layout)}"))
                 else:
                     ctx.edit(SliceParam(node, 1, in_axis, layout))
                     ctx.consume(node, self)
             out = ctx.new_space(c_out, node)
             if not bias_ok:
-                ctx.block(out, f"{node.op} {node.name} has a computed bias")
+                ctx.block(out, Reason.at("computed-parameter", node, "has a computed bias"))
             ctx.edit(SliceParam(node, 1, out_axis, out))
             ctx.edit(SliceParam(node, 2, 0, out))
             ctx.set_layout(node.outputs[0], out)
@@ -72,22 +74,24 @@ class ConvRule(Rule):
             ctx.edit(SliceParam(node, 2, 0, layout))
             ctx.edit(SetGroup(node, layout))
             for seg in layout:
-                ctx.space(seg.space).coupled.append(node.name)
+                ctx.space(seg.space).coupled.append(node)
             ctx.set_layout(node.outputs[0], layout)
         else:
-            why = "has a computed bias" if not bias_ok else "is a depthwise convolution of channels no layer produces"
-            block_inputs(node, ctx, why)
-            ctx.set_layout(node.outputs[0], ctx.opaque(c_out, f"{node.op} {node.name} {why}"))
+            code, why = (("computed-parameter", "has a computed bias") if not bias_ok else
+                         ("depthwise-unproduced", "is a depthwise convolution of channels no layer produces"))
+            block_inputs(node, ctx, code, why)
+            ctx.set_layout(node.outputs[0], ctx.opaque(c_out, Reason.at(code, node, why)))
 
     def _grouped(self, node: gs.Node, ctx: Analysis, layout, group: int, c_in: int, c_out: int, bias_ok: bool) -> None:
         """1 < group < C: both sides lose the same number of channels in every group."""
         if node.op != "Conv" or not bias_ok:
-            block_inputs(node, ctx, f"is a grouped {node.op} (group={group})")
-            ctx.set_layout(node.outputs[0], ctx.opaque(c_out, f"{node.op} {node.name} is grouped (group={group})"))
+            block_inputs(node, ctx, "grouped-conv", f"is a grouped {node.op} (group={group})")
+            ctx.set_layout(node.outputs[0], ctx.opaque(c_out, Reason.at("grouped-conv", node, f"is grouped (group={group})")))
             return
         if layout is not None:
             if width(layout) != c_in or any(s.repeat != 1 for s in layout):
-                ctx.block(layout, f"Conv {node.name} reads {c_in} channels from a tensor laid out as {width(layout)}")
+                ctx.block(layout, Reason.at("width-mismatch", node,
+                                            f"reads {c_in} channels from a tensor laid out as {width(layout)}"))
             elif ctx.group(layout, group, node):
                 ctx.edit(SliceGroupedInput(node, layout, group))
                 ctx.consume(node, self)
@@ -107,8 +111,8 @@ class ConvRule(Rule):
             unknown = inputs[0] * weight.reshape(c_out, -1).sum(1) / self._phases(node) + bias
             if not self._uniform(node, weight.shape[2:]):  # padding or overlap: not constant near the border
                 unknown = np.where(inputs[0] == 0, bias, np.nan)
-        if node.name in ctx.scale_nodes:  # BN folded in: the channel's mean output (~beta)
-            return [np.where(np.isfinite(unknown), unknown, ctx.scale_nodes[node.name])]
+        if node in ctx.scale_nodes:  # BN folded in: the channel's mean output (~beta)
+            return [np.where(np.isfinite(unknown), unknown, ctx.scale_nodes[node])]
         return [unknown]
 
     def bias(self, node):
@@ -156,6 +160,9 @@ class ConvRule(Rule):
         border = None if exact else (lambda: _border_map(node, ctx, weight, value, delta))
         return Compensation(delta, exact, missing, border)
 
+    def weight_energy(self, node, out_weight):
+        return _conv_energy(node, out_weight)
+
     def add_bias(self, node, delta, graph):
         weight = node.inputs[1]
         c_out = self._channels(node, tuple(weight.shape))[1]
@@ -164,6 +171,26 @@ class ConvRule(Rule):
             replace_constant(node, 2, bias)
         else:
             _set_input(node, 2, gs.Constant(unique_name(graph, f"{node.name}_bias_slim"), bias))
+
+
+def _conv_energy(node: gs.Node, out_weight: np.ndarray | None) -> np.ndarray | None:
+    """:meth:`Rule.weight_energy` of a Conv [C_out, C_in / g, k...], whose input c feeds its
+    group's outputs, or a ConvTranspose [C_in, C_out / g, k...], which has no single output axis
+    (its outputs are pooled)."""
+    weight = constant_values(node.inputs[1])
+    if weight is None:
+        return None
+    w2 = weight.astype(np.float64) ** 2
+    if out_weight is not None:
+        if node.op == "ConvTranspose" or w2.shape[0] != len(out_weight):
+            return None
+        w2 = w2 * out_weight.reshape([-1] + [1] * (w2.ndim - 1))
+    if node.op == "ConvTranspose":
+        return w2.reshape(w2.shape[0], -1).sum(1)
+    group = attr(node, "group", 1)
+    per_in, per_out = w2.shape[1], w2.shape[0] // group
+    taps = w2.reshape(w2.shape[0], per_in, -1).sum(2)
+    return np.concatenate([taps[j * per_out:(j + 1) * per_out].sum(0) for j in range(group)])
 
 
 def _border_map(node: gs.Node, ctx: Analysis, weight: np.ndarray, value: np.ndarray,
@@ -239,17 +266,17 @@ class GemmRule(Rule):
         layout = ctx.layout(node.inputs[0])
         rank_ok = ctx.rank(node.inputs[0]) == 2
         if weight is None or len(weight) != 2 or not rank_ok or attr(node, "transA", 0):
-            why = ("has a computed weight" if weight is None or len(weight) != 2
-                   else "multiplies a tensor that is not [batch, features]")
-            block_inputs(node, ctx, why)
+            code, why = (("computed-parameter", "has a computed weight") if weight is None or len(weight) != 2
+                         else ("matmul-not-2d", "multiplies a tensor that is not [batch, features]"))
+            block_inputs(node, ctx, code, why)
             if weight is not None and len(weight) == 2:
-                ctx.set_layout(node.outputs[0], ctx.opaque(weight[self._weight_axes(node)[1]], f"{node.op} {node.name} {why}"))
+                ctx.set_layout(node.outputs[0], ctx.opaque(weight[self._weight_axes(node)[1]], Reason.at(code, node, why)))
             return
         in_axis, out_axis = self._weight_axes(node)
         if layout is not None:
             if width(layout) != weight[in_axis]:
-                ctx.block(layout, f"{node.op} {node.name} reads {weight[in_axis]} features, "
-                                  f"the channels upstream give {width(layout)}")
+                ctx.block(layout, Reason.at("width-mismatch", node, f"reads {weight[in_axis]} features, "
+                                                                    f"the channels upstream give {width(layout)}"))
             else:
                 ctx.edit(SliceParam(node, 1, in_axis, layout))
                 ctx.consume(node, self)
@@ -258,16 +285,16 @@ class GemmRule(Rule):
         if node.op == "Gemm" and len(node.inputs) > 2 and node.inputs[2].name:
             bias = constant_values(node.inputs[2])
             if bias is None:
-                ctx.block(out, f"Gemm {node.name} has a computed bias")
-                ctx.block(layout, f"Gemm {node.name} has a computed bias")
+                ctx.block(out, Reason.at("computed-parameter", node, "has a computed bias"))
+                ctx.block(layout, Reason.at("computed-parameter", node, "has a computed bias"))
             elif bias.ndim >= 1:
                 ctx.edit(SliceParam(node, 2, bias.ndim - 1, out))
         ctx.set_layout(node.outputs[0], out)
 
     def dead_values(self, node, ctx, inputs):
-        if node.name not in ctx.scale_nodes:
+        if node not in ctx.scale_nodes:
             return super().dead_values(node, ctx, inputs)
-        return [ctx.scale_nodes[node.name]]  # BN1d folded in: the column's mean output (~beta)
+        return [ctx.scale_nodes[node]]  # BN1d folded in: the column's mean output (~beta)
 
     def bias(self, node):
         return _bias_input(node) if node.op == "Gemm" else None  # MatMul has none
@@ -291,6 +318,18 @@ class GemmRule(Rule):
         if node.op == "Gemm":
             delta = delta * attr(node, "alpha", 1.0)
         return Compensation(delta, True, missing)
+
+    def weight_energy(self, node, out_weight):
+        weight = constant_values(node.inputs[1])
+        if weight is None:
+            return None
+        w2 = weight.astype(np.float64) ** 2
+        out_axis = self._weight_axes(node)[1]
+        if out_weight is not None:
+            if w2.ndim != 2 or w2.shape[out_axis] != len(out_weight):
+                return None
+            w2 = w2 * out_weight.reshape([-1 if a == out_axis else 1 for a in range(w2.ndim)])
+        return w2.sum(out_axis) * (attr(node, "alpha", 1.0) ** 2 if node.op == "Gemm" else 1.0)
 
     def add_bias(self, node, delta, graph):
         dtype = node.inputs[1].dtype

@@ -8,6 +8,7 @@ import onnx_graphsurgeon as gs
 from ..channels.context import Analysis
 from ..channels.layout import Layout, Segment, channels, cut, width
 from ..channels.edits import SetShapeEntry, SetSliceRange, SetSplitSizes
+from ..channels.reasons import Reason
 from ..ir.values import constant_values
 from .base import Rule, attr, block_inputs, carrying, is_channel_axis, opset, register, used
 
@@ -31,7 +32,7 @@ def _norm(axes: list[int], rank: int) -> list[int]:
 class _SameLayout(Rule):
     """Base for ops whose first output carries the first input's channels unchanged."""
 
-    def check(self, node: gs.Node, ctx: Analysis) -> str | None:
+    def check(self, node: gs.Node, ctx: Analysis) -> Reason | None:
         """A reason to block, or None when the op keeps the channel axis intact."""
         return None
 
@@ -41,7 +42,7 @@ class _SameLayout(Rule):
             return
         why = self.check(node, ctx)
         if why is not None:  # a blocked op passes no layout on: what it writes may not be these channels
-            ctx.block(layout, f"{node.op} {node.name} {why}")
+            ctx.block(layout, why)
             return
         ctx.set_layout(node.outputs[0], layout)
 
@@ -62,7 +63,7 @@ class PoolRule(_SameLayout):
 
     def check(self, node, ctx):
         if any(used(t, ctx) for t in node.outputs[1:]):
-            return "returns indices that depend on the channel count"
+            return Reason.at("channel-indices", node, "returns indices that depend on the channel count")
         return None
 
     def dead_values(self, node, ctx, inputs):
@@ -94,9 +95,9 @@ class ReduceRule(_SameLayout):
         rank = ctx.rank(node.inputs[0])
         axes = _axes(node, ctx, 1, 18)
         if axes is None or rank is None:
-            return "reduces over all axes or axes it does not spell out"
+            return Reason.at("reduce-channel-axis", node, "reduces over all axes or axes it does not spell out")
         if {0, 1} & set(_norm(axes, rank)):
-            return "reduces over the batch or channel axis"
+            return Reason.at("reduce-channel-axis", node, "reduces over the batch or channel axis")
         return None
 
 
@@ -110,14 +111,14 @@ class PadRule(_SameLayout):
         rank = ctx.rank(node.inputs[0])
         pads = attr(node, "pads") if opset(ctx) < 11 else constant_values(node.inputs[1])
         if pads is None or rank is None:
-            return "has computed pads"
+            return Reason.at("computed-parameter", node, "has computed pads")
         pads = np.asarray(pads).reshape(-1)
         axes = _axes(node, ctx, 3, 18) if opset(ctx) >= 18 else None
         axes = list(range(rank)) if axes is None else _norm(axes, rank)
         if 1 in axes:
             i = axes.index(1)
             if pads[i] != 0 or pads[i + len(axes)] != 0:
-                return "pads the channel axis"
+                return Reason.at("pad-channel-axis", node, "pads the channel axis")
         return None
 
     def dead_values(self, node, ctx, inputs):
@@ -153,15 +154,15 @@ class ResizeRule(Rule):
             return
         why = self._check(node, ctx, layout)
         if why is not None:
-            ctx.block(layout, f"{node.op} {node.name} {why}")
+            ctx.block(layout, why)
             return
         ctx.set_layout(node.outputs[0], layout)
 
-    def _check(self, node: gs.Node, ctx: Analysis, layout) -> str | None:
+    def _check(self, node: gs.Node, ctx: Analysis, layout) -> Reason | None:
         """A reason to block, or None (recording the ``sizes`` rewrite when there is one)."""
         rank = ctx.rank(node.inputs[0])
         if rank is None:
-            return "has an input of unknown rank"
+            return Reason.at("unknown-shape", node, "has an input of unknown rank")
         axes = attr(node, "axes")
         axes = list(range(rank)) if axes is None else _norm(list(axes), rank)
         if 1 not in axes:
@@ -172,13 +173,13 @@ class ResizeRule(Rule):
         if scales is None and len(node.inputs) > scale_index and node.inputs[scale_index].name:
             scales = constant_values(node.inputs[scale_index])
             if scales is None:
-                return "has computed scales"
+                return Reason.at("computed-parameter", node, "has computed scales")
         if scales is not None and len(scales) and float(np.asarray(scales).reshape(-1)[channel]) != 1.0:
-            return "scales the channel axis"
+            return Reason.at("resize-channel-axis", node, "scales the channel axis")
         if node.op == "Resize" and len(node.inputs) > 3 and node.inputs[3].name:
             sizes = constant_values(node.inputs[3])
             if sizes is None:
-                return "has computed sizes"
+                return Reason.at("computed-parameter", node, "has computed sizes")
             ctx.edit(SetShapeEntry(node, 3, channel, layout))
         return None
 
@@ -202,7 +203,7 @@ class ConcatRule(Rule):
         if not flowing:
             return
         if not is_channel_axis(attr(node, "axis", 1), ctx.rank(node.outputs[0])):
-            block_inputs(node, ctx, "concatenates along an axis other than the channels")
+            block_inputs(node, ctx, "other", "concatenates along an axis other than the channels")
             return
         parts: list[Segment] = []
         for tensor in node.inputs:
@@ -210,12 +211,13 @@ class ConcatRule(Rule):
             if layout is None:
                 size = ctx.static_dims(tensor, [1])
                 if size is None:
-                    block_inputs(node, ctx, f"concatenates '{tensor.name}' of unknown channel count")
+                    block_inputs(node, ctx, "other", f"concatenates '{tensor.name}' of unknown channel count")
                     return
-                layout = ctx.opaque(size, f"Concat {node.name} mixes in '{tensor.name}', which is not a pruneable layer output")
+                layout = ctx.opaque(size, Reason.at("concat-foreign-input", node,
+                                                    f"mixes in '{tensor.name}', which is not a pruneable layer output"))
             parts.extend(layout)
         if any(s.repeat != 1 for s in parts):
-            block_inputs(node, ctx, "concatenates flattened features")
+            block_inputs(node, ctx, "other", "concatenates flattened features")
             return
         ctx.set_layout(node.outputs[0], tuple(parts))
 
@@ -243,7 +245,8 @@ class FlattenRule(Rule):
         rank = ctx.rank(node.inputs[0])
         spatial = None if rank is None else ctx.static_dims(node.inputs[0], range(2, rank))
         if not is_channel_axis(attr(node, "axis", 1), rank) or spatial is None:
-            ctx.block(layout, f"Flatten {node.name} does not keep the channels on axis 1 with a static spatial size")
+            ctx.block(layout, Reason.at("flatten-unsupported", node,
+                                        "does not keep the channels on axis 1 with a static spatial size"))
             return
         ctx.set_layout(node.outputs[0], _flattened(layout, spatial))
 
@@ -266,7 +269,7 @@ class ReshapeRule(Rule):
         in_shape, out_shape = ctx.shape(node.inputs[0]), ctx.shape(node.outputs[0])
         target = constant_values(node.inputs[1])
         if in_shape is None or out_shape is None:
-            ctx.block(layout, f"Reshape {node.name} has shapes shape inference could not find")
+            ctx.block(layout, Reason.at("unknown-shape", node, "has shapes shape inference could not find"))
             return
         features = width(layout)
         if len(out_shape) == 2 and len(in_shape) >= 2:  # flatten into [N, features]
@@ -286,7 +289,7 @@ class ReshapeRule(Rule):
             ctx.edit(SetShapeEntry(node, 1, 1, layout))
             ctx.set_layout(node.outputs[0], layout)
             return
-        ctx.block(layout, f"Reshape {node.name} changes the channel axis ({in_shape} -> {out_shape})")
+        ctx.block(layout, Reason.at("reshape-channel-axis", node, f"changes the channel axis ({in_shape} -> {out_shape})"))
 
     def dead_values(self, node, ctx, inputs):
         return [inputs[0]]
@@ -325,12 +328,12 @@ class SqueezeRule(_SameLayout):
         axes = _axes(node, ctx, 1, 13)
         rank = ctx.rank(node.outputs[0] if node.op == "Unsqueeze" else node.inputs[0])
         if axes is None or rank is None:
-            return "has axes that are not spelled out"
+            return Reason.at("unknown-axes", node, "has axes that are not spelled out")
         if min(_norm(axes, rank)) < 2:
-            return "moves the channel axis"
+            return Reason.at("transpose-channel-axis", node, "moves the channel axis")
         layout = ctx.layout(node.inputs[0])
         if node.op == "Unsqueeze" and any(s.repeat != 1 for s in layout):
-            return "turns flattened features into channels"
+            return Reason.at("flatten-to-channels", node, "turns flattened features into channels")
         return None
 
 
@@ -355,10 +358,10 @@ class ShapeRule(Rule):
             index = constant_values(consumer.inputs[1]) if consumer.op == "Gather" else None
             read = None if index is None else {int(i) + (length if i < 0 else 0) + start for i in index.reshape(-1)}
             if read is None or attr(consumer, "axis", 0) != 0 or 1 in read:
-                ctx.block(layout, f"Shape {node.name} reads the channel count (used by {consumer.op} {consumer.name})")
+                ctx.block(layout, Reason.at("shape-read", node, f"reads the channel count (used by {consumer.op} {consumer.name})"))
                 return
         if any(o is node.outputs[0] for o in ctx.graph.outputs):
-            ctx.block(layout, f"Shape {node.name} is a graph output")
+            ctx.block(layout, Reason.at("shape-read", node, "is a graph output"))
 
 
 @register
@@ -373,10 +376,10 @@ class SplitRule(Rule):
         if layout is None:
             return
         if not is_channel_axis(attr(node, "axis", 0), ctx.rank(node.inputs[0])):
-            block_inputs(node, ctx, "splits an axis other than the channels")
+            block_inputs(node, ctx, "other", "splits an axis other than the channels")
             return
         if any(s.repeat != 1 for s in layout):
-            block_inputs(node, ctx, "splits flattened features")
+            block_inputs(node, ctx, "other", "splits flattened features")
             return
         total = width(layout)
         if opset(ctx) < 13:
@@ -384,12 +387,12 @@ class SplitRule(Rule):
         else:
             sizes = constant_values(node.inputs[1]) if len(node.inputs) > 1 and node.inputs[1].name else None
             if len(node.inputs) > 1 and node.inputs[1].name and sizes is None:
-                block_inputs(node, ctx, "has computed split sizes")
+                block_inputs(node, ctx, "computed-parameter", "has computed split sizes")
                 return
         if sizes is None:  # equal parts
             n = len(node.outputs)
             if total % n:
-                block_inputs(node, ctx, f"splits {total} channels into {n} unequal parts it does not spell out")
+                block_inputs(node, ctx, "other", f"splits {total} channels into {n} unequal parts it does not spell out")
                 return
             sizes = [total // n] * n
         bounds = np.concatenate([[0], np.cumsum(np.asarray(sizes, np.int64).reshape(-1))])
@@ -417,7 +420,7 @@ class SliceRule(Rule):
 
     ops = ("Slice",)
 
-    def _channel_range(self, node: gs.Node, ctx: Analysis) -> tuple[int, int, int] | str | None:
+    def _channel_range(self, node: gs.Node, ctx: Analysis) -> tuple[int, int, int] | Reason | None:
         """(entry in starts/ends, first, end) of the channels taken; None when the channel axis
         is not sliced; a reason when the slice cannot be followed."""
         rank = ctx.rank(node.inputs[0])
@@ -427,23 +430,23 @@ class SliceRule(Rule):
             given = [len(node.inputs) > i and bool(node.inputs[i].name) for i in range(1, 5)]
             values = [constant_values(node.inputs[i]) if given[i - 1] else None for i in range(1, 5)]
             if any(g and v is None for g, v in zip(given, values)):
-                return "has computed bounds"
+                return Reason.at("computed-parameter", node, "has computed bounds")
             starts, ends, axes, steps = values
         if starts is None or ends is None or rank is None:
-            return "has bounds onnx-bnslim cannot read"
+            return Reason.at("slice-unsupported", node, "has bounds onnx-bnslim cannot read")
         starts, ends = [int(v) for v in np.reshape(starts, -1)], [int(v) for v in np.reshape(ends, -1)]
         axes = list(range(len(starts))) if axes is None else _norm([int(v) for v in np.reshape(axes, -1)], rank)
         steps = [1] * len(starts) if steps is None else [int(v) for v in np.reshape(steps, -1)]
         if 0 in axes:
-            return "slices the batch axis"
+            return Reason.at("slice-unsupported", node, "slices the batch axis")
         if 1 not in axes:
             return None
         entry = axes.index(1)
         total = width(ctx.layout(node.inputs[0]))
         if steps[entry] != 1:
-            return f"takes every {steps[entry]}th channel"
+            return Reason.at("slice-unsupported", node, f"takes every {steps[entry]}th channel")
         lo, hi = (min(max(v + total if v < 0 else v, 0), total) for v in (starts[entry], ends[entry]))
-        return (entry, lo, hi) if hi > lo else "takes no channel"
+        return (entry, lo, hi) if hi > lo else Reason.at("slice-unsupported", node, "takes no channel")
 
     def analyze(self, node: gs.Node, ctx: Analysis) -> None:
         layout = ctx.layout(node.inputs[0])
@@ -452,8 +455,9 @@ class SliceRule(Rule):
         bounds = self._channel_range(node, ctx)
         if bounds is None:
             ctx.set_layout(node.outputs[0], layout)
-        elif isinstance(bounds, str) or any(s.repeat != 1 for s in layout):
-            ctx.block(layout, f"Slice {node.name} {bounds if isinstance(bounds, str) else 'slices flattened features'}")
+        elif isinstance(bounds, Reason) or any(s.repeat != 1 for s in layout):
+            ctx.block(layout, bounds if isinstance(bounds, Reason) else
+                      Reason.at("slice-unsupported", node, "slices flattened features"))
         else:
             entry, lo, hi = bounds
             part = cut(layout, lo, hi)

@@ -1,0 +1,23 @@
+"""What an op is to the stages that read the graph around a layer: one table, beside the rules.
+
+Scale recovery (:mod:`onnxslim_bn.passes.importance`) tells a folded or split BatchNorm by the
+ops around a layer: a per-channel Mul or Add after it, the activation it goes into, whether the
+exporter kept BatchNormalization nodes elsewhere; the report names a layer by its weight, read
+through a storage Cast. They test these roles, not op names.
+"""
+
+from __future__ import annotations
+
+NORMALIZATION = frozenset({"BatchNormalization"})
+# a per-channel Mul after a layer: a split BN's scale; also the product of x * Sigmoid(x) (SiLU)
+SCALE = frozenset({"Mul"})
+# a per-channel Add of a constant after a layer: its bias, written apart
+BIAS = frozenset({"Add"})
+# the activations a folded Conv-BN-Act block ends in; Sigmoid / HardSigmoid alone are gates or
+# output squashes (x * Sigmoid(x) and x * HardSigmoid(x) are SiLU and HardSwish, and count)
+ACTIVATIONS = frozenset({"Relu", "LeakyRelu", "PRelu", "Clip", "HardSwish", "Elu", "Selu", "Celu", "Gelu", "Mish",
+                         "Softplus", "ThresholdedRelu"})
+GATES = frozenset({"Sigmoid", "HardSigmoid"})
+PASSING = frozenset({"Identity", "Dropout", "Cast"})  # ops that pass a tensor on unchanged in value
+CASTS = frozenset({"Cast"})  # of an initializer: the type a weight is stored in (fold.restore_storage)
+JOINS = frozenset({"Add", "Sum"})  # residual joins of two computed tensors
