@@ -17,6 +17,7 @@ import onnx_graphsurgeon as gs
 
 from ..passes import collapse, verify
 from ..ir import data
+from ..ir import runtime as ort_runtime
 from ..channels.context import Analysis
 from ..passes.analyse import analyze
 from ..ir.data import Samples
@@ -113,7 +114,7 @@ def _load(model: onnx.ModelProto | str | os.PathLike, strict: bool = True,
     try:
         proto, notes = check_input(proto, source, copy=proto is model)
         if runtime:  # loads, or one line saying why not; the check's session of the original later
-            session = verify.session(proto, f"{source} (the input model)")
+            session = ort_runtime.session(proto, f"{source} (the input model)")
     except BnSlimError as exc:
         if strict:
             raise
@@ -174,16 +175,16 @@ def _prepare(model, options: PruneOptions, strict: bool = True) -> _Prepared:
     if found:  # one session of the original serves the calibration and, later, the check
         names = [t.name for _, t, _ in found]
         loaded = None  # the input's first session: this one (with the scale tensors as outputs) replaces it
-        sess = verify.session(proto, source, extra_outputs=names)
+        sess = ort_runtime.session(proto, source, extra_outputs=names)
         if samples is not None:
             calibration, check, split_note = data.split(samples, options.calibration_samples)
             notes.extend([split_note] if split_note else [])
             feeds, described = calibration.arrays, calibration.describe()
         else:
             feeds, described = verify.make_inputs(proto, input_shapes, None, options.seed, calibration=True)
-            described = f"{verify.count(feeds)} seeded N(0,1) samples"
-        count = verify.count(feeds)
-        add_data_scores(analysis, found, verify.run(sess, feeds, verify.static_batch(proto), names))
+            described = f"{ort_runtime.count(feeds)} seeded N(0,1) samples"
+        count = ort_runtime.count(feeds)
+        add_data_scores(analysis, found, ort_runtime.run(sess, feeds, verify.static_batch(proto), names))
         notes.append(f"no BatchNormalization for some layers: their BN scale was recovered from activation statistics "
                      f"on {described}" + ("" if samples is not None else "; pass --data with real inputs for a closer estimate"))
     prep = _Prepared(proto, source, size, input_shapes, notes, shapes, graph, analysis, sess or loaded,
@@ -261,8 +262,8 @@ def _rank_by_data(prep: _Prepared, options: PruneOptions, samples) -> None:
         feeds, described = prep.calibration.arrays, prep.calibration.describe()
     else:
         feeds, _ = verify.make_inputs(prep.model, prep.input_shapes, None, options.seed, calibration=True)
-        described = f"{verify.count(feeds)} seeded N(0,1) samples (pass --data: random inputs rank channels poorly)"
-    prep.calibration_count = max(prep.calibration_count, verify.count(feeds))
+        described = f"{ort_runtime.count(feeds)} seeded N(0,1) samples (pass --data: random inputs rank channels poorly)"
+    prep.calibration_count = max(prep.calibration_count, ort_runtime.count(feeds))
     opened = open_unscaled(prep.analysis)
     measured = data_importance(prep.analysis, prep.model, feeds)
     ranked = close_unmeasured(prep.analysis, opened) if opened else 0
@@ -649,10 +650,10 @@ def _quantization_report(prep: _Prepared, pruned: onnx.ModelProto, quantized: in
         return out
     names = [o.name for o in prep.model.graph.output]
     batch, count = verify.static_batch(prep.model), verification.samples
-    original = verify.run(prep.session or verify.session(prep.model, prep.source), feeds, batch, names)
-    slim = verify.run(verify.session(pruned, f"{prep.source} (pruned)"), feeds, batch, names)
-    deployed = verify.first_samples(outputs, count, verify.count(feeds))
-    original, slim = (verify.first_samples(o, count, verify.count(feeds)) for o in (original, slim))
+    original = ort_runtime.run(prep.session or ort_runtime.session(prep.model, prep.source), feeds, batch, names)
+    slim = ort_runtime.run(ort_runtime.session(pruned, f"{prep.source} (pruned)"), feeds, batch, names)
+    deployed = ort_runtime.first_samples(outputs, count, ort_runtime.count(feeds))
+    original, slim = (ort_runtime.first_samples(o, count, ort_runtime.count(feeds)) for o in (original, slim))
     described = verification.inputs
     pruning = verify.compare(prep.model, names, original, slim, count, described, f"{prep.source} (pruned)")
     quantization = verify.compare(prep.model, names, slim, deployed, count, described, f"{prep.source} (INT8)")
@@ -795,15 +796,16 @@ def _verify(prep: _Prepared, pruned: onnx.ModelProto, options: PruneOptions, wha
     notes.extend(n for n in [verify.padding_note(count, batch, "check")] if n)
     names = [o.name for o in prep.model.graph.output]
     try:
-        before = verify.run(prep.session or verify.session(prep.model, prep.source), feeds, batch, names)
+        before = ort_runtime.run(prep.session or ort_runtime.session(prep.model, prep.source), feeds, batch, names)
     except Exception as exc:  # onnxruntime raises its own unexported exception types
         if isinstance(exc, BnSlimError) or prep.check is not None:
             raise
         raise BnSlimError(f"{prep.source}: onnxruntime fails on the check's seeded N(0,1) inputs "
                           f"({str(exc).splitlines()[0][:200]}): this model needs real inputs; pass them with --data") from exc
-    padded = verify.pad(feeds, batch)  # whole batches, for the OpenVINO check too
-    after_padded = verify.run(verify.session(pruned, what, optimized=int8.is_quantized(pruned)), padded, batch, names)
-    after = verify.first_samples(after_padded, count, verify.count(padded))
+    padded = ort_runtime.pad(feeds, batch)  # whole batches, for the OpenVINO check too
+    after_padded = ort_runtime.run(ort_runtime.session(pruned, what, optimized=int8.is_quantized(pruned)),
+                                   padded, batch, names)
+    after = ort_runtime.first_samples(after_padded, count, ort_runtime.count(padded))
     result = verify.compare(prep.model, names, before, after, count, described, what)
     result.random, result.calibration_samples = prep.check is None, prep.calibration_count
     result.disjoint = prep.check is None or prep.calibration is None or prep.check is not prep.calibration

@@ -30,6 +30,7 @@ import logging
 import numpy as np
 import onnx
 
+from ..ir import runtime
 from ..passes import calibrate
 from ..channels.context import Analysis
 from ..channels.spaces import ScoreSource
@@ -129,7 +130,7 @@ def data_importance(analysis: Analysis, model: onnx.ModelProto, feeds: dict[str,
     for space in analysis.prunable():
         if space.sources and space.id in totals:
             space.sources = [ScoreSource("consumers", "data", totals[space.id])]
-    log.info("data importance: %d consumers measured on %d samples", measured, calibrate.verify.count(feeds))
+    log.info("data importance: %d consumers measured on %d samples", measured, runtime.count(feeds))
     return measured
 
 

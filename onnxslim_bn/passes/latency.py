@@ -41,7 +41,7 @@ from ..ir import openvino_ir
 from ..errors import BnSlimError
 from ..hardware import channel_block
 from ..ir.model_io import write_text
-from ..ir.runtime import ort_session
+from ..ir.runtime import session
 
 log = logging.getLogger(__name__)
 
@@ -290,7 +290,8 @@ def _ort_branch_ms(model: onnx.ModelProto, threads: int, runs: int) -> dict[int,
 
     feeds = _feeds_for(model)
     with tempfile.TemporaryDirectory(prefix="onnx-bnslim-latency-") as tmp:
-        sess = ort_session(model.SerializeToString(), threads, profile=str(Path(tmp) / "profile"))
+        sess = session(model, "a layer timed alone", optimized=True, threads=threads, timing=True,
+                       profile=str(Path(tmp) / "profile"))
         for _ in range(runs + 1):
             sess.run(None, feeds)
         events = json.loads(Path(sess.end_profiling()).read_text())

@@ -41,8 +41,8 @@ from ..options import QUANTIZE_MODES as MODES
 from ..options import QUANTIZE_NEEDS_DATA as NEEDS_DATA
 from ..hardware import cpu_features
 from ..ir.model_io import _save_external, too_large_for_protobuf
-from . import verify
 from ..ir import data as data_module
+from ..ir import runtime
 from ..ir.model_io import load_model, save_model
 from ..ir.shapes import resolve_input_shapes
 
@@ -201,9 +201,7 @@ def _relative_error(got: list[np.ndarray], want: list[np.ndarray]) -> float:
 
 
 def _ort_run(model: onnx.ModelProto, feeds: dict[str, np.ndarray], batch: int | None) -> list[np.ndarray]:
-
-    sess = verify.session(model, "sensitivity", optimized=True)
-    return verify.run(sess, feeds, batch)
+    return runtime.run(runtime.session(model, "sensitivity", optimized=True), feeds, batch)
 
 
 def _fp32_nodes(quantized: onnx.ModelProto, prepared: onnx.ModelProto, nodes: Sequence[str]) -> onnx.ModelProto | None:

@@ -48,9 +48,10 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from .calibrate import Gram, Patches, _ids, chunks, sample_positions
+from .calibrate import Gram, Patches, _ids, sample_positions
+from ..ir import runtime
 from ..ir.model_io import weight_bytes
-from .verify import count as sample_count, static_batch
+from .verify import static_batch
 
 log = logging.getLogger(__name__)
 
@@ -357,23 +358,6 @@ def find_layers(original: onnx.ModelProto, pruned: onnx.ModelProto, consumers: l
 
 
 # --------------------------------------------------------------------------- running the models
-def _session(model: onnx.ModelProto):
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-
-
-def _with_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
-    """A copy of the model (weights shared by value) whose outputs are ``names``."""
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    del out.graph.output[:]
-    out.graph.output.extend(onnx.helper.make_empty_tensor_value_info(n) for n in names)
-    return out
-
-
 def _submodel(model: onnx.ModelProto, nodes: list[onnx.NodeProto], inputs: dict[str, np.dtype],
               outputs: list[str], constants: dict[str, onnx.TensorProto]) -> onnx.ModelProto:
     used = {n for node in nodes for n in reads(node)}
@@ -672,7 +656,7 @@ def reconstruct(original: onnx.ModelProto, pruned: onnx.ModelProto, feeds: dict[
     model = copy.deepcopy(pruned)
     leftover: list[tuple[onnx.NodeProto, onnx.NodeProto]] = []
     layers, skipped = find_layers(original, model, consumers, downstream, frozen, leftover)
-    report = ReconstructionReport(samples=sample_count(feeds), skipped=skipped)
+    report = ReconstructionReport(samples=runtime.count(feeds), skipped=skipped)
     batch = static_batch(original)
     if layers and batch and report.samples < batch:
         report.skipped.extend((layer.node.name or layer.target, f"{report.samples} calibration samples do not fill "
@@ -759,15 +743,14 @@ def _collect_targets(original: onnx.ModelProto, feeds: dict[str, np.ndarray], la
     the fixed batch, else as many samples as keep every layer output of one chunk within
     ``CHUNK_BYTES`` (all of a ResNet-50's conv outputs are ~100 MB per 224x224 sample)."""
     targets = [layer.target for layer in layers]
-    sess = _session(_with_outputs(original, targets))
+    sess = runtime.session(original, "the original model (reconstruction)", optimized=True, extra_outputs=targets)
     size = batch
     if size is None:
         probe = sess.run(targets, {k: v[:1] if np.ndim(v) else v for k, v in feeds.items()})
         size = int(max(1, min(32, CHUNK_BYTES // max(1, sum(v.nbytes for v in probe)))))
         del probe
-    for index, (samples, chunk) in enumerate(chunks(feeds, batch, size)):
+    for index, (samples, values) in enumerate(runtime.stream(sess, feeds, targets, batch, size)):
         store.ranges.append((int(samples[0]), int(samples[-1]) + 1))
-        values = sess.run(targets, chunk)
         for layer, y in zip(layers, values):
             rows = layer.gram.target_rows(y, samples)[..., layer.kept_outputs].astype(np.float32)
             store.put(f"target {layer.index}", index, rows)
@@ -813,7 +796,8 @@ def _refit_in_order(model: onnx.ModelProto, layers: list[_Layer], batch: int | N
             made = {o for n in here for o in n.output}
             inputs = {n: store.dtype(n) for node in here for n in reads(node)
                       if n not in made and n not in const and n in store}
-            sess = _session(_submodel(model, here, inputs, outputs, const))
+            sess = runtime.session(_submodel(model, here, inputs, outputs, const), "a segment of the pruned model "
+                                   "(reconstruction)", optimized=True)
             for i in range(count):
                 for name, value in zip(outputs, sess.run(outputs, {n: store.get(n, i) for n in inputs})):
                     store.put(name, i, value)
