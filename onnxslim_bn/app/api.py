@@ -27,6 +27,7 @@ from ..passes.importance import add_data_scores, candidates
 from ..passes.metrics import measure
 from ..ir.model_io import weight_bytes
 from ..ir.values import fix_tensor_names
+from ..ir.weights import LAYER_OPS
 from ..ir.interface import account, check_interface, check_size, copy_origins, fix_node_names, fix_proto_node_names, needs_node_names, remember_node_metadata, restore_interface, settle_copies
 from ..ir.model_io import check_input, load_model_and_files, too_large_for_protobuf
 from ..ir.openvino_ir import OpenVinoResult, export_ir
@@ -398,7 +399,7 @@ def _probe_alternatives(options: PruneOptions, given: dict, found, prep: _Prepar
     """Other cuts to try when the probe finds the pruned model slower (see :func:`_never_slower`):
     the layers it blames kept whole; widths on the machine's block, unless the user set a block."""
     out = []
-    layers = {n.name for n in prep.model.graph.node if n.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul")}
+    layers = {n.name for n in prep.model.graph.node if n.op_type in LAYER_OPS}
     blamed = [b.node for b in found.blame if b.node in layers]
     if blamed:
         shown = ", ".join(blamed[:3]) + (f" and {len(blamed) - 3} more" if len(blamed) > 3 else "")
@@ -570,7 +571,7 @@ def _probe_int8(model, prep: _Prepared, options: PruneOptions, result: PruneResu
     feeds = probe_inputs(prep.model, prep.input_shapes, batch=options.latency_batch, samples=_user_samples(prep))
     found = probe(alone.model, result.model, feeds, threads=options.threads)
     _record_int8_probe(result.report, found, options.latency_batch)
-    layers = {n.name for n in prep.model.graph.node if n.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul")}
+    layers = {n.name for n in prep.model.graph.node if n.op_type in LAYER_OPS}
     # onnxruntime names a QDQ group it fused into one INT8 kernel after the layer: '<layer>_token_<n>'
     names = sorted({re.sub(r"_token_\d+$", "", b.node) for b in found.blame} & layers)
     if found.faster or not names:

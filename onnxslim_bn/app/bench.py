@@ -42,6 +42,7 @@ from ..ir.data import load as load_samples
 from ..errors import BnSlimError
 from ..passes.metrics import measure
 from ..ir.model_io import as_file, load_model
+from ..ir.weights import LAYER_OPS
 from .report import grid
 from ..ir.shapes import graph_inputs, infer_shapes, resolve_input_shapes
 from ..passes.verify import concrete_shapes, make_inputs, open_layer_shapes, static_batch
@@ -502,9 +503,6 @@ def _blame(original: onnx.ModelProto, before: dict[str, tuple[str, float]], afte
     return sorted(found, key=lambda b: b.original_ms - b.pruned_ms)
 
 
-_LAYERS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
-
-
 def _layer_of(model: onnx.ModelProto, profiled: str) -> str:
     """The original node behind an onnxruntime node name: the same name, or, for a node the
     runtime renamed after a tensor (``<tensor>_nchwc`` when it fused a Conv with its BN / ReLU),
@@ -519,10 +517,10 @@ def _layer_of(model: onnx.ModelProto, profiled: str) -> str:
     tensor = profiled.removesuffix("_nchwc")
     node = producer.get(tensor)
     for _ in range(6):  # back through the activation / BN / Add the runtime fused into the layer
-        if node is None or node.op_type in _LAYERS:
+        if node is None or node.op_type in LAYER_OPS:
             break
         node = next((producer[i] for i in node.input if i in producer), None)
-    if node is not None and node.op_type in _LAYERS:
+    if node is not None and node.op_type in LAYER_OPS:
         return node.name or node.output[0]
     return profiled
 

@@ -35,6 +35,7 @@ from ..passes import calibrate
 from ..channels.context import Analysis
 from ..channels.spaces import ScoreSource
 from ..ir.values import constant_values
+from ..ir.weights import axes
 
 log = logging.getLogger(__name__)
 
@@ -71,8 +72,8 @@ def _weight_energy(node, entries: int, out_weight: np.ndarray | None = None) -> 
         return None
     w2 = weight.astype(np.float64) ** 2
     if out_weight is not None:  # the output axis of the weight: Conv [C_out, ...], Gemm / MatMul [K, N] or [N, K]
-        axis = 0 if node.op == "Conv" or (node.op == "Gemm" and node.attrs.get("transB", 0)) else \
-            1 if node.op in ("Gemm", "MatMul") and w2.ndim == 2 else None
+        found = axes(node)  # a ConvTranspose's output axis holds C_out / group: none for all outputs
+        axis = found.out_axis if found.out_axis == 0 or (not found.spatial and w2.ndim == 2) else None
         if axis is None or w2.shape[axis] != len(out_weight):
             return None
         w2 = w2 * out_weight.reshape([-1 if a == axis else 1 for a in range(w2.ndim)])

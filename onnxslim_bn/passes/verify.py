@@ -38,6 +38,7 @@ from ..errors import BnSlimError
 from ..ir import data, runtime
 from ..ir.model_io import as_file, too_large_for_protobuf
 from ..ir.shapes import graph_inputs
+from ..ir.weights import LAYER_OPS
 
 log = logging.getLogger(__name__)
 
@@ -112,9 +113,6 @@ class Verification:
     def to_dict(self) -> dict:
         return {**asdict(self), "max_abs_diff": self.max_abs_diff, "max_rel_diff": self.max_rel_diff,
                 "cosine": self.cosine, "top1_agreement": self.top1_agreement}
-
-
-LAYER_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")  # the ops whose MACs rules.layer_cost counts
 
 
 def open_layer_shapes(model: onnx.ModelProto, shapes: dict[str, list]) -> tuple[list[str], list[str]]:

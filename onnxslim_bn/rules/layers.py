@@ -12,6 +12,7 @@ from ..channels.edits import SetGroup, SliceGroupedInput, SliceParam
 from ..ir import runtime
 from ..ir.values import add_after, constant_shape, constant_values, replace_constant, unique_name
 from ..ir.values import known_product
+from ..ir.weights import axes
 from .base import Compensation, Rule, attr, block_inputs, register
 
 
@@ -35,13 +36,12 @@ class ConvRule(Rule):
     @staticmethod
     def _axes(node: gs.Node) -> tuple[int, int]:
         """(input-channel axis, output-channel axis) of the weight."""
-        return (0, 1) if node.op == "ConvTranspose" else (1, 0)
+        found = axes(node)
+        return found.in_axis, found.out_axis
 
     def _channels(self, node: gs.Node, weight: tuple[int, ...]) -> tuple[int, int]:
-        group = attr(node, "group", 1)
-        if node.op == "ConvTranspose":
-            return weight[0], weight[1] * group
-        return weight[1] * group, weight[0]
+        found = axes(node)
+        return found.in_channels(weight), found.out_channels(weight)
 
     def analyze(self, node: gs.Node, ctx: Analysis) -> None:
         weight = constant_shape(node.inputs[1])
@@ -229,7 +229,8 @@ class GemmRule(Rule):
 
     def _weight_axes(self, node: gs.Node) -> tuple[int, int]:
         """(input axis, output axis) of the weight."""
-        return (1, 0) if node.op == "Gemm" and attr(node, "transB", 0) else (0, 1)
+        found = axes(node)
+        return found.in_axis, found.out_axis
 
     def analyze(self, node: gs.Node, ctx: Analysis) -> None:
         weight = constant_shape(node.inputs[1])
