@@ -26,6 +26,8 @@ CONV_OPS = frozenset({"Conv", "ConvTranspose"})  # a kernel on axes 2..; axis 1 
 LAYER_OPS = CONV_OPS | {"Gemm", "MatMul"}  # the layers with a weight: they open and consume channel spaces
 _SCALED = {"Gemm": ("alpha", "beta")}  # ops whose product and bias carry a scale attribute
 _BIASED = CONV_OPS | {"Gemm"}  # ops with a bias input (index 2)
+UNBIASED_OPS = LAYER_OPS - _BIASED  # a bias goes behind them as an Add (ir.values.add_after)
+FEATURE_OPS = LAYER_OPS - CONV_OPS  # their output's last axis holds its channels
 
 
 @dataclass(frozen=True)

@@ -41,6 +41,7 @@ from ..ir import openvino_ir
 from ..errors import BnSlimError
 from ..hardware import channel_block
 from ..ir.model_io import write_text
+from ..ir.ops import constant_names
 from ..ir.runtime import session
 from ..ir.weights import CONV_OPS, LAYER_OPS, axes_of
 
@@ -174,8 +175,7 @@ def layer_shapes(model: onnx.ModelProto, shapes: dict[str, list], batch: int,
     counts: dict[str, int] = {}
     for node in model.graph.node:
         counts[node.name] = counts.get(node.name, 0) + 1
-    consts = {t.name for t in model.graph.initializer}
-    consts |= {o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
+    consts = constant_names(model)
     found: dict[str, LayerShape] = {}
     for node in model.graph.node:
         if node.op_type not in TIMED_OPS or len(node.input) < 2 or node.input[1] not in consts:

@@ -43,6 +43,7 @@ from ..hardware import cpu_features
 from ..ir.model_io import _save_external, too_large_for_protobuf
 from ..ir import data as data_module
 from ..ir import runtime
+from ..ir.ops import DEQUANTIZE, INT8, QDQ, QUANTIZE
 from ..ir.model_io import load_model, save_model
 from ..ir.shapes import resolve_input_shapes
 
@@ -217,7 +218,7 @@ def _fp32_nodes(quantized: onnx.ModelProto, prepared: onnx.ModelProto, nodes: Se
     for target in [n for n in variant.graph.node if n.name in set(nodes)]:
         for i, name in enumerate(list(target.input)):
             dq = producer.get(name)
-            if dq is None or dq.op_type != "DequantizeLinear":
+            if dq is None or dq.op_type != DEQUANTIZE:
                 continue
             source = dq.input[0]
             if source in inits:  # a quantized constant: its float original
@@ -233,7 +234,7 @@ def _fp32_nodes(quantized: onnx.ModelProto, prepared: onnx.ModelProto, nodes: Se
                     inits.add(fresh)
                 target.input[i] = fresh
                 changed = True
-            elif producer.get(source) is not None and producer[source].op_type == "QuantizeLinear":
+            elif producer.get(source) is not None and producer[source].op_type == QUANTIZE:
                 target.input[i] = producer[source].input[0]
                 changed = True
     if not changed:
@@ -248,7 +249,7 @@ def _drop_unused(model: onnx.ModelProto) -> None:
     outputs = {o.name for o in graph.output}
     while True:
         read = {i for n in graph.node for i in n.input} | outputs
-        dead = [n for n in graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")
+        dead = [n for n in graph.node if n.op_type in QDQ
                 and not any(o in read for o in n.output)]
         if not dead:
             break
@@ -276,8 +277,7 @@ def sensitivity(fp32: onnx.ModelProto, quantized: Quantized, calibration: dict[s
     want = _ort_run(fp32, feeds, batch)
     result = Sensitivity(_relative_error(_ort_run(quantized.model, feeds, batch), want), samples=n)
     best_model, current = None, result.error
-    skip = ("QuantizeLinear", "DequantizeLinear")
-    candidates = [x.name for x in quantized.model.graph.node if x.op_type not in skip and x.name]
+    candidates = [x.name for x in quantized.model.graph.node if x.op_type not in QDQ and x.name]
     while quantized.prepared is not None and current >= SMALL_ERROR and len(result.chosen) < limit:
         errors, models = {}, {}
         for node in candidates:
@@ -402,8 +402,7 @@ def _static_batch(model: onnx.ModelProto) -> int | None:
 
 def is_quantized(model: onnx.ModelProto) -> bool:
     """Whether the model already holds QDQ or QOperator INT8 nodes."""
-    return any(n.op_type in ("QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul", "ConvInteger",
-                             "MatMulInteger") for n in model.graph.node)
+    return any(n.op_type in INT8 for n in model.graph.node)
 
 
 def step_metrics(verification) -> dict:

@@ -51,6 +51,7 @@ from onnx import numpy_helper
 from .calibrate import Gram, Patches, _ids, sample_positions
 from ..ir import runtime
 from ..ir.model_io import weight_bytes
+from ..ir.ops import BIAS_ADD, IDENTITY, constant_tensor, storage_casts
 from ..ir.weights import LAYER_OPS, axes
 from .verify import static_batch
 
@@ -137,9 +138,10 @@ class _Constants:
         self.nodes: dict[str, onnx.TensorProto] = {}
         self.alias: dict[str, str] = {}
         for node in model.graph.node:
-            if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
-                self.nodes[node.output[0]] = node.attribute[0].t
-            elif node.op_type == "Identity" and node.input[0] in self:
+            tensor = constant_tensor(node)
+            if tensor is not None:
+                self.nodes[node.output[0]] = tensor
+            elif node.op_type == IDENTITY and node.input[0] in self:
                 self.alias[node.output[0]] = node.input[0]
 
     def _resolve(self, name: str) -> str:
@@ -267,8 +269,7 @@ def find_layers(original: onnx.ModelProto, pruned: onnx.ModelProto, consumers: l
     for node in pruned.graph.node:
         for name in reads(node):
             readers.setdefault(name, []).append(node)
-    casts = {n.output[0]: n for n in pruned.graph.node if n.op_type == "Cast" and n.input[0] in pruned_const}
-    orig_casts = {n.output[0]: n for n in original.graph.node if n.op_type == "Cast" and n.input[0] in orig_const}
+    casts, orig_casts = storage_casts(pruned, pruned_const), storage_casts(original, orig_const)
     layers, skipped = [], []
     for node in pruned.graph.node:
         if changed.intersection(reads(node)):
@@ -279,7 +280,7 @@ def find_layers(original: onnx.ModelProto, pruned: onnx.ModelProto, consumers: l
         target, trailing, border = node.output[0], None, None
         if orig_by_out.get(target) is None or orig_by_out[target].op_type != node.op_type:
             after = readers.get(target, [])
-            if (len(after) == 1 and after[0].op_type == "Add" and after[0].input[0] == target
+            if (len(after) == 1 and after[0].op_type == BIAS_ADD and after[0].input[0] == target
                     and after[0].input[1] in pruned_const and orig_by_out.get(after[0].output[0]) is not None
                     and orig_by_out[after[0].output[0]].op_type == node.op_type):
                 trailing, target = after[0], after[0].output[0]
@@ -496,8 +497,9 @@ def _set_constant(model: onnx.ModelProto, const: dict[str, onnx.TensorProto], na
             break
     else:
         for node in model.graph.node:
-            if node.op_type == "Constant" and list(node.output) == [name]:
-                node.attribute[0].t.CopyFrom(tensor)
+            held = constant_tensor(node)
+            if held is not None and list(node.output) == [name]:
+                held.CopyFrom(tensor)
                 break
         else:
             model.graph.initializer.append(tensor)
@@ -557,7 +559,7 @@ def _add_bias_slots(model: onnx.ModelProto, layers: list[_Layer], taken: set[str
                                         _unique(f"{node.name or node.output[0]}_bias", taken))
         model.graph.initializer.append(zeros)
         pre = _unique(f"{node.output[0]}_refit_in", taken)
-        add = onnx.helper.make_node("Add", [pre, zeros.name], [node.output[0]],
+        add = onnx.helper.make_node(BIAS_ADD, [pre, zeros.name], [node.output[0]],
                                     name=_unique(f"{node.name or node.output[0]}_refit_bias", taken))
         node.output[0] = pre
         position = next(i for i, n in enumerate(model.graph.node) if n is node)
@@ -744,8 +746,9 @@ def _refit_in_order(model: onnx.ModelProto, layers: list[_Layer], batch: int | N
     _add_bias_slots(model, layers, taken)
     const = {t.name: t for t in model.graph.initializer}
     for node in model.graph.node:  # Constant nodes travel with every segment that reads them
-        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
-            const[node.output[0]] = numpy_helper.from_array(numpy_helper.to_array(node.attribute[0].t), node.output[0])
+        held = constant_tensor(node)
+        if held is not None:
+            const[node.output[0]] = numpy_helper.from_array(numpy_helper.to_array(held), node.output[0])
     # one list of the node objects, held throughout: protobuf hands out a new wrapper per access
     # when none is alive, so identity (and id()) holds only while this list does
     every = list(model.graph.node)

@@ -38,7 +38,9 @@ from ..errors import BnSlimError
 from ..ir import data, runtime
 from ..ir.model_io import as_file, too_large_for_protobuf
 from ..ir.shapes import graph_inputs
-from ..ir.weights import LAYER_OPS
+from ..ir.ops import BIAS_ADD, UNCHANGED, constant_names
+from ..ir.weights import FEATURE_OPS, LAYER_OPS, UNBIASED_OPS
+from ..rules.ops import SOFTMAX_LAST_AXIS_OPSET, SOFTMAX_OPS
 
 log = logging.getLogger(__name__)
 
@@ -118,9 +120,7 @@ class Verification:
 def open_layer_shapes(model: onnx.ModelProto, shapes: dict[str, list]) -> tuple[list[str], list[str]]:
     """(layers, tensors): the layers with a constant weight whose input or output shape inference
     left open (a ``Resize`` sized from an input's values), and those tensors."""
-    consts = {t.name for t in model.graph.initializer}
-    consts |= {o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
-    consts |= {n.output[0] for n in model.graph.node if n.op_type == "Cast" and n.input[0] in consts}  # fp16 storage
+    consts = constant_names(model, storage=True)  # fp16 storage behind a Cast too
     inputs = {i.name for i in model.graph.input}
     layers, tensors = [], []
     for node in model.graph.node:
@@ -235,17 +235,17 @@ def class_axis(model: onnx.ModelProto, name: str, rank: int) -> int | None:
         return None
     producers = {o: n for n in model.graph.node for o in n.output}
     node = producers.get(name)
-    while node is not None and node.op_type in ("Identity", "Cast"):
+    while node is not None and node.op_type in UNCHANGED:
         node = producers.get(node.input[0])
     if node is None:
         return None
-    if node.op_type in ("Softmax", "LogSoftmax"):
-        opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13)
-        axis = next((a.i for a in node.attribute if a.name == "axis"), -1 if opset >= 13 else 1)
+    if node.op_type in SOFTMAX_OPS:
+        opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), SOFTMAX_LAST_AXIS_OPSET)
+        axis = next((a.i for a in node.attribute if a.name == "axis"), -1 if opset >= SOFTMAX_LAST_AXIS_OPSET else 1)
         return 2 if axis in (-1, 2) else None
-    if node.op_type in ("MatMul", "Gemm"):
+    if node.op_type in FEATURE_OPS:
         return 2
-    if node.op_type == "Add" and any(i in producers and producers[i].op_type == "MatMul" for i in node.input):
+    if node.op_type == BIAS_ADD and any(i in producers and producers[i].op_type in UNBIASED_OPS for i in node.input):
         return 2
     return None
 
