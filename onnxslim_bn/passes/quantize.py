@@ -46,6 +46,7 @@ from ..ir import runtime
 from ..ir.ops import DEQUANTIZE, INT8, QDQ, QUANTIZE
 from ..ir.model_io import load_model, save_model
 from ..ir.shapes import resolve_input_shapes
+from .verify import static_batch
 
 log = logging.getLogger(__name__)
 
@@ -384,20 +385,11 @@ def quantize_files(models: dict[str, str | Path], data, folder: str | Path, inpu
         shapes, _ = resolve_input_shapes(model, input_shapes or {}, str(path))
         samples = data_module.load(data, model, shapes, preprocess)
         calibration, _, note = data_module.split(samples, calibration_samples)
-        quantized, _ = quantize_with_fallback(model, calibration.arrays, str(path), _static_batch(model), fallback)
+        quantized, _ = quantize_with_fallback(model, calibration.arrays, str(path), static_batch(model), fallback)
         out[label], kept[label] = Path(folder) / f"{label}.onnx", quantized.excluded
         save_model(quantized.model, out[label])
         described = calibration.describe() + (f" ({note})" if note else "")
     return out, described, kept
-
-
-def _static_batch(model: onnx.ModelProto) -> int | None:
-    inits = {t.name for t in model.graph.initializer}
-    for value in model.graph.input:
-        dims = value.type.tensor_type.shape.dim
-        if value.name not in inits and dims and dims[0].HasField("dim_value") and dims[0].dim_value > 0:
-            return dims[0].dim_value
-    return None
 
 
 def is_quantized(model: onnx.ModelProto) -> bool:
