@@ -14,7 +14,8 @@ from onnx import TensorProto
 from onnxslim_bn import prune
 from onnxslim_bn.app.cli import main
 from onnxslim_bn.errors import BnSlimError, CheckFailed
-from onnxslim_bn.passes.verify import compare_output, run
+from onnxslim_bn.ir.runtime import run
+from onnxslim_bn.passes.verify import compare_output
 from tests.fixtures import heldout, path
 from tests.graphs import Builder
 

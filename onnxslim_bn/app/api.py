@@ -17,6 +17,7 @@ import onnx_graphsurgeon as gs
 
 from ..passes import collapse, verify
 from ..ir import data
+from ..ir import runtime as ort_runtime
 from ..channels.context import Analysis
 from ..passes.analyse import analyze
 from ..ir.data import Samples
@@ -26,6 +27,7 @@ from ..passes.importance import add_data_scores, candidates
 from ..passes.metrics import measure
 from ..ir.model_io import weight_bytes
 from ..ir.values import fix_tensor_names
+from ..ir.weights import LAYER_OPS
 from ..ir.interface import account, check_interface, check_size, copy_origins, fix_node_names, fix_proto_node_names, needs_node_names, remember_node_metadata, restore_interface, settle_copies
 from ..ir.model_io import check_input, load_model_and_files, too_large_for_protobuf
 from ..ir.openvino_ir import OpenVinoResult, export_ir
@@ -113,7 +115,7 @@ def _load(model: onnx.ModelProto | str | os.PathLike, strict: bool = True,
     try:
         proto, notes = check_input(proto, source, copy=proto is model)
         if runtime:  # loads, or one line saying why not; the check's session of the original later
-            session = verify.session(proto, f"{source} (the input model)")
+            session = ort_runtime.session(proto, f"{source} (the input model)")
     except BnSlimError as exc:
         if strict:
             raise
@@ -176,16 +178,16 @@ def _prepare(model, options: PruneOptions, strict: bool = True) -> _Prepared:
     if found:  # one session of the original serves the calibration and, later, the check
         names = [t.name for _, t, _ in found]
         loaded = None  # the input's first session: this one (with the scale tensors as outputs) replaces it
-        sess = verify.session(proto, source, extra_outputs=names)
+        sess = ort_runtime.session(proto, source, extra_outputs=names)
         if samples is not None:
             calibration, check, split_note = data.split(samples, options.calibration_samples)
             notes.extend([split_note] if split_note else [])
             feeds, described = calibration.arrays, calibration.describe()
         else:
             feeds, described = verify.make_inputs(proto, input_shapes, None, options.seed, calibration=True)
-            described = f"{verify.count(feeds)} seeded N(0,1) samples"
-        count = verify.count(feeds)
-        analysis.apply(add_data_scores(analysis, found, verify.run(sess, feeds, verify.static_batch(proto), names)))
+            described = f"{ort_runtime.count(feeds)} seeded N(0,1) samples"
+        count = ort_runtime.count(feeds)
+        analysis.apply(add_data_scores(analysis, found, ort_runtime.run(sess, feeds, verify.static_batch(proto), names)))
         notes.append(f"no BatchNormalization for some layers: their BN scale was recovered from activation statistics "
                      f"on {described}" + ("" if samples is not None else "; pass --data with real inputs for a closer estimate"))
     prep = _Prepared(proto, source, size, input_shapes, notes, shapes, graph, analysis, sess or loaded,
@@ -263,8 +265,8 @@ def _rank_by_data(prep: _Prepared, options: PruneOptions, samples) -> None:
         feeds, described = prep.calibration.arrays, prep.calibration.describe()
     else:
         feeds, _ = verify.make_inputs(prep.model, prep.input_shapes, None, options.seed, calibration=True)
-        described = f"{verify.count(feeds)} seeded N(0,1) samples (pass --data: random inputs rank channels poorly)"
-    prep.calibration_count = max(prep.calibration_count, verify.count(feeds))
+        described = f"{ort_runtime.count(feeds)} seeded N(0,1) samples (pass --data: random inputs rank channels poorly)"
+    prep.calibration_count = max(prep.calibration_count, ort_runtime.count(feeds))
     ranking = data_importance(prep.analysis, prep.model, feeds)
     prep.analysis.apply(ranking.scores)
     measured, ranked = ranking.measured, ranking.ranked
@@ -399,7 +401,7 @@ def _probe_alternatives(options: PruneOptions, given: dict, found, prep: _Prepar
     """Other cuts to try when the probe finds the pruned model slower (see :func:`_never_slower`):
     the layers it blames kept whole; widths on the machine's block, unless the user set a block."""
     out = []
-    layers = {n.name for n in prep.model.graph.node if n.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul")}
+    layers = {n.name for n in prep.model.graph.node if n.op_type in LAYER_OPS}
     blamed = [b.node for b in found.blame if b.node in layers]
     if blamed:
         shown = ", ".join(blamed[:3]) + (f" and {len(blamed) - 3} more" if len(blamed) > 3 else "")
@@ -571,7 +573,7 @@ def _probe_int8(model, prep: _Prepared, options: PruneOptions, result: PruneResu
     feeds = probe_inputs(prep.model, prep.input_shapes, batch=options.latency_batch, samples=_user_samples(prep))
     found = probe(alone.model, result.model, feeds, threads=options.threads)
     _record_int8_probe(result.report, found, options.latency_batch)
-    layers = {n.name for n in prep.model.graph.node if n.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul")}
+    layers = {n.name for n in prep.model.graph.node if n.op_type in LAYER_OPS}
     # onnxruntime names a QDQ group it fused into one INT8 kernel after the layer: '<layer>_token_<n>'
     names = sorted({re.sub(r"_token_\d+$", "", b.node) for b in found.blame} & layers)
     if found.faster or not names:
@@ -651,10 +653,10 @@ def _quantization_report(prep: _Prepared, pruned: onnx.ModelProto, quantized: in
         return out
     names = [o.name for o in prep.model.graph.output]
     batch, count = verify.static_batch(prep.model), verification.samples
-    original = verify.run(prep.session or verify.session(prep.model, prep.source), feeds, batch, names)
-    slim = verify.run(verify.session(pruned, f"{prep.source} (pruned)"), feeds, batch, names)
-    deployed = verify.first_samples(outputs, count, verify.count(feeds))
-    original, slim = (verify.first_samples(o, count, verify.count(feeds)) for o in (original, slim))
+    original = ort_runtime.run(prep.session or ort_runtime.session(prep.model, prep.source), feeds, batch, names)
+    slim = ort_runtime.run(ort_runtime.session(pruned, f"{prep.source} (pruned)"), feeds, batch, names)
+    deployed = ort_runtime.first_samples(outputs, count, ort_runtime.count(feeds))
+    original, slim = (ort_runtime.first_samples(o, count, ort_runtime.count(feeds)) for o in (original, slim))
     described = verification.inputs
     pruning = verify.compare(prep.model, names, original, slim, count, described, f"{prep.source} (pruned)")
     quantization = verify.compare(prep.model, names, slim, deployed, count, described, f"{prep.source} (INT8)")
@@ -797,15 +799,16 @@ def _verify(prep: _Prepared, pruned: onnx.ModelProto, options: PruneOptions, wha
     notes.extend(n for n in [verify.padding_note(count, batch, "check")] if n)
     names = [o.name for o in prep.model.graph.output]
     try:
-        before = verify.run(prep.session or verify.session(prep.model, prep.source), feeds, batch, names)
+        before = ort_runtime.run(prep.session or ort_runtime.session(prep.model, prep.source), feeds, batch, names)
     except Exception as exc:  # onnxruntime raises its own unexported exception types
         if isinstance(exc, BnSlimError) or prep.check is not None:
             raise
         raise BnSlimError(f"{prep.source}: onnxruntime fails on the check's seeded N(0,1) inputs "
                           f"({str(exc).splitlines()[0][:200]}): this model needs real inputs; pass them with --data") from exc
-    padded = verify.pad(feeds, batch)  # whole batches, for the OpenVINO check too
-    after_padded = verify.run(verify.session(pruned, what, optimized=int8.is_quantized(pruned)), padded, batch, names)
-    after = verify.first_samples(after_padded, count, verify.count(padded))
+    padded = ort_runtime.pad(feeds, batch)  # whole batches, for the OpenVINO check too
+    after_padded = ort_runtime.run(ort_runtime.session(pruned, what, optimized=int8.is_quantized(pruned)),
+                                   padded, batch, names)
+    after = ort_runtime.first_samples(after_padded, count, ort_runtime.count(padded))
     result = verify.compare(prep.model, names, before, after, count, described, what)
     result.random, result.calibration_samples = prep.check is None, prep.calibration_count
     result.disjoint = prep.check is None or prep.calibration is None or prep.check is not prep.calibration

@@ -37,11 +37,12 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from ..ir import openvino_ir
-from ..ir.runtime import ort_session
+from ..ir.runtime import session
 from ..ir.data import load as load_samples
 from ..errors import BnSlimError
 from ..passes.metrics import measure
-from ..ir.model_io import as_file, load_model, too_large_for_protobuf
+from ..ir.model_io import as_file, load_model
+from ..ir.weights import LAYER_OPS
 from .report import grid
 from ..ir.shapes import graph_inputs, infer_shapes, resolve_input_shapes
 from ..passes.verify import concrete_shapes, make_inputs, open_layer_shapes, static_batch
@@ -157,7 +158,7 @@ class _Progress:
 
 
 def _ort_runner(path: Path, threads: int) -> Callable[[dict], object]:
-    sess = ort_session(path, threads)
+    sess = session(path, str(path), optimized=True, threads=threads, timing=True)
     return lambda feeds: sess.run(None, feeds)
 
 
@@ -456,39 +457,23 @@ def probe(original: onnx.ModelProto, pruned: onnx.ModelProto, feeds: dict[str, n
     and the nodes whose time grew are named, most grown first.
     """
     threads = threads or os.cpu_count() or 1
-    with _proto_source(original) as a, _proto_source(pruned) as b:
-        sessions = [ort_session(a, threads), ort_session(b, threads)]
-        runners = [lambda f, s=s: s.run(None, f) for s in sessions]
-        times = _alternate(runners, feeds, warmup, max(runs, 1), min_seconds)
-        del runners, sessions
-        result = ProbeResult(float(np.median(times[0]) * 1e3), float(np.median(times[1]) * 1e3), len(times[0]))
-        if not result.faster:
-            result.blame = _blame(original, _node_times(a, feeds, threads, profile_runs),
-                                  _node_times(b, feeds, threads, profile_runs))
+    sessions = [session(m, what, optimized=True, threads=threads, timing=True)
+                for m, what in ((original, "the original model"), (pruned, "the pruned model"))]
+    runners = [lambda f, s=s: s.run(None, f) for s in sessions]
+    times = _alternate(runners, feeds, warmup, max(runs, 1), min_seconds)
+    del runners, sessions
+    result = ProbeResult(float(np.median(times[0]) * 1e3), float(np.median(times[1]) * 1e3), len(times[0]))
+    if not result.faster:
+        result.blame = _blame(original, _node_times(original, feeds, threads, profile_runs),
+                              _node_times(pruned, feeds, threads, profile_runs))
     return result
 
 
-class _proto_source:
-    """Serialized bytes of a model, or a temporary file when it is too large for one protobuf."""
-
-    def __init__(self, model: onnx.ModelProto):
-        self.model, self.ctx = model, None
-
-    def __enter__(self) -> bytes | Path:
-        if not too_large_for_protobuf(self.model):
-            return self.model.SerializeToString()
-        self.ctx = as_file(self.model)
-        return self.ctx.__enter__()
-
-    def __exit__(self, *exc) -> None:
-        if self.ctx is not None:
-            self.ctx.__exit__(*exc)
-
-
-def _node_times(model: bytes | Path, feeds: dict, threads: int, runs: int) -> dict[str, tuple[str, float]]:
+def _node_times(model: onnx.ModelProto | bytes, feeds: dict, threads: int, runs: int) -> dict[str, tuple[str, float]]:
     """Median kernel ms per executed node (onnxruntime's names after its graph optimizations)."""
     with tempfile.TemporaryDirectory(prefix="onnx-bnslim-profile-") as tmp:
-        sess = ort_session(model, threads, profile=str(Path(tmp) / "profile"))
+        sess = session(model, "the model profiled", optimized=True, threads=threads, timing=True,
+                       profile=str(Path(tmp) / "profile"))
         for _ in range(max(runs, 1) + 1):
             sess.run(None, feeds)
         events = json.loads(Path(sess.end_profiling()).read_text())
@@ -518,9 +503,6 @@ def _blame(original: onnx.ModelProto, before: dict[str, tuple[str, float]], afte
     return sorted(found, key=lambda b: b.original_ms - b.pruned_ms)
 
 
-_LAYERS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
-
-
 def _layer_of(model: onnx.ModelProto, profiled: str) -> str:
     """The original node behind an onnxruntime node name: the same name, or, for a node the
     runtime renamed after a tensor (``<tensor>_nchwc`` when it fused a Conv with its BN / ReLU),
@@ -535,10 +517,10 @@ def _layer_of(model: onnx.ModelProto, profiled: str) -> str:
     tensor = profiled.removesuffix("_nchwc")
     node = producer.get(tensor)
     for _ in range(6):  # back through the activation / BN / Add the runtime fused into the layer
-        if node is None or node.op_type in _LAYERS:
+        if node is None or node.op_type in LAYER_OPS:
             break
         node = next((producer[i] for i in node.input if i in producer), None)
-    if node is not None and node.op_type in _LAYERS:
+    if node is not None and node.op_type in LAYER_OPS:
         return node.name or node.output[0]
     return profiled
 

@@ -16,6 +16,7 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx import helper, numpy_helper
 
+from .ops import CAST, CAST_LIKE, CONSTANT, IDENTITY, SEQUENCE_AT, SHAPE, SPLIT_TO_SEQUENCE
 from .values import constant_values
 
 # Cheap ops worth folding when every input is constant.
@@ -66,10 +67,10 @@ def fold_constants(graph: gs.Graph) -> int:
         if len(node.outputs) != 1 or node.outputs[0].name in graph_outputs:
             continue
         out = node.outputs[0]
-        if node.op == "Identity" and isinstance(node.inputs[0], gs.Constant):
+        if node.op == IDENTITY and isinstance(node.inputs[0], gs.Constant):
             const = node.inputs[0]  # shared parameters (torch writes Identity for them) stay one tensor
         else:
-            if node.op == "Constant":
+            if node.op == CONSTANT:
                 value = _constant_node_value(node)
             elif node.op in FOLDABLE:
                 call = _as_constant_call(node)
@@ -79,7 +80,7 @@ def fold_constants(graph: gs.Graph) -> int:
             if value is None or value.size > MAX_FOLDED:
                 continue
             const = gs.Constant(out.name + "_folded", value)
-            source = node.inputs[0] if node.op == "Cast" else None
+            source = node.inputs[0] if node.op == CAST else None
             if isinstance(source, gs.Constant) and not source.inputs and _widens(source, value):
                 const._bnslim_storage = Storage(source.name, np.dtype(source.dtype), out.name, node.name,
                                                 int(node.attrs["to"]))
@@ -122,7 +123,7 @@ def restore_storage(graph: gs.Graph) -> dict[str, int]:
                     if copy:
                         source._bnslim_from = storage.source
                     out = gs.Variable(storage.output + copy, dtype=values.dtype, shape=list(values.shape))
-                    graph.nodes.append(gs.Node("Cast", storage.cast + copy, {"to": storage.to},
+                    graph.nodes.append(gs.Node(CAST, storage.cast + copy, {"to": storage.to},
                                                inputs=[source], outputs=[out]))
                     done[id(tensor)] = out
                     narrow += 1
@@ -141,11 +142,11 @@ def split_sequences(graph: gs.Graph) -> int:
     the dynamo exporter with ``optimize=False``) becomes the plain ``Split`` it stands for."""
     rewritten = 0
     for node in list(graph.nodes):
-        if node.op != "SplitToSequence" or node.attrs.get("keepdims", 1) != 1 or len(node.inputs) < 2:
+        if node.op != SPLIT_TO_SEQUENCE or node.attrs.get("keepdims", 1) != 1 or len(node.inputs) < 2:
             continue
         sizes = constant_values(node.inputs[1])
         readers = list(node.outputs[0].outputs)
-        picks = [constant_values(r.inputs[1]) if r.op == "SequenceAt" else None for r in readers]
+        picks = [constant_values(r.inputs[1]) if r.op == SEQUENCE_AT else None for r in readers]
         if sizes is None or sizes.ndim != 1 or any(p is None for p in picks) or \
                 any(node.outputs[0] is o for o in graph.outputs):
             continue
@@ -186,17 +187,17 @@ def _as_constant_call(node: gs.Node) -> tuple[str, list[np.ndarray | None], dict
     Shape reads only the shape of its input and CastLike only the type of its second input.
     """
     attrs = {k: (numpy_helper.from_array(v.values) if isinstance(v, gs.Constant) else v) for k, v in node.attrs.items()}
-    if node.op == "Shape":
+    if node.op == SHAPE:
         source = node.inputs[0]
         if not isinstance(source, gs.Constant):
             return None
         start, end = attrs.get("start", 0), attrs.get("end")
-        return "Identity", [np.array(source.shape[start:end], np.int64)], {}
-    if node.op == "CastLike":
+        return IDENTITY, [np.array(source.shape[start:end], np.int64)], {}
+    if node.op == CAST_LIKE:
         value, like = node.inputs
         if not isinstance(value, gs.Constant) or like.dtype is None:
             return None
-        return "Cast", [constant_values(value)], {"to": helper.np_dtype_to_tensor_dtype(np.dtype(like.dtype))}
+        return CAST, [constant_values(value)], {"to": helper.np_dtype_to_tensor_dtype(np.dtype(like.dtype))}
     args = []
     for t in node.inputs:
         value = constant_values(t) if t.name else None

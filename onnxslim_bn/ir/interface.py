@@ -17,6 +17,7 @@ import onnx_graphsurgeon as gs
 from onnx import helper, numpy_helper
 
 from ..errors import BnSlimError
+from .ops import constant_tensor
 
 log = logging.getLogger(__name__)
 
@@ -201,8 +202,7 @@ def account(original: onnx.ModelProto, pruned: onnx.ModelProto, origins: dict[st
     by name -> their bytes in the storage type: only those bytes count as added."""
     widened = widened or {}
     before = sum(_nbytes(t) for t in original.graph.initializer)
-    before += sum(_nbytes(a.t) for n in original.graph.node if n.op_type == "Constant"
-                  for a in n.attribute if a.name == "value" and a.type == onnx.AttributeProto.TENSOR)
+    before += sum(_nbytes(t) for t in map(constant_tensor, original.graph.node) if t is not None)
     account = WeightBytes(before, sum(_nbytes(t) for t in pruned.graph.initializer))
     names = {t.name for t in original.graph.initializer}
     groups: dict[str, list[onnx.TensorProto]] = {}

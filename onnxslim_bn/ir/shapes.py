@@ -10,6 +10,7 @@ from onnx import TensorProto, helper
 
 from ..errors import BnSlimError
 from .fold import CONSTANT_ATTRS, FOLDABLE, evaluate
+from .ops import CONSTANT, SHAPE
 
 log = logging.getLogger(__name__)
 
@@ -144,7 +145,7 @@ def _fold_shape_arithmetic(light: onnx.ModelProto, shapes: dict[str, list]) -> b
     folded = False
     for node in light.graph.node:
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-        if node.op_type == "Constant":
+        if node.op_type == CONSTANT:
             if "value" in attrs:
                 known[node.output[0]] = numpy_helper.to_array(attrs["value"])
             for name, dtype in CONSTANT_ATTRS.items():
@@ -153,7 +154,7 @@ def _fold_shape_arithmetic(light: onnx.ModelProto, shapes: dict[str, list]) -> b
             continue
         if node.op_type not in FOLDABLE or len(node.output) != 1:
             continue
-        if node.op_type == "Shape":
+        if node.op_type == SHAPE:
             dims = shapes.get(node.input[0])
             if not _is_static(dims):
                 continue
@@ -166,7 +167,7 @@ def _fold_shape_arithmetic(light: onnx.ModelProto, shapes: dict[str, list]) -> b
             if value is None:
                 continue
         known[node.output[0]] = value
-        node.op_type, node.domain = "Constant", ""
+        node.op_type, node.domain = CONSTANT, ""
         del node.input[:]
         del node.attribute[:]
         node.attribute.append(helper.make_attribute("value", numpy_helper.from_array(np.asarray(value), node.output[0])))

@@ -7,6 +7,8 @@ import hashlib
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from .ops import BIAS_ADD
+
 
 def constant_values(tensor: gs.Tensor) -> np.ndarray | None:
     """The numpy value of a constant input, or None when the tensor is computed."""
@@ -111,7 +113,7 @@ def add_after(graph: gs.Graph, node: gs.Node, values: np.ndarray, name: str) -> 
     const = gs.Constant(unique_name(graph, f"{node.name}_{name}", {pre.name}), values)
     add_name = unique_name(graph, f"{node.name}_{name}", {pre.name, const.name})
     node.outputs[0] = pre
-    graph.nodes.append(gs.Node("Add", add_name, inputs=[pre, const], outputs=[out]))
+    graph.nodes.append(gs.Node(BIAS_ADD, add_name, inputs=[pre, const], outputs=[out]))
 
 
 def known_product(dims: list | None) -> int | None:

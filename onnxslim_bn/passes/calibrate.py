@@ -18,17 +18,13 @@ Two reducers:
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
 
+from ..ir import runtime
 from ..passes import verify
-
-log = logging.getLogger(__name__)
-
 
 # ------------------------------------------------------------------------------ row extraction
 @dataclass(frozen=True)
@@ -248,22 +244,6 @@ class Gram:
 
 
 # ------------------------------------------------------------------------------------ the stage
-def chunks(feeds: dict[str, np.ndarray], batch: int | None,
-           step: int | None = None) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray]]]:
-    """(sample indices, feeds) per chunk: the model's fixed batch size, else ``step`` samples
-    (default 32: small enough that one chunk of a large activation stays in memory, large
-    enough to be fast)."""
-    step = batch or step or 32
-    n = verify.count(feeds)  # rank-0 inputs (0-d arrays) are fed whole to every chunk
-    if batch and n % batch:
-        log.warning("calibration: %d samples is not a multiple of the fixed batch %d; the last %d are not used",
-                    n, batch, n % batch)
-        n -= n % batch
-    for start in range(0, n, step):
-        stop = min(n, start + step)
-        yield np.arange(start, stop), {k: v[start:stop] if np.ndim(v) else v for k, v in feeds.items()}
-
-
 @dataclass
 class Calibration:
     moments: dict[str, Moments] = field(default_factory=dict)
@@ -279,11 +259,11 @@ def calibrate(model: onnx.ModelProto, feeds: dict[str, np.ndarray], moments: lis
     name -> how the layer reading it makes rows)."""
     grams = grams or {}
     names = list(dict.fromkeys([*moments, *grams]))
-    sess = verify.session(model, what, extra_outputs=names)
+    sess = runtime.session(model, what, extra_outputs=names)
     result = Calibration({n: Moments() for n in moments},
                          {n: Gram(p, max_positions, seed, i) for i, (n, p) in enumerate(grams.items())})
-    for samples, chunk in chunks(feeds, verify.static_batch(model)):
-        values = dict(zip(names, sess.run(names, chunk)))
+    for samples, outputs in runtime.stream(sess, feeds, names, verify.static_batch(model)):
+        values = dict(zip(names, outputs))
         for name, reducer in result.moments.items():
             reducer.update(values[name])
         for name, reducer in result.grams.items():

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
+from ..ir import runtime
 from ..passes import calibrate
 from ..channels.context import Analysis, Scores
 from ..channels.layout import Segment
@@ -117,7 +118,7 @@ def data_importance(analysis: Analysis, model: onnx.ModelProto, feeds: dict[str,
     opened = unscaled(analysis)
     ranked = [s.id for s in analysis.prunable() if s.sources] + opened
     unmeasured = [root for root in opened if root not in totals]
-    log.info("data importance: %d consumers measured on %d samples", measured, calibrate.verify.count(feeds))
+    log.info("data importance: %d consumers measured on %d samples", measured, runtime.count(feeds))
     scores = Scores(ranked=tuple((root, totals[root]) for root in ranked if root in totals), reopened=tuple(opened),
                     blocks=tuple(((Segment(root, analysis.spaces[root].size),), Reason("no-scale", None, NO_CONSUMER))
                                  for root in unmeasured),

@@ -41,7 +41,9 @@ from ..ir import openvino_ir
 from ..errors import BnSlimError
 from ..hardware import channel_block
 from ..ir.model_io import write_text
-from ..ir.runtime import ort_session
+from ..ir.ops import constant_names
+from ..ir.runtime import session
+from ..ir.weights import CONV_OPS, LAYER_OPS, axes_of
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +52,7 @@ CACHE_VERSION = 1
 # cannot be told apart (LatencyCurve.resolved)
 RESOLUTION_MS = 0.003
 FRACTIONS = (0.25, 0.5, 0.75, 1.0)
-LAYER_OPS = ("Conv", "ConvTranspose", "Gemm")
+TIMED_OPS = LAYER_OPS - {"MatMul"}  # a MatMul reads [batch, ..., K]: no one-node model of it is timed yet
 _OPSET = 13
 
 
@@ -151,7 +153,7 @@ class LayerShape:
 
     @property
     def depthwise(self) -> bool:
-        return self.op != "Gemm" and self.group > 1 and self.group == self.c_in and self.c_in == self.c_out
+        return self.op in CONV_OPS and self.group > 1 and self.group == self.c_in and self.c_in == self.c_out
 
     def key(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -173,11 +175,10 @@ def layer_shapes(model: onnx.ModelProto, shapes: dict[str, list], batch: int,
     counts: dict[str, int] = {}
     for node in model.graph.node:
         counts[node.name] = counts.get(node.name, 0) + 1
-    consts = {t.name for t in model.graph.initializer}
-    consts |= {o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
+    consts = constant_names(model)
     found: dict[str, LayerShape] = {}
     for node in model.graph.node:
-        if node.op_type not in LAYER_OPS or len(node.input) < 2 or node.input[1] not in consts:
+        if node.op_type not in TIMED_OPS or len(node.input) < 2 or node.input[1] not in consts:
             continue
         key = node.name if node.name and counts[node.name] == 1 else node.output[0]
         if wanted is not None and key not in wanted and node.output[0] not in wanted:
@@ -208,16 +209,13 @@ def _layer_shape(node: onnx.NodeProto, shapes: dict[str, list], batch: int) -> L
     attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in attrs.items()}
     bias = len(node.input) > 2 and bool(node.input[2])
     x = [batch, *x[1:]]
-    if node.op_type == "Gemm":
-        if len(x) != 2 or attrs.get("transA", 0):
+    found = axes_of(node.op_type, attrs)
+    c_in, c_out = found.in_channels(w), found.out_channels(w)
+    if not found.spatial:
+        if len(x) != 2 or found.transposed_input:
             return None
-        k, m = (w[1], w[0]) if attrs.get("transB", 0) else (w[0], w[1])
-        return LayerShape("Gemm", x, k, m, [], 1, {"transB": int(attrs.get("transB", 0))}, bias)
+        return LayerShape(node.op_type, x, c_in, c_out, [], 1, {"transB": int(attrs.get("transB", 0))}, bias)
     group = int(attrs.pop("group", 1))
-    if node.op_type == "Conv":
-        c_out, c_in = w[0], w[1] * group
-    else:  # ConvTranspose: weight [C_in, C_out / group, k...]
-        c_in, c_out = w[0], w[1] * group
     attrs.pop("kernel_shape", None)
     return LayerShape(node.op_type, x, c_in, c_out, list(w[2:]), group, attrs, bias)
 
@@ -240,13 +238,10 @@ def _widths(full: int, step: int) -> list[int]:
 def _branch(shape: LayerShape, k: int, c_in: int, c_out: int, rng: np.random.Generator):
     """Node, weights and input / output of the layer at one width, its tensors suffixed ``k``."""
     attrs = dict(shape.attrs)
-    if shape.op == "Gemm":
-        w_shape = [c_out, c_in] if attrs.get("transB") else [c_in, c_out]
-    else:
-        group = c_in if shape.depthwise else shape.group
-        attrs["group"] = group
+    if shape.op in CONV_OPS:
+        attrs["group"] = c_in if shape.depthwise else shape.group
         attrs["kernel_shape"] = shape.kernel
-        w_shape = [c_out, c_in // group, *shape.kernel] if shape.op == "Conv" else [c_in, c_out // group, *shape.kernel]
+    w_shape = axes_of(shape.op, attrs).shape(c_in, c_out, shape.kernel)
     inits = [onnx.numpy_helper.from_array((rng.standard_normal(w_shape) * 0.05).astype(np.float32), f"w{k}")]
     inputs = [f"x{k}", f"w{k}"]
     if shape.bias:
@@ -290,7 +285,8 @@ def _ort_branch_ms(model: onnx.ModelProto, threads: int, runs: int) -> dict[int,
 
     feeds = _feeds_for(model)
     with tempfile.TemporaryDirectory(prefix="onnx-bnslim-latency-") as tmp:
-        sess = ort_session(model.SerializeToString(), threads, profile=str(Path(tmp) / "profile"))
+        sess = session(model, "a layer timed alone", optimized=True, threads=threads, timing=True,
+                       profile=str(Path(tmp) / "profile"))
         for _ in range(runs + 1):
             sess.run(None, feeds)
         events = json.loads(Path(sess.end_profiling()).read_text())
@@ -340,7 +336,7 @@ def _time_points(shape: LayerShape, points: list[tuple[int, int]], runtime: str,
     sessions as the memory budget allows; the fastest over ``rounds`` sessions of ``runs`` runs
     (a busy neighbour can slow every run of one session)."""
     spatial = int(np.prod(shape.x_shape[2:])) if len(shape.x_shape) > 2 else 1
-    grow = max(shape.attrs.get("strides", [1]) or [1]) ** 2 if shape.op == "ConvTranspose" else 1
+    grow = max(shape.attrs.get("strides", [1]) or [1]) ** 2 if axes_of(shape.op, shape.attrs).scatters else 1
     chunks: list[list[tuple[int, int]]] = [[]]
     used = 0
     for ci, co in points:
@@ -365,7 +361,7 @@ def _time_points(shape: LayerShape, points: list[tuple[int, int]], runtime: str,
 
 def measure_curve(shape: LayerShape, runtime: str, threads: int, block: int) -> LatencyCurve:
     """Time one layer on its grid of widths and one width off the block on each side."""
-    step = _step(block, shape.group if shape.op != "Gemm" else 1)
+    step = _step(block, shape.group)
     if shape.depthwise:
         outs = _widths(shape.c_out, block)
         points = [(c, c) for c in outs]
@@ -388,7 +384,7 @@ def measure_curve(shape: LayerShape, runtime: str, threads: int, block: int) -> 
         if mid:
             extra["out"] = (ins[-1], mid - 1)
         mid = _off_width(ins, block)
-        if mid and shape.op != "Gemm":
+        if mid and shape.op in CONV_OPS:
             extra["in"] = (mid - 1, outs[-1])
     times = _time_points(shape, points + list(extra.values()), runtime, threads)
     grid = [[times[ci, co] for co in outs] for ci in ins]

@@ -41,10 +41,12 @@ from ..options import QUANTIZE_MODES as MODES
 from ..options import QUANTIZE_NEEDS_DATA as NEEDS_DATA
 from ..hardware import cpu_features
 from ..ir.model_io import _save_external, too_large_for_protobuf
-from . import verify
 from ..ir import data as data_module
+from ..ir import runtime
+from ..ir.ops import DEQUANTIZE, INT8, QDQ, QUANTIZE
 from ..ir.model_io import load_model, save_model
 from ..ir.shapes import resolve_input_shapes
+from .verify import static_batch
 
 log = logging.getLogger(__name__)
 
@@ -201,9 +203,7 @@ def _relative_error(got: list[np.ndarray], want: list[np.ndarray]) -> float:
 
 
 def _ort_run(model: onnx.ModelProto, feeds: dict[str, np.ndarray], batch: int | None) -> list[np.ndarray]:
-
-    sess = verify.session(model, "sensitivity", optimized=True)
-    return verify.run(sess, feeds, batch)
+    return runtime.run(runtime.session(model, "sensitivity", optimized=True), feeds, batch)
 
 
 def _fp32_nodes(quantized: onnx.ModelProto, prepared: onnx.ModelProto, nodes: Sequence[str]) -> onnx.ModelProto | None:
@@ -219,7 +219,7 @@ def _fp32_nodes(quantized: onnx.ModelProto, prepared: onnx.ModelProto, nodes: Se
     for target in [n for n in variant.graph.node if n.name in set(nodes)]:
         for i, name in enumerate(list(target.input)):
             dq = producer.get(name)
-            if dq is None or dq.op_type != "DequantizeLinear":
+            if dq is None or dq.op_type != DEQUANTIZE:
                 continue
             source = dq.input[0]
             if source in inits:  # a quantized constant: its float original
@@ -235,7 +235,7 @@ def _fp32_nodes(quantized: onnx.ModelProto, prepared: onnx.ModelProto, nodes: Se
                     inits.add(fresh)
                 target.input[i] = fresh
                 changed = True
-            elif producer.get(source) is not None and producer[source].op_type == "QuantizeLinear":
+            elif producer.get(source) is not None and producer[source].op_type == QUANTIZE:
                 target.input[i] = producer[source].input[0]
                 changed = True
     if not changed:
@@ -250,7 +250,7 @@ def _drop_unused(model: onnx.ModelProto) -> None:
     outputs = {o.name for o in graph.output}
     while True:
         read = {i for n in graph.node for i in n.input} | outputs
-        dead = [n for n in graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")
+        dead = [n for n in graph.node if n.op_type in QDQ
                 and not any(o in read for o in n.output)]
         if not dead:
             break
@@ -278,8 +278,7 @@ def sensitivity(fp32: onnx.ModelProto, quantized: Quantized, calibration: dict[s
     want = _ort_run(fp32, feeds, batch)
     result = Sensitivity(_relative_error(_ort_run(quantized.model, feeds, batch), want), samples=n)
     best_model, current = None, result.error
-    skip = ("QuantizeLinear", "DequantizeLinear")
-    candidates = [x.name for x in quantized.model.graph.node if x.op_type not in skip and x.name]
+    candidates = [x.name for x in quantized.model.graph.node if x.op_type not in QDQ and x.name]
     while quantized.prepared is not None and current >= SMALL_ERROR and len(result.chosen) < limit:
         errors, models = {}, {}
         for node in candidates:
@@ -386,26 +385,16 @@ def quantize_files(models: dict[str, str | Path], data, folder: str | Path, inpu
         shapes, _ = resolve_input_shapes(model, input_shapes or {}, str(path))
         samples = data_module.load(data, model, shapes, preprocess)
         calibration, _, note = data_module.split(samples, calibration_samples)
-        quantized, _ = quantize_with_fallback(model, calibration.arrays, str(path), _static_batch(model), fallback)
+        quantized, _ = quantize_with_fallback(model, calibration.arrays, str(path), static_batch(model), fallback)
         out[label], kept[label] = Path(folder) / f"{label}.onnx", quantized.excluded
         save_model(quantized.model, out[label])
         described = calibration.describe() + (f" ({note})" if note else "")
     return out, described, kept
 
 
-def _static_batch(model: onnx.ModelProto) -> int | None:
-    inits = {t.name for t in model.graph.initializer}
-    for value in model.graph.input:
-        dims = value.type.tensor_type.shape.dim
-        if value.name not in inits and dims and dims[0].HasField("dim_value") and dims[0].dim_value > 0:
-            return dims[0].dim_value
-    return None
-
-
 def is_quantized(model: onnx.ModelProto) -> bool:
     """Whether the model already holds QDQ or QOperator INT8 nodes."""
-    return any(n.op_type in ("QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul", "ConvInteger",
-                             "MatMulInteger") for n in model.graph.node)
+    return any(n.op_type in INT8 for n in model.graph.node)
 
 
 def step_metrics(verification) -> dict:

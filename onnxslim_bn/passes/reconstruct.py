@@ -48,13 +48,16 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from .calibrate import Gram, Patches, _ids, chunks, sample_positions
+from .calibrate import Gram, Patches, _ids, sample_positions
+from ..ir import runtime
 from ..ir.model_io import weight_bytes
-from .verify import count as sample_count, static_batch
+from ..ir.ops import BIAS_ADD, IDENTITY, constant_tensor, storage_casts
+from ..ir.weights import LAYER_OPS, axes
+from .verify import static_batch
 
 log = logging.getLogger(__name__)
 
-CONSUMER_OPS = ("Conv", "Gemm", "MatMul")
+CONSUMER_OPS = LAYER_OPS - {"ConvTranspose"}  # a transposed conv scatters: its rows are no im2col patches
 # a layer refit only because its input changed (``downstream``) needs this many sampled rows per
 # unknown of its least-squares problem; below that, it stays as it is
 MIN_ROWS_PER_UNKNOWN = 4
@@ -135,9 +138,10 @@ class _Constants:
         self.nodes: dict[str, onnx.TensorProto] = {}
         self.alias: dict[str, str] = {}
         for node in model.graph.node:
-            if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
-                self.nodes[node.output[0]] = node.attribute[0].t
-            elif node.op_type == "Identity" and node.input[0] in self:
+            tensor = constant_tensor(node)
+            if tensor is not None:
+                self.nodes[node.output[0]] = tensor
+            elif node.op_type == IDENTITY and node.input[0] in self:
                 self.alias[node.output[0]] = node.input[0]
 
     def _resolve(self, name: str) -> str:
@@ -155,17 +159,11 @@ class _Constants:
         return None if proto is None else numpy_helper.to_array(proto)
 
 
-def _attrs(node: onnx.NodeProto) -> dict:
-    return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-
-
 def _as_rows(node: onnx.NodeProto, weight: np.ndarray) -> tuple[np.ndarray, int]:
     """The weight as [outputs, inputs per group, taps] and the group count."""
-    if node.op_type == "Conv":
-        return weight.reshape(weight.shape[0], weight.shape[1], -1), int(_attrs(node).get("group", 1))
-    if node.op_type == "Gemm" and _attrs(node).get("transB", 0):
-        return weight[:, :, None], 1
-    return weight.T[:, :, None], 1
+    found = axes(node)
+    rows = weight if found.out_axis == 0 else np.swapaxes(weight, 0, 1)
+    return rows.reshape(rows.shape[0], rows.shape[1], -1), found.groups
 
 
 def _subsequence(row: np.ndarray, sub: np.ndarray) -> np.ndarray | None:
@@ -224,14 +222,6 @@ def kept_outputs(orig: np.ndarray, orig_groups: int, pruned: np.ndarray, pruned_
     return None
 
 
-def _input_channels(node: onnx.NodeProto, shape: tuple[int, ...]) -> int:
-    if node.op_type == "Conv":
-        return shape[1] * int(_attrs(node).get("group", 1))
-    if node.op_type == "Gemm" and _attrs(node).get("transB", 0):
-        return shape[1]
-    return shape[0]
-
-
 def _graphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
     out = []
     for a in node.attribute:
@@ -279,8 +269,7 @@ def find_layers(original: onnx.ModelProto, pruned: onnx.ModelProto, consumers: l
     for node in pruned.graph.node:
         for name in reads(node):
             readers.setdefault(name, []).append(node)
-    casts = {n.output[0]: n for n in pruned.graph.node if n.op_type == "Cast" and n.input[0] in pruned_const}
-    orig_casts = {n.output[0]: n for n in original.graph.node if n.op_type == "Cast" and n.input[0] in orig_const}
+    casts, orig_casts = storage_casts(pruned, pruned_const), storage_casts(original, orig_const)
     layers, skipped = [], []
     for node in pruned.graph.node:
         if changed.intersection(reads(node)):
@@ -291,7 +280,7 @@ def find_layers(original: onnx.ModelProto, pruned: onnx.ModelProto, consumers: l
         target, trailing, border = node.output[0], None, None
         if orig_by_out.get(target) is None or orig_by_out[target].op_type != node.op_type:
             after = readers.get(target, [])
-            if (len(after) == 1 and after[0].op_type == "Add" and after[0].input[0] == target
+            if (len(after) == 1 and after[0].op_type == BIAS_ADD and after[0].input[0] == target
                     and after[0].input[1] in pruned_const and orig_by_out.get(after[0].output[0]) is not None
                     and orig_by_out[after[0].output[0]].op_type == node.op_type):
                 trailing, target = after[0], after[0].output[0]
@@ -306,7 +295,7 @@ def find_layers(original: onnx.ModelProto, pruned: onnx.ModelProto, consumers: l
         if trailing is not None:
             extra = pruned_const.get(trailing.input[1])
             if extra.size != len(_as_rows(node, w)[0]):  # not a bias: the surgery's border map
-                if node.op_type != "Conv" or extra.ndim != 4 or extra.shape[:2] != (1, len(_as_rows(node, w)[0])):
+                if not axes(node).spatial or extra.ndim != 4 or extra.shape[:2] != (1, len(_as_rows(node, w)[0])):
                     skipped.append((label, "a constant tensor that is neither a bias nor a border map is added behind it"))
                     continue
                 trailing, border = None, trailing
@@ -316,12 +305,12 @@ def find_layers(original: onnx.ModelProto, pruned: onnx.ModelProto, consumers: l
             if border is not None and leftover is not None:  # not refit: its map is settled by size
                 leftover.append((node, border))
             continue
-        channels = (_input_channels(node, w.shape), _input_channels(orig_node, w_orig.shape))
+        channels = (axes(node).in_channels(w.shape), axes(orig_node).in_channels(w_orig.shape))
         if channels[0] == channels[1] and not (downstream and node.input[0] in changed):
             continue
         changed.update(node.output)
         reason = None
-        attrs = _attrs(node)
+        found = axes(node)
         others = [r for name in node.input[1:3] if name for r in readers.get(name, []) if r is not node]
         if label in frozen or node.name in frozen:
             reason = "protected with --keep"
@@ -331,12 +320,11 @@ def find_layers(original: onnx.ModelProto, pruned: onnx.ModelProto, consumers: l
             inside = [r for r in others if node.input[1] not in r.input and (len(node.input) < 3 or node.input[2] not in r.input)]
             reason = (f"its weight is also read by {others[0].op_type} {others[0].name or others[0].output[0]}"
                       + (" inside a subgraph" if inside else "") + ": refitting it in place would change that reader too")
-        elif node.op_type == "Gemm" and attrs.get("transA", 0):
-            reason = "Gemm with transA"
-        elif node.op_type == "Gemm" and len(node.input) > 2 and node.input[2] and node.input[2] not in pruned_const:
-            reason = "Gemm with a computed bias"
-        elif node.op_type == "Conv" and len(node.input) > 2 and node.input[2] and node.input[2] not in pruned_const:
-            reason = "Conv with a computed bias"
+        elif found.transposed_input:
+            reason = f"{node.op_type} with transA"
+        elif found.bias is not None and len(node.input) > found.bias and node.input[found.bias] and \
+                node.input[found.bias] not in pruned_const:
+            reason = f"{node.op_type} with a computed bias"
         elif any(name in pruned_const.alias for name in node.input[1:]):
             reason = "its weight or bias is read through an Identity"
         elif not np.issubdtype(w.dtype, np.floating):
@@ -357,23 +345,6 @@ def find_layers(original: onnx.ModelProto, pruned: onnx.ModelProto, consumers: l
 
 
 # --------------------------------------------------------------------------- running the models
-def _session(model: onnx.ModelProto):
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-
-
-def _with_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
-    """A copy of the model (weights shared by value) whose outputs are ``names``."""
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    del out.graph.output[:]
-    out.graph.output.extend(onnx.helper.make_empty_tensor_value_info(n) for n in names)
-    return out
-
-
 def _submodel(model: onnx.ModelProto, nodes: list[onnx.NodeProto], inputs: dict[str, np.dtype],
               outputs: list[str], constants: dict[str, onnx.TensorProto]) -> onnx.ModelProto:
     used = {n for node in nodes for n in reads(node)}
@@ -477,15 +448,13 @@ def _current(layer: _Layer, const: dict[str, onnx.TensorProto]) -> np.ndarray:
     """The layer's present weights and bias as [groups, d + 1, outputs per group]."""
     node = layer.node
     w = numpy_helper.to_array(const[node.input[1]]).astype(np.float64)
-    attrs = _attrs(node)
+    found = axes(node)
     rows, groups = _as_rows(node, w)
     bias = np.zeros(len(rows))
-    if node.op_type == "Gemm":
-        rows = rows * attrs.get("alpha", 1.0)
-    if node.op_type in ("Conv", "Gemm") and len(node.input) > 2 and node.input[2]:
-        b = numpy_helper.to_array(const[node.input[2]]).astype(np.float64)
-        scale = attrs.get("beta", 1.0) if node.op_type == "Gemm" else 1.0
-        bias = bias + np.broadcast_to(b.reshape(-1), bias.shape) * scale
+    rows = rows * found.scale  # Gemm's alpha (1 for the other layers)
+    if found.bias is not None and len(node.input) > found.bias and node.input[found.bias]:
+        b = numpy_helper.to_array(const[node.input[found.bias]]).astype(np.float64)
+        bias = bias + np.broadcast_to(b.reshape(-1), bias.shape) * found.bias_scale
     if layer.trailing_add is not None:
         bias = bias + numpy_helper.to_array(const[layer.trailing_add.input[1]]).astype(np.float64).reshape(-1)
     per = len(rows) // groups
@@ -528,8 +497,9 @@ def _set_constant(model: onnx.ModelProto, const: dict[str, onnx.TensorProto], na
             break
     else:
         for node in model.graph.node:
-            if node.op_type == "Constant" and list(node.output) == [name]:
-                node.attribute[0].t.CopyFrom(tensor)
+            held = constant_tensor(node)
+            if held is not None and list(node.output) == [name]:
+                held.CopyFrom(tensor)
                 break
         else:
             model.graph.initializer.append(tensor)
@@ -564,19 +534,14 @@ def _write(layer: _Layer, w: np.ndarray, model: onnx.ModelProto, const: dict[str
                 break
         node.attribute.append(onnx.helper.make_attribute(key, value))
 
-    label = node.name or layer.target
-    if node.op_type == "Conv":
-        put(1, weight.reshape(layer.weight_shape), label)
-        put(2, bias, label)
-    elif node.op_type == "Gemm":
-        put(1, weight if _attrs(node).get("transB", 0) else weight.T, label)
-        put(2, bias, label)
-        set_attr("alpha", 1.0)
-        set_attr("beta", 1.0)
-    else:
-        put(1, weight.T, label)
+    label, found = node.name or layer.target, axes(node)
+    put(1, (weight if found.out_axis == 0 else weight.T).reshape(layer.weight_shape), label)
+    if found.bias is not None:
+        put(found.bias, bias, label)
+    for key in found.scale_attrs:  # the fit holds them
+        set_attr(key, 1.0)
     if layer.trailing_add is not None:  # MatMul: its bias Add; Conv/Gemm: zero now (removed at the end)
-        values = bias if node.op_type == "MatMul" else np.zeros_like(bias)
+        values = bias if found.bias is None else np.zeros_like(bias)
         old = numpy_helper.to_array(const[layer.trailing_add.input[1]])
         _set_constant(model, const, layer.trailing_add.input[1], values.reshape(old.shape).astype(old.dtype))
 
@@ -585,7 +550,7 @@ def _add_bias_slots(model: onnx.ModelProto, layers: list[_Layer], taken: set[str
     """Give every MatMul layer without one a bias ``Add`` (zero until refit). Done before the
     model runs: the graph's structure stays fixed while the layers are refit."""
     for layer in layers:
-        if layer.node.op_type != "MatMul" or layer.trailing_add is not None:
+        if axes(layer.node).bias is not None or layer.trailing_add is not None:
             continue
         node = layer.node
         weight = next((t for t in model.graph.initializer if t.name == node.input[1]), None)
@@ -594,7 +559,7 @@ def _add_bias_slots(model: onnx.ModelProto, layers: list[_Layer], taken: set[str
                                         _unique(f"{node.name or node.output[0]}_bias", taken))
         model.graph.initializer.append(zeros)
         pre = _unique(f"{node.output[0]}_refit_in", taken)
-        add = onnx.helper.make_node("Add", [pre, zeros.name], [node.output[0]],
+        add = onnx.helper.make_node(BIAS_ADD, [pre, zeros.name], [node.output[0]],
                                     name=_unique(f"{node.name or node.output[0]}_refit_bias", taken))
         node.output[0] = pre
         position = next(i for i, n in enumerate(model.graph.node) if n is node)
@@ -633,7 +598,7 @@ def _fold_bias_adds(model: onnx.ModelProto, layers: list[_Layer]) -> None:
     bias slots of MatMul layers left as they were, and the border maps the refit dropped."""
     for layer in layers:
         add = layer.trailing_add
-        if add is not None and ((layer.node.op_type != "MatMul" and layer.refit) or (layer.slot and not layer.refit)):
+        if add is not None and ((axes(layer.node).bias is not None and layer.refit) or (layer.slot and not layer.refit)):
             _remove_after(model, layer, add)
             layer.trailing_add = None
         if layer.border is not None and layer.map_kept is False:
@@ -672,7 +637,7 @@ def reconstruct(original: onnx.ModelProto, pruned: onnx.ModelProto, feeds: dict[
     model = copy.deepcopy(pruned)
     leftover: list[tuple[onnx.NodeProto, onnx.NodeProto]] = []
     layers, skipped = find_layers(original, model, consumers, downstream, frozen, leftover)
-    report = ReconstructionReport(samples=sample_count(feeds), skipped=skipped)
+    report = ReconstructionReport(samples=runtime.count(feeds), skipped=skipped)
     batch = static_batch(original)
     if layers and batch and report.samples < batch:
         report.skipped.extend((layer.node.name or layer.target, f"{report.samples} calibration samples do not fill "
@@ -686,7 +651,7 @@ def reconstruct(original: onnx.ModelProto, pruned: onnx.ModelProto, feeds: dict[
         return model, report
     for layer in layers:
         # a Conv's SAME padding needs the input size: its patches are set again at the refit
-        patches = Patches.for_conv(layer.node, layer.weight_shape, None) if layer.node.op_type == "Conv" else Patches()
+        patches = Patches.for_conv(layer.node, layer.weight_shape, None) if axes(layer.node).spatial else Patches()
         rows = min(max_rows, max(ROWS_FLOOR, MIN_ROWS_PER_UNKNOWN * _unknowns(layer)))
         per_sample = max(1, min(max_positions, rows // max(report.samples, 1)))
         layer.gram = Gram(patches, per_sample, seed, layer.index)
@@ -714,12 +679,8 @@ def reconstruct(original: onnx.ModelProto, pruned: onnx.ModelProto, feeds: dict[
 
 def _unknowns(layer: _Layer) -> int:
     """Columns of the layer's least-squares problem per group: its weight's inputs, and a bias."""
-    shape, op = layer.weight_shape, layer.node.op_type
-    if op == "Conv":
-        return int(np.prod(shape[1:])) + 1
-    if op == "Gemm" and _attrs(layer.node).get("transB", 0):
-        return int(shape[1]) + 1
-    return int(shape[0]) + 1
+    out_axis = axes(layer.node).out_axis
+    return int(np.prod([d for a, d in enumerate(layer.weight_shape) if a != out_axis])) + 1
 
 
 
@@ -759,15 +720,14 @@ def _collect_targets(original: onnx.ModelProto, feeds: dict[str, np.ndarray], la
     the fixed batch, else as many samples as keep every layer output of one chunk within
     ``CHUNK_BYTES`` (all of a ResNet-50's conv outputs are ~100 MB per 224x224 sample)."""
     targets = [layer.target for layer in layers]
-    sess = _session(_with_outputs(original, targets))
+    sess = runtime.session(original, "the original model (reconstruction)", optimized=True, extra_outputs=targets)
     size = batch
     if size is None:
         probe = sess.run(targets, {k: v[:1] if np.ndim(v) else v for k, v in feeds.items()})
         size = int(max(1, min(32, CHUNK_BYTES // max(1, sum(v.nbytes for v in probe)))))
         del probe
-    for index, (samples, chunk) in enumerate(chunks(feeds, batch, size)):
+    for index, (samples, values) in enumerate(runtime.stream(sess, feeds, targets, batch, size)):
         store.ranges.append((int(samples[0]), int(samples[-1]) + 1))
-        values = sess.run(targets, chunk)
         for layer, y in zip(layers, values):
             rows = layer.gram.target_rows(y, samples)[..., layer.kept_outputs].astype(np.float32)
             store.put(f"target {layer.index}", index, rows)
@@ -786,8 +746,9 @@ def _refit_in_order(model: onnx.ModelProto, layers: list[_Layer], batch: int | N
     _add_bias_slots(model, layers, taken)
     const = {t.name: t for t in model.graph.initializer}
     for node in model.graph.node:  # Constant nodes travel with every segment that reads them
-        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
-            const[node.output[0]] = numpy_helper.from_array(numpy_helper.to_array(node.attribute[0].t), node.output[0])
+        held = constant_tensor(node)
+        if held is not None:
+            const[node.output[0]] = numpy_helper.from_array(numpy_helper.to_array(held), node.output[0])
     # one list of the node objects, held throughout: protobuf hands out a new wrapper per access
     # when none is alive, so identity (and id()) holds only while this list does
     every = list(model.graph.node)
@@ -813,7 +774,8 @@ def _refit_in_order(model: onnx.ModelProto, layers: list[_Layer], batch: int | N
             made = {o for n in here for o in n.output}
             inputs = {n: store.dtype(n) for node in here for n in reads(node)
                       if n not in made and n not in const and n in store}
-            sess = _session(_submodel(model, here, inputs, outputs, const))
+            sess = runtime.session(_submodel(model, here, inputs, outputs, const), "a segment of the pruned model "
+                                   "(reconstruction)", optimized=True)
             for i in range(count):
                 for name, value in zip(outputs, sess.run(outputs, {n: store.get(n, i) for n in inputs})):
                     store.put(name, i, value)
@@ -840,7 +802,7 @@ def _refit(layer: _Layer, store: _Store, count: int, model: onnx.ModelProto, con
     w0 = _current(layer, const)
     for i in range(count):
         x = store.get(node.input[0], i)
-        if i == 0 and node.op_type == "Conv":
+        if i == 0 and axes(node).spatial:
             gram.patches = Patches.for_conv(node, layer.weight_shape, tuple(x.shape[2:]))
             if plain is not None:
                 plain.patches = gram.patches

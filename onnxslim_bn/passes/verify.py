@@ -34,10 +34,13 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import onnx
 
-from ..ir import data
 from ..errors import BnSlimError
+from ..ir import data, runtime
 from ..ir.model_io import as_file, too_large_for_protobuf
 from ..ir.shapes import graph_inputs
+from ..ir.ops import BIAS_ADD, UNCHANGED, constant_names
+from ..ir.weights import FEATURE_OPS, LAYER_OPS, UNBIASED_OPS
+from ..rules.ops import SOFTMAX_LAST_AXIS_OPSET, SOFTMAX_OPS
 
 log = logging.getLogger(__name__)
 
@@ -114,44 +117,10 @@ class Verification:
                 "cosine": self.cosine, "top1_agreement": self.top1_agreement}
 
 
-def session(model: onnx.ModelProto, what: str, extra_outputs: list[str] = (), optimized: bool = False):
-    """An onnxruntime CPU session for a model held in memory, with intermediate tensors as
-    ``extra_outputs`` if asked (the model is left exactly as it was).
-
-    Graph optimizations are off: the check runs the graph as written, and on a 1 GB model
-    onnxruntime's optimizer alone costs 9 s and 3 GB (bench uses full optimizations).
-    ``optimized``: all of them on, as deployed: an INT8 QDQ model then runs onnxruntime's INT8
-    kernels (the QDQ pairs fused away), not its float simulation."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimized else \
-        ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    known = {o.name for o in model.graph.output}
-    added = [onnx.helper.make_empty_tensor_value_info(n) for n in extra_outputs if n not in known]
-    model.graph.output.extend(added)
-    try:
-        if not too_large_for_protobuf(model):
-            return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-        with as_file(model) as path:  # over 2 GB: from a file with external data
-            return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    except Exception as exc:  # onnxruntime raises its own unexported exception types
-        raise BnSlimError(f"{what}: onnxruntime cannot load it ({str(exc).splitlines()[0]})") from exc
-    finally:
-        for _ in added:
-            model.graph.output.pop()
-
-
-LAYER_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")  # the ops whose MACs rules.layer_cost counts
-
-
 def open_layer_shapes(model: onnx.ModelProto, shapes: dict[str, list]) -> tuple[list[str], list[str]]:
     """(layers, tensors): the layers with a constant weight whose input or output shape inference
     left open (a ``Resize`` sized from an input's values), and those tensors."""
-    consts = {t.name for t in model.graph.initializer}
-    consts |= {o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
-    consts |= {n.output[0] for n in model.graph.node if n.op_type == "Cast" and n.input[0] in consts}  # fp16 storage
+    consts = constant_names(model, storage=True)  # fp16 storage behind a Cast too
     inputs = {i.name for i in model.graph.input}
     layers, tensors = [], []
     for node in model.graph.node:
@@ -169,7 +138,7 @@ def concrete_shapes(model: onnx.ModelProto, tensors: list[str], feeds: dict[str,
     """The shapes ``tensors`` take in one onnxruntime run of ``model`` on ``feeds``."""
     if not tensors:
         return {}
-    sess = session(model, what, extra_outputs=tensors)
+    sess = runtime.session(model, what, extra_outputs=tensors)
     try:
         outs = sess.run(tensors, feeds)
     except Exception as exc:  # onnxruntime raises its own unexported exception types
@@ -197,7 +166,6 @@ def check_model(model: onnx.ModelProto, what: str) -> None:
 CHECK_SAMPLES = data.CHECK_SAMPLES  # seeded check samples without data
 CALIBRATION_BATCH = 16  # seeded calibration samples without data
 NEAR_CONSTANT = 1e-3  # see the module doc
-CHUNK = 256  # samples per onnxruntime run when the batch size is dynamic
 
 
 def random_inputs(model: onnx.ModelProto, shapes: dict[str, list[int]], seed: int, samples: int | None = None,
@@ -259,56 +227,6 @@ def padding_note(count: int, batch: int | None, what: str) -> str | None:
             f"padded to a whole batch with copies of the last one (their outputs are dropped)")
 
 
-def count(feeds: dict[str, np.ndarray]) -> int:
-    """Samples in ``feeds``: the shortest axis 0 (scalar inputs, fed whole to every chunk, aside)."""
-    return min((len(v) for v in feeds.values() if v.ndim), default=1 if feeds else 0)
-
-
-def pad(feeds: dict[str, np.ndarray], batch: int | None) -> dict[str, np.ndarray]:
-    """``feeds`` padded to whole batches of a fixed ``batch`` with copies of the last sample."""
-    n = count(feeds)
-    extra = -n % batch if batch and n else 0
-    if not extra:
-        return feeds
-    return {k: np.concatenate([v, np.repeat(v[-1:], extra, axis=0)]) if v.ndim else v for k, v in feeds.items()}
-
-
-def _batch_axis(shape: tuple[int, ...], size: int) -> int | None:
-    """An output's batch axis: the first as long as the samples run (axis 0 when none is; None for scalars)."""
-    return next((a for a, d in enumerate(shape) if d == size), 0) if shape else None
-
-
-def first_samples(outputs: list[np.ndarray], n: int, total: int) -> list[np.ndarray]:
-    """The outputs of the first ``n`` of ``total`` samples (padding dropped)."""
-    if n == total:
-        return outputs
-    out = []
-    for o in outputs:
-        axis = _batch_axis(o.shape, total)
-        out.append(o if axis is None or o.shape[axis] != total else np.take(o, np.arange(n), axis=axis))
-    return out
-
-
-def run(sess, feeds: dict[str, np.ndarray], batch: int | None, outputs: list[str] | None = None) -> list[np.ndarray]:
-    """Run a session (all outputs, or the named ones) over every sample of ``feeds``.
-
-    ``batch`` is the model's fixed batch size: samples go in chunks of exactly that many, the
-    last padded with copies of its last sample and the padding's outputs dropped. With a
-    dynamic batch (None) they go ``CHUNK`` at a time. Chunks are joined along each output's
-    batch axis (the first axis as long as the chunk; axis 0 when none is)."""
-    n = count(feeds)
-    feeds = pad(feeds, batch)
-    total = count(feeds)
-    step = batch or CHUNK
-    chunks = [sess.run(outputs, {k: v[i : i + step] if v.ndim else v for k, v in feeds.items()})
-              for i in range(0, max(total, 1), step)]
-    joined = []
-    for parts in zip(*chunks):
-        axis = _batch_axis(parts[0].shape, min(step, total))
-        joined.append(parts[0] if len(parts) == 1 or axis is None else np.concatenate(parts, axis=axis))
-    return first_samples(joined, n, total)
-
-
 def class_axis(model: onnx.ModelProto, name: str, rank: int) -> int | None:
     """The class axis of output ``name`` when it looks like class scores (see the module doc)."""
     if rank == 2:
@@ -317,17 +235,17 @@ def class_axis(model: onnx.ModelProto, name: str, rank: int) -> int | None:
         return None
     producers = {o: n for n in model.graph.node for o in n.output}
     node = producers.get(name)
-    while node is not None and node.op_type in ("Identity", "Cast"):
+    while node is not None and node.op_type in UNCHANGED:
         node = producers.get(node.input[0])
     if node is None:
         return None
-    if node.op_type in ("Softmax", "LogSoftmax"):
-        opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13)
-        axis = next((a.i for a in node.attribute if a.name == "axis"), -1 if opset >= 13 else 1)
+    if node.op_type in SOFTMAX_OPS:
+        opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), SOFTMAX_LAST_AXIS_OPSET)
+        axis = next((a.i for a in node.attribute if a.name == "axis"), -1 if opset >= SOFTMAX_LAST_AXIS_OPSET else 1)
         return 2 if axis in (-1, 2) else None
-    if node.op_type in ("MatMul", "Gemm"):
+    if node.op_type in FEATURE_OPS:
         return 2
-    if node.op_type == "Add" and any(i in producers and producers[i].op_type == "MatMul" for i in node.input):
+    if node.op_type == BIAS_ADD and any(i in producers and producers[i].op_type in UNBIASED_OPS for i in node.input):
         return 2
     return None
 

@@ -14,6 +14,7 @@ from ..channels.layout import channels
 from ..channels.reasons import Reason
 from ..channels.edits import SelectChannels, SliceParam
 from ..ir.values import constant_values
+from ..ir.weights import LAYER_OPS
 from .base import Rule, attr, block_inputs, carrying, register, used
 
 
@@ -85,7 +86,7 @@ def _sole_reader(node: gs.Node, ctx: Analysis) -> bool:
         if len(tensor.outputs) > 1 or any(tensor is o for o in ctx.graph.outputs):
             return False
         producer = tensor.inputs[0] if tensor.inputs else None
-        if producer is None or producer.op in ("Conv", "ConvTranspose", "Gemm", "MatMul"):
+        if producer is None or producer.op in LAYER_OPS:
             return True
         carrying = [t for t in producer.inputs if ctx.layout(t) is not None]
         if len(carrying) != 1 or len(producer.outputs) != 1 or ctx.layout(producer.outputs[0]) != ctx.layout(carrying[0]):

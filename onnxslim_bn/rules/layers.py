@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import onnx_graphsurgeon as gs
 
 from ..channels.context import Analysis
 from ..channels.layout import width
 from ..channels.reasons import Reason
 from ..channels.edits import SetGroup, SliceGroupedInput, SliceParam
+from ..ir import runtime
 from ..ir.values import add_after, constant_shape, constant_values, replace_constant, unique_name
 from ..ir.values import known_product
+from ..ir.weights import axes
 from .base import Compensation, Rule, attr, block_inputs, register
 
 
@@ -34,13 +37,12 @@ class ConvRule(Rule):
     @staticmethod
     def _axes(node: gs.Node) -> tuple[int, int]:
         """(input-channel axis, output-channel axis) of the weight."""
-        return (0, 1) if node.op == "ConvTranspose" else (1, 0)
+        found = axes(node)
+        return found.in_axis, found.out_axis
 
     def _channels(self, node: gs.Node, weight: tuple[int, ...]) -> tuple[int, int]:
-        group = attr(node, "group", 1)
-        if node.op == "ConvTranspose":
-            return weight[0], weight[1] * group
-        return weight[1] * group, weight[0]
+        found = axes(node)
+        return found.in_channels(weight), found.out_channels(weight)
 
     def analyze(self, node: gs.Node, ctx: Analysis) -> None:
         weight = constant_shape(node.inputs[1])
@@ -201,9 +203,6 @@ def _border_map(node: gs.Node, ctx: Analysis, weight: np.ndarray, value: np.ndar
     Measured by running the layer alone in onnxruntime on the constant input (every conv
     attribute as in the model), so it holds for any kernel, stride, dilation, group and
     dimension. Needs static input and output sizes; None otherwise."""
-    import onnx
-    import onnxruntime as ort
-
     in_shape, out_shape = ctx.shape(node.inputs[0]), ctx.shape(node.outputs[0])
     if not ctx.static_sizes or in_shape is None or out_shape is None or \
             not all(isinstance(d, int) for d in in_shape[1:] + out_shape[1:]):
@@ -218,10 +217,8 @@ def _border_map(node: gs.Node, ctx: Analysis, weight: np.ndarray, value: np.ndar
         [onnx.numpy_helper.from_array(weight.astype(np.float32), "w")]),
         opset_imports=[onnx.helper.make_opsetid("", 17)])
     single.ir_version = 8
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    full = ort.InferenceSession(single.SerializeToString(), options, providers=["CPUExecutionProvider"]).run(
-        None, {"x": image})[0][0].astype(np.float64)
+    sess = runtime.session(single, f"{node.op} {node.name} alone (its border map)", optimized=True)
+    full = sess.run(None, {"x": image})[0][0].astype(np.float64)
     return full - delta.reshape(-1, *[1] * (full.ndim - 1))
 
 
@@ -259,7 +256,8 @@ class GemmRule(Rule):
 
     def _weight_axes(self, node: gs.Node) -> tuple[int, int]:
         """(input axis, output axis) of the weight."""
-        return (1, 0) if node.op == "Gemm" and attr(node, "transB", 0) else (0, 1)
+        found = axes(node)
+        return found.in_axis, found.out_axis
 
     def analyze(self, node: gs.Node, ctx: Analysis) -> None:
         weight = constant_shape(node.inputs[1])

@@ -7,6 +7,7 @@ import numpy as np
 from ...channels.context import Analysis
 from ...channels.layout import Layout
 from ...ir.values import constant_shape
+from ...ir.weights import CONV_OPS
 from ...rules import RULES
 
 
@@ -46,7 +47,7 @@ class Costs:
         for consumer in analysis.consumers if dead is not None else []:
             node, layout = consumer.node, analysis.layout(consumer.node.inputs[0])
             weight, out_shape = constant_shape(node.inputs[1]), analysis.shapes.get(node.outputs[0].name)
-            if node.op not in ("Conv", "ConvTranspose") or weight is None or out_shape is None or \
+            if node.op not in CONV_OPS or weight is None or out_shape is None or \
                     RULES[node.op]._uniform(node, weight[2:]) or not all(isinstance(d, int) for d in out_shape[1:]):
                 continue
             values = dead.get(node.inputs[0].name)
