@@ -40,7 +40,7 @@ from ..ir.model_io import as_file, too_large_for_protobuf
 from ..ir.shapes import graph_inputs
 from ..ir.ops import BIAS_ADD, UNCHANGED, constant_names
 from ..ir.weights import FEATURE_OPS, LAYER_OPS, UNBIASED_OPS
-from ..rules.ops import SOFTMAX_LAST_AXIS_OPSET, SOFTMAX_OPS
+from ..rules.roles import SOFTMAX_LAST_AXIS_OPSET, SOFTMAX_OPS
 
 log = logging.getLogger(__name__)
 

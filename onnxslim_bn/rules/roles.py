@@ -3,7 +3,9 @@
 Scale recovery (:mod:`onnxslim_bn.passes.importance`) tells a folded or split BatchNorm by the
 ops around a layer: a per-channel Mul or Add after it, the activation it goes into, whether the
 exporter kept BatchNormalization nodes elsewhere; the report names a layer by its weight, read
-through a storage Cast. They test these roles, not op names.
+through a storage Cast; the check (:func:`onnxslim_bn.passes.verify.class_axis`) asks along which
+axis an output's last op normalises, to tell class scores from other outputs. They test these
+roles, not op names.
 """
 
 from __future__ import annotations
@@ -21,3 +23,5 @@ GATES = frozenset({"Sigmoid", "HardSigmoid"})
 PASSING = frozenset({"Identity", "Dropout", "Cast"})  # ops that pass a tensor on unchanged in value
 CASTS = frozenset({"Cast"})  # of an initializer: the type a weight is stored in (fold.restore_storage)
 JOINS = frozenset({"Add", "Sum"})  # residual joins of two computed tensors
+SOFTMAX_OPS = frozenset({"Softmax", "LogSoftmax"})  # normalise along their ``axis`` attribute
+SOFTMAX_LAST_AXIS_OPSET = 13  # from this opset on that axis defaults to -1 (the last), before it to 1
