@@ -115,15 +115,19 @@ def prune(model: onnx.ModelProto | str | os.PathLike, options: PruneOptions | No
     if options is not None and kwargs:
         raise TypeError("prune() takes options=PruneOptions(...) or its fields as keywords, not both")
     options = options or PruneOptions(**kwargs)
-    return prune_prepared(Pipeline(model), options, _options_given(options, kwargs))
-
-
-def prune_prepared(pipeline: Pipeline, options: PruneOptions, given: dict | None = None) -> PruneResult:
-    """:func:`prune` on ``pipeline``'s model, reusing its preparation when ``options`` prepare
-    alike (:func:`onnxslim_bn.app.pipeline.preparation_key`): sweep prunes every point so.
-    ``given``: the options as the caller gave them (default: those set away from their defaults)."""
     options.validate()
-    given = _options_given(options, {}) if given is None else given
+    return _prune(Pipeline(model), options, _options_given(options, kwargs))
+
+
+def prune_prepared(pipeline: Pipeline, options: PruneOptions) -> PruneResult:
+    """:func:`prune` on ``pipeline``'s model, reusing its preparation when ``options`` prepare
+    alike (:func:`onnxslim_bn.app.pipeline.preparation_key`): sweep prunes every point so."""
+    options.validate()
+    return _prune(pipeline, options, _options_given(options, {}))
+
+
+def _prune(pipeline: Pipeline, options: PruneOptions, given: dict) -> PruneResult:
+    """The run as asked, then the policy: collapse attempts, the probe's alternatives."""
     result, prep = _prune_once(pipeline, options, given)
     found = collapse.of_report(result.report)
     if found is not None:
@@ -299,23 +303,23 @@ def _prune_once(pipeline: Pipeline, options: PruneOptions, given: dict) -> tuple
         raise _nothing_to_prune(prep)
     target = options.target_latency
     curves = _latency_table(prep, options) if target is not None else None
-    for attempt in range(3 if target is not None else 1):  # --target-latency: timed, tightened when missed
+    attempts = 3 if target is not None else 1  # --target-latency: timed, tightened when missed
+    for attempt in range(attempts):
         with restored(prep.graph):  # surgery edits the analysed graph; the next attempt finds it as analysed
             done = cut(prep, options, target, curves, started)
             notes = prep.notes(options) + list(done.notes)
+            aim = None
             if target is not None:
                 done, aim = _timed(prep, done, options, target, curves, attempt, notes)
-                if aim is not None and attempt < 2:
-                    target, started = aim, time.perf_counter()
-                    continue
-            end = finish(prep, done, options, given, notes)
-        report = end.report
-        found = collapse.of_report(report)
-        if found is not None:
-            report.collapse = found
-        return PruneResult(end.model, report, end.check_inputs, end.check_outputs, end.reconstruction,
-                           end.fp32_model), prep
-    raise AssertionError("the last attempt always finishes")
+            if aim is None or attempt == attempts - 1:
+                end = finish(prep, done, options, given, notes)
+                break
+        target, started = aim, time.perf_counter()
+    report = end.report
+    found = collapse.of_report(report)
+    if found is not None:
+        report.collapse = found
+    return PruneResult(end.model, report, end.check_inputs, end.check_outputs, end.reconstruction, end.fp32_model), prep
 
 
 def _timed(prep: Prepared, done: Cut, options: PruneOptions, target: float, curves: dict, attempt: int,

@@ -91,7 +91,8 @@ def preparation_key(options: PruneOptions) -> tuple:
     """What :func:`prepare` reads of the options: two runs with equal keys prepare alike. Data in
     memory counts by identity (arrays are not compared)."""
     given = options.data if options.data is None or isinstance(options.data, (str, os.PathLike)) else id(options.data)
-    shapes = tuple(sorted((k, tuple(v)) for k, v in options.input_shapes.items()))
+    shapes = None if options.input_shapes is None else \
+        tuple(sorted((k, None if v is None else tuple(v)) for k, v in options.input_shapes.items()))
     return (options.verify, shapes, tuple(options.keep), given, options.preprocess, options.calibration_samples,
             options.seed, options.importance, compensation(options), options.quantize)
 
