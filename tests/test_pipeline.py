@@ -92,7 +92,7 @@ def test_prepared_results_are_frozen():
     with pytest.raises(FrozenInstanceError):
         prep.calibration = None
     with pytest.raises(FrozenInstanceError):
-        prep.notes = []
+        prep.check = None
 
 
 def _resolved_table(model, shapes, runtime="onnxruntime", batch=1, threads=None, **_):

@@ -14,6 +14,7 @@ import onnx
 
 from ..errors import BnSlimError, CheckFailed
 from ..hardware import resolve_round_to
+from ..ir import data
 from ..ir.openvino_ir import OpenVinoResult, export_ir
 from ..ir.openvino_ir import require as require_openvino
 from ..ir.values import restored
@@ -24,7 +25,6 @@ from ..passes import verify
 from ..passes.latency import layer_latency_table
 from ..passes.reconstruct import ReconstructionReport
 from ..passes.select import select
-from ..ir import data
 from .bench import probe, probe_inputs, time_pair
 from .pipeline import Cut, Pipeline, Prepared, cut, finish, prepare
 from .report import Report, SpaceReport, describe_spaces
@@ -443,3 +443,5 @@ def _same(a, b) -> bool:
     arrays = isinstance(a, np.ndarray) or (isinstance(a, dict) and any(isinstance(v, np.ndarray) for v in a.values()))
     return not arrays and a == b
 
+
+__all__ = ["PruneResult", "InspectResult", "prune", "inspect", "to_openvino"]
