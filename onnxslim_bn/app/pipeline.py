@@ -57,6 +57,18 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
+class Reference:
+    """The check's inputs, described, and the original's outputs on them: the same for every
+    attempt, so the original runs once per preparation (:func:`_verify` runs the pruned model)."""
+
+    feeds: dict[str, np.ndarray]
+    count: int  # samples checked
+    described: str
+    notes: tuple[str, ...]  # about the samples: too few, padded to whole batches
+    outputs: list[np.ndarray]  # read-only: every attempt compares against them
+
+
+@dataclass(frozen=True)
 class Prepared:
     """What every attempt of a run starts from; never written after :func:`prepare` returns."""
 
@@ -79,6 +91,7 @@ class Prepared:
     importance: str = "gamma"  # how the channels were ranked (see _importance)
     # the inputs of the run that gave the layers shapes inference left open (analysis.counted_shapes)
     count_feeds: dict | None = None
+    reference: Reference | None = None  # the check's inputs and the original's outputs (None: no check)
 
     def notes(self, options: PruneOptions) -> list[str]:
         """The preparation's notes for a run with ``options``; the block note follows the run's
@@ -94,7 +107,7 @@ def preparation_key(options: PruneOptions) -> tuple:
     shapes = None if options.input_shapes is None else \
         tuple(sorted((k, None if v is None else tuple(v)) for k, v in options.input_shapes.items()))
     return (options.verify, shapes, tuple(options.keep), given, options.preprocess, options.calibration_samples,
-            options.seed, options.importance, compensation(options), options.quantize)
+            options.seed, options.importance, compensation(options), options.quantize, options.check_samples)
 
 
 class Pipeline:
@@ -204,9 +217,44 @@ def prepare(model, options: PruneOptions, inspecting: bool = False) -> Prepared:
         ranking = replace(ranking, calibration=calibration, check=check, count=calibration.count,
                           notes=ranking.notes + ([note] if note else []))
     before = measure(graph, {**shapes, **analysis.counted_shapes}, size or weight_bytes(proto))
+    session = sess or loaded
+    reference = None
+    if options.verify and not inspecting and analysis.prunable():  # every attempt's check compares against it
+        reference = _reference(proto, source, session, input_shapes, options, ranking)
     return Prepared(preparation_key(options), proto, source, size, input_shapes, shapes, graph, analysis, before,
-                    tuple(notes), tuple(ranking.notes), sess or loaded, ranking.calibration, ranking.check,
-                    ranking.count, ranking.importance, count_feeds)
+                    tuple(notes), tuple(ranking.notes), session, ranking.calibration, ranking.check,
+                    ranking.count, ranking.importance, count_feeds, reference)
+
+
+def _reference(proto: onnx.ModelProto, source: str, session, input_shapes: dict, options: PruneOptions,
+               ranking: _Ranking) -> Reference:
+    """The check's samples (the data's check share, else seeded N(0,1) samples) and the
+    original's onnxruntime outputs on them."""
+    batch, check, notes = verify.static_batch(proto), ranking.check, []
+    if check is not None:
+        feeds, count = check.arrays, check.count
+        apart = ", also used for calibration" if ranking.count and check is ranking.calibration else \
+            ", not used for calibration"
+        described = f"{check.describe()}{apart}"
+        if count < verify.CHECK_SAMPLES:
+            notes.append(f"the check ran on {count} samples only; pass at least {verify.CHECK_SAMPLES} for a check "
+                         "that can tell a small agreement loss from chance")
+    else:
+        count = verify.check_sample_count(proto, options.check_samples)
+        feeds = verify.random_inputs(proto, input_shapes, options.seed, count, stream=1)
+        described = f"{count} seeded N(0,1) samples, not used for calibration"
+    notes.extend(n for n in [verify.padding_note(count, batch, "check")] if n)
+    names = [o.name for o in proto.graph.output]
+    try:
+        outputs = verify.run(session or verify.session(proto, source), feeds, batch, names)
+    except Exception as exc:  # onnxruntime raises its own unexported exception types
+        if isinstance(exc, BnSlimError) or check is not None:
+            raise
+        raise BnSlimError(f"{source}: onnxruntime fails on the check's seeded N(0,1) inputs "
+                          f"({str(exc).splitlines()[0][:200]}): this model needs real inputs; pass them with --data") from exc
+    for values in outputs:
+        values.flags.writeable = False
+    return Reference(feeds, count, described, tuple(notes), outputs)
 
 
 def _count_open_layers(proto, shapes, input_shapes, samples, analysis: Analysis, options: PruneOptions,
@@ -551,35 +599,17 @@ def _quantization_report(prep: Prepared, pruned: onnx.ModelProto, quantized: int
 
 
 def _verify(prep: Prepared, pruned: onnx.ModelProto, options: PruneOptions, what: str | None = None):
-    """The check (verify's module doc): checker, then both models in onnxruntime on the check's
-    samples (the data's check share, else seeded N(0,1) samples), compared output by output and
+    """The check (verify's module doc): checker, then the pruned model in onnxruntime on the
+    check's samples, compared output by output with the original's (:class:`Reference`) and
     gated. A failed gate is recorded in ``failed``; :func:`onnxslim_bn.app.api.prune` raises after
     building the report."""
     what = what or f"{prep.source} (pruned)"
     verify.check_model(pruned, what)
     batch = verify.static_batch(prep.model)
-    notes = []
-    if prep.check is not None:
-        feeds, count = prep.check.arrays, prep.check.count
-        apart = ", also used for calibration" if prep.calibration_count and prep.check is prep.calibration else \
-            ", not used for calibration"
-        described = f"{prep.check.describe()}{apart}"
-        if count < verify.CHECK_SAMPLES:
-            notes.append(f"the check ran on {count} samples only; pass at least {verify.CHECK_SAMPLES} for a check "
-                         "that can tell a small agreement loss from chance")
-    else:
-        count = verify.check_sample_count(prep.model, options.check_samples)
-        feeds = verify.random_inputs(prep.model, prep.input_shapes, options.seed, count, stream=1)
-        described = f"{count} seeded N(0,1) samples, not used for calibration"
-    notes.extend(n for n in [verify.padding_note(count, batch, "check")] if n)
+    reference = prep.reference
+    feeds, count, described, before, notes = (reference.feeds, reference.count, reference.described,
+                                              reference.outputs, list(reference.notes))
     names = [o.name for o in prep.model.graph.output]
-    try:
-        before = verify.run(prep.session or verify.session(prep.model, prep.source), feeds, batch, names)
-    except Exception as exc:  # onnxruntime raises its own unexported exception types
-        if isinstance(exc, BnSlimError) or prep.check is not None:
-            raise
-        raise BnSlimError(f"{prep.source}: onnxruntime fails on the check's seeded N(0,1) inputs "
-                          f"({str(exc).splitlines()[0][:200]}): this model needs real inputs; pass them with --data") from exc
     padded = verify.pad(feeds, batch)  # whole batches, for the OpenVINO check too
     after_padded = verify.run(verify.session(pruned, what, optimized=int8.is_quantized(pruned)), padded, batch, names)
     after = verify.first_samples(after_padded, count, verify.count(padded))
