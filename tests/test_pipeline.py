@@ -16,7 +16,7 @@ from onnxslim_bn.app.sweep import sweep
 from onnxslim_bn.ir.values import restored
 from onnxslim_bn.options import PruneOptions
 from onnxslim_bn.passes.latency import LatencyCurve, layer_shapes
-from tests.fixtures import path
+from tests.fixtures import heldout, path
 
 
 def _exported(graph: gs.Graph) -> bytes:
@@ -70,6 +70,8 @@ def test_runs_on_one_preparation_prune_as_fresh_ones(prepares):
         fresh = prune(str(path("resnet")), options)
         assert one.model.SerializeToString() == fresh.model.SerializeToString()
         assert one.report.notes == fresh.report.notes and one.report.removed_channels == fresh.report.removed_channels
+        ours, theirs = one.report.verification, fresh.report.verification  # the check's reference made once
+        assert (ours.max_abs_diff, ours.cosine, ours.inputs) == (theirs.max_abs_diff, theirs.cosine, theirs.inputs)
     assert len(prepares) == 1 + 3  # the shared one once, each fresh run its own
 
 
@@ -85,6 +87,16 @@ def test_only_options_that_change_the_preparation_prepare_again(prepares):
     assert shared.prepared(base) is first  # the others are not kept
     assert len(prepares) == 4
     assert first.notes(base) != first.notes(replace(base, round_to=8))  # the block note follows the run
+
+
+def test_data_in_memory_prepares_again_only_when_it_is_other_data(prepares):
+    images = heldout()[0][:64]
+    shared = Pipeline(str(path("vgg")))
+    base = PruneOptions(ratio=0.5, data={"input": images}, compensation="bias")
+    first = shared.prepared(base)
+    assert shared.prepared(replace(base, ratio=0.3)) is first  # the same arrays
+    assert shared.prepared(replace(base, data={"input": images.copy()})) is not first  # equal, not the same
+    assert len(prepares) == 2
 
 
 def test_prepared_results_are_frozen():

@@ -100,13 +100,23 @@ class Prepared:
         return [*self.loading_notes, *block, *self.ranking_notes]
 
 
+class _Same:
+    """Equal only to a wrapper of the very same object: data in memory is not compared by value."""
+
+    def __init__(self, value: object):
+        self.value = value
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _Same) and other.value is self.value
+
+
 def preparation_key(options: PruneOptions) -> tuple:
-    """What :func:`prepare` reads of the options: two runs with equal keys prepare alike. Data in
-    memory counts by identity (arrays are not compared)."""
-    given = options.data if options.data is None or isinstance(options.data, (str, os.PathLike)) else id(options.data)
+    """What :func:`prepare` reads of the options: two runs with equal keys prepare alike."""
+    data_key = options.data if options.data is None or isinstance(options.data, (str, os.PathLike)) else \
+        _Same(options.data)
     shapes = None if options.input_shapes is None else \
         tuple(sorted((k, None if v is None else tuple(v)) for k, v in options.input_shapes.items()))
-    return (options.verify, shapes, tuple(options.keep), given, options.preprocess, options.calibration_samples,
+    return (options.verify, shapes, tuple(options.keep), data_key, options.preprocess, options.calibration_samples,
             options.seed, options.importance, compensation(options), options.quantize, options.check_samples)
 
 
