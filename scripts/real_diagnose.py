@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 import real_models
-from onnxslim_bn.app import api
+from onnxslim_bn.app import pipeline
 
 
 def softmax(z: np.ndarray) -> np.ndarray:
@@ -70,36 +70,36 @@ def line(found: dict) -> str:
 
 
 def capture_plans() -> list:
-    """Record every plan ``select`` returns (the api's reference to it is patched)."""
+    """Record every plan ``select`` returns (the pipeline's reference to it is patched)."""
     plans: list = []
-    original = api.select
+    original = pipeline.select
 
     def spy(*args, **kwargs):
         plan = original(*args, **kwargs)
         plans.append(plan)
         return plan
 
-    api.select = spy
+    pipeline.select = spy
     return plans
 
 
 def only_space(root: int, kept: np.ndarray) -> None:
     """Make ``select`` return its plan with every space kept whole except ``root``."""
-    original = api.select
+    original = pipeline.select
 
     def one(*args, **kwargs):
         plan = original(*args, **kwargs)
         plan.kept = {root: kept}
         return plan
 
-    api.select = one
+    pipeline.select = one
 
 
 def sensitivity(case: real_models.Case, options: dict) -> None:
     """The budget's cut, one space at a time (everything else whole), with the same options."""
     plans = capture_plans()
     base = evaluate(case, "all spaces", **options)
-    spy = api.select
+    spy = pipeline.select
     plan = plans[-1]
     print("| space (first layer) | size | kept | MACs kept | agreement | KL |")
     print("| --- | --- | --- | --- | --- | --- |")
@@ -111,13 +111,13 @@ def sensitivity(case: real_models.Case, options: dict) -> None:
         size = plan.analysis.spaces[root].size
         if len(kept) == size:
             continue
-        api.select = spy
+        pipeline.select = spy
         only_space(root, kept)
         found = evaluate(case, f"space {root}", **options)
         label = first_layer(root)
         print(f"| {root} {label} | {size} | {len(kept)} | {found.get('macs', 0):.1%} | "
               f"{found.get('agreement', 0):.1%} | {found.get('kl', float('nan')):.4f} |", flush=True)
-    api.select = spy
+    pipeline.select = spy
 
 
 def fits(case: real_models.Case, options: dict) -> None:

@@ -1,9 +1,10 @@
 """Prune at a series of budgets, in memory, and set the cost against the quality in one table.
 
-Choosing the ratio is the main decision a Network Slimming user makes: ``sweep`` runs
-:func:`onnxslim_bn.prune` once per budget on the same model (nothing is written but the table,
-the JSON and the plot) and collects MACs, parameters and the check's numbers on the same inputs
-(``--data``: held-out samples; else seeded random inputs).
+Choosing the ratio is the main decision a Network Slimming user makes: ``sweep`` prunes the
+same model once per budget (nothing is written but the table, the JSON and the plot) on one
+preparation (:class:`onnxslim_bn.app.pipeline.Pipeline`: the model is loaded, analysed and
+calibrated once, every point cuts the graph as analysed) and collects MACs, parameters and the
+check's numbers on the same inputs (``--data``: held-out samples; else seeded random inputs).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from dataclasses import asdict, dataclass, field, replace
 import onnx
 
 from ..ir import data
-from .api import prune
+from .api import prune_prepared
 from ..errors import BnSlimError
 from ..ir.model_io import load_model
 from ..options import PruneOptions
@@ -24,6 +25,7 @@ from .report import grid
 from ..ir.shapes import resolve_input_shapes
 from .bench import probe, probe_inputs
 from .histogram import require_matplotlib, save_png
+from .pipeline import Pipeline
 
 log = logging.getLogger(__name__)
 
@@ -102,11 +104,12 @@ def sweep(model: str | os.PathLike | onnx.ModelProto, options: PruneOptions, bud
         samples = data.load(options.data, proto, shapes, options.preprocess).arrays
     result: SweepResult | None = None
     points = []
+    pipeline = Pipeline(proto)  # every point prepares alike: only the budget differs
     for value in values:
         opts = replace(_at(options, budget, value), verify=True, max_error=None)
         point = SweepPoint(budget, value)
         try:
-            run = prune(proto, opts)
+            run = prune_prepared(pipeline, opts)
         except BnSlimError as exc:
             point.error = str(exc).replace(proto.graph.name or "<model>", source, 1)
             points.append(point)

@@ -1,8 +1,11 @@
-"""Values of a graph: constants read without caching, unique names, constant replacement."""
+"""Values of a graph: constants read without caching, unique names, constant replacement, and
+a checkpoint that puts a graph back as it was."""
 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -114,6 +117,76 @@ def add_after(graph: gs.Graph, node: gs.Node, values: np.ndarray, name: str) -> 
     add_name = unique_name(graph, f"{node.name}_{name}", {pre.name, const.name})
     node.outputs[0] = pre
     graph.nodes.append(gs.Node(BIAS_ADD, add_name, inputs=[pre, const], outputs=[out]))
+
+
+class Checkpoint:
+    """Every node, tensor and (sub)graph of ``graph`` as it is now, to :meth:`restore` later.
+
+    Surgery edits the analysed graph (inputs rewired, attributes set, constants replaced, nodes
+    added, cleanup and toposort, renames before export); restoring puts back each object's fields
+    and the contents of its lists and dicts, so the objects the analysis holds (nodes in edits
+    and consumers, tensors by name) stay valid and one analysis serves every attempt. It keeps
+    references, not copies: edits replace a constant's array, never write into it, and the
+    arrays it finds are read-only until :meth:`restore` so that a write into one fails loudly.
+    Objects created after the checkpoint are simply dropped by the restore."""
+
+    def __init__(self, graph: gs.Graph):
+        self._saved: list[tuple[object, dict, dict]] = []
+        self._frozen: list[np.ndarray] = []
+        for obj in _objects(graph):
+            fields = dict(vars(obj))
+            contents = {k: (list(v) if isinstance(v, list) else dict(v))
+                        for k, v in fields.items() if isinstance(v, (list, dict))}
+            self._saved.append((obj, fields, contents))
+            values = fields.get("_values")
+            if isinstance(values, np.ndarray) and values.flags.writeable:
+                values.flags.writeable = False
+                self._frozen.append(values)
+
+    def restore(self) -> None:
+        for obj, fields, contents in self._saved:
+            vars(obj).clear()
+            vars(obj).update(fields)
+            for key, items in contents.items():
+                container = fields[key]
+                if isinstance(container, list):  # list's own methods: gs's synchronized lists must not re-sync
+                    list.__setitem__(container, slice(None), items)
+                else:
+                    dict.clear(container)
+                    dict.update(container, items)
+        for values in self._frozen:
+            values.flags.writeable = True
+
+
+def _objects(graph: gs.Graph) -> list:
+    """``graph``, its subgraphs and functions, their nodes and every tensor they touch, each once."""
+    seen: dict[int, object] = {}
+    stack = [graph]
+    while stack:
+        current = stack.pop()
+        if id(current) in seen:
+            continue
+        seen[id(current)] = current
+        tensors = list(current.inputs) + list(current.outputs)
+        for node in current.nodes:
+            seen.setdefault(id(node), node)
+            tensors.extend(node.inputs)
+            tensors.extend(node.outputs)
+            stack.extend(node.subgraphs())
+        stack.extend(getattr(current, "functions", []))
+        for tensor in tensors:
+            seen.setdefault(id(tensor), tensor)
+    return list(seen.values())
+
+
+@contextmanager
+def restored(graph: gs.Graph) -> Iterator[gs.Graph]:
+    """``graph`` to edit inside the block; as it was again after it, also when the block raises."""
+    checkpoint = Checkpoint(graph)
+    try:
+        yield graph
+    finally:
+        checkpoint.restore()
 
 
 def known_product(dims: list | None) -> int | None:
