@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from onnxslim_bn import prune
-from onnxslim_bn.app import api
+from onnxslim_bn.app import pipeline
 from onnxslim_bn.options import PruneOptions
 from tests.fixtures import path
 
@@ -23,7 +23,7 @@ def _state(analysis) -> tuple:
 @pytest.mark.parametrize("name, ratio, macs", [("resnet", 0.3, None), ("preresnet", 0.3, None),
                                                ("mobilenetv2", None, 0.6), ("densenet", None, 0.5)])
 def test_select_leaves_the_analysis_as_it_found_it(monkeypatch, name, ratio, macs):
-    select, seen = api.select, []
+    select, seen = pipeline.select, []
 
     def twice(analysis, options, curves=None):
         before = _state(analysis)
@@ -35,6 +35,6 @@ def test_select_leaves_the_analysis_as_it_found_it(monkeypatch, name, ratio, mac
         seen.append(first)
         return first
 
-    monkeypatch.setattr(api, "select", twice)
+    monkeypatch.setattr(pipeline, "select", twice)
     prune(str(path(name)), PruneOptions(ratio=ratio, target_macs=macs, verify=False))
     assert seen and seen[0].chosen > 0
