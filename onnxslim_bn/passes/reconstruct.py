@@ -225,11 +225,8 @@ def kept_outputs(orig: np.ndarray, orig_groups: int, pruned: np.ndarray, pruned_
 
 
 def _input_channels(node: onnx.NodeProto, shape: tuple[int, ...]) -> int:
-    if node.op_type == "Conv":
-        return shape[1] * int(_attrs(node).get("group", 1))
-    if node.op_type == "Gemm" and _attrs(node).get("transB", 0):
-        return shape[1]
-    return shape[0]
+    rows, groups = _as_rows(node, np.broadcast_to(np.float32(0), shape))  # a view: no weight-sized array
+    return rows.shape[1] * groups
 
 
 def _graphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
@@ -681,7 +678,8 @@ def reconstruct(original: onnx.ModelProto, pruned: onnx.ModelProto, feeds: dict[
     for label, reason in report.skipped:
         log.info("reconstruction skips %s: %s", label, reason)
     if not layers:
-        _settle_leftover_maps(model, leftover, None if keep_maps else weight_bytes(original), report)
+        kept = _settle_leftover_maps(model, leftover, None if keep_maps else weight_bytes(original), report)
+        _maps_behind_batchnorm(model, kept)
         report.seconds = time.perf_counter() - clock
         return model, report
     for layer in layers:
@@ -706,7 +704,8 @@ def reconstruct(original: onnx.ModelProto, pruned: onnx.ModelProto, feeds: dict[
     _fold_bias_adds(model, layers)
     report.maps_kept = sum(1 for layer in layers if layer.map_kept)
     report.maps_dropped = sum(1 for layer in layers if layer.map_kept is False)
-    _settle_leftover_maps(model, leftover, None if keep_maps else weight_bytes(original), report)
+    kept = _settle_leftover_maps(model, leftover, None if keep_maps else weight_bytes(original), report)
+    _maps_behind_batchnorm(model, [layer.border for layer in layers if layer.map_kept] + kept)
     report.seconds = time.perf_counter() - clock
     log.info(report.summary())
     return model, report
@@ -725,23 +724,68 @@ def _unknowns(layer: _Layer) -> int:
 
 
 def _settle_leftover_maps(model: onnx.ModelProto, leftover: list[tuple[onnx.NodeProto, onnx.NodeProto]],
-                          limit: int | None, report: ReconstructionReport) -> None:
+                          limit: int | None, report: ReconstructionReport) -> list[onnx.NodeProto]:
     """The border maps behind layers the refit left: kept while the weights stay within
     ``limit`` bytes (None: all kept), else removed (the layer is then exact inside and
-    approximate at the borders, as bias folding left it)."""
+    approximate at the borders, as bias folding left it). Returns the maps kept."""
     _drop_unused(model)
     sizes = {t.name: int(np.prod(t.dims)) * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
              for t in model.graph.initializer}
     total = weight_bytes(model)
+    kept = []
     for node, add in leftover:
         if limit is None or total <= limit:
             report.maps_kept += 1
+            kept.append(add)
             continue
         _bypass(model, node, add)
         total -= sizes.get(add.input[1], 0)
         report.maps_dropped += 1
         report.maps_too_large += 1
     _drop_unused(model)
+    return kept
+
+
+def _maps_behind_batchnorm(model: onnx.ModelProto, maps: list[onnx.NodeProto]) -> None:
+    """Each border map (``layer -> Add(map) -> BatchNormalization``) whose only reader is a BN
+    with constant statistics goes behind that BN, scaled by gamma / sqrt(var + eps): the same
+    values, and the layer and its BN fuse again. Between them the map costs an unfused BN in
+    onnxruntime's FP32 and, in INT8 (quant_pre_process folds BNs into convs), a dequantize, BN,
+    quantize round trip per layer: the consistent ResNet-50 ran 20% slower at batch 8."""
+    const = _Constants(model)
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in model.graph.node:
+        for name in reads(node):
+            readers.setdefault(name, []).append(node)
+    producer = {o: node for node in model.graph.node for o in node.output}
+    outputs = {o.name for o in model.graph.output}
+    taken = {n for node in model.graph.node for n in (*node.input, *node.output)} | {t.name for t in model.graph.initializer}
+    for add in maps:
+        after, layer = readers.get(add.output[0], []), producer.get(add.input[0])
+        if len(after) != 1 or after[0].op_type != "BatchNormalization" or add.output[0] in outputs or layer is None \
+                or len(readers.get(add.input[0], [])) != 1 or add.input[0] in outputs:
+            continue
+        bn = after[0]
+        stats = [const.get(name) for name in bn.input[1:5]]
+        values = const.get(add.input[1])
+        if len(bn.output) != 1 or bn.input[0] != add.output[0] or values is None or any(s is None for s in stats):
+            continue
+        gamma, _, _, var = (s.astype(np.float64) for s in stats)
+        eps = _attrs(bn).get("epsilon", 1e-5)
+        scaled = values.astype(np.float64) * (gamma / np.sqrt(var + eps))[None, :, None, None]
+        _set_constant(model, const.init, add.input[1], scaled.astype(values.dtype))
+        # names: the layer writes its own again (the report matches layers by it), the BN its
+        # own behind the map, the BN's output in between is new
+        middle = f"{bn.output[0]}_border_in"
+        while middle in taken:
+            middle += "_"
+        taken.add(middle)
+        layer.output[0], add.output[0], bn.output[0] = add.output[0], bn.output[0], middle
+        add.input[0] = middle
+        first = onnx.NodeProto()  # the BN now runs before the map: the two nodes swap places
+        first.CopyFrom(bn)
+        bn.CopyFrom(add)
+        add.CopyFrom(first)
 
 
 def _map_bytes(layer: _Layer, model: onnx.ModelProto) -> int:
