@@ -757,13 +757,11 @@ def _maps_behind_batchnorm(model: onnx.ModelProto, maps: list[onnx.NodeProto]) -
     for node in model.graph.node:
         for name in reads(node):
             readers.setdefault(name, []).append(node)
-    producer = {o: node for node in model.graph.node for o in node.output}
     outputs = {o.name for o in model.graph.output}
     taken = {n for node in model.graph.node for n in (*node.input, *node.output)} | {t.name for t in model.graph.initializer}
     for add in maps:
-        after, layer = readers.get(add.output[0], []), producer.get(add.input[0])
-        if len(after) != 1 or after[0].op_type != "BatchNormalization" or add.output[0] in outputs or layer is None \
-                or len(readers.get(add.input[0], [])) != 1 or add.input[0] in outputs:
+        after = readers.get(add.output[0], [])
+        if len(after) != 1 or after[0].op_type != "BatchNormalization" or add.output[0] in outputs:
             continue
         bn = after[0]
         stats = [const.get(name) for name in bn.input[1:5]]
@@ -774,14 +772,13 @@ def _maps_behind_batchnorm(model: onnx.ModelProto, maps: list[onnx.NodeProto]) -
         eps = _attrs(bn).get("epsilon", 1e-5)
         scaled = values.astype(np.float64) * (gamma / np.sqrt(var + eps))[None, :, None, None]
         _set_constant(model, const.init, add.input[1], scaled.astype(values.dtype))
-        # names: the layer writes its own again (the report matches layers by it), the BN its
-        # own behind the map, the BN's output in between is new
+        # names: the layer keeps its output (the report measures the surgery's graph by it), the
+        # map writes the BN's, the BN's output in between is new
         middle = f"{bn.output[0]}_border_in"
         while middle in taken:
             middle += "_"
         taken.add(middle)
-        layer.output[0], add.output[0], bn.output[0] = add.output[0], bn.output[0], middle
-        add.input[0] = middle
+        bn.input[0], bn.output[0], add.input[0], add.output[0] = add.input[0], middle, middle, bn.output[0]
         first = onnx.NodeProto()  # the BN now runs before the map: the two nodes swap places
         first.CopyFrom(bn)
         bn.CopyFrom(add)
