@@ -160,8 +160,8 @@ def test_padded_consumer_constant_channels_beat_bias_folding_at_borders():
 
 def test_a_kept_border_map_goes_behind_the_next_bn_and_stays_exact():
     """Constant removed channels into a padded 3x3 conv that a BN reads: the refit keeps the
-    border map (--exact-borders) and puts it behind the BN, scaled by it, so that the conv and its BN are adjacent
-    again (onnxruntime fuses them, in FP32 and before INT8); the result stays exact."""
+    border map (--exact-borders) and puts it behind the BN, scaled by it, so that the conv and
+    its BN are adjacent again (onnxruntime fuses them, in FP32 and before INT8); still exact."""
     model = _two_stage(3, dead=np.array([1, 5, 9, 12]))
     pruned = prune(model, threshold=1e-3, round_to=1, verify=False, compensation="bias", exact_borders=True).model
     calib, test = {"x": random_input([32, 3, H, H], seed=1)}, {"x": random_input([32, 3, H, H], seed=9)}

@@ -27,7 +27,8 @@ inside a subgraph, and a weight stored behind a ``Cast`` are left as bias foldin
 Where the removed channels meet a padded consumer, the surgery's border map (the constant
 channels' exact correction at the borders) is a fixed part of the fit: the layer is refit with
 it in place, and the map is kept when it makes the fit more exact (always, when the removed
-channels were constant) and the model stays no larger than the input, else dropped.
+channels were constant) and the model stays no larger than the input, else dropped. A kept map
+that a BatchNormalization reads goes behind it, scaled by it, so that the layer and its BN fuse.
 
 Nodes are matched between the two models by their output tensor name (pruning keeps it; a
 constant ``Add`` that bias folding put behind a MatMul is recognised). Which original output
@@ -751,7 +752,8 @@ def _maps_behind_batchnorm(model: onnx.ModelProto, maps: list[onnx.NodeProto]) -
     with constant statistics goes behind that BN, scaled by gamma / sqrt(var + eps): the same
     values, and the layer and its BN fuse again. Between them the map costs an unfused BN in
     onnxruntime's FP32 and, in INT8 (quant_pre_process folds BNs into convs), a dequantize, BN,
-    quantize round trip per layer: the consistent ResNet-50 ran 20% slower at batch 8."""
+    quantize round trip per layer: slim + INT8 of the consistent ResNet-50 (13 maps) took 38 ms
+    at batch 8 instead of 31 (onnxruntime, 2 threads, load 0.9)."""
     const = _Constants(model)
     readers: dict[str, list[onnx.NodeProto]] = {}
     for node in model.graph.node:
