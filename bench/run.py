@@ -1,6 +1,8 @@
 """`make bench`: prune every fixture, every architecture fixture and a ResNet-50-sized model at
 default settings, time each pair with `onnx-bnslim bench`'s method in onnxruntime and OpenVINO at
-batch 1 and 32, and write BENCHMARKS.md. Numbers, not tests: nothing is asserted."""
+batch 1 and 32, the four-way table (FP32, slim, INT8 alone, slim + INT8) of the ResNet-50-sized
+model with group-consistent dead channels at batch 1 and 8, and write BENCHMARKS.md. Numbers,
+not tests: nothing is asserted."""
 
 from __future__ import annotations
 
@@ -20,11 +22,12 @@ import onnx
 import onnxruntime
 
 from onnxslim_bn import prune, save_model
-from onnxslim_bn.app.bench import RUNTIMES, BenchResult, benchmark
+from onnxslim_bn.app.bench import RUNTIMES, BenchResult, benchmark, benchmark_four_way
 from onnxslim_bn.hardware import channel_block
 from onnxslim_bn.passes.latency import TableStats, layer_latency_table, layer_shapes, predicted_ms
 from onnxslim_bn.ir.openvino_ir import available as openvino_available
 from onnxslim_bn.ir.shapes import infer_shapes, resolve_input_shapes
+from onnxslim_bn.passes.quantize import quantize_files
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "out" / "bench"
@@ -35,6 +38,9 @@ ARCH_RATIO = 0.4  # fixtures/architectures.py kills this fraction of every BN's 
 # 0.1 ms ran up to 25% off another compile of the same file: more time per round and more rounds
 SMALL_MIN_SECONDS = 0.25  # each round of a row timed at least this long
 SMALL_ROUNDS = 8  # rounds (sessions built afresh) for the small models
+CALIBRATION = 64  # seeded N(0,1) samples for the four-way case: prune --data splits them 32 / 32
+FOUR_WAY_BATCHES = (1, 8)
+FOUR_WAY_REPEATS = 2  # the four-way table timed this many times, one after the other
 
 
 @dataclass
@@ -135,6 +141,47 @@ def latency_check(original: Path, pruned: Path, batch: int) -> str:
             f"{cut:.2f} ms at the pruned widths: a predicted {full / cut:.2f}x.")
 
 
+def four_way(runtimes: tuple[str, ...], runs: int, rounds: int) -> list[str]:
+    """Issue 19's proof: the ResNet-50-sized model with group-consistent dead channels,
+    `--ratio 0.5 --quantize int8 --data CALIB`, and INT8 alone quantized as bench --quantize does
+    (the same calibration share, the same nodes kept in FP32), timed side by side
+    ``FOUR_WAY_REPEATS`` times; the load average beside each table."""
+    model = ROOT / "out" / "resnet50c.onnx"
+    if not model.exists():
+        subprocess.run([sys.executable, str(ROOT / "fixtures" / "resnet50.py"), str(model), "--consistent"], check=True)
+    calib = OUT / "resnet50c.calib.npz"  # N(0,1): enough to time and to check exactness, not accuracy
+    np.savez(calib, input=np.random.default_rng(0).standard_normal((CALIBRATION, 3, 224, 224), dtype=np.float32))
+    clock = time.perf_counter()
+    result = prune(str(model), ratio=0.5, quantize="int8", data=str(calib))
+    seconds = time.perf_counter() - clock
+    files = {"fp32": model, "slim": OUT / "resnet50c.slim.onnx", "slim_int8": OUT / "resnet50c.slim.int8.onnx"}
+    save_model(result.fp32_model, files["slim"])
+    save_model(result.model, files["slim_int8"])
+    report, quantization = result.report, result.report.quantization
+    kept = quantization["excluded_nodes"]
+    files["int8"] = quantize_files({"int8": model}, str(calib), OUT, fallback=kept)[0]["int8"]
+    steps = quantization["steps"]
+    lines = ["## Slim + INT8: the ResNet-50-sized model with group-consistent dead channels", "",
+             "`fixtures/resnet50.py --consistent` (50% dead channels, the same ones in every BN of a residual "
+             f"stream, gamma and beta ~0 there), `--ratio 0.5 --quantize int8 --data` {CALIBRATION} seeded N(0,1) "
+             "samples (32 calibrate, 32 check; N(0,1) serves timing and exactness, not accuracy), "
+             f"{seconds:.0f} s wall. MACs {report.before.macs:,} -> {report.after.macs:,}; "
+             f"{report.removed_channels} channels removed; kept in FP32 by `--int8-fp32 auto`: "
+             f"{', '.join(kept) or 'none'}. INT8 alone: the original quantized the same way, the same nodes in FP32.",
+             "", "| Step | top-1 agreement | cosine | max rel. error |", "|---|---|---|---|"]
+    lines += [f"| {name} | {steps[key]['top1_agreement']:.1%} | {steps[key]['cosine']:.6f} | {steps[key]['max_rel_diff']:.3g} |"
+              for key, name in (("pruning", "original -> slim (FP32)"), ("quantization", "slim -> slim + INT8"),
+                                ("total", "original -> slim + INT8"))]
+    for repeat in range(FOUR_WAY_REPEATS):
+        load = os.getloadavg()[0]
+        timing = benchmark_four_way(files, FOUR_WAY_BATCHES, runs=runs, runtimes=runtimes, rounds=rounds, progress=True)
+        lines += ["", f"Run {repeat + 1} of {FOUR_WAY_REPEATS}, load average (1 min) {load:.1f} before and "
+                  f"{os.getloadavg()[0]:.1f} after, on {os.cpu_count()} cores, {timing.threads} threads:", "",
+                  timing.table(markdown=True)]
+        print(lines[-1], flush=True)
+    return lines + [""]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=30, help="timed runs per model on the small models")
@@ -145,7 +192,7 @@ def main() -> None:
                         help="small models: each round of a row timed at least this long (more runs)")
     parser.add_argument("--small-rounds", type=int, default=SMALL_ROUNDS,
                         help="small models: rounds, each with sessions built afresh")
-    parser.add_argument("--only", nargs="+", help="only these model names (for a quick look)")
+    parser.add_argument("--only", nargs="+", help="only these model names (for a quick look; resnet50c: the four-way slim + INT8 case)")
     parser.add_argument("--budget-min", type=float, default=17.0,
                         help="wall-clock budget: past 60%% of it, the remaining models get a third of the runs")
     args = parser.parse_args()
@@ -170,6 +217,8 @@ def main() -> None:
     if args.only:
         cases = [c for c in cases if c.name.split()[0] in args.only]
     done, sections, extra, reduced = [], [], [], []
+    int8 = four_way(runtimes, args.big_runs, args.rounds) if not args.only or "resnet50c" in args.only else []
+    loads.append(os.getloadavg()[0])
     for case in cases:
         if time.perf_counter() - clock > 0.6 * args.budget_min * 60 and case.runs > 4:
             case.runs = max(4, case.runs // 3)  # a busy machine: finish in time, and say so
@@ -235,6 +284,7 @@ def main() -> None:
         f"onnxruntime imported ({(cost['peak_mb'] - cost['baseline_mb']) / cost['model_mb']:.2f}x the model's size "
         "above it).", "",
         *([*extra, ""] if extra else []),
+        *int8,
         "## Latency", "", *sections,
     ]
     (ROOT / "BENCHMARKS.md").write_text("\n".join(text))

@@ -158,6 +158,25 @@ def test_padded_consumer_constant_channels_beat_bias_folding_at_borders():
     assert report.layers[0].error_after < report.layers[0].error_before
 
 
+def test_a_kept_border_map_goes_behind_the_next_bn_and_stays_exact():
+    """Constant removed channels into a padded 3x3 conv that a BN reads: the refit keeps the
+    border map (--exact-borders) and puts it behind the BN, scaled by it, so that the conv and
+    its BN are adjacent again (onnxruntime fuses them, in FP32 and before INT8); still exact."""
+    model = _two_stage(3, dead=np.array([1, 5, 9, 12]))
+    pruned = prune(model, threshold=1e-3, round_to=1, verify=False, compensation="bias", exact_borders=True).model
+    calib, test = {"x": random_input([32, 3, H, H], seed=1)}, {"x": random_input([32, 3, H, H], seed=9)}
+    refit, report = reconstruct(model, pruned, calib, keep_maps=True)  # the tiny model: a map outweighs it
+    assert report.maps_kept == 1
+    init = {t.name: t for t in refit.graph.initializer}
+    maps = [n for n in refit.graph.node if n.op_type == "Add" and n.input[1] in init and len(init[n.input[1]].dims) == 4]
+    producer = {o: n for n in refit.graph.node for o in n.output}
+    assert len(maps) == 1 and producer[maps[0].input[0]].op_type == "BatchNormalization"
+    assert producer[producer[maps[0].input[0]].input[0]].op_type == "Conv"
+    want = run(model, test)[0]
+    np.testing.assert_allclose(run(refit, test)[0], want, atol=1e-4 * np.abs(want).max())
+    onnx.checker.check_model(refit, full_check=True)
+
+
 def test_lowers_the_error_of_a_live_channel_cut_and_chains_layers():
     """Removing live channels (ratio 0.3, nothing dead): on held-out inputs the refit model is
     closer to the original than bias folding; two consumers in a chain, refit in order."""

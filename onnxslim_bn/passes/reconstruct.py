@@ -27,7 +27,8 @@ inside a subgraph, and a weight stored behind a ``Cast`` are left as bias foldin
 Where the removed channels meet a padded consumer, the surgery's border map (the constant
 channels' exact correction at the borders) is a fixed part of the fit: the layer is refit with
 it in place, and the map is kept when it makes the fit more exact (always, when the removed
-channels were constant) and the model stays no larger than the input, else dropped.
+channels were constant) and the model stays no larger than the input, else dropped. A kept map
+that a BatchNormalization reads goes behind it, scaled by it, so that the layer and its BN fuse.
 
 Nodes are matched between the two models by their output tensor name (pruning keeps it; a
 constant ``Add`` that bias folding put behind a MatMul is recognised). Which original output
@@ -53,6 +54,7 @@ from ..ir import runtime
 from ..ir.model_io import weight_bytes
 from ..ir.ops import BIAS_ADD, IDENTITY, constant_tensor, storage_casts
 from ..ir.weights import LAYER_OPS, axes
+from ..rules.roles import NORMALIZATION
 from .verify import static_batch
 
 log = logging.getLogger(__name__)
@@ -646,7 +648,8 @@ def reconstruct(original: onnx.ModelProto, pruned: onnx.ModelProto, feeds: dict[
     for label, reason in report.skipped:
         log.info("reconstruction skips %s: %s", label, reason)
     if not layers:
-        _settle_leftover_maps(model, leftover, None if keep_maps else weight_bytes(original), report)
+        kept = _settle_leftover_maps(model, leftover, None if keep_maps else weight_bytes(original), report)
+        _maps_behind_batchnorm(model, kept)
         report.seconds = time.perf_counter() - clock
         return model, report
     for layer in layers:
@@ -671,7 +674,8 @@ def reconstruct(original: onnx.ModelProto, pruned: onnx.ModelProto, feeds: dict[
     _fold_bias_adds(model, layers)
     report.maps_kept = sum(1 for layer in layers if layer.map_kept)
     report.maps_dropped = sum(1 for layer in layers if layer.map_kept is False)
-    _settle_leftover_maps(model, leftover, None if keep_maps else weight_bytes(original), report)
+    kept = _settle_leftover_maps(model, leftover, None if keep_maps else weight_bytes(original), report)
+    _maps_behind_batchnorm(model, [layer.border for layer in layers if layer.map_kept] + kept)
     report.seconds = time.perf_counter() - clock
     log.info(report.summary())
     return model, report
@@ -686,23 +690,66 @@ def _unknowns(layer: _Layer) -> int:
 
 
 def _settle_leftover_maps(model: onnx.ModelProto, leftover: list[tuple[onnx.NodeProto, onnx.NodeProto]],
-                          limit: int | None, report: ReconstructionReport) -> None:
+                          limit: int | None, report: ReconstructionReport) -> list[onnx.NodeProto]:
     """The border maps behind layers the refit left: kept while the weights stay within
     ``limit`` bytes (None: all kept), else removed (the layer is then exact inside and
-    approximate at the borders, as bias folding left it)."""
+    approximate at the borders, as bias folding left it). Returns the maps kept."""
     _drop_unused(model)
     sizes = {t.name: int(np.prod(t.dims)) * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
              for t in model.graph.initializer}
     total = weight_bytes(model)
+    kept = []
     for node, add in leftover:
         if limit is None or total <= limit:
             report.maps_kept += 1
+            kept.append(add)
             continue
         _bypass(model, node, add)
         total -= sizes.get(add.input[1], 0)
         report.maps_dropped += 1
         report.maps_too_large += 1
     _drop_unused(model)
+    return kept
+
+
+def _maps_behind_batchnorm(model: onnx.ModelProto, maps: list[onnx.NodeProto]) -> None:
+    """Each border map (``layer -> Add(map) -> BatchNormalization``) whose only reader is a BN
+    with constant statistics goes behind that BN, scaled by gamma / sqrt(var + eps): the same
+    values, and the layer and its BN fuse again. Between them the map costs an unfused BN in
+    onnxruntime's FP32 and, in INT8 (quant_pre_process folds BNs into convs), a dequantize, BN,
+    quantize round trip per layer: slim + INT8 of the consistent ResNet-50 (13 maps) took 38 ms
+    at batch 8 instead of 31 (onnxruntime, 2 threads, load 0.9)."""
+    const = _Constants(model)
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in model.graph.node:
+        for name in reads(node):
+            readers.setdefault(name, []).append(node)
+    outputs = {o.name for o in model.graph.output}
+    taken = {n for node in model.graph.node for n in (*node.input, *node.output)} | {t.name for t in model.graph.initializer}
+    for add in maps:
+        after = readers.get(add.output[0], [])
+        if len(after) != 1 or after[0].op_type not in NORMALIZATION or add.output[0] in outputs:
+            continue
+        bn = after[0]
+        stats = [const.get(name) for name in bn.input[1:5]]
+        values = const.get(add.input[1])
+        if len(bn.output) != 1 or bn.input[0] != add.output[0] or values is None or any(s is None for s in stats):
+            continue
+        gamma, _, _, var = (s.astype(np.float64) for s in stats)
+        eps = next((a.f for a in bn.attribute if a.name == "epsilon"), 1e-5)
+        scaled = values.astype(np.float64) * (gamma / np.sqrt(var + eps))[None, :, None, None]
+        _set_constant(model, const.init, add.input[1], scaled.astype(values.dtype))
+        # names: the layer keeps its output (the report measures the surgery's graph by it), the
+        # map writes the BN's, the BN's output in between is new
+        middle = f"{bn.output[0]}_border_in"
+        while middle in taken:
+            middle += "_"
+        taken.add(middle)
+        bn.input[0], bn.output[0], add.input[0], add.output[0] = add.input[0], middle, middle, bn.output[0]
+        first = onnx.NodeProto()  # the BN now runs before the map: the two nodes swap places
+        first.CopyFrom(bn)
+        bn.CopyFrom(add)
+        add.CopyFrom(first)
 
 
 def _map_bytes(layer: _Layer, model: onnx.ModelProto) -> int:
