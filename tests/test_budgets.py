@@ -108,3 +108,17 @@ def test_grouped_spaces_round_to_the_block_with_equal_groups():
     c_out, c_in_per_group = inits[grouped.input[1]][:2]
     assert c_out % 16 == 0 and c_in_per_group % 4 == 0 and c_out < 64, (c_out, c_in_per_group)
     assert finer.report.removed_channels > 0
+
+
+def test_parameter_budget_and_report_count_the_same_weights():
+    """Issue 20: parameters from one source. The layer weights the --target-params accounting
+    reached are the layer weights the report counts after the cut (passes.metrics.layer_costs)."""
+    from onnxslim_bn import prune as run
+    from tests.fixtures import path as fixture
+
+    result = run(str(fixture("resnet")), target_params=0.6, round_to=1, verify=False)
+    before, after = result.report.before, result.report.after
+    reached = result.report.selection["budget"]["reached"]
+    assert after.layer_parameters < before.layer_parameters < before.parameters
+    assert abs(after.layer_parameters / before.layer_parameters - reached) < 1e-9
+    assert sum(v["parameters"] for v in after.layers.values()) == after.layer_parameters

@@ -7,35 +7,47 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import onnx_graphsurgeon as gs
+
+from ..ir.values import constant_shape
 from ..rules import RULES
 
 
 @dataclass
 class Metrics:
     channels: int  # output channels of every Conv / ConvTranspose / Gemm / MatMul with a weight
-    parameters: int
+    parameters: int  # every constant: weights, biases, BN parameters, shape constants
     macs: int
     size_bytes: int  # the file's size when known, else the weights' bytes
     ops: dict[str, int] = field(default_factory=dict)
-    layers: dict[str, dict] = field(default_factory=dict)  # node name -> {op, out, macs}
+    layers: dict[str, dict] = field(default_factory=dict)  # node name -> {op, out_channels, macs, parameters}
+    layer_parameters: int = 0  # the layers' weights (input 1): what --target-params counts
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-def measure(graph: gs.Graph, shapes: dict[str, list], size_bytes: int) -> Metrics:
-    """Count a graph. ``shapes`` come from :func:`onnxslim_bn.ir.shapes.infer_shapes` with fixed
-    inputs; each op's output channels and MACs come from its rule (:meth:`Rule.layer_cost`)."""
-
-    params = sum(int(np.prod(t.shape)) for t in graph.tensors().values() if isinstance(t, gs.Constant))
-    layers, channels, macs = {}, 0, 0
-    for node in graph.nodes:
-        rule = RULES.get(node.op)
+def layer_costs(nodes, shapes: dict[str, list]):
+    """(node, output channels, MACs, weight parameters) of every layer among ``nodes``: the one
+    count behind the report's figures and the budgets' (:class:`onnxslim_bn.passes.select.costs.Costs`).
+    Channels and MACs come from the layer's rule (:meth:`Rule.layer_cost`); its parameters are
+    the entries of its weight (input 1), which is what removing its channels shrinks."""
+    for node in nodes:
+        rule = RULES.get(node.op) if node.domain in ("", "ai.onnx", None) else None
         cost = None if rule is None else rule.layer_cost(node, shapes)
         if cost is None:
             continue
-        out_c, layer_macs = cost
+        weight = constant_shape(node.inputs[1]) if len(node.inputs) > 1 else None
+        yield node, cost[0], cost[1], int(np.prod(weight)) if weight is not None else 0
+
+
+def measure(graph: gs.Graph, shapes: dict[str, list], size_bytes: int) -> Metrics:
+    """Count a graph. ``shapes`` come from :func:`onnxslim_bn.ir.shapes.infer_shapes` with fixed
+    inputs; the layers' figures from :func:`layer_costs`."""
+    params = sum(int(np.prod(t.shape)) for t in graph.tensors().values() if isinstance(t, gs.Constant))
+    layers, channels, macs, weights = {}, 0, 0, 0
+    for node, out_c, layer_macs, layer_params in layer_costs(graph.nodes, shapes):
         channels += out_c
         macs += layer_macs
-        layers[node.name] = {"op": node.op, "out_channels": out_c, "macs": layer_macs}
-    return Metrics(channels, params, macs, size_bytes, dict(Counter(n.op for n in graph.nodes)), layers)
+        weights += layer_params
+        layers[node.name] = {"op": node.op, "out_channels": out_c, "macs": layer_macs, "parameters": layer_params}
+    return Metrics(channels, params, macs, size_bytes, dict(Counter(n.op for n in graph.nodes)), layers, weights)

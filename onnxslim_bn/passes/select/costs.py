@@ -9,6 +9,7 @@ from ...channels.layout import Layout
 from ...ir.values import constant_shape
 from ...ir.weights import CONV_OPS
 from ...rules import RULES
+from ..metrics import layer_costs
 
 
 class Costs:
@@ -28,17 +29,11 @@ class Costs:
         self.total_channels = sum(s.size for s in roots)
         self.layers: list[tuple[float, float, tuple | None, tuple | None]] = []
         shapes = {**analysis.shapes, **analysis.counted_shapes}  # shapes inference left open, from a run
-        for node in analysis.nodes:
-            rule = RULES.get(node.op) if node.domain in ("", "ai.onnx", None) else None
-            cost = None if rule is None else rule.layer_cost(node, shapes)
-            if cost is None:
-                continue
-            weight = constant_shape(node.inputs[1])
-            params = float(np.prod(weight)) if weight is not None else 0.0
+        for node, _, layer_macs, layer_params in layer_costs(analysis.nodes, shapes):
             out, inp = analysis.layout(node.outputs[0]), analysis.layout(node.inputs[0])
             if out is not None and inp is not None and out == inp:  # depthwise: one set of channels
                 inp = None
-            self.layers.append((float(cost[1]), params, self._index(out), self._index(inp)))
+            self.layers.append((float(layer_macs), float(layer_params), self._index(out), self._index(inp)))
             curve = self.curves.get(node.name)
             if curve is not None:
                 self.timed.append((curve, max(curve.c_in), max(curve.c_out), self._index(out), self._index(inp)))
