@@ -239,8 +239,9 @@ def test_cli_compensation_flag(tmp_path, capsys):
     path, data = tmp_path / "m.onnx", tmp_path / "d.npz"
     onnx.save(model, path)
     np.savez(data, x=random_input([96, 3, H, H], seed=1))
+    # --no-probe: on a 40 us model the probe's verdict is noise, and a cut it finds slower is replaced
     assert main([str(path), "--ratio", "0.3", "--round-to", "1", "--data", str(data), "--compensation", "reconstruct",
-                 "-o", str(tmp_path / "r.onnx")]) == 0
+                 "--no-probe", "-o", str(tmp_path / "r.onnx")]) == 0
     assert "reconstruction: 2 layers refit on 48 calibration samples" in capsys.readouterr().out
     assert main([str(path), "--ratio", "0.3", "--compensation", "reconstruct", "-o", str(tmp_path / "s.onnx")]) == 1
     assert "--compensation reconstruct refits layers on calibration data" in capsys.readouterr().err

@@ -131,7 +131,7 @@ class Analysis(Spaces):
         if index is not None and index < len(edit.node.inputs):
             tensor = edit.node.inputs[index]
             if any(tensor is out for out in self.graph.outputs):  # slicing it would change the interface
-                self.block(layout, Reason.at("other", edit.node, f"reads '{tensor.name}', which is also a graph output"))
+                self.block(layout, Reason.at("graph-output", edit.node, f"reads '{tensor.name}', which is also a graph output"))
                 return
         self.edits.append(edit)
 

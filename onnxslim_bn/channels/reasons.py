@@ -42,7 +42,12 @@ CODES: dict[str, str] = {
     "unknown-axes": "axes that are not spelled out",
     "channel-indices": "indices that depend on the channel count",
     "no-scale": "no BatchNorm scale, recovered or measured, ranks the channels",
-    "other": "a join, broadcast, power or split the rules do not follow",
+    "concat-axis": "a Concat along an axis other than the channels",
+    "split-axis": "a Split along an axis other than the channels",
+    "flattened-features": "a Concat or Split of flattened features",
+    "computed-operand": "arithmetic of the channels with a tensor computed in the graph",
+    "power-of-channels": "a constant raised to the power of the channels",
+    "broadcast-channel-axis": "arithmetic that broadcasts the channel axis",
 }
 
 

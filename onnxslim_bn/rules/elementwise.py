@@ -229,14 +229,14 @@ class ElementwiseRule(Rule):
         rank = ctx.rank(node.outputs[0])
         computed = [t for t in node.inputs if ctx.layout(t) is None and not isinstance(t, gs.Constant)]
         if computed:
-            block_inputs(node, ctx, "other", f"combines the channels with '{computed[0].name}', which onnx-bnslim cannot follow")
+            block_inputs(node, ctx, "computed-operand", f"combines the channels with '{computed[0].name}', which onnx-bnslim cannot follow")
             return
         if node.op == "Pow" and flowing[0][0] != 0:
-            block_inputs(node, ctx, "other", "raises a constant to the power of the channels")
+            block_inputs(node, ctx, "power-of-channels", "raises a constant to the power of the channels")
             return
         layout = flowing[0][1]
         if rank is None or any(ctx.rank(node.inputs[i]) != rank for i, _ in flowing):
-            code, why = (("other", "broadcasts the channel axis") if rank is not None else
+            code, why = (("broadcast-channel-axis", "broadcasts the channel axis") if rank is not None else
                          ("unknown-shape", "has an output of unknown rank"))
             block_inputs(node, ctx, code, why)
             return

@@ -203,7 +203,7 @@ class ConcatRule(Rule):
         if not flowing:
             return
         if not is_channel_axis(attr(node, "axis", 1), ctx.rank(node.outputs[0])):
-            block_inputs(node, ctx, "other", "concatenates along an axis other than the channels")
+            block_inputs(node, ctx, "concat-axis", "concatenates along an axis other than the channels")
             return
         parts: list[Segment] = []
         for tensor in node.inputs:
@@ -211,13 +211,13 @@ class ConcatRule(Rule):
             if layout is None:
                 size = ctx.static_dims(tensor, [1])
                 if size is None:
-                    block_inputs(node, ctx, "other", f"concatenates '{tensor.name}' of unknown channel count")
+                    block_inputs(node, ctx, "unknown-shape", f"concatenates '{tensor.name}' of unknown channel count")
                     return
                 layout = ctx.opaque(size, Reason.at("concat-foreign-input", node,
                                                     f"mixes in '{tensor.name}', which is not a pruneable layer output"))
             parts.extend(layout)
         if any(s.repeat != 1 for s in parts):
-            block_inputs(node, ctx, "other", "concatenates flattened features")
+            block_inputs(node, ctx, "flattened-features", "concatenates flattened features")
             return
         ctx.set_layout(node.outputs[0], tuple(parts))
 
@@ -376,10 +376,10 @@ class SplitRule(Rule):
         if layout is None:
             return
         if not is_channel_axis(attr(node, "axis", 0), ctx.rank(node.inputs[0])):
-            block_inputs(node, ctx, "other", "splits an axis other than the channels")
+            block_inputs(node, ctx, "split-axis", "splits an axis other than the channels")
             return
         if any(s.repeat != 1 for s in layout):
-            block_inputs(node, ctx, "other", "splits flattened features")
+            block_inputs(node, ctx, "flattened-features", "splits flattened features")
             return
         total = width(layout)
         if opset(ctx) < 13:
@@ -392,7 +392,7 @@ class SplitRule(Rule):
         if sizes is None:  # equal parts
             n = len(node.outputs)
             if total % n:
-                block_inputs(node, ctx, "other", f"splits {total} channels into {n} unequal parts it does not spell out")
+                block_inputs(node, ctx, "unknown-axes", f"splits {total} channels into {n} unequal parts it does not spell out")
                 return
             sizes = [total // n] * n
         bounds = np.concatenate([[0], np.cumsum(np.asarray(sizes, np.int64).reshape(-1))])
