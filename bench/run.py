@@ -24,9 +24,9 @@ import onnxruntime
 from onnxslim_bn import prune, save_model
 from onnxslim_bn.app.bench import RUNTIMES, BenchResult, benchmark, benchmark_four_way
 from onnxslim_bn.hardware import channel_block
-from onnxslim_bn.passes.latency import TableStats, layer_latency_table, layer_shapes, predicted_ms
 from onnxslim_bn.ir.openvino_ir import available as openvino_available
 from onnxslim_bn.ir.shapes import infer_shapes, resolve_input_shapes
+from onnxslim_bn.passes.latency import TableStats, layer_latency_table, layer_shapes, predicted_ms
 from onnxslim_bn.passes.quantize import quantize_files
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -20,8 +20,8 @@ import logging
 from pathlib import Path
 
 import numpy as np
-
 import real_models
+
 from onnxslim_bn.app import pipeline
 
 

@@ -7,6 +7,7 @@ from functools import cache
 from pathlib import Path
 
 import numpy as np
+
 from onnxslim_bn import inspect
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"

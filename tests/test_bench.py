@@ -12,13 +12,13 @@ import pytest
 from onnx import TensorProto, helper
 
 from onnxslim_bn.app import bench
-from onnxslim_bn.passes import latency
 from onnxslim_bn.app.bench import Blame, ProbeResult, benchmark, check_same_interface, probe
 from onnxslim_bn.app.cli import main
 from onnxslim_bn.errors import BnSlimError
 from onnxslim_bn.hardware import channel_block, resolve_round_to, round_width, round_widths, width_candidates
-from onnxslim_bn.passes.latency import LatencyCurve, TableStats, layer_latency_table, predicted_ms
 from onnxslim_bn.ir.shapes import infer_shapes
+from onnxslim_bn.passes import latency
+from onnxslim_bn.passes.latency import LatencyCurve, TableStats, layer_latency_table, predicted_ms
 from tests.graphs import Builder, random_input
 
 

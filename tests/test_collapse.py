@@ -5,6 +5,7 @@ its own line, and a budget run tries to do better before writing."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -12,13 +13,11 @@ import pytest
 
 from onnxslim_bn import BnSlimError, inspect, prune
 from onnxslim_bn.app.cli import main
+from onnxslim_bn.options import PruneOptions
 from onnxslim_bn.passes.collapse import LOSS_PER_CUT, judge
 from onnxslim_bn.passes.select import DATA_DEAD_SHARE, data_dead_level, dead_level
-from onnxslim_bn.options import PruneOptions
 from tests.fixtures import heldout, path
 from tests.graphs import run
-
-from pathlib import Path
 
 PLAIN = Path(__file__).resolve().parent.parent / "fixtures" / "plain"
 # the BN-kept and the folded export remove nearly the same channels: Jaccard overlap of the

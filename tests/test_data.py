@@ -12,8 +12,8 @@ import pytest
 
 from onnxslim_bn import prune
 from onnxslim_bn.app.cli import main
-from onnxslim_bn.ir.data import load, parse_preprocess, split
 from onnxslim_bn.errors import BnSlimError
+from onnxslim_bn.ir.data import load, parse_preprocess, split
 from tests.fixtures import path
 
 VGG = path("vgg")  # input "input" [N, 3, 16, 16], float32

@@ -17,9 +17,9 @@ from onnx import TensorProto, helper
 from onnxslim_bn import BnSlimError, prune
 from onnxslim_bn.app import api, bench
 from onnxslim_bn.app.cli import main
+from onnxslim_bn.app.sweep import sweep
 from onnxslim_bn.ir.data import load, split
 from onnxslim_bn.options import PruneOptions
-from onnxslim_bn.app.sweep import sweep
 from tests.fixtures import path
 from tests.graphs import Builder, run
 

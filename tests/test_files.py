@@ -15,8 +15,8 @@ import numpy as np
 import onnx
 import pytest
 
-from onnxslim_bn.ir import model_io
 from onnxslim_bn.app.cli import main
+from onnxslim_bn.ir import model_io
 from tests.graphs import Builder
 
 

@@ -24,10 +24,10 @@ from onnx import TensorProto, helper
 
 from onnxslim_bn import BnSlimError, prune
 from onnxslim_bn.ir.fold import fold_constants
-from onnxslim_bn.passes.metrics import measure
 from onnxslim_bn.ir.shapes import infer_shapes
-from tests.test_fuzz import assert_storage_kept, networks
+from onnxslim_bn.passes.metrics import measure
 from tests.graphs import run
+from tests.test_fuzz import assert_storage_kept, networks
 
 EXAMPLES = int(os.environ.get("FUZZ_DATA_EXAMPLES", "300"))
 

@@ -16,13 +16,13 @@ from onnx import TensorProto, helper, numpy_helper
 
 from onnxslim_bn import BnSlimError, prune
 from onnxslim_bn.app import api
-from onnxslim_bn.passes import latency
 from onnxslim_bn.app.bench import benchmark
 from onnxslim_bn.app.cli import main
-from onnxslim_bn.passes.latency import LatencyCurve, layer_latency_table, layer_shapes, resolution_note
-from onnxslim_bn.options import PruneOptions
 from onnxslim_bn.app.report import export_widths
 from onnxslim_bn.ir.shapes import infer_shapes
+from onnxslim_bn.options import PruneOptions
+from onnxslim_bn.passes import latency
+from onnxslim_bn.passes.latency import LatencyCurve, layer_latency_table, layer_shapes, resolution_note
 from tests.fixtures import path
 from tests.test_data_entry import RANK0_MACS, int_input_model, int_samples, rank0_resize_model
 

@@ -84,8 +84,8 @@ def test_bench_cli_json_and_fixed_batch_note(pair, tmp_path, capsys):
 
 def test_latency_table_in_both_runtimes():
     """Every kind of layer is found in each runtime's profile (conv, depthwise conv, Gemm)."""
-    from onnxslim_bn.passes.latency import TableStats, layer_latency_table
     from onnxslim_bn.ir.shapes import infer_shapes
+    from onnxslim_bn.passes.latency import TableStats, layer_latency_table
     from tests.graphs import Builder
 
     b = Builder(3)

@@ -9,7 +9,8 @@ import onnx_graphsurgeon as gs
 import pytest
 
 from onnxslim_bn import prune
-from onnxslim_bn.app import api, pipeline as stages
+from onnxslim_bn.app import api
+from onnxslim_bn.app import pipeline as stages
 from onnxslim_bn.app.api import prune_prepared
 from onnxslim_bn.app.pipeline import Pipeline, cut, prepare
 from onnxslim_bn.app.sweep import sweep

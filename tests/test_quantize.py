@@ -298,8 +298,8 @@ def test_int8_probe_keeps_the_blamed_layers_whole_and_writes_the_faster(monkeypa
 
 
 def test_sweep_quantizes_every_budget_and_says_so():
-    from onnxslim_bn.options import PruneOptions
     from onnxslim_bn.app.sweep import sweep
+    from onnxslim_bn.options import PruneOptions
 
     common = dict(data=_data(), calibration_samples=CALIBRATION, compensation="bias")
     fp32 = sweep(str(path("resnet")), PruneOptions(**common), "threshold", [1e-3])

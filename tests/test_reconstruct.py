@@ -8,8 +8,8 @@ import pytest
 from onnx import helper, numpy_helper
 
 from onnxslim_bn import prune
-from onnxslim_bn.passes.calibrate import Gram, Moments, Patches, calibrate, sample_positions
 from onnxslim_bn.errors import BnSlimError
+from onnxslim_bn.passes.calibrate import Gram, Moments, Patches, calibrate, sample_positions
 from onnxslim_bn.passes.reconstruct import kept_outputs, reconstruct
 
 from .graphs import Builder, random_input, run

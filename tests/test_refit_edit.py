@@ -10,10 +10,10 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxslim_bn import BnSlimError, prune
-from onnxslim_bn.passes import reconstruct as rec
+from onnxslim_bn.app.report import export_widths
 from onnxslim_bn.ir.interface import account, check_size
 from onnxslim_bn.ir.model_io import weight_bytes
-from onnxslim_bn.app.report import export_widths
+from onnxslim_bn.passes import reconstruct as rec
 
 from .graphs import Builder, fp16_behind_casts, random_input, run
 

@@ -12,8 +12,8 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from onnxslim_bn.app import bench
 from onnxslim_bn import prune
+from onnxslim_bn.app import bench
 from onnxslim_bn.hardware import channel_block, group_width
 from tests.graphs import Builder, random_input, run
 

@@ -20,9 +20,8 @@ from ..ir.openvino_ir import require as require_openvino
 from ..ir.values import restored
 from ..ir.weights import LAYER_OPS
 from ..options import PruneOptions
-from ..passes import collapse
+from ..passes import collapse, verify
 from ..passes import quantize as int8
-from ..passes import verify
 from ..passes.latency import layer_latency_table
 from ..passes.reconstruct import ReconstructionReport
 from ..passes.select import select

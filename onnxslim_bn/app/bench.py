@@ -36,16 +36,16 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from ..ir import openvino_ir
-from ..ir.runtime import session
-from ..ir.data import load as load_samples
 from ..errors import BnSlimError
-from ..passes.metrics import measure
+from ..ir import openvino_ir
+from ..ir.data import load as load_samples
 from ..ir.model_io import as_file, load_model
-from ..ir.weights import LAYER_OPS
-from .report import grid
+from ..ir.runtime import session
 from ..ir.shapes import graph_inputs, infer_shapes, resolve_input_shapes
+from ..ir.weights import LAYER_OPS
+from ..passes.metrics import measure
 from ..passes.verify import concrete_shapes, make_inputs, open_layer_shapes, static_batch
+from .report import grid
 
 log = logging.getLogger(__name__)
 

@@ -17,21 +17,21 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from ..version import __version__
-from .api import inspect, prune, to_openvino
-from .bench import RUNTIMES, benchmark, benchmark_four_way
 from ..errors import BnSlimError, CheckFailed
-from .histogram import ascii_histogram, plot_histogram, require_matplotlib
-from .histogram import summary as score_summary
 from ..ir.model_io import STDOUT, check_run_files, save_model, target, write_text
 from ..ir.openvino_ir import INSTALL_HINT as OPENVINO_HINT
 from ..ir.openvino_ir import available as openvino_available
 from ..ir.openvino_ir import require as require_openvino
+from ..ir.shapes import parse_input_shapes
 from ..options import PruneOptions
 from ..passes.quantize import MODES as QUANTIZE_MODES
 from ..passes.quantize import quantize_files
+from ..version import __version__
+from .api import inspect, prune, to_openvino
+from .bench import RUNTIMES, benchmark, benchmark_four_way
+from .histogram import ascii_histogram, plot_histogram, require_matplotlib
+from .histogram import summary as score_summary
 from .report import coverage, dumps, envelope, export_widths, inspect_table
-from ..ir.shapes import parse_input_shapes
 from .sweep import plot_sweep, sweep
 
 COMMANDS = ("prune", "inspect", "bench", "sweep")

@@ -32,8 +32,18 @@ from ..ir import data
 from ..ir import runtime as ort_runtime
 from ..ir.data import Samples
 from ..ir.fold import fold_constants, restore_storage, split_sequences
-from ..ir.interface import (account, check_interface, check_size, copy_origins, fix_node_names, fix_proto_node_names,
-                            needs_node_names, remember_node_metadata, restore_interface, settle_copies)
+from ..ir.interface import (
+    account,
+    check_interface,
+    check_size,
+    copy_origins,
+    fix_node_names,
+    fix_proto_node_names,
+    needs_node_names,
+    remember_node_metadata,
+    restore_interface,
+    settle_copies,
+)
 from ..ir.model_io import check_input, load_model_and_files, too_large_for_protobuf, weight_bytes
 from ..ir.shapes import infer_shapes, resolve_input_shapes, skeleton
 from ..ir.values import fix_tensor_names
@@ -43,10 +53,10 @@ from ..passes import verify
 from ..passes.analyse import analyze
 from ..passes.data_importance import data_importance
 from ..passes.importance import add_data_scores, candidates
+from ..passes.latency import resolution_note
 from ..passes.metrics import Metrics, measure
 from ..passes.reconstruct import ReconstructionReport, reconstruct
 from ..passes.select import Plan, dead_level, select
-from ..passes.latency import resolution_note
 from ..passes.surgery import SurgeryStats, apply
 from .bench import batch_of
 from .report import Report, describe_spaces, run_metadata, weight_name

@@ -12,8 +12,8 @@ from ..channels.context import Analysis
 from ..channels.layout import Segment
 from ..channels.reasons import Reason
 from ..ir.ids import ObjectSet
-from ..passes.metrics import Metrics
 from ..ir.openvino_ir import OpenVinoResult
+from ..passes.metrics import Metrics
 from ..passes.select import Plan
 from ..passes.surgery import SurgeryStats
 from ..passes.verify import Verification

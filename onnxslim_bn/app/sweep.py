@@ -16,16 +16,16 @@ from dataclasses import asdict, dataclass, field, replace
 
 import onnx
 
-from ..ir import data
-from .api import prune_prepared
 from ..errors import BnSlimError
+from ..ir import data
 from ..ir.model_io import load_model
-from ..options import PruneOptions
-from .report import grid
 from ..ir.shapes import resolve_input_shapes
+from ..options import PruneOptions
+from .api import prune_prepared
 from .bench import probe, probe_inputs
 from .histogram import require_matplotlib, save_png
 from .pipeline import Pipeline
+from .report import grid
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from .layout import Layout, Segment, sizes as _sizes
+from .layout import Layout, Segment
+from .layout import sizes as _sizes
 from .reasons import Reason
 
 log = logging.getLogger(__name__)

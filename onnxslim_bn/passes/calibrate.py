@@ -26,6 +26,7 @@ import onnx
 from ..ir import runtime
 from ..passes import verify
 
+
 # ------------------------------------------------------------------------------ row extraction
 @dataclass(frozen=True)
 class Patches:

@@ -31,11 +31,11 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from ..ir import runtime
-from ..passes import calibrate
 from ..channels.context import Analysis, Scores
 from ..channels.layout import Segment
 from ..channels.reasons import Reason
+from ..ir import runtime
+from ..passes import calibrate
 from ..rules import RULES
 
 log = logging.getLogger(__name__)

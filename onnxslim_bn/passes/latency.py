@@ -37,9 +37,9 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from ..ir import openvino_ir
 from ..errors import BnSlimError
 from ..hardware import channel_block
+from ..ir import openvino_ir
 from ..ir.model_io import write_text
 from ..ir.ops import constant_names
 from ..ir.runtime import session

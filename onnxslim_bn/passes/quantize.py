@@ -37,15 +37,14 @@ import numpy as np
 import onnx
 
 from ..errors import BnSlimError
-from ..options import QUANTIZE_MODES as MODES
-from ..options import QUANTIZE_NEEDS_DATA as NEEDS_DATA
 from ..hardware import cpu_features
-from ..ir.model_io import _save_external, too_large_for_protobuf
 from ..ir import data as data_module
 from ..ir import runtime
+from ..ir.model_io import _save_external, load_model, save_model, too_large_for_protobuf
 from ..ir.ops import DEQUANTIZE, INT8, QDQ, QUANTIZE
-from ..ir.model_io import load_model, save_model
 from ..ir.shapes import resolve_input_shapes
+from ..options import QUANTIZE_MODES as MODES
+from ..options import QUANTIZE_NEEDS_DATA as NEEDS_DATA
 from .verify import static_batch
 
 log = logging.getLogger(__name__)

@@ -49,12 +49,12 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from .calibrate import Gram, Patches, _ids, sample_positions
 from ..ir import runtime
 from ..ir.model_io import weight_bytes
 from ..ir.ops import BIAS_ADD, IDENTITY, constant_tensor, storage_casts
 from ..ir.weights import LAYER_OPS, axes
 from ..rules.roles import NORMALIZATION
+from .calibrate import Gram, Patches, _ids, sample_positions
 from .verify import static_batch
 
 log = logging.getLogger(__name__)

@@ -19,9 +19,9 @@ import onnx_graphsurgeon as gs
 
 from ..channels.context import Analysis
 from ..ir.values import add_after
-from .select import Plan
-from .replacement import dead_values
 from ..rules import RULES, Compensation
+from .replacement import dead_values
+from .select import Plan
 
 log = logging.getLogger(__name__)
 

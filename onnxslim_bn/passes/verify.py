@@ -37,8 +37,8 @@ import onnx
 from ..errors import BnSlimError
 from ..ir import data, runtime
 from ..ir.model_io import as_file, too_large_for_protobuf
-from ..ir.shapes import graph_inputs
 from ..ir.ops import BIAS_ADD, UNCHANGED, constant_names
+from ..ir.shapes import graph_inputs
 from ..ir.weights import FEATURE_OPS, LAYER_OPS, UNBIASED_OPS
 from ..rules.roles import SOFTMAX_LAST_AXIS_OPSET, SOFTMAX_OPS
 

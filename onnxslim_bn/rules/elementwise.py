@@ -10,9 +10,9 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from ..channels.context import Analysis
+from ..channels.edits import SelectChannels, SliceParam
 from ..channels.layout import channels
 from ..channels.reasons import Reason
-from ..channels.edits import SelectChannels, SliceParam
 from ..ir.values import constant_values
 from ..ir.weights import LAYER_OPS
 from .base import Rule, attr, block_inputs, carrying, register, used

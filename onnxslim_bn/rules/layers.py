@@ -7,12 +7,11 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from ..channels.context import Analysis
+from ..channels.edits import SetGroup, SliceGroupedInput, SliceParam
 from ..channels.layout import width
 from ..channels.reasons import Reason
-from ..channels.edits import SetGroup, SliceGroupedInput, SliceParam
 from ..ir import runtime
-from ..ir.values import add_after, constant_shape, constant_values, replace_constant, unique_name
-from ..ir.values import known_product
+from ..ir.values import add_after, constant_shape, constant_values, known_product, replace_constant, unique_name
 from ..ir.weights import axes
 from .base import Compensation, Rule, attr, block_inputs, register
 

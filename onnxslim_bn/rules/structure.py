@@ -6,8 +6,8 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from ..channels.context import Analysis
-from ..channels.layout import Layout, Segment, channels, cut, width
 from ..channels.edits import SetShapeEntry, SetSliceRange, SetSplitSizes
+from ..channels.layout import Layout, Segment, channels, cut, width
 from ..channels.reasons import Reason
 from ..ir.values import constant_values
 from .base import Rule, attr, block_inputs, carrying, is_channel_axis, opset, register, used
