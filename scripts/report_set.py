@@ -11,7 +11,7 @@ Two sub-commands:
     PYTHONPATH=/path/to/checkout python scripts/report_set.py measure --dir DIR --mode ordinary \
         [--json results.json] [--jobs 2] [--models NAME ...] [--tool-args --round-to 1 ...]
     python scripts/report_set.py measure --dir DIR --mode ordinary --from-json part1.json part2.json  # tables only
-    # the peer, onnxsim 0.8.1 in its own venv (python3 -m venv /work/onnxsimvenv; pip install onnxsim==0.8.1 onnxruntime)
+    # the peer, onnxsim 0.8.1 in its own venv (`make .venv-onnxsim/.installed`), run by bench/peer_child.py
     python scripts/report_set.py measure --dir DIR --mode ordinary --peer onnxsim [--peer-sparsity 0.1 0.2 0.3]
 
 ``build`` generates its data set in code (no download): classes of coloured textures (gratings,
@@ -702,19 +702,6 @@ def count_macs(path: Path, image: int) -> int:
     return total
 
 
-def peer_one(src: str, out: str, calib: str, samples: int, sparsity: float) -> None:
-    """Run in the onnxsim venv: onnxsim 0.8.1's structured Wanda pruning, then its ridge refit, through its API."""
-    import onnx
-    import onnxsim
-
-    x = np.load(calib)["input"][:samples].astype(np.float32)
-    batches = [{"input": x[i : i + 32]} for i in range(0, len(x), 32)]
-    original = onnx.load(src)
-    pruned = onnxsim.apply_structured_wanda_pruning(original, calibration_data=batches, sparsity=sparsity)
-    tuned = onnxsim.apply_pruning_finetune(original, pruned, calibration_data=batches)
-    onnx.save(tuned, out)
-
-
 def measure_peer(args: argparse.Namespace, folder: Path, manifest: dict, x: np.ndarray, y: np.ndarray) -> list[dict]:
     image = manifest["spec"]["image"]
     sparsities = [float(v) for v in args.peer_sparsity]
@@ -732,7 +719,7 @@ def measure_peer(args: argparse.Namespace, folder: Path, manifest: dict, x: np.n
                 with tempfile.TemporaryDirectory() as tmp:
                     out = Path(tmp) / "peer.onnx"
                     start = time.perf_counter()
-                    proc = subprocess.run([args.peer_python, str(Path(__file__).resolve()), "_peer-one", str(src), str(out),
+                    proc = subprocess.run([str(Path(args.peer_python).absolute()), str(Path(__file__).resolve().parent.parent / "bench" / "peer_child.py"), str(src), str(out),
                                            str(folder / "calib.npz"), str(args.peer_samples), str(sp)],
                                           capture_output=True, text=True, cwd=tmp)
                     res["seconds"] = round(time.perf_counter() - start, 1)
@@ -785,19 +772,12 @@ def main() -> None:
                    help="everything after this goes to every prune run, e.g. --tool-args --round-to 1")
     m.add_argument("--peer", choices=["onnxsim"], help="instead of the tool: onnxsim 0.8.1's post-training "
                    "structured pruning (ordinary models only), run in its own venv (--peer-python)")
-    m.add_argument("--peer-python", default="/work/onnxsimvenv/bin/python")
+    m.add_argument("--peer-python", default=".venv-onnxsim/bin/python")
     m.add_argument("--peer-sparsity", nargs="*", default=[0.1, 0.2, 0.3, 0.4, 0.5],
                    help="onnxsim's per-chain fraction of channels removed (the MACs it reaches are measured)")
     m.add_argument("--peer-samples", type=int, default=128)
-    peer = sub.add_parser("_peer-one", help=argparse.SUPPRESS)
-    for arg in ("src", "out", "calib"):
-        peer.add_argument(arg)
-    peer.add_argument("samples", type=int)
-    peer.add_argument("sparsity", type=float)
     args = parser.parse_args()
-    if args.command == "_peer-one":
-        peer_one(args.src, args.out, args.calib, args.samples, args.sparsity)
-    elif args.command == "build":
+    if args.command == "build":
         build(Path(args.out), args.set, args.archs, args.only)
     else:
         measure(args)
