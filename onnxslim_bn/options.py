@@ -20,7 +20,7 @@ QUANTIZE_NEEDS_DATA = ("--quantize int8 calibrates each activation's INT8 range 
 class PruneOptions:
     """Everything that decides what is removed and how the result is checked."""
 
-    ratio: float | None = None  # fraction of all prunable channels to remove (netslim's meaning)
+    ratio: float | None = None  # cut the ranking at this fraction of the prunable channels (netslim's percentile)
     threshold: float | None = None  # or: remove every channel whose importance is below this
     target_macs: float | None = None  # or: keep at most this fraction of the MACs
     target_params: float | None = None  # or: keep at most this fraction of the layer parameters

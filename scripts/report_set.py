@@ -461,11 +461,24 @@ class Run:
     check_agreement: float | None = None
     check_cosine: float | None = None
     probe_speedup: float | None = None
+    speed: dict[str, float] = field(default_factory=dict)  # --speed: "onnxruntime b1" -> pruned over original
     seconds: float | None = None
     ranked_dead: str = ""  # sparse: "dead/ranked" channels as the checkout's inspect scores them
 
 
-def _run_one(run: Run, src: Path, python: str, x: np.ndarray, y: np.ndarray, reference: np.ndarray) -> Run:
+def _speed(src: Path, out: Path, python: str) -> dict[str, float]:
+    """Speed-ups of ``out`` over ``src`` (``onnx-bnslim bench``: alternating, 4 rounds), onnxruntime and
+    OpenVINO at batch 1 and 32, run by the checkout being measured."""
+    with tempfile.TemporaryDirectory() as tmp:
+        table = Path(tmp) / "bench.json"
+        subprocess.run([python, "-m", "onnxslim_bn", "bench", str(src), str(out), "--batch", "1,32", "--runs", "40",
+                        "--json", str(table)], capture_output=True, text=True, cwd=tmp, check=True)
+        rows = json.loads(table.read_text())["rows"]
+    return {f"{r['runtime']} b{r['batch']}": round(r["speedup"], 3) for r in rows}
+
+
+def _run_one(run: Run, src: Path, python: str, x: np.ndarray, y: np.ndarray, reference: np.ndarray,
+             speed: bool = False) -> Run:
     with tempfile.TemporaryDirectory() as tmp:
         out, report = Path(tmp) / "slim.onnx", Path(tmp) / "report.json"
         cmd = [python, "-m", "onnxslim_bn", "prune", str(src), *run.args, "-o", str(out), "--report", str(report), "-q"]
@@ -492,6 +505,8 @@ def _run_one(run: Run, src: Path, python: str, x: np.ndarray, y: np.ndarray, ref
             pred = logits(out, x).argmax(1)
             run.accuracy_after = float((pred == y).mean())
             run.agreement = float((pred == reference).mean())
+            if speed:
+                run.speed = _speed(src, out, python)
     return run
 
 
@@ -546,7 +561,7 @@ def _ordinary_runs(manifest: dict, calib: Path, extra: list[str], budgets: list[
 
 
 def _print_sparse(runs: list[Run], manifest: dict) -> None:
-    rows = []
+    rows, timed = [], any(r.speed for r in runs)
     for r in runs:
         info = manifest["models"][r.model]
         rows.append([
@@ -554,9 +569,14 @@ def _print_sparse(runs: list[Run], manifest: dict) -> None:
             _pct(r.accuracy_before), _pct(r.accuracy_after), _pct(r.agreement),
             "—" if r.macs_kept is None else f"{r.macs_kept:.3f}",
             "—" if r.live_removed is None else str(r.live_removed),
-        ])
+        ] + ([" / ".join(f"{r.speed[f'{rt} b{b}']:.2f}x" for b in (1, 32)) if r.speed else "—"
+              for rt in ("onnxruntime", "openvino")] if timed else []))
     print(_table(["model", "export", "BN dead", "ranked dead", "setting", "exit", "acc before", "acc after", "agreement %",
-                  "MACs kept", "live removed"], rows))
+                  "MACs kept", "live removed"] + (["onnxruntime b1 / b32", "OpenVINO b1 / b32"] if timed else []), rows))
+    if timed:
+        slow = [r for r in runs if r.speed and min(r.speed.values()) < 1.0]
+        print(f"\n{len(slow)} of {sum(1 for r in runs if r.speed)} timed runs are slower than the original somewhere "
+              "(runtime, batch).")
     faithful = [r for r in runs if r.agreement is not None and r.agreement >= 0.995]
     print(f"\n{len(faithful)} of {len(runs)} runs keep held-out agreement >= 99.5% (exit 0 and written).")
     failed = [r for r in runs if r.exit_code]
@@ -654,7 +674,7 @@ def measure(args: argparse.Namespace) -> None:
 
     def one(r: Run) -> Run:
         src = folder / manifest["models"][r.model]["files"][r.export]
-        done = _run_one(r, src, args.python, x, y, references[(r.model, r.export)])
+        done = _run_one(r, src, args.python, x, y, references[(r.model, r.export)], speed=args.speed)
         print(f"  {r.model} {r.export} {r.setting}: exit {done.exit_code}, acc {_pct(done.accuracy_after)}, "
               f"agreement {_pct(done.agreement)}, MACs {done.macs_kept}, {done.seconds} s", file=sys.stderr, flush=True)
         return done
@@ -767,6 +787,8 @@ def main() -> None:
     m.add_argument("--python", default=sys.executable, help="the interpreter that runs `-m onnxslim_bn`")
     m.add_argument("--jobs", type=int, default=1, help="runs in parallel (default 1: the machine is shared)")
     m.add_argument("--json", help="also write every run's numbers here")
+    m.add_argument("--speed", action="store_true", help="sparse: also time each written model beside its original "
+                   "(onnx-bnslim bench: onnxruntime and OpenVINO, batch 1 and 32)")
     m.add_argument("--from-json", nargs="*", help="run nothing: print the tables of runs saved with --json")
     m.add_argument("--tool-args", nargs=argparse.REMAINDER, default=[],
                    help="everything after this goes to every prune run, e.g. --tool-args --round-to 1")

@@ -3,7 +3,7 @@
     python scripts/sparse_table.py [--dir fixtures] [--names vgg resnet ...]
 
 For each model (BN kept and TorchScript-folded exports): ``--threshold 1e-3`` and ``--ratio`` at
-half and at 0.9 of its dead fraction (channels below 1e-3 among those the tool ranks), defaults
+half, 0.9 and all of its dead fraction (channels below 1e-3 among those the tool ranks), defaults
 otherwise (no --data).
 Accuracy on ``heldout.npz`` (labelled), agreement = top-1 equal to the original's. Measures,
 asserts nothing; the numbers the README quotes for issue 16.
@@ -50,6 +50,7 @@ def main() -> None:
     parser.add_argument("--forms", nargs="*", default=["", ".ts-folded"])
     parser.add_argument("--speed", action="store_true", help="also time each pruned model beside its original "
                         "(onnx-bnslim bench: onnxruntime and OpenVINO, batch 1 and 32)")
+    parser.add_argument("--probe", action="store_true", help="prune with the CLI's timing probe (the API's default is off)")
     args = parser.parse_args()
     folder = Path(args.dir)
     manifest = json.loads((folder / "manifest.json").read_text())
@@ -66,10 +67,11 @@ def main() -> None:
             # (the manifest's counts BN channels, reader BNs included)
             exact = prune(path, threshold=1e-3, round_to=1, min_channels=1, verify=False).report
             dead = exact.chosen_channels / exact.selection["ranked"]
-            for label, sel in (("threshold 1e-3", {"threshold": 1e-3}), (f"ratio {0.5 * dead:.2f}", {"ratio": 0.5 * dead}),
-                               (f"ratio {0.9 * dead:.2f}", {"ratio": 0.9 * dead})):
+            settings = [("threshold 1e-3", {"threshold": 1e-3})]
+            settings += [(f"ratio {f * dead:.2f} ({f:g} dead)", {"ratio": f * dead}) for f in (0.5, 0.9, 1.0)]
+            for label, sel in settings:
                 try:
-                    r = prune(path, verify=False, **sel)
+                    r = prune(path, verify=False, probe=args.probe, **sel)
                 except BnSlimError as err:
                     print(f"| {name} | {form or 'kept'} | {label} | error: {err} |")
                     continue

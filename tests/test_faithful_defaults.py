@@ -69,6 +69,27 @@ def test_ratio_rounding_never_removes_a_channel_the_ranking_kept(round_to):
         assert "all of them dead" in result.report.table()
 
 
+@pytest.mark.parametrize("min_channels", [8, 16])
+def test_ratio_is_a_cut_a_channel_held_below_it_is_not_replaced_by_a_live_one(min_channels):
+    # the middle layer is almost all dead (44 of 48): --min-channels holds some of its dead
+    # channels, so a ratio at the model's dead fraction cannot take them all. The ratio cuts the
+    # ranking there; the dead channels held stay, and no live channel above the cut goes instead.
+    widths, dead = (64, 48, 32), (20, 44, 9)
+    model = sparse_net(widths, dead, seed=5)
+    ratio = sum(dead) / sum(widths)
+    result = prune(model, ratio=ratio, round_to=1, min_channels=min_channels, exact_borders=True, verify=False)
+    sel = result.report.selection
+    held = 44 - (48 - min_channels)
+    assert sel["kept_by_min_channels"] == held > 0, sel
+    assert sel["live_removed"] == 0 and sel["max_removed_score"] == 0.0, sel
+    # every channel below the cut went or is counted as held: the cut at floor(ratio * ranked)
+    assert result.report.chosen_channels + sel["kept_by_min_channels"] + sel["kept_by_layer_cap"] == \
+        math.floor(ratio * sel["ranked"] + 1e-9) == sum(dead)
+    assert result.report.removed_channels == sum(dead) - held
+    assert rel_diff(model, result.model) <= EXACT
+    assert "below the cut stay" in result.report.table()
+
+
 def test_threshold_run_never_removes_a_channel_scored_above_it():
     model = sparse_net(seed=3)
     for threshold in (1e-3, 0.02, 0.05):  # 0.02 and 0.05 lie inside the live gammas

@@ -33,7 +33,9 @@ def test_pruned_at_its_sparsity_keeps_accuracy(name):
     report = result.report
     sel = report.selection  # every channel here has a known replacement: all of them are ranked
     assert sel["ranked"] == report.prunable_channels and sel["kept_unknown_replacement"] == 0
-    assert report.chosen_channels == int(np.floor(ratio * sel["ranked"] + 1e-9))
+    # the cut at the ratio: every channel below it went, or a constraint held it (nothing replaced it)
+    assert report.chosen_channels + sel["kept_by_min_channels"] + sel["kept_by_layer_cap"] \
+        == int(np.floor(ratio * sel["ranked"] + 1e-9))
     # round_to=1: every chosen channel is removed unless a reader BN's branch keeps it
     assert report.removed_channels == report.chosen_channels - sel["kept_by_branches"] + sel["removed_by_branches"]
     assert report.after.macs < report.before.macs

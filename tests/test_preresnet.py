@@ -82,7 +82,9 @@ def test_preresnet_pruned_at_its_sparsity_selects_branches_and_keeps_accuracy(fo
     result = prune(model, ratio=ratio, min_channels=1, round_to=1, exact_borders=exact_borders)
     report, sel = result.report, result.report.selection
     assert sel["ranked"] == ranked < report.prunable_channels and sel["kept_unknown_replacement"] == 0
-    assert report.chosen_channels == int(np.floor(ratio * sel["ranked"] + 1e-9))
+    # the cut at the ratio: every channel below it went, or a constraint held it (nothing replaced it)
+    assert report.chosen_channels + sel["kept_by_min_channels"] + sel["kept_by_layer_cap"] \
+        == int(np.floor(ratio * sel["ranked"] + 1e-9))
     assert report.removed_channels == report.chosen_channels - sel["kept_by_branches"] + sel["removed_by_branches"]
     # a shared tensor with a raw reader (shortcut, downsample conv) loses nothing to the branches
     assert sel["removed_by_branches"] == 0

@@ -106,8 +106,9 @@ def _prune_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     _common(parser)
     how = parser.add_mutually_exclusive_group(required=True)
     how.add_argument("--ratio", type=float,
-                     help="fraction of the removable channels (scored, with a known replacement at every reader) "
-                          "to remove, ranked globally")
+                     help="cut the global ranking at this fraction of the removable channels (scored, with a "
+                          "known replacement at every reader): the channels below the cut go, except those a "
+                          "constraint holds (no channel above the cut replaces them)")
     how.add_argument("--threshold", type=float, help="remove every channel whose score is below this instead")
     how.add_argument("--target-macs", type=float, metavar="F",
                      help="keep at most fraction F of the MACs (0 < F < 1), channels ranked by importance per MAC")

@@ -334,11 +334,13 @@ def selection_lines(sel: dict, chosen: int, removed: int, options: dict) -> list
     if sel.get("removed_by_rounding"):
         lines.append(f"{sel['removed_by_rounding']} more channels removed rounding widths down, all of them "
                      + ("within the budget." if sel.get("budget") else "dead (in the dead cluster or exactly 0)."))
+    # a budget walks on past a channel it cannot take; a --ratio / --threshold cut keeps it, and takes none above the cut
+    held = "passed over" if sel.get("budget") else "below the cut stay (nothing above the cut replaces them)"
     if sel.get("kept_by_min_channels"):
-        lines.append(f"{sel['kept_by_min_channels']} channels passed over: their layer reached --min-channels "
+        lines.append(f"{sel['kept_by_min_channels']} channels {held}: their layer reached --min-channels "
                      f"{options.get('min_channels')} (or a Split / Slice part its last channel).")
     if sel.get("kept_by_layer_cap"):
-        lines.append(f"{sel['kept_by_layer_cap']} live channels passed over: their layer reached --max-layer-ratio "
+        lines.append(f"{sel['kept_by_layer_cap']} live channels {held}: their layer reached --max-layer-ratio "
                      f"{options.get('max_layer_ratio')}.")
     level, top = sel.get("dead_level", 0.0), sel.get("max_removed_score")
     if top is not None:

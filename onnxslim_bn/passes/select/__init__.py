@@ -27,9 +27,11 @@ def select(analysis: Analysis, options: PruneOptions, curves: dict | None = None
     """Choose which channels go.
 
     One global ranking by importance over every prunable space, walked greedily from the least
-    important channel: ``ratio`` takes that fraction of the ranked channels, ``threshold`` every
-    channel below it, ``target_macs`` / ``target_params`` / ``target_latency`` as many as it
-    takes to reach the budget (ranked by importance per MAC, parameter or millisecond saved; the
+    important channel: ``ratio`` cuts the ranking at that fraction of the ranked channels
+    (Network Slimming's percentile), ``threshold`` at a score; every channel below the cut goes
+    unless a constraint holds it, and a channel held is not replaced by one above the cut;
+    ``target_macs`` / ``target_params`` / ``target_latency`` take as many as it takes to reach
+    the budget (ranked by importance per MAC, parameter or millisecond saved; the
     latency ``curves`` come from :func:`onnxslim_bn.passes.latency.layer_latency_table`). The walk
     skips a channel when
 
@@ -49,7 +51,9 @@ def select(analysis: Analysis, options: PruneOptions, curves: dict | None = None
         if options.threshold is not None:
             order = order[flat[order] < options.threshold]
             target = len(order)  # every channel below it that can go (the walk counts those that cannot)
-        else:  # a fraction of the channels that can go: those with a known replacement everywhere
-            target = int(math.floor(options.ratio * int((~ranking.unsafe_flat).sum()) + 1e-9))
+        else:  # the cut at that fraction of the channels that can go (those with a known replacement everywhere)
+            safe = order[~ranking.unsafe_flat[order]]
+            order = safe[:int(math.floor(options.ratio * len(safe) + 1e-9))]
+            target = len(order)  # those below the cut; a channel a constraint holds stays, nothing replaces it
         return Walk(ranking).plan(order, target)
     return within_budget(ranking, curves)
