@@ -72,10 +72,6 @@ STORE_BYTES = 256 * 2**20  # activations and targets kept in memory between leve
 # a border map stays behind a refit layer when the fit with it leaves at most this share of the
 # squared residual of the fit without it (constant removed channels: ~0)
 MAP_GAIN = 0.5
-# ... and when the fit without it is off by more than this (relative error, as LayerFit counts
-# it): below, the map buys nothing a check would see, and costs an Add at run time (on the
-# group-consistent ResNet-50, 12 maps that lowered 1e-5-level errors were 12 of its 28 INT8 Adds)
-MAP_FLOOR = 1e-4
 
 
 @dataclass
@@ -636,7 +632,7 @@ def reconstruct(original: onnx.ModelProto, pruned: onnx.ModelProto, feeds: dict[
     the rows of one layer's fit (over all samples; each layer takes ``MIN_ROWS_PER_UNKNOWN`` per
     unknown, at least ``ROWS_FLOOR``): the Gram matrix costs rows x width², and a 3x3 conv over
     256 channels is 2,305 wide. Border maps behind refit layers stay when ``keep_maps``
-    (``--exact-borders``), else when they make the fit more exact (``MAP_GAIN``, ``MAP_FLOOR``) and the model's
+    (``--exact-borders``), else when they make the fit more exact (``MAP_GAIN``) and the model's
     weights stay within the original's. Neither input model is modified; the returned model is
     a refit copy of ``pruned``."""
     clock = time.perf_counter()
@@ -879,8 +875,11 @@ def _refit(layer: _Layer, store: _Store, count: int, model: onnx.ModelProto, con
         after_plain = plain.residual(delta_plain)
         size = border.size * numpy_helper.to_array(const[layer.border.input[1]]).dtype.itemsize
         fits = state["room"] is None or size <= state["room"]
-        gains = after < MAP_GAIN * after_plain and _relative(after_plain, plain.spread()) > MAP_FLOOR
+        gains = after < MAP_GAIN * after_plain
         layer.map_kept = state["room"] is None or (fits and gains)
+        log.debug("border map behind %s: relative error %.3g with it, %.3g without: %s", node.name,
+                  _relative(after, plain.spread()), _relative(after_plain, plain.spread()),
+                  "kept" if layer.map_kept else "dropped")
         report.maps_too_large += int(not fits and gains)
         if layer.map_kept:
             if state["room"] is not None:
