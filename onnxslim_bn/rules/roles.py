@@ -20,7 +20,8 @@ BIAS = frozenset({"Add"})
 ACTIVATIONS = frozenset({"Relu", "LeakyRelu", "PRelu", "Clip", "HardSwish", "Elu", "Selu", "Celu", "Gelu", "Mish",
                          "Softplus", "ThresholdedRelu"})
 GATES = frozenset({"Sigmoid", "HardSigmoid"})
-PASSING = frozenset({"Identity", "Dropout", "Cast"})  # ops that pass a tensor on unchanged in value
+# ops that pass a tensor on unchanged in value (a QDQ model's activation pairs: up to their rounding)
+PASSING = frozenset({"Identity", "Dropout", "Cast", "QuantizeLinear", "DequantizeLinear"})
 CASTS = frozenset({"Cast"})  # of an initializer: the type a weight is stored in (fold.restore_storage)
 JOINS = frozenset({"Add", "Sum"})  # residual joins of two computed tensors
 SOFTMAX_OPS = frozenset({"Softmax", "LogSoftmax"})  # normalise along their ``axis`` attribute
