@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnx_graphsurgeon as gs
 import onnxruntime as ort
 import pytest
 from onnx import numpy_helper
@@ -23,6 +24,9 @@ from onnxruntime.quantization.shape_inference import quant_pre_process
 import onnxslim_bn
 from onnxslim_bn.app.cli import main
 from onnxslim_bn.errors import BnSlimError
+from onnxslim_bn.ir.quantized import edit_constant, fold_dequantized, restore_dequantized
+from onnxslim_bn.ir.quantized import quantized as mark_of
+from onnxslim_bn.ir.values import replace_constant
 from tests.graphs import Builder
 
 SIZE = 12  # input height and width
@@ -75,9 +79,15 @@ def _quantize(folder: Path, per_channel: bool, fmt: QuantFormat = QuantFormat.QD
     return out
 
 
-@pytest.fixture(scope="module", params=[True, False], ids=["per-channel", "per-tensor"])
-def quantized(request, tmp_path_factory):
-    return request.param, _quantize(tmp_path_factory.mktemp("qdq"), request.param)
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> dict[bool, Path]:
+    """per_channel -> the QDQ model's file."""
+    return {per_channel: _quantize(tmp_path_factory.mktemp("qdq"), per_channel) for per_channel in (True, False)}
+
+
+@pytest.fixture(params=[True, False], ids=["per-channel", "per-tensor"])
+def quantized(request, models):
+    return request.param, models[request.param]
 
 
 def _run(model: onnx.ModelProto, x: np.ndarray, optimized: bool) -> np.ndarray:
@@ -173,13 +183,25 @@ def test_qdq_model_prunes_its_integers_exactly(quantized):
     assert result.report.after.channels == result.report.before.channels - 3 * 2 - 2 - 4
 
 
-def test_scales_follow_their_channels(quantized, tmp_path):
+def test_with_data_the_channels_rank_by_data_and_the_refit_leaves_the_integers(models):
+    """--data: data importance reads the dequantized weights; the refit (the default with data)
+    would compute float weights, so it leaves every layer of a QDQ model as bias folding made it."""
+    source = models[True]
+    original = onnx.load(str(source))
+    result = onnxslim_bn.prune(str(source), threshold=1e-3, round_to=1, probe=False, data={"input": _samples(128, 11)})
+    assert result.report.removed_channels == sum(len(d) for d in DEAD.values())
+    assert any("importance: data" in n for n in result.report.notes)
+    left = [n for n in result.report.notes if "INT8 behind a DequantizeLinear" in n]
+    assert len(left) == 4  # the four layers whose input channels went
+    _assert_pruned_as_integers(original, result.model, True)
+    _assert_same_outputs(original, result.model)
+
+
+def test_scales_follow_their_channels(models):
     """The pruned model with each sliced per-channel scale replaced by the first entries of the
     original's (the scales of other channels: what slicing the integers alone would give) is far
     from the original; the tool's model is not."""
-    per_channel, source = quantized
-    if not per_channel:
-        pytest.skip("per-tensor scales are not sliced")
+    source = models[True]
     original = onnx.load(str(source))
     pruned = onnxslim_bn.prune(str(source), threshold=1e-3, round_to=1, probe=False).model
     inits = {t.name: t for t in pruned.graph.initializer}
@@ -234,3 +256,91 @@ def test_quantize_int8_on_a_qdq_input_is_refused_in_one_line(quantized, tmp_path
     assert code == 1 and err.count("\n") == 1
     assert str(source) in err and "already quantized (QDQ)" in err and "drop --quantize int8" in err
     assert not out.exists()
+
+
+def test_removed_constants_fold_into_the_int32_bias_at_its_scale(tmp_path):
+    """Dead channels with beta != 0 output a constant: the next layer (a 1x1 conv, so exact at
+    every pixel) absorbs it into its bias, quantized again at the bias's own scale; its weights
+    stay the original's integers and the output the original's."""
+    b = Builder(3)
+    first = b.op("Relu", [b.bn(b.conv("input", 3, 8), 8, np.array([1, 4, 6]), beta_dead=0.7)])
+    second = b.op("Relu", [b.bn(b.conv(first, 8, 8, k=1, pad=0), 8, np.array([0, 3]), beta_dead=0.4)])
+    head = b.gemm(b.op("Flatten", [b.op("GlobalAveragePool", [second])]), 8, CLASSES)
+    fp32, pre, source = tmp_path / "fp32.onnx", tmp_path / "pre.onnx", tmp_path / "qdq.onnx"
+    onnx.save(b.model({"input": ["batch", 3, SIZE, SIZE]}, [head]), fp32)
+    quant_pre_process(str(fp32), str(pre))
+    quantize_static(str(pre), str(source), _Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8)
+    original = onnx.load(str(source))
+    result = onnxslim_bn.prune(str(source), threshold=1e-3, round_to=1, probe=False)
+    assert result.report.removed_channels == 5 and result.report.surgery.compensated_layers == 2
+    before, after = _layers(original), _layers(result.model)
+    conv2 = [n.name for n in original.graph.node if n.op_type == "Conv"][1]
+    keep_out, keep_in = np.setdiff1d(np.arange(8), [0, 3]), np.setdiff1d(np.arange(8), [1, 4, 6])
+    q, scale, _ = before[conv2]["weight"]
+    np.testing.assert_array_equal(after[conv2]["weight"][0], q[keep_out][:, keep_in])
+    np.testing.assert_array_equal(after[conv2]["weight"][1], scale[keep_out])
+    bias, bias_scale, _ = before[conv2]["bias"]
+    moved = after[conv2]["bias"][0].astype(np.int64) - bias[keep_out]
+    assert after[conv2]["bias"][0].dtype == np.int32 and np.any(moved != 0)
+    np.testing.assert_array_equal(after[conv2]["bias"][1], bias_scale[keep_out])
+    # the shift is the removed channels' constant through the weights, at the bias's scale
+    w = (q.astype(np.float64) * scale[:, None, None, None])[keep_out][:, [1, 4, 6]].sum(axis=(2, 3))
+    act_scale, act_zero = _activation_pair(original, conv2)
+    constant = (np.rint(0.7 / act_scale) + act_zero - act_zero) * act_scale  # beta through the activation's Q/DQ
+    np.testing.assert_array_equal(moved, np.rint(w.sum(axis=1) * constant / bias_scale[keep_out].astype(np.float64)))
+    _assert_same_outputs(original, result.model)
+
+
+def _activation_pair(model: onnx.ModelProto, layer: str) -> tuple[float, float]:
+    """The per-tensor scale and zero point of the DequantizeLinear that feeds ``layer``'s input."""
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    node = next(n for n in model.graph.node if n.name == layer)
+    dq = next(n for n in model.graph.node if n.output[0] == node.input[0])
+    return float(inits[dq.input[1]]), float(inits[dq.input[2]])
+
+
+def _matmul_graph(per_channel: bool):
+    """x [2, 4] @ DequantizeLinear(int8 [4, 6], scale, zero point, axis 1) -> y [2, 6]."""
+    rng = np.random.default_rng(0)
+    data = rng.integers(-128, 128, (4, 6)).astype(np.int8)
+    scale = (rng.uniform(0.5, 2.0, 6) if per_channel else np.array(0.3)).astype(np.float32)
+    zero = (rng.integers(-3, 4, 6) if per_channel else np.array(1)).astype(np.int8)
+    x, w, y = gs.Variable("x", np.float32, [2, 4]), gs.Variable("w", np.float32, [4, 6]), gs.Variable("y", np.float32)
+    dq = gs.Node("DequantizeLinear", "dq", {"axis": 1}, inputs=[gs.Constant("q", data), gs.Constant("s", scale),
+                                                               gs.Constant("z", zero)], outputs=[w])
+    graph = gs.Graph([dq, gs.Node("MatMul", "mm", inputs=[x, w], outputs=[y])], [x], [y], opset=17)
+    return graph, data, scale, zero
+
+
+@pytest.mark.parametrize("per_channel", [True, False], ids=["per-channel", "per-tensor"])
+def test_a_quantized_constant_slices_its_scale_only_on_its_own_axis(per_channel):
+    graph, data, scale, zero = _matmul_graph(per_channel)
+    assert fold_dequantized(graph) == 1
+    layer = graph.nodes[0]
+    dequantized = (data.astype(np.float32) - (zero if zero.ndim == 0 else zero[None])) * scale
+    np.testing.assert_array_equal(layer.inputs[1].values, dequantized)
+    assert mark_of(layer.inputs[1]).axis == (1 if per_channel else None)
+    rows, cols = np.array([0, 2, 3]), np.array([1, 2, 5])
+    edit_constant(layer, 1, lambda a, axis: np.take(a, rows, axis=axis), 0)  # input rows: the scale stays
+    edit_constant(layer, 1, lambda a, axis: np.take(a, cols, axis=axis), 1)  # output columns: sliced with it
+    restored = restore_dequantized(graph)
+    assert restored.integers == 1 and not restored.requantized and not restored.left_float
+    dq = layer.inputs[1].inputs[0]
+    q, s, z = (t.values for t in dq.inputs)
+    np.testing.assert_array_equal(q, data[np.ix_(rows, cols)])
+    assert q.dtype == np.int8 and dq.attrs == {"axis": 1}
+    np.testing.assert_array_equal(s, scale[cols] if per_channel else scale)
+    np.testing.assert_array_equal(z, zero[cols] if per_channel else zero)
+    if not per_channel:  # unchanged: the very tensors of the input
+        assert dq.inputs[1].name == "s" and dq.inputs[2].name == "z"
+
+
+def test_a_quantized_weight_changed_otherwise_stays_float():
+    graph, *_ = _matmul_graph(True)
+    fold_dequantized(graph)
+    layer = graph.nodes[0]
+    replace_constant(layer, 1, layer.inputs[1].values * 1.5)  # not a slice: no integers stand for it
+    restored = restore_dequantized(graph)
+    assert restored.left_float == (layer.inputs[1].name,) and restored.integers == 0
+    assert layer.inputs[1].values.dtype == np.float32 and not any(n.op == "DequantizeLinear" for n in graph.nodes)

@@ -32,7 +32,6 @@ from ..ir import data
 from ..ir import runtime as ort_runtime
 from ..ir.data import Samples
 from ..ir.fold import fold_constants, restore_storage, split_sequences
-from ..ir.quantized import fold_dequantized, restore_dequantized
 from ..ir.interface import (
     account,
     check_interface,
@@ -46,6 +45,7 @@ from ..ir.interface import (
     settle_copies,
 )
 from ..ir.model_io import check_input, load_model_and_files, too_large_for_protobuf, weight_bytes
+from ..ir.quantized import fold_dequantized, restore_dequantized
 from ..ir.shapes import infer_shapes, resolve_input_shapes, skeleton
 from ..ir.values import fix_tensor_names
 from ..options import PruneOptions
@@ -270,6 +270,10 @@ def _check_quantized(proto: onnx.ModelProto, source: str, options: PruneOptions,
     if quantized and options.quantize and not inspecting:
         raise BnSlimError(f"{source}: already quantized (QDQ); drop --quantize {options.quantize}: a QDQ model prunes "
                           "as it is and stays INT8 with its own integers")
+    if quantized and not qoperator:
+        notes.append("QDQ input: its weights are pruned as their integers (per-channel scales and zero points sliced "
+                     "with them, per-tensor ones kept), its activation QuantizeLinear/DequantizeLinear pairs kept; "
+                     "both INT8 models are checked as deployed (onnxruntime's INT8 kernels)")
     return quantized
 
 
