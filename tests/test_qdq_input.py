@@ -44,16 +44,20 @@ def _alive(layer: str) -> np.ndarray:
     return np.setdiff1d(np.arange(WIDTH[layer]), DEAD[layer])
 
 
-def _fp32(seed: int = 0) -> onnx.ModelProto:
+def _fp32(seed: int = 0, bn_head: bool = False) -> onnx.ModelProto:
     """stem conv-bn-relu -> (inner conv-bn-relu -> conv-bn) + stem -> relu -> wide conv-bn-relu
-    -> global pool -> Gemm. The dead channels of every BN are exactly zero after it."""
+    -> global pool -> Gemm (``bn_head``: Gemm-BN-Relu -> Gemm, a BN the Gemm keeps). The dead
+    channels of every BN are exactly zero after it."""
     b = Builder(seed)
     stem = b.op("Relu", [b.bn(b.conv("input", 3, 8), 8, np.array(DEAD["stem"]))])
     inner = b.op("Relu", [b.bn(b.conv(stem, 8, 8), 8, np.array(DEAD["inner"]))])
     back = b.bn(b.conv(inner, 8, 8), 8, np.array(DEAD["stem"]))
     joined = b.op("Relu", [b.op("Add", [stem, back])])
     wide = b.op("Relu", [b.bn(b.conv(joined, 8, 12), 12, np.array(DEAD["wide"]))])
-    head = b.gemm(b.op("Flatten", [b.op("GlobalAveragePool", [wide])]), 12, CLASSES)
+    features = b.op("Flatten", [b.op("GlobalAveragePool", [wide])])
+    if bn_head:
+        features = b.op("Relu", [b.bn(b.gemm(features, 12, 16), 16)])
+    head = b.gemm(features, 16 if bn_head else 12, CLASSES)
     return b.model({"input": ["batch", 3, SIZE, SIZE]}, [head])
 
 
@@ -69,9 +73,9 @@ class _Reader(CalibrationDataReader):
         return next(self._batches, None)
 
 
-def _quantize(folder: Path, per_channel: bool, fmt: QuantFormat = QuantFormat.QDQ) -> Path:
+def _quantize(folder: Path, per_channel: bool, fmt: QuantFormat = QuantFormat.QDQ, bn_head: bool = False) -> Path:
     fp32, pre = folder / "fp32.onnx", folder / "pre.onnx"
-    onnx.save(_fp32(), fp32)
+    onnx.save(_fp32(bn_head=bn_head), fp32)
     quant_pre_process(str(fp32), str(pre))  # folds the BNs into the Convs, as onnxruntime's docs advise
     out = folder / f"{'qdq' if fmt == QuantFormat.QDQ else 'qop'}_{'channel' if per_channel else 'tensor'}.onnx"
     quantize_static(str(pre), str(out), _Reader(), quant_format=fmt, per_channel=per_channel,
@@ -195,6 +199,19 @@ def test_with_data_the_channels_rank_by_data_and_the_refit_leaves_the_integers(m
     assert len(left) == 4  # the four layers whose input channels went
     _assert_pruned_as_integers(original, result.model, True)
     _assert_same_outputs(original, result.model)
+
+
+def test_a_relu_the_quantizer_absorbed_still_marks_a_folded_conv_bn_relu(tmp_path):
+    """With a BN kept in the head, a biased conv counts as folded Conv-BN only when an activation
+    follows it. onnxruntime's QDQ quantizer drops those Relus (a uint8 QuantizeLinear at zero point
+    0 clips at zero): the QDQ model ranks and prunes the same channels as its FP32 model."""
+    source = _quantize(tmp_path, True, bn_head=True)
+    ops = [n.op_type for n in onnx.load(str(source)).graph.node]
+    assert "BatchNormalization" in ops and "Relu" not in ops
+    fp32 = onnxslim_bn.prune(str(tmp_path / "pre.onnx"), threshold=1e-3, round_to=1, probe=False)
+    qdq = onnxslim_bn.prune(str(source), threshold=1e-3, round_to=1, probe=False)
+    assert qdq.report.removed_channels == fp32.report.removed_channels == sum(len(d) for d in DEAD.values())
+    _assert_same_outputs(onnx.load(str(source)), qdq.model)
 
 
 def test_scales_follow_their_channels(models):
