@@ -361,3 +361,32 @@ def test_a_quantized_weight_changed_otherwise_stays_float():
     restored = restore_dequantized(graph)
     assert restored.left_float == (layer.inputs[1].name,) and restored.integers == 0
     assert layer.inputs[1].values.dtype == np.float32 and not any(n.op == "DequantizeLinear" for n in graph.nodes)
+
+
+def test_a_bias_the_compensation_adds_is_int32_at_input_times_weight_scale(tmp_path):
+    """A bias-less 1x1 conv behind dead channels with beta != 0 gets a bias from the compensation:
+    written as onnxruntime writes one (int32, scale input_scale * weight_scale per output channel,
+    zero point 0), and the output stays the original's."""
+    b = Builder(5)
+    first = b.op("Relu", [b.bn(b.conv("input", 3, 8), 8, np.array([2, 5]), beta_dead=0.6)])
+    second = b.op("Relu", [b.conv(first, 8, 6, k=1, pad=0)])
+    head = b.gemm(b.op("Flatten", [b.op("GlobalAveragePool", [second])]), 6, CLASSES)
+    fp32, pre, source = tmp_path / "fp32.onnx", tmp_path / "pre.onnx", tmp_path / "qdq.onnx"
+    onnx.save(b.model({"input": ["batch", 3, SIZE, SIZE]}, [head]), fp32)
+    quant_pre_process(str(fp32), str(pre))
+    quantize_static(str(pre), str(source), _Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8)
+    original = onnx.load(str(source))
+    conv2 = [n for n in original.graph.node if n.op_type == "Conv"][1]
+    assert len(conv2.input) == 2  # no bias
+    result = onnxslim_bn.prune(str(source), threshold=1e-3, round_to=1, probe=False)
+    assert result.report.removed_channels == 2
+    inits = {t.name: numpy_helper.to_array(t) for t in result.model.graph.initializer}
+    node = next(n for n in result.model.graph.node if n.name == conv2.name)
+    dq = {n.output[0]: n for n in result.model.graph.node if n.op_type == "DequantizeLinear"}
+    q, scale, zero = (inits[i] for i in dq[node.input[2]].input)
+    w_scale = inits[dq[node.input[1]].input[1]]
+    in_scale, _ = _activation_pair(original, conv2.name)
+    assert q.dtype == np.int32 and np.any(q != 0) and not np.any(zero)
+    np.testing.assert_array_equal(scale, (w_scale * np.float32(in_scale)).astype(np.float32))
+    _assert_same_outputs(original, result.model)

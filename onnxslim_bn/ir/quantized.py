@@ -27,6 +27,7 @@ import onnx_graphsurgeon as gs
 
 from .ops import DEQUANTIZE
 from .values import constant_values, replace_constant, unique_name
+from .weights import axes
 
 INTEGERS = (np.int8, np.uint8, np.int16, np.uint16, np.int32)  # stored types a DequantizeLinear folds from
 MARK = "_bnslim_quantized"  # the attribute of a folded constant that holds its :class:`Quantized`
@@ -167,9 +168,41 @@ def restore_dequantized(graph: gs.Graph) -> Restored:
                     left_float.append(tensor.name)
                     done[id(tensor)] = tensor
             node.inputs[i] = done[id(tensor)]
-    if done:
+    added = _quantize_added_biases(graph, done)
+    if done or added:
         graph.toposort()
-    return Restored(len(done) - len(left_float), tuple(requantized), tuple(left_float))
+    return Restored(len(done) - len(left_float), tuple(requantized) + added, tuple(left_float))
+
+
+def _quantize_added_biases(graph: gs.Graph, written: dict[int, gs.Tensor]) -> tuple[str, ...]:
+    """A float bias the compensation gave a layer whose input and weight are dequantized (a
+    bias-less Conv, a Gemm without C): written as onnxruntime writes one, int32 at scale
+    ``input_scale * weight_scale`` (per output channel with the weight's) and zero point 0."""
+    quantized_outputs = {id(t) for t in written.values() if isinstance(t, gs.Variable)}
+    added = []
+    for node in list(graph.nodes):
+        found = axes(node)
+        if found is None or found.bias is None or len(node.inputs) <= found.bias or id(node.inputs[1]) not in quantized_outputs:
+            continue
+        bias, weight_dq = node.inputs[found.bias], node.inputs[1].inputs[0]
+        source = node.inputs[0].inputs[0] if len(node.inputs[0].inputs) == 1 else None
+        if not isinstance(bias, gs.Constant) or quantized(bias) is not None or source is None or source.op != DEQUANTIZE:
+            continue
+        in_scale = constant_values(source.inputs[1]) if isinstance(source.inputs[1], gs.Constant) else None
+        w_scale = constant_values(weight_dq.inputs[1])
+        values = constant_values(bias)
+        if in_scale is None or in_scale.size != 1 or values.ndim != 1 or not np.issubdtype(values.dtype, np.floating):
+            continue
+        axis = int(weight_dq.attrs.get("axis", 1)) % len(weight_dq.inputs[0].shape) if w_scale.size > 1 else None
+        if axis is not None and (axis != found.out_axis or w_scale.size != values.size):
+            continue
+        scale = (np.broadcast_to(w_scale.reshape(-1), values.shape) * in_scale.reshape(())).astype(w_scale.dtype)
+        mark = Quantized(np.zeros(values.shape, np.int32), scale, np.zeros(values.shape, np.int32), 0,
+                         (bias.name + "_quantized", bias.name + "_quantized_scale", bias.name + "_quantized_zero_point"),
+                         bias.name, bias.name + "_DequantizeLinear", {"axis": 0})
+        node.inputs[found.bias] = _write(graph, replace(mark, data=_requantize(values, mark)))
+        added.append(bias.name)
+    return tuple(added)
 
 
 def _requantize(values: np.ndarray, mark: Quantized) -> np.ndarray:
@@ -182,7 +215,7 @@ def _requantize(values: np.ndarray, mark: Quantized) -> np.ndarray:
 
 def _write(graph: gs.Graph, mark: Quantized) -> gs.Variable:
     """``DequantizeLinear`` of the mark's integers: the original tensors where they are unchanged."""
-    originals = list(mark.tensors)
+    originals = list(mark.tensors) + [None] * (3 - len(mark.tensors))
     arrays = [mark.data, mark.scale] + ([] if mark.zero_point is None else [mark.zero_point])
     inputs = []
     for name, original, values in zip(mark.names, originals, arrays):
