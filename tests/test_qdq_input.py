@@ -22,11 +22,14 @@ from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantTy
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
 import onnxslim_bn
+from onnxslim_bn.app.api import prune_prepared
 from onnxslim_bn.app.cli import main
+from onnxslim_bn.app.pipeline import Pipeline
 from onnxslim_bn.errors import BnSlimError
 from onnxslim_bn.ir.quantized import edit_constant, fold_dequantized, restore_dequantized
 from onnxslim_bn.ir.quantized import quantized as mark_of
 from onnxslim_bn.ir.values import replace_constant
+from onnxslim_bn.options import PruneOptions
 from tests.graphs import Builder
 
 SIZE = 12  # input height and width
@@ -390,3 +393,59 @@ def test_a_bias_the_compensation_adds_is_int32_at_input_times_weight_scale(tmp_p
     assert q.dtype == np.int32 and np.any(q != 0) and not np.any(zero)
     np.testing.assert_array_equal(scale, (w_scale * np.float32(in_scale)).astype(np.float32))
     _assert_same_outputs(original, result.model)
+
+
+def test_one_preparation_serves_every_cut(models):
+    """Cuts A, B, A on one Pipeline (sweep, latency attempts) give the models fresh runs give:
+    the surgery's slices of integers, scales and zero points are put back after each cut."""
+    source = models[True]
+    a = PruneOptions(threshold=1e-3, round_to=1, probe=False)
+    b = PruneOptions(ratio=0.4, round_to=1, probe=False)
+    shared = Pipeline(str(source))
+    runs = [prune_prepared(shared, o).model.SerializeToString() for o in (a, b, a)]
+    fresh = [onnxslim_bn.prune(str(source), o).model.SerializeToString() for o in (a, b)]
+    assert runs == [fresh[0], fresh[1], fresh[0]] and runs[0] != runs[1]
+
+
+def test_per_channel_activation_pairs_are_sliced_with_the_channels(tmp_path):
+    """A QuantizeLinear / DequantizeLinear pair per channel (axis 1) on an activation: its scale
+    and zero point lose the removed channels' entries; the output stays the original's."""
+    rng = np.random.default_rng(2)
+    dead = [1, 3]
+    w1 = rng.integers(-100, 100, (6, 3, 3, 3)).astype(np.int8)
+    w1[dead] = 0
+    b1 = rng.integers(-2000, 2000, 6).astype(np.int32)
+    b1[dead] = 0
+    w2 = rng.integers(-100, 100, (4, 6, 1, 1)).astype(np.int8)
+    act_scale = rng.uniform(0.01, 0.05, 6).astype(np.float32)
+    act_zero = rng.integers(0, 20, 6).astype(np.uint8)
+    inits = [numpy_helper.from_array(v, n) for n, v in [
+        ("w1q", w1), ("w1s", np.float32(0.01)), ("b1q", b1), ("b1s", np.float32(1e-4)),
+        ("w2q", w2), ("w2s", np.float32(0.01)), ("as", act_scale), ("az", act_zero)]]
+    h = onnx.helper
+    nodes = [h.make_node("DequantizeLinear", ["w1q", "w1s"], ["w1"], name="dq_w1"),
+             h.make_node("DequantizeLinear", ["b1q", "b1s"], ["b1"], name="dq_b1"),
+             h.make_node("DequantizeLinear", ["w2q", "w2s"], ["w2"], name="dq_w2"),
+             h.make_node("Conv", ["input", "w1", "b1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+             h.make_node("QuantizeLinear", ["c1", "as", "az"], ["q1"], name="q1", axis=1),
+             h.make_node("DequantizeLinear", ["q1", "as", "az"], ["d1"], name="d1", axis=1),
+             h.make_node("Conv", ["d1", "w2"], ["output"], name="conv2")]
+    graph = h.make_graph(nodes, "pc", [h.make_tensor_value_info("input", onnx.TensorProto.FLOAT, ["batch", 3, SIZE, SIZE])],
+                         [h.make_tensor_value_info("output", onnx.TensorProto.FLOAT, ["batch", 4, SIZE, SIZE])], inits)
+    model = h.make_model(graph, opset_imports=[h.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model, full_check=True)
+    source = tmp_path / "pc.onnx"
+    onnx.save(model, source)
+    result = onnxslim_bn.prune(str(source), threshold=1e-6, round_to=1, probe=False)
+    assert result.report.removed_channels == 2
+    after = {t.name: numpy_helper.to_array(t) for t in result.model.graph.initializer}
+    keep = np.setdiff1d(np.arange(6), dead)
+    np.testing.assert_array_equal(after["as"], act_scale[keep])
+    np.testing.assert_array_equal(after["az"], act_zero[keep])
+    np.testing.assert_array_equal(after["w2q"], w2[:, keep])
+    np.testing.assert_array_equal(after["w2s"], np.float32(0.01))
+    x = _samples(8, 4)
+    for optimized in (True, False):
+        want, got = _run(model, x, optimized), _run(result.model, x, optimized)
+        assert np.abs(got - want).max() <= TOLERANCE * np.abs(want).max()
