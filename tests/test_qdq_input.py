@@ -449,3 +449,32 @@ def test_per_channel_activation_pairs_are_sliced_with_the_channels(tmp_path):
     for optimized in (True, False):
         want, got = _run(model, x, optimized), _run(result.model, x, optimized)
         assert np.abs(got - want).max() <= TOLERANCE * np.abs(want).max()
+
+
+def test_inputs_of_a_weight_quantized_along_its_outputs_keep_its_scale(tmp_path):
+    """A MatMul / Gemm weight [K, N] quantized per output channel (axis 1): the removed input rows
+    go, its N scales and zero points stay, and the output stays the original's."""
+    b = Builder(0)
+    feature = b.op("Relu", [b.bn(b.conv("input", 3, 8), 8, np.array([1, 4, 6]))])
+    flat = b.op("Flatten", [b.op("GlobalAveragePool", [feature])])
+    rng = np.random.default_rng(1)
+    hidden = b.op("Relu", [b.op("Add", [b.op("MatMul", [flat, b.const(rng.standard_normal((8, 6)).astype(np.float32), "mw")]),
+                                        b.const(np.full(6, 0.1, np.float32), "mb")])])
+    out = b.op("MatMul", [hidden, b.const(rng.standard_normal((6, CLASSES)).astype(np.float32), "mw")])
+    fp32, pre, source = tmp_path / "fp32.onnx", tmp_path / "pre.onnx", tmp_path / "qdq.onnx"
+    onnx.save(b.model({"input": ["batch", 3, SIZE, SIZE]}, [out]), fp32)
+    quant_pre_process(str(fp32), str(pre))
+    quantize_static(str(pre), str(source), _Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8)
+    original = onnx.load(str(source))
+    before = {t.name: numpy_helper.to_array(t) for t in original.graph.initializer}
+    layer = next(n for n in original.graph.node if n.op_type in ("Gemm", "MatMul") and n.input[0] != "input")
+    dq = next(n for n in original.graph.node if n.output[0] == layer.input[1])
+    assert [a.i for a in dq.attribute if a.name == "axis"] == [1] and before[dq.input[1]].shape == (6,)
+    result = onnxslim_bn.prune(str(source), threshold=1e-3, round_to=1, probe=False)
+    assert result.report.removed_channels == 3
+    after = {t.name: numpy_helper.to_array(t) for t in result.model.graph.initializer}
+    np.testing.assert_array_equal(after[dq.input[0]], before[dq.input[0]][np.setdiff1d(np.arange(8), [1, 4, 6])])
+    np.testing.assert_array_equal(after[dq.input[1]], before[dq.input[1]])
+    np.testing.assert_array_equal(after[dq.input[2]], before[dq.input[2]])
+    _assert_same_outputs(original, result.model)
