@@ -45,6 +45,7 @@ from ..ir.interface import (
     settle_copies,
 )
 from ..ir.model_io import check_input, load_model_and_files, too_large_for_protobuf, weight_bytes
+from ..ir.quantized import fold_dequantized, restore_dequantized
 from ..ir.shapes import infer_shapes, resolve_input_shapes, skeleton
 from ..ir.values import fix_tensor_names
 from ..options import PruneOptions
@@ -175,7 +176,8 @@ def _load(model: onnx.ModelProto | str | os.PathLike, strict: bool = True,
     try:
         proto, notes = check_input(proto, source, copy=proto is model)
         if runtime:  # loads, or one line saying why not; the check's session of the original later
-            session = ort_runtime.session(proto, f"{source} (the input model)")
+            # (an INT8 model as deployed, optimized: the pruned one is checked so)
+            session = ort_runtime.session(proto, f"{source} (the input model)", optimized=int8.is_quantized(proto))
     except BnSlimError as exc:
         if strict:
             raise
@@ -191,6 +193,7 @@ def _import(model: onnx.ModelProto) -> gs.Graph:
     remember_node_metadata(model, graph)
     fix_node_names(graph)
     fold_constants(graph)
+    fold_dequantized(graph)  # a QDQ model's weights: constants to the analysis, written back as the same integers
     if graph.opset >= 13:  # Split takes its sizes as an input from opset 13
         split_sequences(graph)
     return graph
@@ -201,6 +204,7 @@ def prepare(model, options: PruneOptions, inspecting: bool = False) -> Prepared:
     a note rather than an error, and no calibration share is set apart for the refit or INT8
     (they do not run)."""
     proto, source, size, checked, loaded = _load(model, not inspecting, options.verify)
+    quantized = _check_quantized(proto, source, options, inspecting, checked)
     input_shapes, notes = resolve_input_shapes(proto, options.input_shapes, source)
     notes = checked + notes
     shapes = infer_shapes(proto, input_shapes, source)
@@ -241,12 +245,36 @@ def prepare(model, options: PruneOptions, inspecting: bool = False) -> Prepared:
                           notes=ranking.notes + ([note] if note else []))
     before = measure(graph, {**shapes, **analysis.counted_shapes}, size or weight_bytes(proto))
     session = sess or loaded
+    if quantized and sess is not None:  # the INT8 original checked as deployed, as the pruned model will be
+        session = ort_runtime.session(proto, source, optimized=True)
     reference = None
     if options.verify and not inspecting and analysis.prunable():  # every attempt's check compares against it
         reference = _reference(proto, source, session, input_shapes, options, ranking)
     return Prepared(preparation_key(options), proto, source, size, input_shapes, shapes, graph, analysis, before,
                     tuple(notes), tuple(ranking.notes), session, ranking.calibration, ranking.check,
                     ranking.count, ranking.importance, count_feeds, reference)
+
+
+def _check_quantized(proto: onnx.ModelProto, source: str, options: PruneOptions, inspecting: bool,
+                     notes: list[str]) -> bool:
+    """Whether the input is an INT8 model. A QDQ model prunes (its weights' integers sliced,
+    :mod:`onnxslim_bn.ir.quantized`) but is not quantized again; a QOperator model does not
+    prune (its layers are integer kernels): one line saying so (a note when inspecting)."""
+    qoperator = int8.qoperator_ops(proto)
+    if qoperator:
+        message = f"{source}: a QOperator INT8 model ({', '.join(qoperator[:4])}); {int8.QDQ_HOWTO}"
+        if not inspecting:
+            raise BnSlimError(message)
+        notes.append(f"{message}; pruning will refuse it")
+    quantized = int8.is_quantized(proto)
+    if quantized and options.quantize and not inspecting:
+        raise BnSlimError(f"{source}: already quantized (QDQ); drop --quantize {options.quantize}: a QDQ model prunes "
+                          "as it is and stays INT8 with its own integers")
+    if quantized and not qoperator:
+        notes.append("QDQ input: its weights are pruned as their integers (per-channel scales and zero points sliced "
+                     "with them, per-tensor ones kept), its activation QuantizeLinear/DequantizeLinear pairs kept; "
+                     "both INT8 models are checked as deployed (onnxruntime's INT8 kernels)")
+    return quantized
 
 
 def _reference(proto: onnx.ModelProto, source: str, session, input_shapes: dict, options: PruneOptions,
@@ -460,6 +488,10 @@ def _export(prep: Prepared, metadata: dict[str, str], allow_growth: bool = False
     metadata), unique tensor names, and weights no larger than the input's (see interface)."""
     settle_copies(prep.graph)
     widened = restore_storage(prep.graph)  # fp16 weights behind a Cast stay fp16
+    restored = restore_dequantized(prep.graph)  # a QDQ model's weights: DequantizeLinear of the same integers
+    if restored.left_float:
+        log.warning("%s: %d quantized weights changed by the compensation stay float: %s", prep.source,
+                    len(restored.left_float), ", ".join(restored.left_float[:5]))
     fix_tensor_names(prep.graph)
     origins = copy_origins(prep.graph)
     pruned = gs.export_onnx(prep.graph, do_type_check=False)

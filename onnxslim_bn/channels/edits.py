@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from ..ir.quantized import edit_constant
 from ..ir.values import constant_values, replace_constant, unique_name
 from .context import KeepIndex
 from .layout import Layout, width
@@ -35,7 +36,8 @@ class SliceParam:
         if values.shape[self.axis] != width(self.layout):  # the rules check this: a bug if hit
             raise RuntimeError(f"{self.node.name}: input {self.index} has {values.shape[self.axis]} "
                                f"entries on axis {self.axis}, the layout {width(self.layout)}")
-        replace_constant(self.node, self.index, np.take(values, keep(self.layout), axis=self.axis))
+        kept = keep(self.layout)
+        edit_constant(self.node, self.index, lambda a, axis: np.take(a, kept, axis=axis), self.axis)
 
 
 @dataclass
@@ -121,15 +123,20 @@ class SliceGroupedInput:
     groups: int
 
     def apply(self, keep: KeepIndex) -> None:
-        values = constant_values(self.node.inputs[1])
         per_group = width(self.layout) // self.groups
         kept = keep(self.layout)
-        rows = values.shape[0] // self.groups
-        parts = []
-        for j in range(self.groups):
-            local = kept[(kept >= j * per_group) & (kept < (j + 1) * per_group)] - j * per_group
-            parts.append(values[j * rows:(j + 1) * rows][:, local])
-        replace_constant(self.node, 1, np.concatenate(parts, axis=0))
+
+        def take(values: np.ndarray, axis: int) -> np.ndarray:
+            if axis != 1:  # a quantized weight's per-channel scale on axis 1 (never written so)
+                raise RuntimeError(f"{self.node.name}: a grouped weight with per-input-channel parameters")
+            rows = values.shape[0] // self.groups
+            parts = []
+            for j in range(self.groups):
+                local = kept[(kept >= j * per_group) & (kept < (j + 1) * per_group)] - j * per_group
+                parts.append(values[j * rows:(j + 1) * rows][:, local])
+            return np.concatenate(parts, axis=0)
+
+        edit_constant(self.node, 1, take, 1)
 
 
 @dataclass

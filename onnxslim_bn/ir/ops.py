@@ -23,7 +23,11 @@ BIAS_ADD = "Add"  # ``output + constant``: the bias behind a layer with no bias 
 QUANTIZE = "QuantizeLinear"
 DEQUANTIZE = "DequantizeLinear"
 QDQ = frozenset({QUANTIZE, DEQUANTIZE})
-INT8 = QDQ | {"QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger"}  # a model holding one is quantized
+# integer kernels (QOperator format): a model holding one is quantized and cannot be pruned (QDQ can);
+# the QLinear* family of com.microsoft (QLinearAdd, QLinearGlobalAveragePool, ...) too, by prefix
+QOPERATOR = frozenset({"QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger", "QGemm", "DynamicQuantizeLinear"})
+QOPERATOR_PREFIX = "QLinear"
+INT8 = QDQ | QOPERATOR  # a model holding one is quantized
 UNCHANGED = frozenset({IDENTITY, CAST})  # outputs the input's values (in another type at most)
 
 

@@ -33,7 +33,9 @@ Which layers had a BN folded in is decided per layer (:func:`judge`), never per 
    had a BN), and (b) its output (after the bias Add) goes into an activation -- Relu, LeakyRelu,
    PRelu, Clip, HardSwish, Elu, Selu, Celu, Gelu, Mish, Softplus, ThresholdedRelu, or
    ``x * Sigmoid(x)`` / ``x * HardSigmoid(x)``, possibly through Identity / Dropout / Cast or
-   through one residual Add whose result is activated (ResNet: conv-bn, Add, Relu). Sigmoid or
+   through one residual Add whose result is activated (ResNet: conv-bn, Add, Relu); in a QDQ
+   model also a QuantizeLinear whose zero point is its type's minimum (it clips at zero: the
+   Relu onnxruntime's quantizer absorbed), or through a Q/DQ pair. Sigmoid or
    HardSigmoid alone is a gate or an output squash and does not count. Anything else (a
    prediction conv, a projection conv-bn without activation) is left alone with the reason
    :data:`NEVER_BN`. This is graph evidence only: it can leave a folded projection layer alone
@@ -63,7 +65,7 @@ from ..channels.reasons import Reason
 from ..ir.ids import ObjectMap
 from ..ir.values import constant_values
 from ..rules import RULES
-from ..rules.roles import ACTIVATIONS, BIAS, GATES, JOINS, NORMALIZATION, PASSING, SCALE
+from ..rules.roles import ACTIVATIONS, BIAS, GATES, JOINS, NORMALIZATION, PASSING, QUANTIZERS, SCALE
 
 log = logging.getLogger(__name__)
 
@@ -241,6 +243,8 @@ def _activated(tensor: gs.Tensor, joined: bool = False) -> bool:
     an activation op, ``x * Sigmoid(x)`` / ``x * HardSigmoid(x)``, through Identity / Dropout /
     Cast, or through one residual join whose result is activated (ResNet: conv-bn, Add, Relu)."""
     users = list(tensor.outputs)
+    if len(users) == 1 and users[0].op in QUANTIZERS and _clips_at_zero(users[0]):
+        return True
     if len(users) == 1 and users[0].op in PASSING:
         return _activated(users[0].outputs[0], joined)
     if len(users) == 1 and users[0].op in ACTIVATIONS:
@@ -254,6 +258,17 @@ def _activated(tensor: gs.Tensor, joined: bool = False) -> bool:
             and not any(isinstance(t, gs.Constant) for t in users[0].inputs):
         return _activated(users[0].outputs[0], True)
     return False
+
+
+def _clips_at_zero(quantizer: gs.Node) -> bool:
+    """A QuantizeLinear whose zero point is its type's minimum (uint8 0, int8 -128): it maps every
+    negative value to zero, the ReLU of a folded Conv-BN-ReLU that onnxruntime's QDQ quantizer absorbed."""
+    if len(quantizer.inputs) < 3 or not quantizer.inputs[2].name:  # no zero point: uint8 at 0, unless typed otherwise
+        return not quantizer.attrs.get("output_dtype")
+    zero = constant_values(quantizer.inputs[2])
+    if zero is None or not np.issubdtype(zero.dtype, np.integer):
+        return False
+    return bool(np.all(zero == np.iinfo(zero.dtype).min))
 
 
 def add_data_scores(analysis: Analysis, found: list[tuple[gs.Node, gs.Tensor, str]], values: list[np.ndarray]) -> Scores:

@@ -41,7 +41,7 @@ from ..hardware import cpu_features
 from ..ir import data as data_module
 from ..ir import runtime
 from ..ir.model_io import _save_external, load_model, save_model, too_large_for_protobuf
-from ..ir.ops import DEQUANTIZE, INT8, QDQ, QUANTIZE
+from ..ir.ops import DEQUANTIZE, INT8, QDQ, QOPERATOR, QOPERATOR_PREFIX, QUANTIZE
 from ..ir.shapes import resolve_input_shapes
 from ..options import QUANTIZE_MODES as MODES
 from ..options import QUANTIZE_NEEDS_DATA as NEEDS_DATA
@@ -393,7 +393,19 @@ def quantize_files(models: dict[str, str | Path], data, folder: str | Path, inpu
 
 def is_quantized(model: onnx.ModelProto) -> bool:
     """Whether the model already holds QDQ or QOperator INT8 nodes."""
-    return any(n.op_type in INT8 for n in model.graph.node)
+    return any(n.op_type in INT8 or n.op_type.startswith(QOPERATOR_PREFIX) for n in model.graph.node)
+
+
+def qoperator_ops(model: onnx.ModelProto) -> list[str]:
+    """The QOperator INT8 ops of the model (QLinearConv, ConvInteger, QGemm, ...), sorted; empty
+    for FP32 and QDQ models (which prune: their weights are DequantizeLinear of integers)."""
+    return sorted({n.op_type for n in model.graph.node
+                   if n.op_type in QOPERATOR or n.op_type.startswith(QOPERATOR_PREFIX)})
+
+
+QDQ_HOWTO = ("onnx-bnslim prunes QDQ models (weights as DequantizeLinear of integers): quantize the FP32 model "
+             "with onnxruntime.quantization.quantize_static(..., quant_format=QuantFormat.QDQ), or prune the "
+             "FP32 model with --quantize int8")
 
 
 def step_metrics(verification) -> dict:
@@ -404,5 +416,5 @@ def step_metrics(verification) -> dict:
 
 
 __all__ = ["MODES", "NEEDS_DATA", "Settings", "Quantized", "settings_for_cpu", "quantize", "restore_interface",
-           "is_quantized", "quantize_files", "step_metrics",
+           "is_quantized", "qoperator_ops", "QDQ_HOWTO", "quantize_files", "step_metrics",
            "Sensitivity", "sensitivity", "quantize_with_fallback"]

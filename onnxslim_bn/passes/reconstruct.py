@@ -51,7 +51,7 @@ from onnx import numpy_helper
 
 from ..ir import runtime
 from ..ir.model_io import weight_bytes
-from ..ir.ops import BIAS_ADD, IDENTITY, constant_tensor, storage_casts
+from ..ir.ops import BIAS_ADD, DEQUANTIZE, IDENTITY, constant_tensor, storage_casts
 from ..ir.weights import LAYER_OPS, axes
 from ..rules.roles import NORMALIZATION
 from .calibrate import Gram, Patches, _ids, sample_positions
@@ -255,6 +255,12 @@ def reads(node: onnx.NodeProto) -> list[str]:
     return names
 
 
+def _dequantized(model: onnx.ModelProto, constants: _Constants) -> dict[str, np.ndarray]:
+    """The integers behind each ``DequantizeLinear`` of a constant (a QDQ model's weights), by its output."""
+    return {n.output[0]: constants.get(n.input[0]) for n in model.graph.node
+            if n.op_type == DEQUANTIZE and n.input[0] in constants}
+
+
 def find_layers(original: onnx.ModelProto, pruned: onnx.ModelProto, consumers: list[str] | None = None,
                 downstream: bool = False, frozen: frozenset[str] | set[str] = frozenset(),
                 leftover: list[tuple[onnx.NodeProto, onnx.NodeProto]] | None = None,
@@ -272,10 +278,18 @@ def find_layers(original: onnx.ModelProto, pruned: onnx.ModelProto, consumers: l
         for name in reads(node):
             readers.setdefault(name, []).append(node)
     casts, orig_casts = storage_casts(pruned, pruned_const), storage_casts(original, orig_const)
+    integers, orig_integers = _dequantized(pruned, pruned_const), _dequantized(original, orig_const)
     layers, skipped = [], []
     for node in pruned.graph.node:
         if changed.intersection(reads(node)):
             changed.update(node.output)
+        if node.op_type in CONSUMER_OPS and len(node.input) > 1 and node.input[1] in integers:
+            before = orig_integers.get((orig_by_out.get(node.output[0]) or node).input[1])
+            if before is not None and \
+                    axes(node).in_channels(before.shape) != axes(node).in_channels(integers[node.input[1]].shape):
+                skipped.append((node.name or node.output[0], "its weight is INT8 behind a DequantizeLinear (a QDQ "
+                                                             "model): a refit would compute new float weights"))
+            continue
         if node.op_type not in CONSUMER_OPS or len(node.input) < 2 or \
                 (node.input[1] not in pruned_const and node.input[1] not in casts):
             continue

@@ -303,3 +303,59 @@ def _channel_vector(tensor: gs.Tensor, rank: int | None, size: int) -> np.ndarra
         return np.broadcast_to(values.reshape(-1), (size,)).copy()
     return np.full(size, np.nan)
 
+
+
+_QUANTIZED_RANGE = {np.dtype(np.uint8): (0, 255), np.dtype(np.int8): (-128, 127),
+                    np.dtype(np.uint16): (0, 65535), np.dtype(np.int16): (-32768, 32767)}
+
+
+@register
+class QuantizeRule(Rule):
+    """QuantizeLinear / DequantizeLinear of an activation (a QDQ model's pairs; its weights are
+    folded to constants before the analysis, :mod:`onnxslim_bn.ir.quantized`): the space passes
+    through; a per-tensor scale and zero point stay, per-channel ones along the channel axis are
+    sliced with the channels. A removed channel's constant is quantized (rounded half to even,
+    saturated to the zero point's type) and dequantized as onnxruntime does."""
+
+    ops = ("QuantizeLinear", "DequantizeLinear")
+
+    def analyze(self, node: gs.Node, ctx: Analysis) -> None:
+        layout = ctx.layout(node.inputs[0])
+        if layout is None:
+            return
+        params = [t for t in node.inputs[1:3] if t.name]
+        if any(constant_values(t) is None for t in params):
+            ctx.block(layout, Reason.at("computed-parameter", node, "takes a computed scale or zero point"))
+            return
+        if int(attr(node, "block_size", 0) or 0):
+            ctx.block(layout, Reason.at("per-entry-constant", node, "quantizes in blocks (block_size)"))
+            return
+        rank = ctx.rank(node.inputs[0])
+        if all(constant_values(t).size == 1 for t in params):
+            ctx.set_layout(node.outputs[0], layout)
+            return
+        axis = attr(node, "axis", 1)
+        if rank is None or (axis + rank if axis < 0 else axis) != 1 or any(constant_values(t).ndim != 1 for t in params):
+            ctx.block(layout, Reason.at("per-entry-constant", node, f"quantizes per channel along axis {axis}, "
+                                                                    "not the channel axis"))
+            return
+        if any(s.repeat != 1 for s in layout) or any(constant_values(t).size != channels(layout) for t in params):
+            ctx.block(layout, Reason.at("per-entry-constant", node, "quantizes flattened features per entry"))
+            return
+        for index in range(1, 1 + len(params)):
+            ctx.edit(SliceParam(node, index, 0, layout))
+        ctx.set_layout(node.outputs[0], layout)
+
+    def dead_values(self, node, ctx, inputs):
+        if inputs[0] is None:
+            return [None]
+        size = len(inputs[0])
+        scale = _channel_vector(node.inputs[1], 2, size)  # a vector: rank 2 puts it on axis 0
+        zero_point = _channel_vector(node.inputs[2], 2, size) if len(node.inputs) > 2 and node.inputs[2].name \
+            else np.zeros(size)
+        if node.op == "DequantizeLinear":
+            return [(inputs[0] - zero_point) * scale]
+        zero = constant_values(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2].name else None
+        low, high = _QUANTIZED_RANGE.get(np.dtype(np.uint8) if zero is None else zero.dtype, (-np.inf, np.inf))
+        with np.errstate(all="ignore"):
+            return [np.clip(np.rint(inputs[0] / scale) + zero_point, low, high)]

@@ -11,6 +11,7 @@ from ..channels.edits import SetGroup, SliceGroupedInput, SliceParam
 from ..channels.layout import width
 from ..channels.reasons import Reason
 from ..ir import runtime
+from ..ir.quantized import weight_shape
 from ..ir.values import add_after, constant_shape, constant_values, known_product, replace_constant, unique_name
 from ..ir.weights import axes
 from .base import Compensation, Rule, attr, block_inputs, register
@@ -120,7 +121,7 @@ class ConvRule(Rule):
         return _bias_input(node)
 
     def layer_cost(self, node, shapes):
-        weight = constant_shape(node.inputs[1])
+        weight = weight_shape(node.inputs[1])
         if weight is None:
             return None
         per_output = int(np.prod(weight[1:]))  # (C_in / group) * kernel taps, or (C_out / group) * taps
@@ -297,7 +298,7 @@ class GemmRule(Rule):
         return _bias_input(node) if node.op == "Gemm" else None  # MatMul has none
 
     def layer_cost(self, node, shapes):
-        weight = constant_shape(node.inputs[1])
+        weight = weight_shape(node.inputs[1])
         if weight is None or len(weight) != 2:
             return None
         in_axis, out_axis = self._weight_axes(node)

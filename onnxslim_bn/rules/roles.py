@@ -20,8 +20,12 @@ BIAS = frozenset({"Add"})
 ACTIVATIONS = frozenset({"Relu", "LeakyRelu", "PRelu", "Clip", "HardSwish", "Elu", "Selu", "Celu", "Gelu", "Mish",
                          "Softplus", "ThresholdedRelu"})
 GATES = frozenset({"Sigmoid", "HardSigmoid"})
-PASSING = frozenset({"Identity", "Dropout", "Cast"})  # ops that pass a tensor on unchanged in value
+# ops that pass a tensor on unchanged in value (a QDQ model's activation pairs: up to their rounding)
+PASSING = frozenset({"Identity", "Dropout", "Cast", "QuantizeLinear", "DequantizeLinear"})
 CASTS = frozenset({"Cast"})  # of an initializer: the type a weight is stored in (fold.restore_storage)
+# a QDQ model's activation quantizer: with its zero point at the bottom of its type's range it
+# clips at zero, a ReLU the quantizer absorbed (onnxruntime's QDQ quantizer drops the Relu so)
+QUANTIZERS = frozenset({"QuantizeLinear"})
 JOINS = frozenset({"Add", "Sum"})  # residual joins of two computed tensors
 SOFTMAX_OPS = frozenset({"Softmax", "LogSoftmax"})  # normalise along their ``axis`` attribute
 SOFTMAX_LAST_AXIS_OPSET = 13  # from this opset on that axis defaults to -1 (the last), before it to 1
