@@ -44,7 +44,7 @@ from ..ir.interface import (
     restore_interface,
     settle_copies,
 )
-from ..ir.model_io import check_input, load_model_and_files, too_large_for_protobuf, weight_bytes
+from ..ir.model_io import check_input, graphs, load_model_and_files, model_bytes, too_large_for_protobuf
 from ..ir.quantized import fold_dequantized, restore_dequantized
 from ..ir.shapes import infer_shapes, resolve_input_shapes, skeleton
 from ..ir.values import fix_tensor_names
@@ -243,7 +243,7 @@ def prepare(model, options: PruneOptions, inspecting: bool = False) -> Prepared:
         calibration, check, note = data.split(ranking.check, options.calibration_samples)
         ranking = replace(ranking, calibration=calibration, check=check, count=calibration.count,
                           notes=ranking.notes + ([note] if note else []))
-    before = measure(graph, {**shapes, **analysis.counted_shapes}, size or weight_bytes(proto))
+    before = measure(graph, {**shapes, **analysis.counted_shapes}, size or model_bytes(proto))
     session = sess or loaded
     if quantized and sess is not None:  # the INT8 original checked as deployed, as the pruned model will be
         session = ort_runtime.session(proto, source, optimized=True)
@@ -499,16 +499,24 @@ def _export(prep: Prepared, metadata: dict[str, str], allow_growth: bool = False
     pruned.ir_version = original.ir_version
     del pruned.opset_import[:]
     pruned.opset_import.extend(original.opset_import)
-    pruned.producer_name, pruned.producer_version = original.producer_name, original.producer_version
-    pruned.model_version, pruned.domain = original.model_version, original.domain
-    pruned.doc_string = original.doc_string
+    for field in ("producer_name", "producer_version", "model_version", "domain", "doc_string"):
+        pruned.ClearField(field)  # proto2: a field set to its default is still written; only the input's are
+        if original.HasField(field):
+            setattr(pruned, field, getattr(original, field))
+    for graph in graphs(pruned.graph):  # proto2 writes an empty string that is set: "no name" is smaller
+        for node in graph.node:
+            for field in ("name", "domain", "doc_string"):
+                if node.HasField(field) and not getattr(node, field):
+                    node.ClearField(field)
     restore_interface(pruned, original, prep.graph)
     check_interface(original, pruned, prep.source)
     check_size(account(original, pruned, origins, widened), allow_growth, prep.source)
     try:  # annotate shapes from a weight-less copy: no second copy of the weights in memory
         inferred = onnx.shape_inference.infer_shapes(skeleton(pruned, None), strict_mode=True)
-        known = {t.name for t in pruned.graph.initializer} | {t.name for t in pruned.graph.input}
-        given = {v.name for v in pruned.graph.value_info}
+        known = {t.name for t in pruned.graph.initializer} | {t.name for t in pruned.graph.input} | \
+            {v.name for v in pruned.graph.value_info}
+        # graphsurgeon's export annotates more than the input did, in subgraphs too
+        given = {v.name for g in graphs(original.graph) for v in g.value_info}
         pruned.graph.value_info.extend(v for v in inferred.graph.value_info if v.name not in known)
         _add_metadata(pruned, original, metadata, given)
         return pruned
@@ -526,10 +534,11 @@ def _add_metadata(pruned: onnx.ModelProto, original: onnx.ModelProto, metadata: 
     limit = None if too_large_for_protobuf(original) else original.ByteSize()
     records = [metadata, {k: v for k, v in metadata.items() if k != "onnx-bnslim.options"}, {}, None]
     for record in records:
-        if record is None:  # the last resort: the shape annotations this run added
-            kept = [v for v in pruned.graph.value_info if v.name in given]
-            del pruned.graph.value_info[:]
-            pruned.graph.value_info.extend(kept)
+        if record is None:  # the last resort: the shape annotations this run added, in every (sub)graph
+            for graph in graphs(pruned.graph):
+                kept = list({v.name: v for v in reversed(graph.value_info) if v.name in given}.values())[::-1]
+                del graph.value_info[:]
+                graph.value_info.extend(kept)
             return
         del pruned.metadata_props[:]
         pruned.metadata_props.extend(p for p in original.metadata_props if p.key not in metadata)
@@ -590,7 +599,7 @@ def finish(prep: Prepared, done: Cut, options: PruneOptions, given: dict, notes:
     seconds["verify"] = time.perf_counter() - clock
     report = Report(
         model=prep.source, output=None, options=done.resolved, options_given=given, before=prep.before,
-        after=_measure(prep, pruned, pruned_shapes, weight_bytes(deployed), f"{prep.source} (pruned)"),
+        after=_measure(prep, pruned, pruned_shapes, model_bytes(deployed), f"{prep.source} (pruned)"),
         verification=verification, surgery=done.stats, spaces=describe_spaces(prep.analysis, done.plan),
         notes=notes, seconds=seconds, chosen_channels=done.plan.chosen, selection=done.plan.summary())
     if quantized is not None:

@@ -388,6 +388,22 @@ def check_run_files(models: list[str | os.PathLike], writes: dict[str, str | os.
     plan_outputs(reads, planned)
 
 
+def graphs(graph: onnx.GraphProto):
+    """``graph`` and every subgraph inside it (If branches, Loop and Scan bodies), depth first."""
+    yield graph
+    for node in graph.node:
+        for a in node.attribute:
+            for sub in ([a.g] if a.type == onnx.AttributeProto.GRAPH else
+                        list(a.graphs) if a.type == onnx.AttributeProto.GRAPHS else []):
+                yield from graphs(sub)
+
+
+def model_bytes(model: onnx.ModelProto) -> int:
+    """The model's size as a file (its serialized size), or the weights' bytes for a model
+    protobuf cannot hold in one file: what the report's "Model size" row compares."""
+    return weight_bytes(model) if too_large_for_protobuf(model) else model.ByteSize()
+
+
 def weight_bytes(model: onnx.ModelProto) -> int:
     """Bytes of the initializers, without serializing the model (ByteSize() would, in full)."""
     total = 0

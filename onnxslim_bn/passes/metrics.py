@@ -18,7 +18,7 @@ class Metrics:
     channels: int  # output channels of every Conv / ConvTranspose / Gemm / MatMul with a weight
     parameters: int  # every constant: weights, biases, BN parameters, shape constants
     macs: int
-    size_bytes: int  # the file's size when known, else the weights' bytes
+    size_bytes: int  # the file's size (serialized), or the weights' bytes past protobuf's 2 GB
     ops: dict[str, int] = field(default_factory=dict)
     layers: dict[str, dict] = field(default_factory=dict)  # node name -> {op, out_channels, macs, parameters}
     layer_parameters: int = 0  # the layers' weights (input 1): what --target-params counts
