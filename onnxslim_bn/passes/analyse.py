@@ -12,7 +12,7 @@ from ..channels.layout import Segment, channels
 from ..channels.reasons import Reason
 from ..ir.ids import ObjectMap, ObjectSet
 from ..rules import RULES
-from .importance import candidates
+from .importance import candidates, may_be_folded
 from .replacement import dead_values, unsafe_channels
 
 
@@ -31,26 +31,30 @@ def analyze(graph: gs.Graph, shapes: dict[str, list[int | str | None]],
     as a kept BN gives its beta -- so the BN-kept and the folded export of one model make the
     same choice (deciding on the folded layers' unknown values made a DenseNet reader BN after a
     concatenation select its branch in the folded export only, and score differently).
-    ``measured`` (importance from data): every consumer's replacement is its measured input mean
-    (:mod:`.data_importance`), known whatever the export, so only a tensor nothing else may prune
-    makes a BN score its branch alone -- the rules' knowledge of constants, which differs between
-    a kept BN and one folded into a layer the rules cannot tell folded, decides nothing."""
+    ``measured`` (importance from data): every layer with a bias counts as one that may have had
+    a BN folded in (:func:`.importance.may_be_folded`), whatever activation follows it: the
+    BN-kept export of a Conv-BN-Tanh gives beta, so the folded one must count as known too, or
+    its reader BN alone would score its branch apart. A layer without a bias never had a BN in
+    either export, and a raw reader of it still makes the BN score its branch alone
+    (pre-activation ResNets: the shortcut).
+    """
     first = _walk(graph, shapes, protect, ObjectSet())
     if not first.readers:
         return first
-    unsafe = unsafe_channels(first, _recovered_dead_values(first)).mask if not measured else {}
+    unsafe = unsafe_channels(first, _recovered_dead_values(first, measured)).mask
     raw = ObjectSet(bn for bn, source in first.readers  # a raw reader, or a tensor nothing else may prune
                     if any(unsafe.get(first.find(seg.space), np.zeros(1, bool)).any() or first.space(seg.space).blocked
                            for seg in source))
     return _walk(graph, shapes, protect, raw) if raw else first
 
 
-def _recovered_dead_values(analysis: Analysis) -> dict[str, np.ndarray]:
+def _recovered_dead_values(analysis: Analysis, measured: bool) -> dict[str, np.ndarray]:
     """:func:`.replacement.dead_values` with every folded layer's replacement known (a stand-in
-    for the mean output that scale recovery measures later); the analysis is left as it was."""
+    for the mean output that scale recovery, or the data, measures later); with ``measured``,
+    every layer that may have had a BN folded in. The analysis is left as it was."""
     stand_ins = ObjectMap()
-    for scale, tensor, _ in candidates(analysis).found:
-        layout = analysis.layout(tensor)
+    for scale in may_be_folded(analysis) if measured else [found[0] for found in candidates(analysis).found]:
+        layout = analysis.layout(scale.outputs[0])
         if layout is not None:
             stand_ins[scale] = np.zeros(channels(layout))
     before, analysis.scale_nodes = analysis.scale_nodes, stand_ins

@@ -161,6 +161,21 @@ def candidates(analysis: Analysis) -> Candidates:
     return Candidates(found, Scores(blocks=tuple(blocks)))
 
 
+def may_be_folded(analysis: Analysis) -> list[gs.Node]:
+    """The node whose output carries the BN output (the layer, its bias Add, a split Mul) of every
+    layer that may have had a BN folded in: those :func:`judge` finds folded, and those with a
+    bias that it leaves alone only for want of the activation or spatial extent of a folded
+    Conv-BN-Act (a folded BN always leaves a bias; a Conv-BN-Tanh exported folded is such a layer)."""
+    kept = keeps_bn(analysis)
+    found = []
+    for space in analysis.roots():
+        for node in space.writers + space.coupled if not space.blocked else ():
+            verdict = judge(node, analysis, kept)
+            if verdict.scale is not None or verdict.biased:
+                found.append(verdict.scale or _bias_add(node, analysis) or node)
+    return found
+
+
 def settle(analysis: Analysis, found: list[tuple[gs.Node, gs.Tensor, str]], values: list[np.ndarray]
            ) -> tuple[list[tuple[gs.Node, gs.Tensor, str]], list[np.ndarray], list[tuple[Layout, Reason]]]:
     """Keep the tentative folded layers (all-folded model, no spatial extent) whose output
