@@ -78,6 +78,67 @@ def tool_cost(model: Path, out: Path) -> dict:
     return {"model_mb": model.stat().st_size / 2**20, "baseline_mb": baseline, "peak_mb": peak, **seconds}
 
 
+DATA_SAMPLES = 256  # the data run on the ResNet-50-sized model: seeded N(0,1) samples at 224x224
+DATA_TARGET = 0.7
+DATA_SECTION = "## A data run on the ResNet-50-sized model"
+
+
+def data_run_cost(model: Path, out: Path) -> dict:
+    """Issue 17's benchmark: `onnx-bnslim MODEL --target-macs 0.7 --data NPZ` (256 samples at 224x224,
+    everything else default: the refit, the check) in a child process; its wall time, its CPU time
+    (user + system) and its peak RSS as the child's getrusage gives them, with the load average
+    before and after. Nothing is asserted."""
+    data = out / f"{model.stem}.data{DATA_SAMPLES}.npz"
+    if not data.exists():
+        rng = np.random.default_rng(0)
+        np.savez(data, input=rng.standard_normal((DATA_SAMPLES, 3, 224, 224), dtype=np.float32))
+    pruned, report = out / f"{model.stem}.data.onnx", out / f"{model.stem}.data.json"
+    args = [str(model), "--target-macs", str(DATA_TARGET), "--data", str(data), "-o", str(pruned),
+            "--report", str(report)]
+    # a fresh interpreter (not a fork of this big parent) that reports its own peak RSS and CPU time
+    code = (f"import resource, onnxslim_bn.app.cli as cli\ncode = cli.main({args!r})\n"
+            "use = resource.getrusage(resource.RUSAGE_SELF)\n"
+            "print(code, use.ru_utime + use.ru_stime, use.ru_maxrss)")
+    load = os.getloadavg()[0]
+    clock = time.perf_counter()
+    done = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
+    wall = time.perf_counter() - clock
+    status, cpu, peak = done.stdout.split()[-3:]
+    if status != "0":
+        raise SystemExit(f"the data run exited {status}: {done.stderr.strip().splitlines()[-1:]}")
+    found = json.loads(report.read_text())
+    found = found.get("result") or found
+    return {"wall": wall, "cpu": float(cpu), "peak_mb": int(peak) / 1024, "load_before": load, "load_after": os.getloadavg()[0],
+            "seconds": found.get("seconds", {}), "importance": found.get("options", {}).get("resolved", {}).get("importance"),
+            "compensation": found.get("options", {}).get("resolved", {}).get("compensation"), "samples": DATA_SAMPLES,
+            "macs": (found.get("before", {}).get("macs"), found.get("after", {}).get("macs"))}
+
+
+def data_run_lines(cost: dict) -> list[str]:
+    stages = ", ".join(f"{k} {v:.1f} s" for k, v in cost["seconds"].items() if isinstance(v, (int, float)))
+    before, after = cost["macs"]
+    macs = f"MACs {before:,} -> {after:,}; " if before and after else ""
+    return [DATA_SECTION, "",
+            f"`onnx-bnslim resnet50.onnx --target-macs {DATA_TARGET} --data` {cost['samples']} seeded N(0,1) samples "
+            f"at 224x224 (importance {cost['importance']}, compensation {cost['compensation']}, the check on), in a "
+            f"fresh process: {cost['wall']:.1f} s wall, {cost['cpu']:.1f} s CPU (user + system), peak RSS "
+            f"{cost['peak_mb']:.0f} MB; {macs}load average (1 min) {cost['load_before']:.1f} before and "
+            f"{cost['load_after']:.1f} after, on {os.cpu_count()} cores. Stages (the report's seconds): {stages}.", ""]
+
+
+def write_data_section(lines: list[str]) -> None:
+    """``--only data``: put the data run's section into BENCHMARKS.md in place of its old one
+    (before the INT8 section when there was none), leaving the rest as the last full run wrote it."""
+    path = ROOT / "BENCHMARKS.md"
+    text = path.read_text().splitlines() if path.exists() else ["# Benchmarks", ""]
+    if DATA_SECTION in text:
+        start = text.index(DATA_SECTION)
+        end = next((i for i in range(start + 1, len(text)) if text[i].startswith("## ")), len(text))
+    else:
+        start = end = next((i for i, line in enumerate(text) if line.startswith("## Slim + INT8")), len(text))
+    path.write_text("\n".join(text[:start] + lines + text[end:]) + "\n")
+
+
 def speed(row) -> str:
     return f"{row.speedup:.2f}x ({row.efficiency:.2f})"
 
@@ -192,7 +253,9 @@ def main() -> None:
                         help="small models: each round of a row timed at least this long (more runs)")
     parser.add_argument("--small-rounds", type=int, default=SMALL_ROUNDS,
                         help="small models: rounds, each with sessions built afresh")
-    parser.add_argument("--only", nargs="+", help="only these model names (for a quick look; resnet50c: the four-way slim + INT8 case)")
+    parser.add_argument("--only", nargs="+", help="only these model names (for a quick look; resnet50c: the four-way "
+                        "slim + INT8 case; data: the data run on the ResNet-50-sized model alone, its section of "
+                        "BENCHMARKS.md rewritten in place)")
     parser.add_argument("--budget-min", type=float, default=17.0,
                         help="wall-clock budget: past 60%% of it, the remaining models get a third of the runs")
     args = parser.parse_args()
@@ -205,7 +268,12 @@ def main() -> None:
     block, why = channel_block()
     runtimes = tuple(r for r in RUNTIMES if r != "openvino" or openvino_available())
 
+    if args.only == ["data"]:
+        write_data_section(data_run_lines(data_run_cost(big, OUT)))
+        print(f"wrote the data run into {ROOT / 'BENCHMARKS.md'}")
+        return
     cost = tool_cost(big, OUT / "resnet50.cost.onnx")  # first: a child forked from a big parent counts its pages
+    data_cost = data_run_cost(big, OUT) if not args.only or "data" in args.only else None
     small = args.min_seconds
     cases = [Case(n, ROOT / "fixtures" / f"{n}.onnx", r, args.runs, {}) for n in FIXTURES for r in (0.3, 0.5, 0.7)]
     cases += [Case(n, ROOT / "fixtures" / "arch" / f"{n}.onnx", ARCH_RATIO, args.runs, {}) for n in ARCH]
@@ -284,6 +352,7 @@ def main() -> None:
         f"onnxruntime imported ({(cost['peak_mb'] - cost['baseline_mb']) / cost['model_mb']:.2f}x the model's size "
         "above it).", "",
         *([*extra, ""] if extra else []),
+        *(data_run_lines(data_cost) if data_cost else []),
         *int8,
         "## Latency", "", *sections,
     ]

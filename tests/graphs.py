@@ -123,3 +123,44 @@ def fp16_behind_casts(model: onnx.ModelProto, ops: tuple[str, ...] = ("Conv",)) 
     model.graph.node.extend(nodes)
     onnx.checker.check_model(model, full_check=True)
     return model
+
+
+def fold_bns(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The same function with every BatchNormalization that is the only reader of a Conv with
+    constant weights folded into that Conv (as torch.onnx.export does): W * s, (b - mean) * s + beta."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    graph = out.graph
+    inits = {t.name: t for t in graph.initializer}
+    readers: dict[str, int] = {}
+
+    def count(nodes):  # reads inside If / Loop bodies count too: a weight one of them reads stays as it is
+        for node in nodes:
+            for name in node.input:
+                readers[name] = readers.get(name, 0) + 1
+            for a in node.attribute:
+                for sub in ([a.g] if a.HasField("g") else []) + list(a.graphs):
+                    count(sub.node)
+
+    count(graph.node)
+    producer = {o: n for n in graph.node for o in n.output}
+    for bn in [n for n in graph.node if n.op_type == "BatchNormalization"]:
+        conv = producer.get(bn.input[0])
+        if conv is None or conv.op_type != "Conv" or readers.get(bn.input[0]) != 1 or conv.input[1] not in inits \
+                or any(name not in inits for name in bn.input[1:5]) or readers.get(conv.input[1]) != 1:
+            continue
+        gamma, beta, mean, var = (numpy_helper.to_array(inits[n]).astype(np.float64) for n in bn.input[1:5])
+        eps = next((a.f for a in bn.attribute if a.name == "epsilon"), 1e-5)
+        s = gamma / np.sqrt(var + eps)
+        w = numpy_helper.to_array(inits[conv.input[1]]).astype(np.float64)
+        b = numpy_helper.to_array(inits[conv.input[2]]).astype(np.float64) if len(conv.input) > 2 and conv.input[2] \
+            else np.zeros(w.shape[0])
+        inits[conv.input[1]].CopyFrom(numpy_helper.from_array((w * s[:, None, None, None]).astype(np.float32),
+                                                              conv.input[1]))
+        bias_name = f"{conv.input[1]}_folded_bias"
+        graph.initializer.append(numpy_helper.from_array(((b - mean) * s + beta).astype(np.float32), bias_name))
+        del conv.input[2:]
+        conv.input.append(bias_name)
+        conv.output[0] = bn.output[0]
+        graph.node.remove(bn)
+    return out

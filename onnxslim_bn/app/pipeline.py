@@ -199,10 +199,14 @@ def _import(model: onnx.ModelProto) -> gs.Graph:
     return graph
 
 
-def prepare(model, options: PruneOptions, inspecting: bool = False) -> Prepared:
+def prepare(model, options: PruneOptions, inspecting: bool = False, measured: bool | None = None) -> Prepared:
     """Load, infer shapes, analyse, calibrate and rank, once. ``inspecting``: an invalid input is
     a note rather than an error, and no calibration share is set apart for the refit or INT8
-    (they do not run)."""
+    (they do not run). ``measured``: whether the analysis counts on measured replacements
+    (:func:`.analyse.analyze`; default: :func:`_measured`); when "auto" with --data falls back to
+    gamma and that changes which reader BNs score their branch alone, the preparation is redone
+    without."""
+    measured = _measured(options) if measured is None else measured
     proto, source, size, checked, loaded = _load(model, not inspecting, options.verify)
     quantized = _check_quantized(proto, source, options, inspecting, checked)
     input_shapes, notes = resolve_input_shapes(proto, options.input_shapes, source)
@@ -210,7 +214,8 @@ def prepare(model, options: PruneOptions, inspecting: bool = False) -> Prepared:
     shapes = infer_shapes(proto, input_shapes, source)
     graph = _import(proto)
     protected = protected_layers(graph, options)
-    analysis = analyze(graph, shapes, protected.__contains__ if options.keep else None)
+    protect = protected.__contains__ if options.keep else None
+    analysis = analyze(graph, shapes, protect, measured=measured)
     if options.keep:
         _check_keep(analysis, options, protected, source)
     samples = None if options.data is None else data.load(options.data, proto, input_shapes, options.preprocess)
@@ -237,6 +242,9 @@ def prepare(model, options: PruneOptions, inspecting: bool = False) -> Prepared:
         analysis.apply(add_data_scores(analysis, found, ort_runtime.run(sess, feeds, verify.static_batch(proto), names)))
         notes.append(f"no BatchNormalization for some layers: their BN scale was recovered from activation statistics "
                      f"on {described}" + ("" if samples is not None else "; pass --data with real inputs for a closer estimate"))
+    if measured and analysis.readers and _importance(analysis, options) == "gamma" and \
+            len(analyze(graph, shapes, protect).selectors) != len(analysis.selectors):
+        return prepare(model, options, inspecting, measured=False)
     ranking = _rank(analysis, proto, input_shapes, options, samples, calibration if count else None, check, count)
     if not inspecting and ranking.calibration is None and ranking.check is not None and \
             (compensation(options) == "reconstruct" or options.quantize):  # the refit's / INT8's share
@@ -339,6 +347,12 @@ def _count_open_layers(proto, shapes, input_shapes, samples, analysis: Analysis,
     notes.append(f"shape inference cannot resolve the shapes of {names}: their MACs are counted from the shapes of "
                  f"one run on {described}; they hold for inputs like these")
     return feeds
+
+
+def _measured(options: PruneOptions) -> bool:
+    """Whether the replacements may be measured: importance from data, or "auto" with --data
+    (which falls back to gamma on a sparsity-trained model: see :func:`prepare`)."""
+    return options.importance == "data" or (options.importance == "auto" and options.data is not None)
 
 
 def _importance(analysis: Analysis, options: PruneOptions) -> str:

@@ -24,7 +24,12 @@ from .model_io import as_file, too_large_for_protobuf
 
 log = logging.getLogger(__name__)
 
-CHUNK = 256  # samples per onnxruntime run of :func:`run` when the batch size is dynamic
+CHUNK = 256  # samples per onnxruntime run of :func:`run` when the batch size is dynamic, at most ...
+# ... and at most this many input bytes: onnxruntime's arena keeps the peak of a run for the session's
+# life, and a ResNet-50 at 224x224 (0.6 MB of input per sample) peaks ~11 MB a sample -- the check's
+# 128 samples in one run held 1.4 GB in the original's session and as much again in the pruned one's
+# (4.8 GB peak for a --data run); 8 MB of input keeps a run of it near 150 MB
+RUN_BYTES = 8 * 2**20
 STREAM_CHUNK = 32  # of :func:`stream`: one chunk of a large activation stays in memory, and it is fast
 
 
@@ -122,12 +127,14 @@ def run(sess, feeds: dict[str, np.ndarray], batch: int | None, outputs: list[str
 
     ``batch`` is the model's fixed batch size: samples go in chunks of exactly that many, the
     last padded with copies of its last sample and the padding's outputs dropped. With a
-    dynamic batch (None) they go ``CHUNK`` at a time. Chunks are joined along each output's
-    batch axis (the first axis as long as the chunk; axis 0 when none is)."""
+    dynamic batch (None) they go ``CHUNK`` at a time, fewer where a chunk's inputs would pass
+    ``RUN_BYTES`` (at least one). Chunks are joined along each output's batch axis (the first
+    axis as long as the chunk; axis 0 when none is)."""
     n = count(feeds)
     feeds = pad(feeds, batch)
     total = count(feeds)
-    step = batch or CHUNK
+    per_sample = sum(v.nbytes // max(len(v), 1) for v in feeds.values() if v.ndim)
+    step = batch or max(1, min(CHUNK, RUN_BYTES // max(per_sample, 1)))
     parts_of = [sess.run(outputs, {k: v[i : i + step] if v.ndim else v for k, v in feeds.items()})
                 for i in range(0, max(total, 1), step)]
     joined = []

@@ -62,7 +62,7 @@ import onnx_graphsurgeon as gs
 from ..channels.context import Analysis, Scores
 from ..channels.layout import Layout, Segment
 from ..channels.reasons import Reason
-from ..ir.ids import ObjectMap
+from ..ir.ids import ObjectMap, ObjectSet
 from ..ir.values import constant_values
 from ..rules import RULES
 from ..rules.roles import ACTIVATIONS, BIAS, GATES, JOINS, NORMALIZATION, PASSING, QUANTIZERS, SCALE
@@ -138,22 +138,44 @@ def candidates(analysis: Analysis) -> Candidates:
     Each layer writing such a space is judged by :func:`judge` (the rule in the module
     docstring). A space none of whose writers is judged folded, while one of them has a bias
     in a model whose exporter kept BN elsewhere, is blocked with the reason :data:`NEVER_BN`.
+
+    A space scored only by BNs that are one reader among several (DenseNet's BN after a
+    concatenation) is such a space too: in the BN-kept export its layer's own BN scores it beside
+    them, so the folded export recovers that scale (and its replacement, the mean output) beside them;
+    where no layer of it looks folded, their scores stand alone (it is not blocked).
     """
     kept = keeps_bn(analysis)
+    shared = ObjectSet(bn for bn, _ in analysis.readers)
     found, blocks = [], []
     for space in analysis.roots():
-        if space.sources or not space.writers or space.blocked:
+        own = [s for s in space.sources if s.node is None or s.node not in shared]
+        if own or not space.writers or space.blocked:
             continue
         verdicts = [judge(node, analysis, kept) for node in space.writers + space.coupled]
         scored = [v for v in verdicts if v.scale is not None]
         found += [(v.scale, v.scale.outputs[0], v.kind) for v in scored]
         never = [v for v in verdicts if v.biased and v.scale is None]
-        if not scored and never:
+        if not scored and never and not space.sources:  # reader BNs' scores stand without a layer's own
             v = never[0]
             blocks.append(((Segment(space.id, space.size),), Reason.at("no-scale", v.layer, f"has {NEVER_BN}: {v.why}")))
         for v in verdicts:
             log.debug("%s %s: %s (%s)", v.layer.op, v.layer.name, v.kind, v.why)
     return Candidates(found, Scores(blocks=tuple(blocks)))
+
+
+def may_be_folded(analysis: Analysis) -> list[gs.Node]:
+    """The node whose output carries the BN output (the layer, its bias Add, a split Mul) of every
+    layer that may have had a BN folded in: those :func:`judge` finds folded, and those with a
+    bias that it leaves alone only for want of the activation or spatial extent of a folded
+    Conv-BN-Act (a folded BN always leaves a bias; a Conv-BN-Tanh exported folded is such a layer)."""
+    kept = keeps_bn(analysis)
+    found = []
+    for space in analysis.roots():
+        for node in space.writers + space.coupled if not space.blocked else ():
+            verdict = judge(node, analysis, kept)
+            if verdict.scale is not None or verdict.biased:
+                found.append(verdict.scale or _bias_add(node, analysis) or node)
+    return found
 
 
 def settle(analysis: Analysis, found: list[tuple[gs.Node, gs.Tensor, str]], values: list[np.ndarray]
