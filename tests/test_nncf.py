@@ -165,3 +165,21 @@ def test_settings_follow_the_cpu(cpuinfo, machine, fix, why):
     s = settings_for_cpu(cpuinfo, machine)
     assert s.preset == "performance" and s.target_device == "CPU" and s.overflow_fix == fix
     assert f"; {why}:" in s.reason
+
+
+def test_nncf_ir_holds_the_runs_gates(tmp_path):
+    """The run's gates apply to NNCF's IR as to the deployed model: a --min-cosine of 1 (which no
+    INT8 model meets) refuses it, naming the gate; nothing is written."""
+    _ov()
+    pytest.importorskip("nncf", reason=NEEDS_NNCF)
+    import onnxslim_bn
+    from onnxslim_bn.app.api import to_openvino
+    from onnxslim_bn.errors import BnSlimError
+
+    result = onnxslim_bn.prune(str(path("resnet")), threshold=1e-3, data={"input": heldout()[0][:SAMPLES]},
+                               calibration_samples=CALIBRATION, compensation="bias", quantize="int8", probe=False,
+                               int8_fp32=0)
+    result.report.options["min_cosine"] = 1.0  # set after the run: the onnxruntime check passed without it
+    with pytest.raises(BnSlimError, match=r"fails the check against the FP32 original: .*--min-cosine 1"):
+        to_openvino(result, tmp_path / "ir", "m", int8_route="nncf")
+    assert list((tmp_path / "ir").iterdir()) == []
