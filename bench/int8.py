@@ -144,7 +144,8 @@ def nncf_table(args) -> None:
     text = [BEGIN, "## Slim + INT8 in OpenVINO: NNCF's INT8 IR beside the QDQ model read by OpenVINO", "",
             f"`python bench/int8.py --nncf` (run by `make bench`), {datetime.date.today()}, NNCF {nncf.__version__}, "
             f"OpenVINO {openvino.__version__}. Each sparse fixture, cut two ways: `prune --threshold {args.threshold:g}` "
-            f"(its dead channels) and `--ratio 0.5`, `--round-to {args.round_to} --quantize int8 --data heldout.npz` (the first 500 samples calibrate both INT8 models, "
+            f"(its dead channels) and `--ratio 0.5`, `--round-to {args.round_to} --quantize int8 --data heldout.npz` "
+            "(the first 500 samples calibrate both INT8 models, "
             "the other 500 check them and give the accuracy), then `--openvino DIR` both ways: "
             "`--openvino-int8 nncf` (nncf.quantize of the slim FP32 model: preset performance, MinMax ranges, "
             "the run's calibration share) and `--openvino-int8 qdq` (OpenVINO reads the onnxruntime QDQ model). "

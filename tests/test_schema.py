@@ -18,9 +18,9 @@ from onnxslim_bn.app.bench import benchmark
 from onnxslim_bn.app.cli import main
 from onnxslim_bn.app.report import SCHEMA_VERSION, envelope, export_widths
 from onnxslim_bn.ir.openvino_ir import OpenVinoResult
+from onnxslim_bn.passes.collapse import Collapse
 from onnxslim_bn.passes.openvino_int8 import NncfSettings
 from onnxslim_bn.passes.quantize import step_metrics
-from onnxslim_bn.passes.collapse import Collapse
 from tests.fixtures import heldout, path
 
 STORED = Path(__file__).with_name("report_schema.json")

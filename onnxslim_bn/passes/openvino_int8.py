@@ -192,8 +192,8 @@ def export_int8_ir(fp32: onnx.ModelProto, out_dir: str | os.PathLike, name: str,
                                f"{xml} (NNCF INT8)")
         failed = found.gate(gates.get("max_error"), gates.get("min_cosine"), gates.get("max_rel_error"))
         if not found.max_rel_diff <= tolerance:
-            failed = "; ".join(filter(None, [failed, f"max relative diff {found.max_rel_diff:.3g} against the FP32 "
-                                                     f"original exceeds {tolerance:.3g}"]))
+            beyond = f"max relative diff {found.max_rel_diff:.3g} against the FP32 original exceeds {tolerance:.3g}"
+            failed = f"{failed}; {beyond}" if failed else beyond
         if failed:
             raise BnSlimError(f"{xml}: NNCF's INT8 IR fails the check against the FP32 original: {failed}; nothing was "
                               "written. Pass --openvino-int8 qdq for OpenVINO's reading of the onnxruntime INT8 model")
