@@ -44,6 +44,7 @@ $(PEER)/.installed:
 bench: $(VENV)/.fixtures $(PEER)/.installed
 	$(BIN)/python bench/run.py
 	$(BIN)/python bench/peer.py --peer-python $(PEER)/bin/python
+	$(BIN)/python bench/int8.py --nncf
 
 clean:
 	rm -rf $(VENV) $(PEER) $(OUT) .pytest_cache

@@ -3,11 +3,17 @@ latency of FP32, slim, INT8 alone and slim + INT8, in onnxruntime and OpenVINO (
 ONNX reader makes of the QDQ model), batch 1 and 32. Numbers, not tests: nothing is asserted.
 
     python bench/int8.py [--fixtures resnet,vgg] [--threshold 1e-3] [--round-to auto] [--runs 40]
+    python bench/int8.py --nncf [--threads 2]   (`make bench`: writes its section of BENCHMARKS.md)
+
+``--nncf``: the two INT8 OpenVINO IRs of `--quantize int8 --openvino DIR` side by side: NNCF's
+(nncf.quantize of the slim FP32 model) and OpenVINO's reading of the onnxruntime QDQ model, with
+the FP32 original and the slim model: held-out accuracy and OpenVINO latency in one run.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import tempfile
 from pathlib import Path
 
@@ -16,8 +22,10 @@ import onnx
 import onnxruntime as ort
 
 from onnxslim_bn import prune, save_model
-from onnxslim_bn.app.bench import FOUR_WAY, FOUR_WAY_LABELS, benchmark_four_way
+from onnxslim_bn.app.api import to_openvino
+from onnxslim_bn.app.bench import FOUR_WAY, FOUR_WAY_LABELS, benchmark_four_way, benchmark_openvino
 from onnxslim_bn.ir.openvino_ir import available as openvino_available
+from onnxslim_bn.passes.openvino_int8 import available as nncf_available
 from onnxslim_bn.passes.quantize import quantize_with_fallback
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -46,9 +54,14 @@ def main() -> None:
     parser.add_argument("--plain", action="store_true",
                         help="instead: the lambda-0 fixtures (fixtures/plain) to --target-macs 0.7 with "
                              "fixtures/plain/calibration.npz, accuracy on all of heldout.npz")
+    parser.add_argument("--nncf", action="store_true",
+                        help="instead: NNCF's INT8 IR beside the QDQ one read by OpenVINO (writes BENCHMARKS.md's section)")
+    parser.add_argument("--threads", type=int, default=2, help="with --nncf: OpenVINO's threads")
     args = parser.parse_args()
     if args.plain:
         return plain_table()
+    if args.nncf:
+        return nncf_table(args)
     data = np.load(ROOT / "fixtures" / "heldout.npz")
     x, y = data["input"].astype(np.float32), data["label"]
     calib, check, labels = x[:500], x[500:], y[500:]  # as prune --data splits it: the first half calibrates
@@ -86,6 +99,91 @@ def main() -> None:
     for name, bench in time_rows:
         print(f"\n## {name}: latency, median ms (speed-up over FP32), {bench.threads} threads\n")
         print(bench.table(markdown=True))
+
+
+NNCF_LABELS = {"fp32": "FP32 original", "slim": "Slim (FP32)", "nncf": "Slim + INT8, NNCF IR",
+               "qdq": "Slim + INT8, QDQ read by OpenVINO"}
+BEGIN, END = "<!-- bench/int8.py --nncf: begin -->", "<!-- bench/int8.py --nncf: end -->"
+
+
+def nncf_table(args) -> None:
+    """Per fixture: `prune --threshold T --quantize int8 --data heldout.npz` (the first 500 calibrate,
+    the other 500 check), its INT8 IR made both ways, accuracy on the 500 check samples and
+    OpenVINO latency at each batch, the four models alternating in each round."""
+    if not nncf_available():
+        raise SystemExit("bench/int8.py --nncf needs nncf and openvino: pip install -e '.[test]'")
+    import nncf
+    import openvino
+
+    data = np.load(ROOT / "fixtures" / "heldout.npz")
+    x, y = data["input"].astype(np.float32), data["label"]
+    check, labels = x[500:], y[500:]
+    batches = tuple(int(b) for b in args.batches.split(","))
+    acc_rows, time_rows = [], []
+    cuts = [(f"--threshold {args.threshold:g}", {"threshold": args.threshold}), ("--ratio 0.5", {"ratio": 0.5})]
+    for name, (cut, how) in ((n, c) for n in args.fixtures.split(",") for c in cuts):
+        src = ROOT / "fixtures" / f"{name}.onnx"
+        with tempfile.TemporaryDirectory() as tmp:
+            tmp = Path(tmp)
+            files = {"fp32": src, "slim": tmp / "slim.onnx", "nncf": tmp / "nncf" / "slim.int8.xml",
+                     "qdq": tmp / "qdq" / "slim.int8.xml", "qdq_onnx": tmp / "slim.int8.onnx"}
+            result = prune(str(src), **how, round_to=args.round_to, data={"input": x}, quantize="int8", probe=False)
+            save_model(result.fp32_model, files["slim"])
+            save_model(result.model, files["qdq_onnx"])
+            nncf_ir = to_openvino(result, tmp / "nncf", "slim.int8", int8_route="nncf")
+            qdq_ir = to_openvino(result, tmp / "qdq", "slim.int8", int8_route="qdq")
+            acc = {k: float((ov_logits(files[k], check).argmax(1) == labels).mean()) for k in NNCF_LABELS}
+            acc["qdq_ort"] = float((ort_logits(files["qdq_onnx"], check).argmax(1) == labels).mean())
+            total = result.report.quantization["steps"]["total"]
+            acc_rows.append((f"{name} {cut}", result.report.removed_channels, result.report.after.macs / result.report.before.macs,
+                             acc, nncf_ir, qdq_ir, total))
+            timing = benchmark_openvino({k: files[k] for k in NNCF_LABELS}, src, batches, threads=args.threads,
+                                        runs=args.runs, rounds=8, min_seconds=0.25)
+            time_rows.append((f"{name} {cut}", timing))
+            print(f"done {name} {cut}", flush=True)
+    text = [BEGIN, "## Slim + INT8 in OpenVINO: NNCF's INT8 IR beside the QDQ model read by OpenVINO", "",
+            f"`python bench/int8.py --nncf` (run by `make bench`), {datetime.date.today()}, NNCF {nncf.__version__}, "
+            f"OpenVINO {openvino.__version__}. Each sparse fixture, cut two ways: `prune --threshold {args.threshold:g}` "
+            f"(its dead channels) and `--ratio 0.5`, `--round-to {args.round_to} --quantize int8 --data heldout.npz` "
+            "(the first 500 samples calibrate both INT8 models, "
+            "the other 500 check them and give the accuracy), then `--openvino DIR` both ways: "
+            "`--openvino-int8 nncf` (nncf.quantize of the slim FP32 model: preset performance, MinMax ranges, "
+            "the run's calibration share) and `--openvino-int8 qdq` (OpenVINO reads the onnxruntime QDQ model). "
+            "Every model runs in OpenVINO with FP32 precision for what is not INT8 "
+            "(`INFERENCE_PRECISION_HINT f32`, as the tool's check and bench compile).", "",
+            "### Held-out accuracy (500 samples not used for calibration) and each IR's check", "",
+            "| Model | channels removed | MACs kept | " + " | ".join(NNCF_LABELS.values())
+            + " | QDQ in onnxruntime | NNCF IR vs original: agreement, cosine, max rel | "
+              "onnxruntime INT8 vs original: agreement, cosine, max rel | NNCF calibration s |",
+            "|" + "---|" * 11]
+    for name, removed, macs, acc, nncf_ir, qdq_ir, total in acc_rows:
+        c = nncf_ir.check
+        text.append(f"| {name} | {removed} | {macs:.1%} | " + " | ".join(f"{acc[k]:.1%}" for k in NNCF_LABELS)
+                    + f" | {acc['qdq_ort']:.1%} | {c['top1_agreement']:.1%}, {c['cosine']:.5f}, {c['max_rel_diff']:.3f}"
+                    f" | {total['top1_agreement']:.1%}, {total['cosine']:.5f}, {total['max_rel_diff']:.3f}"
+                    f" | {nncf_ir.quantizer['seconds']:.1f} |")
+    text += ["", f"### OpenVINO latency, median ms (speed-up over the FP32 original), {args.threads} threads", "",
+             "The four models of a fixture alternate within each of 8 rounds (compiled afresh each round, the first "
+             "slot passed on), each round of a row timed at least 0.25 s; the machine is shared: compare within a "
+             "row.", "",
+             "| Model | Batch | " + " | ".join(NNCF_LABELS.values()) + " | NNCF / QDQ time |", "|" + "---|" * 7]
+    for name, timing in time_rows:
+        for batch, t in timing.items():
+            base = t["fp32"].median_ms
+            cells = [f"{t[k].median_ms:.3f}" + ("" if k == "fp32" else f" ({base / t[k].median_ms:.2f}x)")
+                     for k in NNCF_LABELS]
+            text.append(f"| {name} | {batch} | " + " | ".join(cells)
+                        + f" | {t['nncf'].median_ms / t['qdq'].median_ms:.2f} |")
+    text.append(END)
+    section = "\n".join(text)
+    print(section)
+    bench = ROOT / "BENCHMARKS.md"
+    old = bench.read_text() if bench.exists() else "# Benchmarks\n"
+    if BEGIN in old and END in old:
+        new = old[: old.index(BEGIN)] + section + old[old.index(END) + len(END):]
+    else:
+        new = old.rstrip() + "\n\n" + section + "\n"
+    bench.write_text(new)
 
 
 def plain_table() -> None:

@@ -246,12 +246,13 @@ def test_bench_four_way_refusals(tmp_path, capsys):
 
 
 def test_openvino_ir_of_the_int8_model_is_int8_and_checked(tmp_path):
+    """The QDQ route (OpenVINO reads the onnxruntime INT8 model; NNCF's route: tests/test_nncf.py)."""
     ov = pytest.importorskip("openvino")
     np.savez(tmp_path / "calib.npz", input=_data()["input"])
     out, ir = tmp_path / "m.int8.onnx", tmp_path / "ir"
     assert main([str(path("resnet")), "--threshold", "1e-3", "--data", str(tmp_path / "calib.npz"), "--quantize", "int8",
                  "--calibration-samples", str(CALIBRATION), "--compensation", "bias", "--no-probe", "-o", str(out),
-                 "--openvino", str(ir), "--json", str(tmp_path / "r.json"), "-q"]) == 0
+                 "--openvino", str(ir), "--openvino-int8", "qdq", "--json", str(tmp_path / "r.json"), "-q"]) == 0
     xml = (ir / "m.int8.xml").read_text()
     assert 'type="FakeQuantize"' in xml and 'element_type="i8"' in xml  # INT8 weights, quantized activations
     doc = json.loads((tmp_path / "r.json").read_text())

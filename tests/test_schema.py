@@ -19,6 +19,8 @@ from onnxslim_bn.app.cli import main
 from onnxslim_bn.app.report import SCHEMA_VERSION, envelope, export_widths
 from onnxslim_bn.ir.openvino_ir import OpenVinoResult
 from onnxslim_bn.passes.collapse import Collapse
+from onnxslim_bn.passes.openvino_int8 import NncfSettings
+from onnxslim_bn.passes.quantize import step_metrics
 from tests.fixtures import heldout, path
 
 STORED = Path(__file__).with_name("report_schema.json")
@@ -48,11 +50,15 @@ def documents(tmp: Path) -> dict[str, dict]:
     """One document of each kind, with every optional part filled in."""
     model = str(path("vgg"))
     result = onnxslim_bn.prune(model, ratio=0.3)
-    result.report.openvino = OpenVinoResult("ir/vgg.xml", False, 0.0, 1.0, True)  # the part --openvino adds
     # the part --quantize int8 adds, with the sensitivity search's findings (densenet: INT8 error well above
     # quantize.SMALL_ERROR, so the per-node list is filled)
     int8 = onnxslim_bn.prune(str(path("densenet")), threshold=1e-3, quantize="int8",
                              data={"input": heldout()[0][:128]}, compensation="bias")
+    # the part --openvino adds, as the NNCF route fills it (its check against the original, NNCF's settings)
+    result.report.openvino = OpenVinoResult(
+        "ir/vgg.xml", False, 0.0, 1.0, True, route="nncf", compared_with="the FP32 original",
+        check={**step_metrics(int8.report.verification), "tolerance": 0.02, "inputs": "64 samples"},
+        quantizer=NncfSettings().to_dict())
     assert int8.report.quantization["sensitivity"]["most_sensitive"]
     result.report.quantization = int8.report.quantization
     result.report.collapse = Collapse(0.5, 0.4, 0.8, 0.3, 0.075, [{"what": "as asked", "agreement": 0.4, "cosine": 0.8,

@@ -21,6 +21,7 @@ from ..ir.values import restored
 from ..ir.weights import LAYER_OPS
 from ..options import PruneOptions
 from ..passes import collapse, verify
+from ..passes import openvino_int8 as nncf_int8
 from ..passes import quantize as int8
 from ..passes.latency import layer_latency_table
 from ..passes.reconstruct import ReconstructionReport
@@ -46,17 +47,71 @@ class PruneResult:
     reconstruction: ReconstructionReport | None = None  # when compensation was by reconstruction
     # with --quantize: ``model`` is the deployed INT8 model and this the pruned FP32 one it came from
     fp32_model: onnx.ModelProto | None = None
+    # with --quantize: the calibration share of --data (the NNCF IR calibrates on it too)
+    calibration_inputs: dict[str, np.ndarray] = field(default_factory=dict)
+    # with the check: the FP32 original's outputs on the check's samples (the first
+    # ``report.verification.samples`` of ``check_inputs``)
+    reference_outputs: list[np.ndarray] = field(default_factory=list)
 
 
-def to_openvino(result: PruneResult, out_dir: str | os.PathLike, name: str = "model", fp16: bool = False) -> OpenVinoResult:
-    """Write the pruned model as OpenVINO IR and check OpenVINO against onnxruntime on the
-    inputs of the pruned model's check. Adds the outcome to ``result.report``."""
+def to_openvino(result: PruneResult, out_dir: str | os.PathLike, name: str = "model", fp16: bool = False,
+                int8_route: str = "auto") -> OpenVinoResult:
+    """Write the pruned model as OpenVINO IR and check it on the inputs of the pruned model's
+    check. Adds the outcome to ``result.report``.
+
+    FP32 (``fp16``: FP16 weights): OpenVINO reads the pruned model; checked against onnxruntime.
+    INT8 (a ``quantize="int8"`` result), by ``int8_route``: "nncf" quantizes the pruned FP32 model with
+    NNCF in OpenVINO (:mod:`onnxslim_bn.passes.openvino_int8`), checked against the FP32
+    original; "qdq" has OpenVINO read the onnxruntime INT8 model, checked against onnxruntime;
+    "auto" is "nncf" when nncf is installed, else "qdq" with a note saying so."""
     if not result.check_inputs:
         raise BnSlimError("the OpenVINO check needs the onnxruntime check's inputs: prune with verify=True")
-    ir = export_ir(result.model, out_dir, name, fp16, result.check_inputs, result.check_outputs,
-                   _int8_ir_tolerance(result.report.quantization, fp16))
+    if int8_route not in nncf_int8.ROUTES:
+        raise BnSlimError(f"--openvino-int8 {int8_route!r}: choose {', '.join(nncf_int8.ROUTES)}")
+    route = _int8_route(result, int8_route)
+    if route == "nncf":
+        quantization = result.report.quantization
+        verification = result.report.verification
+        ir = nncf_int8.export_int8_ir(
+            result.fp32_model, out_dir, name, fp16, result.calibration_inputs, result.check_inputs,
+            result.reference_outputs, verification.samples, verification.inputs,
+            nncf_int8.int8_tolerance(quantization["steps"]["total"]["max_rel_diff"], fp16), result.report.options,
+            result.report.model, verify.static_batch(result.fp32_model))
+        result.report.notes.append(_nncf_note(ir))
+    else:
+        ir = export_ir(result.model, out_dir, name, fp16, result.check_inputs, result.check_outputs,
+                       _int8_ir_tolerance(result.report.quantization, fp16))
+        if route == "qdq":
+            ir = replace(ir, route="qdq")
     result.report.openvino = ir
     return ir
+
+
+def _int8_route(result: PruneResult, wanted: str) -> str | None:
+    """The INT8 IR's route (:func:`to_openvino`), or None for an FP32 result; the fallback's note."""
+    if result.fp32_model is None:
+        if wanted != "auto":
+            raise BnSlimError(f"--openvino-int8 {wanted} applies to an INT8 result: add --quantize int8")
+        return None
+    if wanted == "nncf":
+        nncf_int8.require("--openvino-int8 nncf")
+    if wanted == "qdq" or not nncf_int8.available():
+        if wanted == "auto":
+            result.report.notes.append(nncf_int8.FALLBACK_NOTE)
+        return "qdq"
+    if not result.calibration_inputs or not result.reference_outputs:
+        raise BnSlimError("NNCF's INT8 IR needs the run's calibration samples and the original's outputs on the "
+                          "check's: prune with quantize='int8', data=... and verify=True")
+    return "nncf"
+
+
+def _nncf_note(ir: OpenVinoResult) -> str:
+    q, c = ir.quantizer, ir.check
+    agreement = "" if c["top1_agreement"] is None else f"top-1 agreement {c['top1_agreement']:.2%}, "
+    return (f"OpenVINO INT8 IR by NNCF {q['version']} (preset {q['preset']}, target {q['target_device']}, overflow fix "
+            f"{q['overflow_fix']}) on the {q['calibration_samples']} calibration samples, in {q['seconds']:.1f} s; "
+            f"against the FP32 original on {c['samples']} check samples (OpenVINO in FP32 precision): {agreement}"
+            f"cosine {c['cosine']:.5f}, max relative diff {c['max_rel_diff']:.3g} (allowed {c['tolerance']:.3g})")
 
 
 def _int8_ir_tolerance(quantization: dict | None, fp16: bool) -> float | None:
@@ -319,7 +374,8 @@ def _prune_once(pipeline: Pipeline, options: PruneOptions, given: dict) -> tuple
     found = collapse.of_report(report)
     if found is not None:
         report.collapse = found
-    return PruneResult(end.model, report, end.check_inputs, end.check_outputs, end.reconstruction, end.fp32_model), prep
+    return PruneResult(end.model, report, end.check_inputs, end.check_outputs, end.reconstruction, end.fp32_model,
+                       end.calibration_inputs, end.reference_outputs), prep
 
 
 def _timed(prep: Prepared, done: Cut, options: PruneOptions, target: float, curves: dict, attempt: int,

@@ -598,6 +598,46 @@ class FourWayResult:
         return "\n".join(lines)
 
 
+def _rotated(files: list[Path], runtimes: tuple[str, ...], batches: tuple[int, ...], feeds: dict, threads: int,
+             warmup: int, per_round: int, rounds: int, min_seconds: float, bar: _Progress) -> dict:
+    """(runtime, batch) -> per model of ``files``, its seconds per run: one runtime per round (its
+    sessions released before the next), the models alternating within a round (A B C D, D C B A,
+    ...), the first slot passed on from round to round."""
+    n = len(files)
+    times = {(rt, b): [[] for _ in files] for rt in runtimes for b in batches}
+    for r in range(rounds):
+        for runtime in runtimes:
+            order = [(r + k) % n for k in range(n)]  # model r % n goes first in round r
+            runners = [_RUNNERS[runtime](files[k], threads) for k in order]
+            for batch in batches:
+                slots = _alternate(runners, feeds[batch], warmup, per_round, min_seconds)
+                for slot, k in enumerate(order):
+                    times[runtime, batch][k].extend(slots[slot])
+            del runners
+            gc.collect()
+            bar.step(f"round {r + 1}/{rounds} {runtime} batch {', '.join(map(str, batches))}")
+    bar.close()
+    return times
+
+
+def benchmark_openvino(paths: dict[str, str | os.PathLike], inputs_of: str | os.PathLike,
+                       batches: tuple[int, ...] = (1, 32), threads: int | None = None, runs: int = 30,
+                       warmup: int = 5, rounds: int = 4, min_seconds: float = 0.0) -> dict[int, dict[str, Timing]]:
+    """Batch -> label -> timing of OpenVINO models (ONNX files or IR ``.xml``, one interface: that
+    of the ONNX model ``inputs_of``, whose inputs are made as :func:`benchmark` makes them), timed
+    as :func:`benchmark_four_way` times its four; compiled as the bench compiles (FP32 precision)."""
+    threads = threads or os.cpu_count() or 1
+    model = load_model(inputs_of)
+    feeds = {b: _feeds(model, {}, b, str(inputs_of)) for b in batches}
+    batches = tuple(b for b in batches if feeds[b] is not None)
+    notes: list[str] = []
+    runtimes, rounds, per_round = _schedule(("openvino",), runs, warmup, rounds, notes)
+    labels = list(paths)
+    times = _rotated([Path(paths[k]) for k in labels], runtimes, batches, feeds, threads, warmup, per_round, rounds,
+                     min_seconds, _Progress(rounds, False))
+    return {b: {k: Timing.of(times["openvino", b][i]) for i, k in enumerate(labels)} for b in batches}
+
+
 def benchmark_four_way(paths: dict[str, str | os.PathLike], batches: tuple[int, ...] = (1, 32),
                        threads: int | None = None, runs: int = 30, warmup: int = 5,
                        runtimes: tuple[str, ...] = ("onnxruntime",), input_shapes: dict[str, list[int]] | None = None,
@@ -623,21 +663,8 @@ def benchmark_four_way(paths: dict[str, str | os.PathLike], batches: tuple[int, 
             notes.append(f"batch {b} skipped: the model's batch size is fixed at {static_batch(models[0])}")
     batches = tuple(b for b in batches if feeds[b] is not None)
     del models
-    n = len(files)
-    times = {(rt, b): [[] for _ in files] for rt in runtimes for b in batches}
     bar = _Progress(rounds * len(runtimes), progress, stream)
-    for r in range(rounds):
-        for runtime in runtimes:
-            order = [(r + k) % n for k in range(n)]  # model r % n goes first in round r
-            runners = [_RUNNERS[runtime](files[k], threads) for k in order]
-            for batch in batches:
-                slots = _alternate(runners, feeds[batch], warmup, per_round, min_seconds)
-                for slot, k in enumerate(order):
-                    times[runtime, batch][k].extend(slots[slot])
-            del runners
-            gc.collect()
-            bar.step(f"round {r + 1}/{rounds} {runtime} batch {', '.join(map(str, batches))}")
-    bar.close()
+    times = _rotated(files, runtimes, batches, feeds, threads, warmup, per_round, rounds, min_seconds, bar)
     result = FourWayResult({k: str(paths[k]) for k in FOUR_WAY}, threads, per_round * rounds, rounds, notes=notes)
     for runtime in runtimes:
         for batch in batches:

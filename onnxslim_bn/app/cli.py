@@ -24,6 +24,8 @@ from ..ir.openvino_ir import available as openvino_available
 from ..ir.openvino_ir import require as require_openvino
 from ..ir.shapes import parse_input_shapes
 from ..options import PruneOptions
+from ..passes.openvino_int8 import ROUTES as OPENVINO_INT8_ROUTES
+from ..passes.openvino_int8 import require as require_nncf
 from ..passes.quantize import MODES as QUANTIZE_MODES
 from ..passes.quantize import quantize_files
 from ..version import __version__
@@ -165,8 +167,14 @@ def _prune_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="write per layer the weight name, original and kept width and the kept channel "
                              "indices as JSON, to rebuild the pruned model in the training code")
     _quantize_flag(parser)
-    parser.add_argument("--openvino", metavar="OUT_DIR", help="also write OpenVINO IR here, checked against onnxruntime")
+    parser.add_argument("--openvino", metavar="OUT_DIR",
+                        help="also write OpenVINO IR here, checked against onnxruntime (with --quantize int8 and "
+                             "nncf installed: NNCF's INT8 IR of the pruned FP32 model, checked against the original)")
     parser.add_argument("--fp16", action="store_true", help="with --openvino: compress the IR weights to FP16")
+    parser.add_argument("--openvino-int8", choices=OPENVINO_INT8_ROUTES, default="auto",
+                        help="with --openvino and --quantize int8: the INT8 IR by nncf (NNCF quantizes the pruned "
+                             "FP32 model in OpenVINO; needs pip install 'onnx-bnslim[nncf]') or qdq (OpenVINO reads "
+                             "the onnxruntime INT8 model); default auto: nncf when installed, else qdq")
     return parser
 
 
@@ -390,6 +398,11 @@ def run_prune(args: argparse.Namespace) -> int:
     say = _Say(args)
     if args.openvino:
         require_openvino("--openvino")
+    if args.openvino_int8 != "auto" and not (args.openvino and args.quantize):
+        raise BnSlimError(f"--openvino-int8 {args.openvino_int8} chooses how the INT8 OpenVINO IR is made: add "
+                          "--openvino OUT_DIR and --quantize int8")
+    if args.openvino_int8 == "nncf":
+        require_nncf("--openvino-int8 nncf")
     out = _output_path(args.model, args.output, args.quantize)
     _json_target(args)
     if args.export_widths:
@@ -417,7 +430,7 @@ def run_prune(args: argparse.Namespace) -> int:
         raise
     gc.collect()  # the original model is garbage now, held only by graph reference cycles: free it before saving
     if args.openvino:
-        to_openvino(result, args.openvino, out.stem, fp16=args.fp16)
+        to_openvino(result, args.openvino, out.stem, fp16=args.fp16, int8_route=args.openvino_int8)
     result.report.output = str(out)
     clock = time.perf_counter()
     result.report.after.size_bytes = save_model(result.model, out, "-o")

@@ -19,7 +19,7 @@ import difflib
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 import onnx
@@ -589,6 +589,10 @@ class Finished:
     check_outputs: list
     reconstruction: ReconstructionReport | None
     fp32_model: onnx.ModelProto | None  # with --quantize: the pruned FP32 model the INT8 one came from
+    # with --quantize: the calibration share of --data (the NNCF IR calibrates on it too)
+    calibration_inputs: dict = field(default_factory=dict)
+    # with the check: the original's outputs on its samples (the first ``verification.samples`` of check_inputs)
+    reference_outputs: list = field(default_factory=list)
 
 
 def finish(prep: Prepared, done: Cut, options: PruneOptions, given: dict, notes: list[str]) -> Finished:
@@ -618,7 +622,9 @@ def finish(prep: Prepared, done: Cut, options: PruneOptions, given: dict, notes:
         notes=notes, seconds=seconds, chosen_channels=done.plan.chosen, selection=done.plan.summary())
     if quantized is not None:
         report.quantization = _quantization_report(prep, pruned, quantized, verification, feeds, outputs)
-    return Finished(deployed, report, feeds, outputs, done.reconstruction, pruned if quantized is not None else None)
+    return Finished(deployed, report, feeds, outputs, done.reconstruction, pruned if quantized is not None else None,
+                    prep.calibration.arrays if quantized is not None else {},
+                    list(prep.reference.outputs) if verification is not None else [])
 
 
 def _measure(prep: Prepared, model: onnx.ModelProto, shapes: dict, size: int, what: str) -> Metrics:

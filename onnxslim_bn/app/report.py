@@ -23,7 +23,7 @@ from ..version import __version__
 # The JSON every command writes (prune's report, inspect, bench, sweep, --export-widths) carries
 # this number. Bump it whenever a key is added, removed or renamed; tests/test_schema.py holds the
 # key set of each document and fails when it changes without a bump.
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 
 
 @dataclass
@@ -282,7 +282,14 @@ class Report:
         if self.openvino is not None:
             ov = self.openvino
             kind = "INT8" if self.quantization is not None else "FP16" if ov.fp16 else "FP32"
-            lines.append(f"OpenVINO IR ({kind}): {ov.xml}; max |diff| vs onnxruntime {ov.max_abs_diff:.3g}")
+            if ov.route == "nncf":
+                c = ov.check
+                agreement = "" if c["top1_agreement"] is None else f"top-1 agreement {c['top1_agreement']:.2%}, "
+                lines.append(f"OpenVINO IR (INT8 by NNCF): {ov.xml}; vs the FP32 original: {agreement}cosine "
+                             f"{c['cosine']:.5f}, max rel diff {c['max_rel_diff']:.3g}")
+            else:
+                lines.append(f"OpenVINO IR ({kind}{', QDQ read' if ov.route == 'qdq' else ''}): {ov.xml}; max |diff| "
+                             f"vs onnxruntime {ov.max_abs_diff:.3g}")
         lines.extend(f"Note: {n}" for n in self.notes)
         if verbose:
             lines.append("")

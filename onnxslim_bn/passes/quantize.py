@@ -96,19 +96,28 @@ def settings_for_cpu(cpuinfo: str | None = None, machine: str | None = None) -> 
                            "pair sums can saturate, so the weights use 7 bits (reduce_range)")
 
 
+def calibration_batches(arrays: dict[str, np.ndarray], batch: int | None, step: int | None = None
+                        ) -> list[dict[str, np.ndarray]]:
+    """``arrays`` (samples on axis 0) in batches of ``batch`` (the model's static batch size: the
+    last batch padded with copies of its last sample) or, when the batch is dynamic, of ``step``
+    (default :data:`CALIBRATION_BATCH`; the last one short)."""
+    n = min(len(v) for v in arrays.values())
+    step = batch or step or CALIBRATION_BATCH
+    out = []
+    for i in range(0, n, step):
+        part = {k: v[i : i + step] for k, v in arrays.items()}
+        short = step - len(next(iter(part.values())))
+        if batch and short:  # a fixed batch size: pad the last batch with copies of its last sample
+            part = {k: np.concatenate([v, np.repeat(v[-1:], short, axis=0)]) for k, v in part.items()}
+        out.append(part)
+    return out
+
+
 class _Reader:
     """onnxruntime's CalibrationDataReader protocol over arrays, batch by batch."""
 
     def __init__(self, arrays: dict[str, np.ndarray], batch: int | None):
-        n = min(len(v) for v in arrays.values())
-        step = batch or CALIBRATION_BATCH
-        self.batches = []
-        for i in range(0, n, step):
-            part = {k: v[i : i + step] for k, v in arrays.items()}
-            short = step - len(next(iter(part.values())))
-            if batch and short:  # a fixed batch size: pad the last batch with copies of its last sample
-                part = {k: np.concatenate([v, np.repeat(v[-1:], short, axis=0)]) for k, v in part.items()}
-            self.batches.append(part)
+        self.batches = calibration_batches(arrays, batch)
         self.position = 0
 
     def get_next(self) -> dict[str, np.ndarray] | None:
@@ -416,5 +425,6 @@ def step_metrics(verification) -> dict:
 
 
 __all__ = ["MODES", "NEEDS_DATA", "Settings", "Quantized", "settings_for_cpu", "quantize", "restore_interface",
+           "calibration_batches",
            "is_quantized", "qoperator_ops", "QDQ_HOWTO", "quantize_files", "step_metrics",
            "Sensitivity", "sensitivity", "quantize_with_fallback"]
