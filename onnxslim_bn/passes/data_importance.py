@@ -35,7 +35,7 @@ from ..channels.context import Analysis, Scores
 from ..channels.layout import Segment
 from ..channels.reasons import Reason
 from ..ir import runtime
-from ..passes import calibrate
+from ..passes import calibrate, recoverable
 from ..rules import RULES
 
 log = logging.getLogger(__name__)
@@ -83,7 +83,14 @@ def data_importance(analysis: Analysis, model: onnx.ModelProto, feeds: dict[str,
     measured stay blocked, with the reason :data:`NO_CONSUMER` in place of their own."""
     consumers = [c for c in analysis.consumers if analysis.layout(c.node.inputs[0]) is not None]
     tensors = [c.node.inputs[0].name for c in consumers] + [c.node.outputs[0].name for c in consumers]
-    stats = calibrate.calibrate(model, feeds, moments=list(dict.fromkeys(tensors)), what="the calibration").moments
+    patches = {}  # consumer inputs whose covariance is measured (what a refit recovers: recoverable.py)
+    for consumer in consumers:
+        found = recoverable.input_patches(consumer.node)
+        if found is not None:
+            patches.setdefault(consumer.node.inputs[0].name, found)
+    measured_run = calibrate.calibrate(model, feeds, moments=list(dict.fromkeys(tensors)), grams=patches,
+                                       what="the calibration")
+    stats, covariances = measured_run.moments, measured_run.grams
     totals: dict[int, np.ndarray] = {}
     input_means: dict[str, np.ndarray] = {}
     measured = 0
@@ -104,8 +111,14 @@ def data_importance(analysis: Analysis, model: onnx.ModelProto, feeds: dict[str,
         if energy is None or len(energy) != len(x.var):
             continue
         scale = float((var * (1.0 if weight is None else weight)).sum())
-        cost = x.var * energy / scale if scale > 0 else np.zeros_like(x.var)
         repeat = np.concatenate([np.full(s.size, s.repeat) for s in layout])
+        # what the refit of the kept channels cannot recover, where the covariance was measured well
+        lost = None if weight is None or node.inputs[0].name not in covariances else \
+            recoverable.refit_costs(covariances[node.inputs[0].name], node, weight * (1.0 if bn is None else bn ** 2),
+                                    repeat)
+        if lost is None or len(lost) != len(x.var):
+            lost = x.var * energy
+        cost = lost / scale if scale > 0 else np.zeros_like(x.var)
         per_channel = np.add.reduceat(cost, np.concatenate([[0], np.cumsum(repeat)[:-1]]))
         means = np.add.reduceat(x.mean, np.concatenate([[0], np.cumsum(repeat)[:-1]])) / repeat
         input_means[node.inputs[0].name] = means

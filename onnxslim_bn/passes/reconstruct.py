@@ -67,6 +67,7 @@ MIN_ROWS_PER_UNKNOWN = 4
 # ``max_rows``. The Gram matrix costs rows x unknowns²: on the fixtures 4,096 rows fit as well as
 # 16,384 (agreement within noise), and on a ResNet-50 the wide 3x3 layers get the rows they need
 ROWS_FLOOR = 4096
+RIDGE = 1e-3  # the ridge of a refit, relative to the mean diagonal of its Gram matrix (see _solve)
 CHUNK_BYTES = 256 * 2**20  # the original's layer outputs held at once (see _collect_targets)
 STORE_BYTES = 256 * 2**20  # activations and targets kept in memory between levels; the rest go to files
 # a border map stays behind a refit layer when the fit with it leaves at most this share of the
@@ -618,7 +619,7 @@ def _drop_unused(model: onnx.ModelProto) -> None:
 
 # -------------------------------------------------------------------------------------- the stage
 def reconstruct(original: onnx.ModelProto, pruned: onnx.ModelProto, feeds: dict[str, np.ndarray],
-                consumers: list[str] | None = None, ridge: float = 1e-3, max_positions: int = 64,
+                consumers: list[str] | None = None, ridge: float = RIDGE, max_positions: int = 64,
                 seed: int = 0, downstream: bool = True, max_rows: int = 16384,
                 frozen: frozenset[str] | set[str] = frozenset(),
                 keep_maps: bool = False) -> tuple[onnx.ModelProto, ReconstructionReport]:
