@@ -94,3 +94,13 @@ def test_data_importance_scores_one_twin_near_zero_and_the_other_as_a_live_chann
     others = scores[2:]
     assert low < 1e-2 * others.min()  # the twin the other one predicts: nearly free (the ridge leaves a little)
     assert high > 0.5 * others.min()  # the one left carries both: not free
+
+
+def test_a_constant_channel_costs_nothing_with_the_ridge():
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((2000, 4))
+    x[:, 2] = 0.7  # a dead channel: its constant output (beta) is all it carries
+    cov = np.cov(x, rowvar=False)
+    got = recoverable.greedy(cov, np.diag([1.0, 2.0, 50.0, 1.0]), 1)
+    assert got[2] == 0.0 or got[2] < 1e-12
+    assert got[[0, 1, 3]].min() > 0.5

@@ -89,8 +89,9 @@ def greedy(cov: np.ndarray, b: np.ndarray, block: int, ridge: float = RIDGE) -> 
     d = len(cov)
     lam = ridge * max(float(np.trace(cov)) / max(d, 1), 1e-30)
     q = np.linalg.inv(cov + lam * np.eye(d))  # S_RR^-1 of the kept entries R (all at first)
-    a = np.eye(d)  # Q S_R: (the kept entries regressed on every entry)
-    ab = b.copy()  # a @ b
+    a = q @ cov  # Q S_R: (every entry regressed on the kept ones; not the identity with the ridge:
+    # a constant channel's row is zero, so it costs nothing)
+    ab = a @ b
     alive = np.arange(d // block)  # the kept blocks, in the order of the rows of q, a, ab
     per_step = max(1, -(-len(alive) // MAX_STEPS))
     cost, level = np.zeros(d), 0.0
