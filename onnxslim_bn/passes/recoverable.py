@@ -34,7 +34,7 @@ from .calibrate import Gram, Patches
 from .reconstruct import MIN_ROWS_PER_UNKNOWN, RIDGE
 
 MAX_STEPS = 128  # greedy steps per group; a wider group removes several channels per step
-WIDEST = 4096  # input entries (per consumer) past which the covariance is not measured
+WIDEST = 512  # input entries (per consumer) past which the covariance is not measured (the greedy is O(C^3))
 
 
 def input_patches(node: gs.Node) -> Patches | None:
@@ -75,8 +75,10 @@ def refit_costs(gram: Gram, node: gs.Node, out_weight: np.ndarray, repeat: np.nd
     cov = ata[:d, :d] / count - np.outer(mean, mean)
     out = np.zeros(d)
     for j in range(groups):
-        w = rows[j * per_out:(j + 1) * per_out]
-        b = np.einsum("oct,o,odt->cd", w, np.asarray(out_weight[j * per_out:(j + 1) * per_out], np.float64), w)
+        weighted = rows[j * per_out:(j + 1) * per_out] * np.sqrt(np.maximum(
+            np.asarray(out_weight[j * per_out:(j + 1) * per_out], np.float64), 0.0))[:, None, None]
+        flat = weighted.transpose(0, 2, 1).reshape(-1, per_in)  # [outputs x taps, inputs]
+        b = flat.T @ flat  # sum over outputs and taps of d_o W[o, :, t] W[o, :, t]^T
         inputs = slice(j * per_in, (j + 1) * per_in)
         out[inputs] = greedy(cov[inputs, inputs], b, block, ridge)
     return out
@@ -85,34 +87,36 @@ def refit_costs(gram: Gram, node: gs.Node, out_weight: np.ndarray, repeat: np.nd
 def greedy(cov: np.ndarray, b: np.ndarray, block: int, ridge: float = RIDGE) -> np.ndarray:
     """Per entry, the greedy removal cost of its block (of ``block`` entries; the cost spread
     evenly over them) for input covariance ``cov`` and output weighting ``b`` (module doc). The
-    ridge (relative to the mean variance, as the refit's) keeps the inverse well conditioned."""
+    ridge (relative to the mean variance, as the refit's) keeps the inverse well conditioned.
+
+    The matrices keep their size: removing entries ``D`` is the rank-|D| update
+    ``M -= Q[:, D] Q_DD^-1 M[D]`` of ``Q``, ``A`` and ``A B``, which also zeroes their rows (and
+    ``Q``'s columns) of ``D``, so no step copies a C x C matrix."""
     d = len(cov)
     lam = ridge * max(float(np.trace(cov)) / max(d, 1), 1e-30)
     q = np.linalg.inv(cov + lam * np.eye(d))  # S_RR^-1 of the kept entries R (all at first)
     a = q @ cov  # Q S_R: (every entry regressed on the kept ones; not the identity with the ridge:
     # a constant channel's row is zero, so it costs nothing)
     ab = a @ b
-    alive = np.arange(d // block)  # the kept blocks, in the order of the rows of q, a, ab
+    alive = np.ones(d // block, bool)
     per_step = max(1, -(-len(alive) // MAX_STEPS))
     cost, level = np.zeros(d), 0.0
-    while len(alive):
+    while alive.any():
+        ids = np.flatnonzero(alive)
         if block == 1:
-            added = np.einsum("ij,ij->i", ab, a) / np.diag(q)
+            added = np.einsum("ij,ij->i", ab[ids], a[ids]) / np.diag(q)[ids]
         else:
             added = np.array([np.trace(np.linalg.solve(q[s, s], ab[s] @ a[s].T))
-                              for s in (slice(i * block, (i + 1) * block) for i in range(len(alive)))])
-        taken = np.argsort(added, kind="stable")[:per_step]
-        for t in taken:
-            level = max(level, float(added[t]))
-            cost[alive[t] * block:(alive[t] + 1) * block] = level / block
-        gone = np.zeros(len(alive), bool)
-        gone[taken] = True
-        alive = alive[~gone]
-        if not len(alive):
+                              for s in (slice(i * block, (i + 1) * block) for i in ids)])
+        taken = ids[np.argsort(added, kind="stable")[:per_step]]
+        for t, value in zip(taken, np.sort(added, kind="stable")[:per_step]):
+            level = max(level, float(value))
+            cost[t * block:(t + 1) * block] = level / block
+        alive[taken] = False
+        if not alive.any():
             break
-        drop, keep = np.repeat(gone, block), np.repeat(~gone, block)
-        k = q[np.ix_(keep, drop)] @ np.linalg.inv(q[np.ix_(drop, drop)])
-        a = a[keep] - k @ a[drop]
-        ab = ab[keep] - k @ ab[drop]
-        q = q[np.ix_(keep, keep)] - k @ q[np.ix_(drop, keep)]
+        drop = (taken[:, None] * block + np.arange(block)).ravel()
+        k = q[:, drop] @ np.linalg.inv(q[np.ix_(drop, drop)])
+        for m in (a, ab, q):
+            m -= k @ m[drop]
     return cost
