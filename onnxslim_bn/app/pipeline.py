@@ -393,7 +393,7 @@ def _rank(analysis: Analysis, proto: onnx.ModelProto, input_shapes: dict, option
         feeds, _ = verify.make_inputs(proto, input_shapes, None, options.seed, calibration=True)
         described = f"{ort_runtime.count(feeds)} seeded N(0,1) samples (pass --data: random inputs rank channels poorly)"
     count = max(count, ort_runtime.count(feeds))
-    ranking = data_importance(analysis, proto, feeds, refit=compensation(options) == "reconstruct")
+    ranking = data_importance(analysis, proto, feeds)
     analysis.apply(ranking.scores)
     measured, ranked = ranking.measured, ranking.ranked
     if ranked:

@@ -263,18 +263,6 @@ class Gram:
             old = self.sums.get(key)
             self.sums[key] = value.astype(np.float64) if old is None else old + value
 
-    @classmethod
-    def merged(cls, parts: list[Gram]) -> Gram:
-        """One Gram of the rows of all ``parts`` (the same layer and patches, disjoint samples)."""
-        first = parts[0]
-        out = cls(first.patches, first.max_positions, first.seed, first.layer,
-                  positions_per_sample=first.positions_per_sample)
-        for key in ("ata", "atr", "rr", "ysum", "yy"):
-            values = [getattr(p, key) for p in parts if getattr(p, key) is not None]
-            setattr(out, key, sum(values[1:], values[0].copy()) if values else None)
-        out.rows = sum(p.rows for p in parts)
-        return out
-
     def spread(self) -> float:
         """Sum over outputs of the targets' squared deviation from their mean."""
         return float(self.yy.sum() - (self.ysum**2).sum() / max(self.rows, 1))

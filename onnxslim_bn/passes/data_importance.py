@@ -18,13 +18,6 @@ either form), so the BN-kept and the folded export of one model rank alike (weig
 and removed-channel overlaps down to 0.50 on the ordinary ResNet fixture). A channel read by
 several consumers (a residual group, a concatenation) sums its costs.
 
-With compensation by reconstruction (the default with data), what a channel costs at K is
-less than its share: the refit of K's kept inputs predicts the removed ones from them, so the
-cost is what that refit cannot recover, measured from the covariance of K's input and scored
-greedily (:mod:`.recoverable`; the share stays where the covariance has too few rows). Measured
-on the tuning set's ResNets, SE MobileNet and VGG (kept exports, MAC budgets 0.7 and 0.5; the
-numbers are in the branch's report), it halved the mean accuracy drop at both budgets.
-
 The replacement of a channel at a consumer becomes its measured mean there, also where the
 rules prove no constant (a gate, a Pad of another value: :mod:`.replacement`); with gamma
 importance such channels stay unremovable.
@@ -42,8 +35,7 @@ from ..channels.context import Analysis, Scores
 from ..channels.layout import Segment
 from ..channels.reasons import Reason
 from ..ir import runtime
-from ..passes import calibrate, recoverable
-from ..passes.select import DATA_DEAD_SHARE
+from ..passes import calibrate
 from ..rules import RULES
 
 log = logging.getLogger(__name__)
@@ -70,9 +62,6 @@ def _output_weights(var: np.ndarray) -> np.ndarray:
     return np.where(var > floor, 1.0 / np.maximum(var, floor if np.isfinite(floor) else 1.0), 0.0)
 
 
-# the least a live channel (variance share above the dead level) scores when the refit predicts it
-LIVE_FLOOR = 2 * DATA_DEAD_SHARE
-
 NO_CONSUMER = "no BatchNorm scale, and no consumer of its channels could be measured on the data"
 
 
@@ -85,26 +74,16 @@ class Ranking:
     ranked: int  # spaces left alone for want of a BN scale (with gamma) that the data ranks
 
 
-def data_importance(analysis: Analysis, model: onnx.ModelProto, feeds: dict[str, np.ndarray],
-                    refit: bool = True) -> Ranking:
+def data_importance(analysis: Analysis, model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> Ranking:
     """Score every ranked space by the cost its channels cause at their consumers, measured on
-    ``feeds``; each consumer input's channel means become the replacement values there. With
-    ``refit`` (compensation by reconstruction), the cost is what the refit of the kept channels
-    cannot recover (:mod:`.recoverable`), else the variance share.
+    ``feeds``; each consumer input's channel means become the replacement values there.
 
     With data, the spaces left alone only for want of a BN scale (a layer that never had a BN,
     a re-parameterised conv: :func:`unscaled`) are ranked like any other; those no consumer
     measured stay blocked, with the reason :data:`NO_CONSUMER` in place of their own."""
     consumers = [c for c in analysis.consumers if analysis.layout(c.node.inputs[0]) is not None]
     tensors = [c.node.inputs[0].name for c in consumers] + [c.node.outputs[0].name for c in consumers]
-    patches = {}  # consumer inputs whose covariance is measured (what a refit recovers: recoverable.py)
-    for consumer in consumers if refit else ():
-        found = recoverable.input_patches(consumer.node)
-        if found is not None:
-            patches.setdefault(consumer.node.inputs[0].name, found)
-    measured_run = calibrate.calibrate(model, feeds, moments=list(dict.fromkeys(tensors)), grams=patches,
-                                       what="the calibration")
-    stats, covariances = measured_run.moments, measured_run.grams
+    stats = calibrate.calibrate(model, feeds, moments=list(dict.fromkeys(tensors)), what="the calibration").moments
     totals: dict[int, np.ndarray] = {}
     input_means: dict[str, np.ndarray] = {}
     measured = 0
@@ -125,17 +104,8 @@ def data_importance(analysis: Analysis, model: onnx.ModelProto, feeds: dict[str,
         if energy is None or len(energy) != len(x.var):
             continue
         scale = float((var * (1.0 if weight is None else weight)).sum())
+        cost = x.var * energy / scale if scale > 0 else np.zeros_like(x.var)
         repeat = np.concatenate([np.full(s.size, s.repeat) for s in layout])
-        # what the refit of the kept channels cannot recover, where the covariance was measured well
-        lost = None if weight is None or node.inputs[0].name not in covariances else \
-            recoverable.refit_costs(covariances[node.inputs[0].name], node, weight * (1.0 if bn is None else bn ** 2),
-                                    repeat)
-        share = x.var * energy / scale if scale > 0 else np.zeros_like(x.var)
-        cost = share
-        if lost is not None and len(lost) == len(x.var) and scale > 0:
-            # a live channel that the kept ones predict stays above the dead level: dead still means
-            # constant (its variance share), what --max-layer-ratio and the report count by
-            cost = np.maximum(lost / scale, np.minimum(share, LIVE_FLOOR))
         per_channel = np.add.reduceat(cost, np.concatenate([[0], np.cumsum(repeat)[:-1]]))
         means = np.add.reduceat(x.mean, np.concatenate([[0], np.cumsum(repeat)[:-1]])) / repeat
         input_means[node.inputs[0].name] = means

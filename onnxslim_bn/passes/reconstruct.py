@@ -67,14 +67,6 @@ MIN_ROWS_PER_UNKNOWN = 4
 # ``max_rows``. The Gram matrix costs rows x unknowns²: on the fixtures 4,096 rows fit as well as
 # 16,384 (agreement within noise), and on a ResNet-50 the wide 3x3 layers get the rows they need
 ROWS_FLOOR = 4096
-RIDGE = 1e-3  # the ridge of a refit, relative to the mean diagonal of its Gram matrix (see _solve)
-# a layer fit from fewer sampled rows than this per unknown chooses its ridge by two-fold cross
-# validation over the calibration samples (RIDGE x RIDGE_STEPS), as an unregularised fit of an
-# under-determined layer matches the calibration samples and little else (measured on the tuning
-# VGG at a 50% MAC cut: its flattened classifier, 145 unknowns on 128 rows, refit to a relative
-# error of 0.04 on them while the held-out accuracy fell 10 points)
-CV_ROWS_PER_UNKNOWN = 2
-RIDGE_STEPS = (1.0, 10.0, 100.0, 1e3, 1e4)
 CHUNK_BYTES = 256 * 2**20  # the original's layer outputs held at once (see _collect_targets)
 STORE_BYTES = 256 * 2**20  # activations and targets kept in memory between levels; the rest go to files
 # a border map stays behind a refit layer when the fit with it leaves at most this share of the
@@ -93,7 +85,6 @@ class LayerFit:
     error_after: float
     rows: int  # sampled rows (positions) the fit used
     seconds: float
-    ridge: float = RIDGE  # relative to the Gram's mean diagonal; larger where cross validation chose it
 
 
 @dataclass
@@ -641,7 +632,7 @@ def _drop_unused(model: onnx.ModelProto) -> None:
 
 # -------------------------------------------------------------------------------------- the stage
 def reconstruct(original: onnx.ModelProto, pruned: onnx.ModelProto, feeds: dict[str, np.ndarray],
-                consumers: list[str] | None = None, ridge: float = RIDGE, max_positions: int = 64,
+                consumers: list[str] | None = None, ridge: float = 1e-3, max_positions: int = 64,
                 seed: int = 0, downstream: bool = True, max_rows: int = 16384,
                 frozen: frozenset[str] | set[str] = frozenset(),
                 keep_maps: bool = False) -> tuple[onnx.ModelProto, ReconstructionReport]:
@@ -870,31 +861,19 @@ def _refit(layer: _Layer, store: _Store, count: int, model: onnx.ModelProto, con
     gram, plain = layer.gram, layer.plain
     border = None if layer.border is None else numpy_helper.to_array(const[layer.border.input[1]]).astype(np.float32)
     w0 = _current(layer, const)
-    folds: list[Gram] = []  # without a border map: the rows of even and odd samples apart (cross validation)
     for i in range(count):
         x = store.get(node.input[0], i)
         if i == 0 and axes(node).spatial:
             gram.patches = Patches.for_conv(node, layer.weight_shape, tuple(x.shape[2:]))
             if plain is not None:
                 plain.patches = gram.patches
-        if i == 0 and plain is None:
-            folds = [Gram(gram.patches, gram.max_positions, gram.seed, gram.layer) for _ in range(2)]
         start, stop = store.ranges[i]
         samples = np.arange(start, stop)
         y = store.get(f"target {layer.index}", i)
         if border is not None:
             plain.update(x, samples, y, w0)
             y = y - _map_rows(border, gram, x.shape[0], samples)
-        if not folds or x.shape[0] != len(samples):
-            folds = []
-            gram.update(x, samples, y, w0)
-            continue
-        for parity, fold in enumerate(folds):
-            pick = samples % 2 == parity
-            if pick.any():
-                fold.update(x[pick], samples[pick], y[pick], w0)
-    if folds and gram.ata is None:
-        gram = layer.gram = Gram.merged([f for f in folds if f.ata is not None])
+        gram.update(x, samples, y, w0)
     store.drop(f"target {layer.index}")
     unknowns = gram.ata.shape[1]
     if layer.downstream and gram.rows < MIN_ROWS_PER_UNKNOWN * unknowns:
@@ -902,8 +881,6 @@ def _refit(layer: _Layer, store: _Store, count: int, model: onnx.ModelProto, con
                                f"{unknowns} unknowns per output: too few to refit without overfitting"))
         layer.gram = layer.plain = None
         return
-    if folds and gram.rows < CV_ROWS_PER_UNKNOWN * unknowns and all(f.ata is not None for f in folds):
-        ridge = _cross_validated(folds, ridge)
     delta = _solve(gram, ridge)
     scale = gram if plain is None else plain  # errors against the original's output, map or not
     before, after = gram.residual(), gram.residual(delta)
@@ -927,22 +904,13 @@ def _refit(layer: _Layer, store: _Store, count: int, model: onnx.ModelProto, con
             _set_constant(model, const, name, np.zeros_like(numpy_helper.to_array(const[name])))
     spread = scale.spread()
     fit = LayerFit(node.name or layer.target, node.op_type, layer.target, layer.input_channels, layer.downstream,
-                   _relative(before, spread), _relative(after, spread), gram.rows, 0.0, ridge)
+                   _relative(before, spread), _relative(after, spread), gram.rows, 0.0)
     _write(layer, w0 + delta, model, const, taken)
     layer.refit = True
     layer.gram = layer.plain = None
     fit.seconds = time.perf_counter() - clock
     report.layers.append(fit)
     log.debug("refit %s: relative error %.4g -> %.4g on %d rows", fit.node, fit.error_before, fit.error_after, fit.rows)
-
-
-def _cross_validated(folds: list[Gram], ridge: float) -> float:
-    """The ridge of ``ridge`` x RIDGE_STEPS whose fit on one fold leaves the least squared
-    residual on the other, both ways (the first of equals: the least regularised)."""
-    def held_out(r: float) -> float:
-        return sum(folds[1 - k].residual(_solve(folds[k], r)) for k in range(2))
-
-    return min((ridge * step for step in RIDGE_STEPS), key=held_out)
 
 
 def _relative(residual: float, spread: float) -> float:
