@@ -513,15 +513,15 @@ def _export(prep: Prepared, metadata: dict[str, str], allow_growth: bool = False
     pruned.ir_version = original.ir_version
     del pruned.opset_import[:]
     pruned.opset_import.extend(original.opset_import)
-    for field in ("producer_name", "producer_version", "model_version", "domain", "doc_string"):
-        pruned.ClearField(field)  # proto2: a field set to its default is still written; only the input's are
-        if original.HasField(field):
-            setattr(pruned, field, getattr(original, field))
+    for name in ("producer_name", "producer_version", "model_version", "domain", "doc_string"):
+        pruned.ClearField(name)  # proto2: a field set to its default is still written; only the input's are
+        if original.HasField(name):
+            setattr(pruned, name, getattr(original, name))
     for graph in graphs(pruned.graph):  # proto2 writes an empty string that is set: "no name" is smaller
         for node in graph.node:
-            for field in ("name", "domain", "doc_string"):
-                if node.HasField(field) and not getattr(node, field):
-                    node.ClearField(field)
+            for name in ("name", "domain", "doc_string"):
+                if node.HasField(name) and not getattr(node, name):
+                    node.ClearField(name)
     restore_interface(pruned, original, prep.graph)
     check_interface(original, pruned, prep.source)
     check_size(account(original, pruned, origins, widened), allow_growth, prep.source)
