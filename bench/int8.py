@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime as ort
+from sections import write_section  # bench/, beside this script
 
 from onnxslim_bn import prune, save_model
 from onnxslim_bn.app.api import to_openvino
@@ -177,13 +178,7 @@ def nncf_table(args) -> None:
     text.append(END)
     section = "\n".join(text)
     print(section)
-    bench = ROOT / "BENCHMARKS.md"
-    old = bench.read_text() if bench.exists() else "# Benchmarks\n"
-    if BEGIN in old and END in old:
-        new = old[: old.index(BEGIN)] + section + old[old.index(END) + len(END):]
-    else:
-        new = old.rstrip() + "\n\n" + section + "\n"
-    bench.write_text(new)
+    write_section(section, BEGIN, END)
 
 
 def plain_table() -> None:

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+from sections import write_section  # bench/, beside this script
 
 from onnxslim_bn import prune
 from onnxslim_bn.ir.runtime import session
@@ -103,13 +104,7 @@ def main() -> None:
     text += [END]
     section = "\n".join(text)
     print(section)
-    bench = ROOT / "BENCHMARKS.md"
-    old = bench.read_text() if bench.exists() else "# Benchmarks\n"
-    if BEGIN in old and END in old:
-        new = old[: old.index(BEGIN)] + section + old[old.index(END) + len(END):]
-    else:
-        new = old.rstrip() + "\n\n" + section + "\n"
-    bench.write_text(new)
+    write_section(section, BEGIN, END)
 
 
 if __name__ == "__main__":
