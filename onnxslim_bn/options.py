@@ -105,10 +105,12 @@ class PruneOptions:
             raise BnSlimError(f"--compensation {self.compensation!r}: choose auto, bias or reconstruct")
         if self.quantize is not None and self.quantize not in QUANTIZE_MODES:  # quantize.py: INT8 after pruning
             raise BnSlimError(f"--quantize {self.quantize!r}: choose {', '.join(QUANTIZE_MODES)}")
-        if self.quantize is not None and self.data is None:
-            raise BnSlimError(QUANTIZE_NEEDS_DATA)
         if self.int8_fp32 != "auto" and not (str(self.int8_fp32).isdigit()):
             raise BnSlimError(f"--int8-fp32 {self.int8_fp32!r}: pass auto or a count of nodes (0 for none)")
+
+    def refits(self) -> bool:
+        """Whether removed channels are compensated by the refit (``compensation``, "auto": with data)."""
+        return self.compensation == "reconstruct" or (self.compensation == "auto" and self.data is not None)
 
     def block(self) -> int:
         """The width multiple kept widths are rounded to (``round_to``, resolved)."""

@@ -164,3 +164,11 @@ def fold_bns(model: onnx.ModelProto) -> onnx.ModelProto:
         conv.output[0] = bn.output[0]
         graph.node.remove(bn)
     return out
+
+
+def without_carriers(monkeypatch) -> None:
+    """Bias folding as it is where no kept channel can carry the removed constants
+    (onnxslim_bn.passes.select.carriers): exact inside, approximate at the borders."""
+    monkeypatch.setattr("onnxslim_bn.passes.surgery.carriers",
+                        lambda plan, analysis, name, values, removed: np.zeros_like(removed))
+    monkeypatch.setattr("onnxslim_bn.passes.select.hold_carriers", lambda plan, dead, block: 0)

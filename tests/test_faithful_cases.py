@@ -446,6 +446,7 @@ def test_layer_cap_still_lets_dead_channels_go():
     model, small = _cap_model(dead)
     result = prune(model, ratio=0.3, min_channels=1, round_to=1)
     space = space_of(result, small)
-    assert set(dead) <= set(space.removed)  # the dead cluster is free to go
+    # the dead cluster is free to go (but for a channel kept to carry constants at the borders)
+    assert len(set(dead) & set(space.removed)) >= len(dead) - result.report.selection["kept_as_carriers"]
     live_lost = len(set(space.removed) - set(dead))
     assert live_lost <= math.ceil(cap * (space.channels - len(dead))), (live_lost, cap)

@@ -60,7 +60,7 @@ def test_ratio_rounding_never_removes_a_channel_the_ranking_kept(round_to):
     assert rel_diff(model, result.model) <= EXACT
     assert result.report.removed_channels > 0
     # what rounding kept is counted, and all of it was dead
-    assert sel["kept_by_rounding"] - sel["removed_by_rounding"] == \
+    assert sel["kept_by_rounding"] - sel["removed_by_rounding"] + sel["kept_as_carriers"] == \
         result.report.chosen_channels - result.report.removed_channels
     assert sel["dead_kept_by_rounding"] == sel["kept_by_rounding"]
     if sel["kept_by_rounding"] > sel["removed_by_rounding"]:
@@ -83,11 +83,39 @@ def test_ratio_is_a_cut_a_channel_held_below_it_is_not_replaced_by_a_live_one(mi
     assert sel["kept_by_min_channels"] == held > 0, sel
     assert sel["live_removed"] == 0 and sel["max_removed_score"] == 0.0, sel
     # every channel below the cut went or is counted as held: the cut at floor(ratio * ranked)
-    assert result.report.chosen_channels + sel["kept_by_min_channels"] + sel["kept_by_layer_cap"] == \
-        math.floor(ratio * sel["ranked"] + 1e-9) == sum(dead)
+    assert result.report.chosen_channels + sel["kept_by_min_channels"] + sel["kept_by_layer_cap"] \
+        + sel["kept_unknown_replacement"] == math.floor(ratio * sel["ranked"] + 1e-9) == sum(dead)
+    assert sel["cut"] == {"below": sum(dead), "score": 0.0}, sel
     assert result.report.removed_channels == sum(dead) - held
     assert rel_diff(model, result.model) <= EXACT
     assert "below the cut stay" in result.report.table()
+
+
+def test_ratio_counts_the_channels_that_cannot_go_as_network_slimming_does():
+    # Network Slimming's --ratio is a percentile of every scale factor. Here 6 of the first
+    # layer's dead channels have beta 0.7 and feed a squeeze-excitation gate: 0.7 * gate is not a
+    # known constant, so they stay. A ratio at the dead fraction of all scored channels must then
+    # cut at the dead ones -- a cut over only the channels that can go would reach 6 live ones.
+    b = Builder(seed=7)
+    w1, w2 = 32, 24
+    dead1, dead2 = np.arange(6), np.array([2, 3, 9, 11, 15, 20, 22])
+    y = b.bn(b.conv("x", 3, w1), w1, dead1, beta_dead=0.7)
+    gamma = next(t for t in b.inits if t.name == b.nodes[-1].input[1])
+    values = onnx.numpy_helper.to_array(gamma).copy()
+    values[6:] = np.logspace(-2, 0, w1 - 6).astype(np.float32)  # live, spread over two decades
+    gamma.CopyFrom(onnx.numpy_helper.from_array(values, gamma.name))
+    y = b.op("Relu", [sparse_bn(b, b.conv(_se(b, b.op("Relu", [y]), w1), w1, w2), w2, dead2)])
+    out = b.gemm(b.op("Flatten", [b.op("GlobalAveragePool", [y])], axis=1), w2, 10)
+    model = b.model({"x": [2, 3, 8, 8]}, [out])
+    ranked = w1 + w2
+    ratio = (len(dead1) + len(dead2)) / ranked
+    result = prune(model, ratio=ratio, round_to=1, min_channels=1, exact_borders=True, verify=False)
+    sel = result.report.selection
+    assert sel["ranked"] == ranked and sel["kept_unknown_replacement"] == len(dead1), sel
+    assert sel["live_removed"] == 0 and sel["max_removed_score"] == 0.0, sel
+    assert result.report.removed_channels == len(dead2)
+    assert rel_diff(model, result.model) <= EXACT
+    assert "below the cut stay: their value is not a known constant" in result.report.table()
 
 
 def test_threshold_run_never_removes_a_channel_scored_above_it():

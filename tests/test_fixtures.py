@@ -35,9 +35,10 @@ def test_pruned_at_its_sparsity_keeps_accuracy(name):
     assert sel["ranked"] == report.prunable_channels and sel["kept_unknown_replacement"] == 0
     # the cut at the ratio: every channel below it went, or a constraint held it (nothing replaced it)
     assert report.chosen_channels + sel["kept_by_min_channels"] + sel["kept_by_layer_cap"] \
-        == int(np.floor(ratio * sel["ranked"] + 1e-9))
+        + sel["kept_unknown_replacement"] == int(np.floor(ratio * sel["ranked"] + 1e-9))
     # round_to=1: every chosen channel is removed unless a reader BN's branch keeps it
-    assert report.removed_channels == report.chosen_channels - sel["kept_by_branches"] + sel["removed_by_branches"]
+    assert report.removed_channels == report.chosen_channels - sel["kept_by_branches"] + sel["removed_by_branches"] \
+        - sel["kept_as_carriers"]
     assert report.after.macs < report.before.macs
     before, after = accuracy(model), accuracy(result.model)
     assert abs(after - before) <= 0.005, (before, after)
@@ -99,8 +100,9 @@ def test_keep_pattern_protects_layers_by_node_name():
 
 
 @pytest.mark.parametrize("name", ["resnet", "densenet"])
-def test_exact_borders_reproduce_dead_channels_with_live_beta(name):
-    # gamma exactly 0 but beta kept: the removed channels carry constants through padded convs
+def test_dead_channels_with_live_beta_are_exact_at_the_borders_by_default_and_with_exact_borders(name):
+    # gamma exactly 0 but beta kept: the removed channels carry constants through padded convs.
+    # By default a kept dead channel carries them (select.carriers); --exact-borders adds maps.
     model = onnx.load(str(path(name)))
     by_name = {t.name: t for t in model.graph.initializer}
     for node in model.graph.node:
@@ -112,7 +114,9 @@ def test_exact_borders_reproduce_dead_channels_with_live_beta(name):
     want = run(model, {"input": x})[0]
     rough = prune(model, threshold=DEAD, min_channels=1, round_to=1)
     exact = prune(model, threshold=DEAD, min_channels=1, round_to=1, exact_borders=True)
-    assert exact.report.removed_channels == rough.report.removed_channels > 0
-    assert rough.report.surgery.approximate_layers > 0 and exact.report.surgery.approximate_layers == 0
-    np.testing.assert_allclose(run(exact.model, {"input": x})[0], want, atol=1e-4, rtol=1e-4)
-    assert np.abs(run(rough.model, {"input": x})[0] - want).max() > 1e-3  # the border error it removes
+    held = rough.report.selection["kept_as_carriers"]
+    assert exact.report.removed_channels == rough.report.removed_channels + held > held > 0
+    assert rough.report.surgery.carried > 0 and exact.report.surgery.border_maps > 0
+    assert rough.report.surgery.approximate_layers == exact.report.surgery.approximate_layers == 0
+    for result in (exact, rough):
+        np.testing.assert_allclose(run(result.model, {"input": x})[0], want, atol=1e-4, rtol=1e-4)

@@ -73,7 +73,8 @@ def test_without_data_the_rules_decide_and_such_channels_stay():
     model, _ = _padded_model()
     result = prune(model, ratio=0.25, importance="gamma", round_to=1)
     assert result.report.removed_channels == 0
-    assert result.report.selection["ranked"] == 0  # none of the 16 has a replacement the rules prove
+    sel = result.report.selection  # all 16 are scored; the 4 below the cut have no replacement the rules prove
+    assert sel["ranked"] == 16 and sel["kept_unknown_replacement"] == 4 and sel["chosen"] == 0
 
 
 def test_with_data_a_layer_without_a_bn_scale_is_ranked_and_replaced_by_its_means():

@@ -183,3 +183,28 @@ def test_nncf_ir_holds_the_runs_gates(tmp_path):
     with pytest.raises(BnSlimError, match=r"fails the check against the FP32 original: .*--min-cosine 1"):
         to_openvino(result, tmp_path / "ir", "m", int8_route="nncf")
     assert list((tmp_path / "ir").iterdir()) == []
+
+
+def test_nodes_onnxruntime_keeps_in_fp32_nncf_keeps_in_fp32_too():
+    # quantize.sensitivity's FP32 nodes are ONNX names; OpenVINO's reader names a biased Conv's
+    # op <name>/WithoutBiases. Those found are NNCF's ignored scope: their weights stay FP32.
+    _ov()
+    pytest.importorskip("nncf", reason=NEEDS_NNCF)
+    model = onnx.load(str(path("resnet", "ts-folded")))
+    convs = [n.name for n in model.graph.node if n.op_type == "Conv"]
+    kept = [convs[0], convs[len(convs) // 2], "no-such-node"]
+    quantized, settings = openvino_int8.quantize_ir(model, {"input": heldout()[0][:16]}, "resnet", fp32_nodes=kept)
+    assert settings.fp32_nodes == kept and settings.fp32_nodes_found == kept[:2]
+
+    def weight_is_quantized(op) -> bool:  # the weight path of an INT8 conv passes a FakeQuantize or a Convert
+        source = op.input_value(1).get_node()
+        while source.get_type_name() in ("Multiply", "Subtract", "Convert", "Reshape"):
+            if source.get_type_name() == "Convert":
+                return True
+            source = source.input_value(0).get_node()
+        return source.get_type_name() == "FakeQuantize"
+
+    ops = {op.get_friendly_name(): op for op in quantized.get_ops()}
+    others = [ops[f"{c}/WithoutBiases"] for c in convs if c not in kept and f"{c}/WithoutBiases" in ops]
+    assert others and all(weight_is_quantized(op) for op in others)  # the check can see quantization
+    assert not any(weight_is_quantized(ops[f"{c}/WithoutBiases"]) for c in kept[:2])

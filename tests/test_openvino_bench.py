@@ -107,3 +107,24 @@ def test_latency_table_in_both_runtimes():
         for curve in curves.values():
             assert all(ms > 0 for row in curve.ms for ms in row)
             assert curve.off_block_out > 0 and curve.off_block_in > 0
+
+
+def test_the_openvino_hand_off_sends_no_telemetry():
+    # ovc's telemetry is on when no consent file exists (it declines only in CI): importing
+    # openvino and converting must both decline it, and leave the environment as they found it.
+    # A fresh interpreter: telemetry starts once per process, at the first import of openvino.
+    script = """
+import os, onnx
+os.environ.pop("CI", None)
+from openvino_telemetry.utils.opt_in_checker import OptInChecker
+seen, check = [], OptInChecker.check
+OptInChecker.check = lambda self, *a, **k: seen.append(check(self, *a, **k)) or seen[-1]
+from onnxslim_bn.ir.openvino_ir import convert
+convert(onnx.load(%r))
+print(len(seen), sum(r.name == "DECLINED" for r in seen), "CI" in os.environ)
+""" % str(path("vgg"))
+    import subprocess
+    import sys
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, check=True)
+    seen, declined, ci = done.stdout.split()
+    assert int(seen) >= 2 and declined == seen and ci == "False", done.stdout

@@ -276,6 +276,11 @@ def test_quantize_int8_on_a_qdq_input_is_refused_in_one_line(quantized, tmp_path
     assert code == 1 and err.count("\n") == 1
     assert str(source) in err and "already quantized (QDQ)" in err and "drop --quantize int8" in err
     assert not out.exists()
+    # without --data too: the refusal that is the fix comes first, not "pass --data"
+    code = main([str(source), "-o", str(out), "--threshold", "1e-3", "--quantize", "int8", "--no-probe"])
+    err = capsys.readouterr().err
+    assert code == 1 and err.count("\n") == 1 and "already quantized (QDQ)" in err and "--data" not in err
+    assert not out.exists()
 
 
 def test_removed_constants_fold_into_the_int32_bias_at_its_scale(tmp_path):

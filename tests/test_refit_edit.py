@@ -15,7 +15,7 @@ from onnxslim_bn.ir.interface import account, check_size
 from onnxslim_bn.ir.model_io import weight_bytes
 from onnxslim_bn.passes import reconstruct as rec
 
-from .graphs import Builder, fp16_behind_casts, random_input, run
+from .graphs import Builder, fp16_behind_casts, random_input, run, without_carriers
 
 H = 8
 
@@ -102,13 +102,14 @@ def test_refit_is_as_exact_as_exact_borders_when_the_removed_channels_were_const
     plain = _rel(run(prune(model, compensation="bias", **options).model, test)[0], want)
     result = prune(model, data=data, **options)
     refit = _rel(run(result.model, test)[0], want)
-    assert plain > 1e-2 and exact < 1e-6  # the borders matter; the map makes them exact
+    assert plain < 1e-6 and exact < 1e-6  # a kept dead channel carries them (select.carriers), or the map
     assert refit <= 2 * exact + 1e-7, (refit, exact)
     assert result.reconstruction.maps_kept == 1 and result.reconstruction.maps_dropped == 0
     assert weight_bytes(result.model) <= weight_bytes(model)
 
 
-def test_refit_leaves_out_a_border_map_that_would_grow_the_model_and_says_so():
+def test_refit_leaves_out_a_border_map_that_would_grow_the_model_and_says_so(monkeypatch):
+    without_carriers(monkeypatch)  # the refit against bias folding's border error
     model = _chain(dead=np.array([1, 5, 9, 12]), size=10)
     data, test = {"x": random_input([96, 3, 10, 10], seed=1)}, {"x": random_input([16, 3, 10, 10], seed=9)}
     options = dict(threshold=1e-3, round_to=1, importance="gamma")
@@ -224,9 +225,10 @@ def test_a_weight_read_inside_an_if_branch_is_copied_before_slicing():
         np.testing.assert_allclose(run(result.model, TEST)[0], want, atol=1e-5 * np.abs(want).max())
 
 
-def test_refit_follows_outer_scope_reads_of_an_if_between_layers():
+def test_refit_follows_outer_scope_reads_of_an_if_between_layers(monkeypatch):
     """The If reads the graph input inside its branch: the segment that runs it gets that input,
     the layer after the If (its input changed through the branch) is refit too."""
+    without_carriers(monkeypatch)  # the refit against bias folding's border error
     model = _if_model("activation")
     want = run(model, TEST)[0]
     options = dict(threshold=1e-3, round_to=1, importance="gamma")

@@ -91,13 +91,15 @@ def test_batchnorm_opsets(opset):
     prunes_exactly(b, y, [1, 3, 5, 5], removed=3)
 
 
-def test_padded_consumer_is_exact_inside_and_with_zero_beta_everywhere():
+def test_padded_consumer_is_exact_at_the_borders_through_a_carrier_and_with_zero_beta():
+    # dead channels with beta > 0: a kept dead channel carries their constants (no bias change)
     b = Builder()
     y = b.conv(b.op("Relu", [stem(b, beta_dead=None)]), 8, 4, k=3)
     model = b.model({"x": [1, 3, 8, 8]}, [y])
     result = slim(model)
-    assert result.report.surgery.approximate_layers == 1
-    assert_same(model, result.model, [1, 3, 8, 8], interior=1)
+    assert result.report.surgery.carried == 1 and result.report.surgery.approximate_layers == 0
+    assert result.report.selection["kept_as_carriers"] == 1
+    assert_same(model, result.model, [1, 3, 8, 8])
     b = Builder()
     y = b.conv(b.op("Relu", [stem(b, beta_dead=0.0)]), 8, 4, k=3)
     model = b.model({"x": [1, 3, 8, 8]}, [y])
@@ -134,8 +136,9 @@ def test_residual_add_merges_spaces_and_removes_only_channels_dead_in_every_bn()
     y = b.conv(b.op("Relu", [b.op("Add", [a, r])]), 8, 4, k=1)
     model = b.model({"x": [1, 3, 6, 6]}, [y])
     result = slim(model)
-    assert result.report.removed_channels == 2  # channels 2 and 5: dead in both BNs
-    assert_same(model, result.model, [1, 3, 6, 6], interior=2)
+    # channels 2 and 5: dead in both BNs; one of them stays to carry the other's constant
+    assert result.report.removed_channels == 2 - result.report.selection["kept_as_carriers"] == 1
+    assert_same(model, result.model, [1, 3, 6, 6])
 
 
 def test_squeeze_excitation_mul_joins_the_gate():

@@ -76,7 +76,7 @@ def to_openvino(result: PruneResult, out_dir: str | os.PathLike, name: str = "mo
             result.fp32_model, out_dir, name, fp16, result.calibration_inputs, result.check_inputs,
             result.reference_outputs, verification.samples, verification.inputs,
             nncf_int8.int8_tolerance(quantization["steps"]["total"]["max_rel_diff"], fp16), result.report.options,
-            result.report.model, verify.static_batch(result.fp32_model))
+            result.report.model, verify.static_batch(result.fp32_model), quantization["excluded_nodes"])
         result.report.notes.append(_nncf_note(ir))
     else:
         ir = export_ir(result.model, out_dir, name, fp16, result.check_inputs, result.check_outputs,
@@ -111,7 +111,9 @@ def _nncf_note(ir: OpenVinoResult) -> str:
     return (f"OpenVINO INT8 IR by NNCF {q['version']} (preset {q['preset']}, target {q['target_device']}, overflow fix "
             f"{q['overflow_fix']}) on the {q['calibration_samples']} calibration samples, in {q['seconds']:.1f} s; "
             f"against the FP32 original on {c['samples']} check samples (OpenVINO in FP32 precision): {agreement}"
-            f"cosine {c['cosine']:.5f}, max relative diff {c['max_rel_diff']:.3g} (allowed {c['tolerance']:.3g})")
+            f"cosine {c['cosine']:.5f}, max relative diff {c['max_rel_diff']:.3g} (allowed {c['tolerance']:.3g})"
+            + (f"; of the {len(q['fp32_nodes'])} nodes onnxruntime's INT8 keeps in FP32, {len(q['fp32_nodes_found'])} "
+               "found by name in OpenVINO's graph and kept in FP32 by NNCF too" if q.get("fp32_nodes") else ""))
 
 
 def _int8_ir_tolerance(quantization: dict | None, fp16: bool) -> float | None:

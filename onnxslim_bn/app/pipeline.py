@@ -48,7 +48,7 @@ from ..ir.model_io import check_input, graphs, load_model_and_files, model_bytes
 from ..ir.quantized import fold_dequantized, restore_dequantized
 from ..ir.shapes import infer_shapes, resolve_input_shapes, skeleton
 from ..ir.values import fix_tensor_names
-from ..options import PruneOptions
+from ..options import QUANTIZE_NEEDS_DATA, PruneOptions
 from ..passes import quantize as int8
 from ..passes import verify
 from ..passes.analyse import analyze
@@ -278,6 +278,8 @@ def _check_quantized(proto: onnx.ModelProto, source: str, options: PruneOptions,
     if quantized and options.quantize and not inspecting:
         raise BnSlimError(f"{source}: already quantized (QDQ); drop --quantize {options.quantize}: a QDQ model prunes "
                           "as it is and stays INT8 with its own integers")
+    if options.quantize and options.data is None and not inspecting:  # after the QDQ refusal: it is the fix
+        raise BnSlimError(QUANTIZE_NEEDS_DATA)
     if quantized and not qoperator:
         notes.append("QDQ input: its weights are pruned as their integers (per-channel scales and zero points sliced "
                      "with them, per-tensor ones kept), its activation QuantizeLinear/DequantizeLinear pairs kept; "
@@ -405,9 +407,7 @@ def _rank(analysis: Analysis, proto: onnx.ModelProto, input_shapes: dict, option
 
 
 def compensation(options: PruneOptions) -> str:
-    if options.compensation == "auto":
-        return "reconstruct" if options.data is not None else "bias"
-    return options.compensation
+    return "reconstruct" if options.refits() else "bias"
 
 
 def protected_layers(graph: gs.Graph, options: PruneOptions) -> set[str]:

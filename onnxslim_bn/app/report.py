@@ -256,6 +256,9 @@ class Report:
         lines.append(f"Removed {self.removed_channels} of {self.prunable_channels} prunable channels in {_n(cut, 'space')} "
                      f"({_n(alone, 'space')} left alone; `onnx-bnslim inspect` says why).")
         lines.extend(selection_lines(self.selection, self.chosen_channels, self.removed_channels, self.options))
+        if self.surgery.carried:
+            lines.append(f"Removed channels' constants carried by a kept constant channel in "
+                         f"{_n(self.surgery.carried, 'layer')} (exact at the borders too, at any image size).")
         if self.surgery.compensated_layers:
             lines.append(f"Removed channels' constants folded into {self.surgery.compensated_layers} layers' bias"
                          + (f", {self.surgery.border_maps} with a border map "
@@ -319,11 +322,17 @@ def selection_lines(sel: dict, chosen: int, removed: int, options: dict) -> list
     lines = []
     if not sel:
         return lines
+    cut = sel.get("cut") or {}
+    if cut.get("score") is not None:
+        lines.append(f"The cut: {cut['below']} of the {sel['ranked']} scored channels lie at or below score "
+                     f"{cut['score']:.3g} (--ratio {options.get('ratio')}); those that can go are chosen.")
     if sel.get("kept_unknown_replacement"):
         where = ", ".join(list(sel.get("unknown_replacement_at", {}))[:3])
         lines.append(f"{sel['kept_unknown_replacement']} channels below the cut stay: their value is not a known "
-                     f"constant where {where} reads them (a gate, a pad value, a border effect); they are not ranked.")
-    kept = [(sel.get("kept_by_branches", 0), "another reader BN's branch still uses them")]
+                     f"constant where {where} reads them (a gate, a pad value, a border effect).")
+    kept = [(sel.get("kept_by_branches", 0), "another reader BN's branch still uses them"),
+            (sel.get("kept_as_carriers", 0), "a padded conv's border needs a kept constant channel to carry "
+                                             "the removed constants exactly (dead, one per such tensor)")]
     rounded = chosen - removed + sel.get("removed_by_branches", 0) + sel.get("removed_by_rounding", 0) \
         - sum(n for n, _ in kept)
     if rounded > 0:

@@ -100,6 +100,12 @@ def _widens(source: gs.Constant, value: np.ndarray) -> bool:
             and value.dtype.itemsize > have.itemsize)
 
 
+def stored_narrower(tensor: gs.Tensor) -> bool:
+    """Whether a constant is a folded ``Cast`` of a narrower stored tensor (float16 weights): new
+    values it cannot represent would be written widened (see :func:`restore_storage`)."""
+    return getattr(tensor, "_bnslim_storage", None) is not None
+
+
 def restore_storage(graph: gs.Graph) -> dict[str, int]:
     """Write folded storage casts back (see :class:`Storage`): every constant that came from
     ``Cast(stored)`` and still holds values the storage type represents exactly (sliced, not

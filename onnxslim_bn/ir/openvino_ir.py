@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -41,10 +42,28 @@ class OpenVinoResult:
 INSTALL_HINT = "pip install 'onnx-bnslim[openvino]'"
 
 
+@contextlib.contextmanager
+def no_telemetry() -> Iterator[None]:
+    """Keep OpenVINO from sending usage telemetry: ovc starts it when ``openvino`` is first
+    imported and again in ``convert_model``, on by default when no consent file exists, and
+    declines only in CI (``CI=true``), so both run as if in CI. The tool makes no network calls
+    at run time; the user's consent file is not touched."""
+    before = os.environ.get("CI")
+    os.environ["CI"] = "true"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("CI", None)
+        else:
+            os.environ["CI"] = before
+
+
 def available() -> bool:
     """Whether OpenVINO can be imported (it is an optional extra: ``onnx-bnslim[openvino]``)."""
     try:
-        import openvino  # noqa: F401
+        with no_telemetry():
+            import openvino  # noqa: F401
     except ImportError:
         return False
     return True
@@ -58,7 +77,8 @@ def require(what: str = "--openvino") -> None:
 
 def _openvino():
     require("the OpenVINO hand-off")
-    import openvino
+    with no_telemetry():
+        import openvino
 
     return openvino
 
@@ -73,9 +93,9 @@ def compile_cpu(model, threads: int | None = None, fp32: bool = True):
 
 
 def convert(model: onnx.ModelProto):
-    """``model`` as an ``ov.Model`` (OpenVINO's ONNX reader)."""
+    """``model`` as an ``ov.Model`` (OpenVINO's ONNX reader), without telemetry."""
     ov = _openvino()
-    with as_file(model) as onnx_path:
+    with as_file(model) as onnx_path, no_telemetry():
         return ov.convert_model(str(onnx_path))
 
 

@@ -459,7 +459,7 @@ def machine_id(runtime: str) -> str:
     if runtime == "onnxruntime":
         import onnxruntime as rt
     else:
-        import openvino as rt
+        rt = openvino_ir._openvino()
     return f"{cpu}|{flags}|{os.cpu_count()}|{runtime} {rt.__version__}"
 
 

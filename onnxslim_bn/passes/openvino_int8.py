@@ -36,7 +36,7 @@ import io
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -90,6 +90,10 @@ class NncfSettings:
     calibration_batch: int = 1
     seconds: float = 0.0
     version: str = ""
+    # nodes onnxruntime's INT8 step kept in FP32 (quantize.sensitivity), and those of them found in
+    # OpenVINO's graph and kept in FP32 by NNCF too (its fusions rename the others)
+    fp32_nodes: list = field(default_factory=list)
+    fp32_nodes_found: list = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -133,7 +137,7 @@ def _quiet(nncf_logger: logging.Logger):
 
 
 def quantize_ir(model: onnx.ModelProto, calibration: dict[str, np.ndarray], source: str, batch: int | None = None,
-                settings: NncfSettings | None = None):
+                settings: NncfSettings | None = None, fp32_nodes: list[str] | tuple = ()):
     """``model`` (FP32) read by OpenVINO and quantized by ``nncf.quantize`` on ``calibration``
     (arrays per input, samples on axis 0); ``batch``: the model's fixed batch size, if any.
     Returns the INT8 ``ov.Model`` and the settings with the calibration's size and time."""
@@ -148,11 +152,13 @@ def quantize_ir(model: onnx.ModelProto, calibration: dict[str, np.ndarray], sour
         raise BnSlimError(f"{source}: the NNCF INT8 IR needs calibration samples (--data)")
     clock = time.perf_counter()
     ov_model = openvino_ir.convert(model)
+    found = _ov_names(ov_model, fp32_nodes)
     try:
         with _quiet(logging.getLogger("nncf")):
             quantized = nncf.quantize(
                 ov_model, nncf.Dataset(items), preset=nncf.QuantizationPreset(settings.preset),
                 target_device=nncf.TargetDevice[settings.target_device], subset_size=len(items),
+                ignored_scope=nncf.IgnoredScope(names=[ov for _, ov in found]) if found else None,
                 fast_bias_correction=settings.fast_bias_correction,
                 advanced_parameters=AdvancedQuantizationParameters(
                     overflow_fix=OverflowFix(settings.overflow_fix),
@@ -164,8 +170,23 @@ def quantize_ir(model: onnx.ModelProto, calibration: dict[str, np.ndarray], sour
     samples = min(len(v) for v in calibration.values())
     done = NncfSettings(**{**asdict(settings), "calibration_samples": samples,
                            "calibration_batch": batch or 1, "seconds": time.perf_counter() - clock,
-                           "version": nncf.__version__})
+                           "version": nncf.__version__, "fp32_nodes": list(fp32_nodes),
+                           "fp32_nodes_found": [onnx_name for onnx_name, _ in found]})
     return quantized, done
+
+
+def _ov_names(ov_model, onnx_nodes: list[str] | tuple) -> list[tuple[str, str]]:
+    """(ONNX node, OpenVINO op) for each of ``onnx_nodes`` OpenVINO's reader kept by name: a Conv
+    or Gemm with a bias becomes ``<name>/WithoutBiases`` + an Add named ``<name>``, the weighted
+    op being the one NNCF quantizes; a fused op loses its name and is not found."""
+    names = {op.get_friendly_name() for op in ov_model.get_ops()}
+    found = []
+    for node in onnx_nodes:
+        for candidate in (f"{node}/WithoutBiases", node):
+            if candidate in names:
+                found.append((node, candidate))
+                break
+    return found
 
 
 def int8_tolerance(onnxruntime_int8_rel: float, fp16: bool) -> float:
@@ -178,13 +199,13 @@ def int8_tolerance(onnxruntime_int8_rel: float, fp16: bool) -> float:
 def export_int8_ir(fp32: onnx.ModelProto, out_dir: str | os.PathLike, name: str, fp16: bool,
                    calibration: dict[str, np.ndarray], feeds: dict[str, np.ndarray], reference: list[np.ndarray],
                    samples: int, described: str, tolerance: float, gates: dict, source: str,
-                   batch: int | None = None) -> OpenVinoResult:
+                   batch: int | None = None, fp32_nodes: list[str] | tuple = ()) -> OpenVinoResult:
     """NNCF's INT8 IR of the pruned FP32 model ``fp32`` in ``out_dir`` (``name.xml`` + ``.bin``),
     checked against the FP32 original: ``reference`` is the original's outputs on the first
     ``samples`` samples of ``feeds`` (the check's inputs). Passes when the relative error is within
     ``tolerance`` and the run's gates (``gates``: max_error, min_cosine, max_rel_error) hold;
     files appear only then (:func:`onnxslim_bn.ir.openvino_ir.write_checked`)."""
-    quantized, settings = quantize_ir(fp32, calibration, source, batch)
+    quantized, settings = quantize_ir(fp32, calibration, source, batch, fp32_nodes=fp32_nodes)
     names = [o.name for o in fp32.graph.output]
 
     def check(got: list[np.ndarray], xml: Path) -> OpenVinoResult:

@@ -18,12 +18,13 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from ..channels.context import Analysis
-from ..ir.values import add_after
+from ..ir.values import add_after, replace_constant
 from ..rules import RULES, Compensation
 from .replacement import dead_values
-from .select import Plan
+from .select import Plan, carriers
 
 log = logging.getLogger(__name__)
+
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,7 @@ class SurgeryStats:
     # image size, not measured); empty when every compensation is exact
     approximate: dict[str, float | None] = field(default_factory=dict)
     border_maps: int = 0  # --exact-borders: border corrections added as constant maps
+    carried: int = 0  # consumers exact at the borders through a kept constant channel (no bias change)
 
 
 def apply(analysis: Analysis, plan: Plan, exact_borders: bool = False) -> SurgeryStats:
@@ -43,12 +45,15 @@ def apply(analysis: Analysis, plan: Plan, exact_borders: bool = False) -> Surger
 
     Every consumer of removed channels absorbs their constants (:mod:`.replacement`) into its
     bias. Where zero padding (or a ConvTranspose's overlap) makes the constant's contribution
-    vary near the border, the bias is exact inside only: with ``exact_borders`` and static
-    sizes an ``Add`` of the measured border map makes it exact everywhere; without it the
+    vary near the border, the bias is exact inside only. With ``exact_borders`` and static sizes
+    an ``Add`` of the measured border map makes it exact everywhere. Without it, a Conv that keeps
+    a dead channel of the same tensor with a non-zero constant (:mod:`.select.carriers`) moves
+    the removed constants onto that channel's weights instead: the padding meets it as it met
+    them, so the layer is exact at every image size with no op added; where none is kept, the
     layer and the size of its approximation are recorded."""
     dead = plan.dead or dead_values(analysis)  # computed once by the selection
     pending: list[tuple[gs.Node, Compensation]] = []
-    uncompensated = compensated = border_maps = approximate_layers = 0
+    uncompensated = compensated = border_maps = approximate_layers = carried = 0
     approximate: dict[str, float | None] = {}
     for consumer in analysis.consumers:  # reads the original weights: before any slicing
         node = consumer.node
@@ -58,6 +63,12 @@ def apply(analysis: Analysis, plan: Plan, exact_borders: bool = False) -> Surger
         values = dead.get(node.inputs[0].name, np.full(removed.shape, np.nan))
         comp = consumer.rule.compensate(node, analysis, values, removed)
         uncompensated += comp.missing
+        if not comp.exact and not exact_borders and not analysis.input_means:  # means are not constants
+            weight = consumer.rule.carry(node, values, removed, carriers(plan, analysis, node.inputs[0].name, values, removed))
+            if weight is not None:
+                replace_constant(node, 1, weight)
+                carried += 1
+                continue
         if np.any(comp.delta != 0) or not comp.exact:
             pending.append((node, comp))
     for edit in analysis.edits:
@@ -79,13 +90,15 @@ def apply(analysis: Analysis, plan: Plan, exact_borders: bool = False) -> Surger
             continue
         approximate_layers += 1
         approximate[node.name] = None if border is None else float(np.abs(border).max())
-    stats = SurgeryStats(compensated, approximate_layers, uncompensated, approximate, border_maps)
+    stats = SurgeryStats(compensated, approximate_layers, uncompensated, approximate, border_maps, carried)
     graph = analysis.graph
     ends = {t.name for t in graph.inputs + graph.outputs}
     for tensor in graph.tensors().values():  # shapes inside the graph are stale now
         if isinstance(tensor, gs.Variable) and tensor.name not in ends:
             tensor.shape = None
     graph.cleanup().toposort()
-    log.info("compensated %d layers (%d approximate at borders, %d border maps), %d channels without a known constant",
-             stats.compensated_layers, stats.approximate_layers, stats.border_maps, stats.uncompensated_channels)
+    log.info("compensated %d layers (%d approximate at borders, %d border maps, %d carried by a kept constant "
+             "channel), %d channels without a known constant", stats.compensated_layers, stats.approximate_layers,
+             stats.border_maps, stats.carried, stats.uncompensated_channels)
     return stats
+

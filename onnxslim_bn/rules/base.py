@@ -64,6 +64,12 @@ class Rule:
         """For consumers only: the constant the removed input channels contributed."""
         return None
 
+    def carry(self, node: gs.Node, dead: np.ndarray, removed: np.ndarray, carriers: np.ndarray) -> np.ndarray | None:
+        """For consumers whose bias compensation is approximate at the borders: the weight with
+        the removed channels' constants moved onto one kept channel that is constant too (one of
+        ``carriers``), which the padding meets exactly as it met them; None where it cannot."""
+        return None
+
     def add_bias(self, node: gs.Node, delta: np.ndarray, graph: gs.Graph) -> None:
         """For consumers only: add ``delta`` (kept output channels) to the node's bias."""
         raise NotImplementedError

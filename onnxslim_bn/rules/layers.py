@@ -11,6 +11,7 @@ from ..channels.edits import SetGroup, SliceGroupedInput, SliceParam
 from ..channels.layout import width
 from ..channels.reasons import Reason
 from ..ir import runtime
+from ..ir.fold import stored_narrower
 from ..ir.quantized import weight_shape
 from ..ir.values import add_after, constant_shape, constant_values, known_product, replace_constant, unique_name
 from ..ir.weights import axes
@@ -110,8 +111,8 @@ class ConvRule(Rule):
         depthwise = attr(node, "group", 1) == self._channels(node, constant_shape(node.inputs[1]))[0] == c_out
         if attr(node, "group", 1) != 1 and depthwise and inputs[0] is not None:  # constant in, constant out
             weight = constant_values(node.inputs[1])
-            unknown = inputs[0] * weight.reshape(c_out, -1).sum(1) / self._phases(node) + bias
-            if not self._uniform(node, weight.shape[2:]):  # padding or overlap: not constant near the border
+            unknown = inputs[0] * weight.reshape(c_out, -1).sum(1) / _phases(node) + bias
+            if not uniform_response(node, weight.shape[2:]):  # padding or overlap: not constant near the border
                 unknown = np.where(inputs[0] == 0, bias, np.nan)
         if node in ctx.scale_nodes:  # BN folded in: the channel's mean output (~beta)
             return [np.where(np.isfinite(unknown), unknown, ctx.scale_nodes[node])]
@@ -129,21 +130,6 @@ class ConvRule(Rule):
             return self._channels(node, weight)[1], (known_product(shapes.get(node.inputs[0].name)) or 0) * per_output
         return weight[0], (known_product(shapes.get(node.outputs[0].name)) or 0) * per_output
 
-    @staticmethod
-    def _uniform(node: gs.Node, kernel: tuple[int, ...]) -> bool:
-        """Whether a constant input gives the same value at every output position: a Conv with
-        no padding; a ConvTranspose only as a 1x1, stride-1 map (else taps overlap unevenly)."""
-        unpadded = not any(attr(node, "pads", [0])) and attr(node, "auto_pad", "NOTSET") in ("NOTSET", "VALID")
-        if node.op == "ConvTranspose":
-            return unpadded and all(k == 1 for k in kernel) and all(s == 1 for s in attr(node, "strides", [1])) \
-                and not any(attr(node, "output_padding", [0]))
-        return unpadded
-
-    @staticmethod
-    def _phases(node: gs.Node) -> int:
-        """A strided ConvTranspose spreads each tap over stride^d output phases."""
-        return int(np.prod(attr(node, "strides", [1]))) if node.op == "ConvTranspose" else 1
-
     def compensate(self, node, ctx, dead, removed):
         weight = constant_values(node.inputs[1])
         in_axis, out_axis = self._axes(node)
@@ -157,10 +143,15 @@ class ConvRule(Rule):
             rows = np.flatnonzero(value)  # only the removed channels' taps are read, summed in float64
             taps = np.moveaxis(np.take(weight, rows, axis=in_axis), [out_axis, in_axis], [0, 1])
             taps = taps.reshape(taps.shape[0], len(rows), -1) if len(rows) else np.zeros((taps.shape[0], 0, 1))
-            delta = taps.sum(2, dtype=np.float64) @ value[rows] / self._phases(node)
-        exact = self._uniform(node, weight.shape[2:])
+            delta = taps.sum(2, dtype=np.float64) @ value[rows] / _phases(node)
+        exact = uniform_response(node, weight.shape[2:])
         border = None if exact else (lambda: _border_map(node, ctx, weight, value, delta))
         return Compensation(delta, exact, missing, border)
+
+    def carry(self, node, dead, removed, carriers):
+        if node.op != "Conv" or attr(node, "group", 1) != 1 or stored_narrower(node.inputs[1]):
+            return None  # (float16 storage: the merged weight would be written widened)
+        return _carried_weight(constant_values(node.inputs[1]), dead, removed, carriers)
 
     def weight_energy(self, node, out_weight):
         return _conv_energy(node, out_weight)
@@ -173,6 +164,37 @@ class ConvRule(Rule):
             replace_constant(node, 2, bias)
         else:
             _set_input(node, 2, gs.Constant(unique_name(graph, f"{node.name}_bias_slim"), bias))
+
+
+def uniform_response(node: gs.Node, kernel: tuple[int, ...]) -> bool:
+    """Whether a constant input gives the same value at every output position: a Conv with
+    no padding; a ConvTranspose only as a 1x1, stride-1 map (else taps overlap unevenly)."""
+    unpadded = not any(attr(node, "pads", [0])) and attr(node, "auto_pad", "NOTSET") in ("NOTSET", "VALID")
+    if node.op == "ConvTranspose":
+        return unpadded and all(k == 1 for k in kernel) and all(s == 1 for s in attr(node, "strides", [1])) \
+            and not any(attr(node, "output_padding", [0]))
+    return unpadded
+
+
+def _phases(node: gs.Node) -> int:
+    """A strided ConvTranspose spreads each tap over stride^d output phases."""
+    return int(np.prod(attr(node, "strides", [1]))) if node.op == "ConvTranspose" else 1
+
+
+def _carried_weight(weight: np.ndarray | None, dead: np.ndarray, removed: np.ndarray,
+                    carriers: np.ndarray) -> np.ndarray | None:
+    """A Conv weight [C_out, C_in, k...] with the removed inputs' constants moved onto carrier k:
+    k is c_k inside the image and 0 in the zero padding like the removed ones, so
+    ``W[:, k] += sum_j (c_j / c_k) W[:, j]`` reproduces them at every position."""
+    value, missing = _removed_rows(dead, removed)
+    candidates = np.flatnonzero(carriers)
+    if weight is None or missing or not len(candidates):
+        return None
+    k = candidates[np.argmax(np.abs(dead[candidates]))]
+    rows = np.flatnonzero(value)
+    merged = weight.astype(np.float64)
+    merged[:, k] += np.tensordot(value[rows] / dead[k], merged[:, rows], axes=(0, 1))
+    return merged.astype(weight.dtype)
 
 
 def _conv_energy(node: gs.Node, out_weight: np.ndarray | None) -> np.ndarray | None:

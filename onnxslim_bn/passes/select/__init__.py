@@ -15,20 +15,21 @@ import numpy as np
 from ...channels.context import Analysis
 from ...options import PruneOptions
 from .budget import BUDGET_SLACK, within_budget
+from .carriers import CARRIER_NOISE, carriers, hold_carriers
 from .levels import DATA_DEAD_SHARE, data_dead_level, dead_level
 from .plan import Plan
 from .ranking import Ranking
 from .walk import Walk
 
-__all__ = ["BUDGET_SLACK", "DATA_DEAD_SHARE", "Plan", "data_dead_level", "dead_level", "select"]
+__all__ = ["BUDGET_SLACK", "CARRIER_NOISE", "DATA_DEAD_SHARE", "carriers", "Plan", "data_dead_level", "dead_level", "select"]
 
 
 def select(analysis: Analysis, options: PruneOptions, curves: dict | None = None) -> Plan:
     """Choose which channels go.
 
     One global ranking by importance over every prunable space, walked greedily from the least
-    important channel: ``ratio`` cuts the ranking at that fraction of the ranked channels
-    (Network Slimming's percentile), ``threshold`` at a score; every channel below the cut goes
+    important channel: ``ratio`` cuts the ranking at that fraction of the ranked (scored) channels
+    (Network Slimming's percentile, counting the channels that cannot go), ``threshold`` at a score; every channel below the cut goes
     unless a constraint holds it, and a channel held is not replaced by one above the cut;
     ``target_macs`` / ``target_params`` / ``target_latency`` take as many as it takes to reach
     the budget (ranked by importance per MAC, parameter or millisecond saved; the
@@ -48,12 +49,25 @@ def select(analysis: Analysis, options: PruneOptions, curves: dict | None = None
     if options.target_macs is None and options.target_params is None and options.target_latency is None:
         flat = ranking.flat
         order = np.argsort(flat, kind="stable")  # global ranking; ties keep graph order
-        if options.threshold is not None:
-            order = order[flat[order] < options.threshold]
-            target = len(order)  # every channel below it that can go (the walk counts those that cannot)
-        else:  # the cut at that fraction of the channels that can go (those with a known replacement everywhere)
-            safe = order[~ranking.unsafe_flat[order]]
-            order = safe[:int(math.floor(options.ratio * len(safe) + 1e-9))]
-            target = len(order)  # those below the cut; a channel a constraint holds stays, nothing replaces it
-        return Walk(ranking).plan(order, target)
+        if options.threshold is not None:  # every channel below it that can go (the walk counts those that cannot)
+            below = order[flat[order] < options.threshold]
+            plan = Walk(ranking).plan(below, len(below))
+            plan.carriers_held = _carriers_held(plan, ranking, options)
+            return plan
+        # the cut at that fraction of every scored channel (Network Slimming's percentile of all
+        # gammas): a channel below it that cannot go -- an unknown replacement, a constraint --
+        # stays, and nothing above the cut goes in its place
+        below = order[:int(math.floor(options.ratio * len(order) + 1e-9))]
+        plan = Walk(ranking).plan(below, len(below))
+        plan.cut = {"below": len(below), "score": float(flat[below[-1]]) if len(below) else None}
+        plan.carriers_held = _carriers_held(plan, ranking, options)
+        return plan
     return within_budget(ranking, curves)
+
+
+def _carriers_held(plan: Plan, ranking: Ranking, options: PruneOptions) -> int:
+    """Bias folding's carriers (:mod:`.carriers`): --exact-borders adds border maps instead, and a
+    refit (compensation with data) fits the borders itself."""
+    if options.exact_borders or options.refits():
+        return 0
+    return hold_carriers(plan, ranking.dead, options.block())

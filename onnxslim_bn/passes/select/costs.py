@@ -8,7 +8,7 @@ from ...channels.context import Analysis
 from ...channels.layout import Layout
 from ...ir.values import constant_shape
 from ...ir.weights import CONV_OPS
-from ...rules import RULES
+from ...rules.layers import uniform_response
 from ..metrics import layer_costs
 
 
@@ -43,7 +43,7 @@ class Costs:
             node, layout = consumer.node, analysis.layout(consumer.node.inputs[0])
             weight, out_shape = constant_shape(node.inputs[1]), analysis.shapes.get(node.outputs[0].name)
             if node.op not in CONV_OPS or weight is None or out_shape is None or \
-                    RULES[node.op]._uniform(node, weight[2:]) or not all(isinstance(d, int) for d in out_shape[1:]):
+                    uniform_response(node, weight[2:]) or not all(isinstance(d, int) for d in out_shape[1:]):
                 continue
             values = dead.get(node.inputs[0].name)
             if values is None or analysis.layout(node.outputs[0]) is None:

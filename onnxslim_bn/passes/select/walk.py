@@ -74,7 +74,7 @@ class Walk:
         return Plan(kept, ranking.analysis, chosen=stats["chosen"], dead_level=ranking.level,
                     live_removed=int((gone_scores > ranking.level).sum()),
                     max_removed_score=float(gone_scores.max()) if len(gone_scores) else None,
-                    unsafe_kept=stats["unsafe"], ranked=int((~ranking.unsafe_flat).sum()),
+                    unsafe_kept=stats["unsafe"], ranked=len(ranking.flat),
                     unsafe_where=ranking.unsafe.where, capped=stats["capped"], min_kept=stats["min_kept"],
                     rounded_back=stats["rounded_back"], rounded_back_dead=stats["rounded_back_dead"],
                     rounded_down=stats["rounded_down"], derived_removed=stats["derived"],
