@@ -138,13 +138,13 @@ def test_refuses_models_that_differ(other, words, tmp_path, capsys):
 def test_probe_returns_its_measurements():
     x = {"x": random_input([2, 3, 8, 8])}
     result = probe(tiny(16), tiny(8), x, runs=3, min_seconds=0)
-    assert isinstance(result, ProbeResult) and result.runs == 3
+    assert isinstance(result, ProbeResult) and result.runs == 9  # 3 rounds of 3
     assert result.original_ms > 0 and result.pruned_ms > 0
     assert result.speedup == pytest.approx(result.original_ms / result.pruned_ms)
     assert result.faster == (result.ratio < result.band.low)
     assert result.slower == (result.ratio > result.band.high)
     assert (result.message() is None) == (not result.slower)
-    assert json.loads(json.dumps(result.to_dict()))["runs"] == 3
+    assert json.loads(json.dumps(result.to_dict()))["runs"] == 9
 
 
 def test_node_times_name_every_layer():

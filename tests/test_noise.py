@@ -14,7 +14,7 @@ import pytest
 from onnxslim_bn import prune
 from onnxslim_bn.app import api, bench
 from onnxslim_bn.app.bench import Blame, ProbeResult, benchmark, probe, probe_result
-from onnxslim_bn.app.noise import ZERO, NoiseBand, noise_band
+from onnxslim_bn.app.noise import FLOOR, ZERO, NoiseBand, noise_band
 from tests.graphs import random_input, weight_shapes
 from tests.test_bench import tiny
 from tests.test_faithful_defaults import sparse_net
@@ -22,11 +22,13 @@ from tests.test_faithful_defaults import sparse_net
 # --- the band ----------------------------------------------------------------------------------
 
 
-def test_identical_timings_give_a_zero_band_and_any_difference_counts():
+def test_identical_timings_give_the_floor_and_nothing_narrower():
     a = [1e-3] * 20
     band = noise_band(a, a, [1.01e-3] * 20)
-    assert (band.aa, band.margin, band.low, band.high) == (1.0, 0.0, 1.0, 1.0)
-    assert band.verdict(1.01) == "slower" and band.verdict(0.99) == "faster" and band.verdict(1.0) == "same"
+    assert (band.aa, band.margin, band.half) == (1.0, 0.0, FLOOR)
+    assert band.high == pytest.approx(1.03) and band.low == pytest.approx(1 / 1.03)
+    assert band.verdict(1.01) == "same" and band.verdict(1.04) == "slower" and band.verdict(0.96) == "faster"
+    assert ZERO.half == 0.0 and ZERO.verdict(1.001) == "slower"  # no copy timed: any difference counts
 
 
 def test_the_copy_of_the_original_sets_the_band():
@@ -42,14 +44,14 @@ def test_the_ratios_own_scatter_widens_the_band_and_is_seeded():
     rng = np.random.default_rng(3)
     a = 1e-3 * (1 + 0.02 * rng.standard_normal(200))
     copy = a.copy()  # the medians agree: only the scatter remains
-    steady = noise_band(a, copy, 1.02 * a)
-    jitter = 1.02e-3 * (1 + 0.3 * rng.standard_normal(200))
+    steady = noise_band(a, copy, 1.06 * a)
+    jitter = 1.06e-3 * np.exp(0.5 * rng.standard_normal(200))
     noisy = noise_band(a, copy, jitter)
-    assert steady.aa == 1.0 and steady.margin == pytest.approx(0.0, abs=1e-12)  # b = 1.02 a, run by run
-    assert noisy.margin > 0.01 and noisy.half == noisy.margin
+    assert steady.aa == 1.0 and steady.margin == pytest.approx(0.0, abs=1e-12)  # b = 1.06 a, run by run
+    assert noisy.margin > 0.07 and noisy.half == noisy.margin
     assert noise_band(a, copy, jitter) == noisy  # the bootstrap is seeded: the same verdict every time
-    # with the ratio's own margin the scattered 1.02 is inside the band, the steady one is not
-    assert steady.verdict(1.02) == "slower" and noisy.verdict(1.02) == "same"
+    # with the ratio's own margin a scattered 1.06 is inside the band, the steady one is not
+    assert steady.verdict(1.06) == "slower" and noisy.verdict(1.06) == "same"
 
 
 def test_the_band_needs_as_many_runs_of_each():
@@ -69,10 +71,27 @@ def test_three_runners_take_every_order_in_turn():
     assert [len(t) for t in times] == [6, 6, 6]
 
 
-def _scripted(monkeypatch, original: float, copy: float, pruned: float, profiled: list):
-    """The probe's three runners run ``original``, ``copy``, ``pruned`` seconds each run."""
-    monkeypatch.setattr(bench, "_alternate", lambda runners, feeds, warmup, runs, min_seconds=0.0:
-                        [[original] * runs, [copy] * runs, [pruned] * runs])
+class _Tagged:
+    """A session that answers with what it was built for (the probe's ``PROBED`` names)."""
+
+    def __init__(self, what: str):
+        self.what = what
+
+    def run(self, outputs, feeds):
+        return self.what
+
+
+def _scripted(monkeypatch, original: float, copy: float, pruned: float, profiled: list, rounds: list | None = None):
+    """The probe's sessions run ``original``, ``copy``, ``pruned`` seconds each run, whatever their slot."""
+    seconds = dict(zip(bench.PROBED, (original, pruned, copy)))
+    monkeypatch.setattr(bench, "session", lambda model, what, **kw: _Tagged(what))
+
+    def alternate(runners, feeds, warmup, runs, min_seconds=0.0):
+        tags = [run(feeds) for run in runners]
+        if rounds is not None:
+            rounds.append(tags)
+        return [[seconds[t]] * runs for t in tags]
+    monkeypatch.setattr(bench, "_alternate", alternate)
 
     def node_times(model, feeds, threads, runs):
         profiled.append(model)
@@ -82,8 +101,12 @@ def _scripted(monkeypatch, original: float, copy: float, pruned: float, profiled
 
 def test_the_probe_within_the_band_is_not_slower_and_blames_nothing(monkeypatch):
     profiled = []
-    _scripted(monkeypatch, 1e-3, 1.06e-3, 1.04e-3, profiled)  # the copy ran 6% slower, the pruned model 4%
+    rounds = []
+    _scripted(monkeypatch, 1e-3, 1.06e-3, 1.04e-3, profiled, rounds)  # the copy ran 6% slower, the pruned model 4%
     found = probe(tiny(16), tiny(8), {"x": random_input([2, 3, 8, 8])}, runs=4, min_seconds=0)
+    original, pruned, copy = bench.PROBED
+    assert rounds == [[original, pruned, copy], [pruned, original, copy], [copy, original, pruned]]  # fresh each round
+    assert found.runs == 12
     assert found.verdict == "same" and not found.slower and not found.faster
     assert found.message() is None and "within the noise" in found.summary() and "A/A band 0.94-1.06x" in found.summary()
     assert profiled == []  # nothing to blame: the profiler never ran
@@ -101,7 +124,7 @@ def test_the_probe_beyond_the_band_is_slower_and_profiles_both(monkeypatch):
 def test_probe_result_is_the_seam():
     found = probe_result([2e-3] * 5, [2e-3] * 5, [1e-3] * 5)
     assert (found.original_ms, found.pruned_ms, found.runs) == (2.0, 1.0, 5)
-    assert found.band == NoiseBand(1.0, 0.0) and found.faster
+    assert found.band == NoiseBand(1.0, 0.0, FLOOR) and found.faster
 
 
 # --- bench -------------------------------------------------------------------------------------

@@ -183,3 +183,5 @@ def test_models_take_turns_in_the_first_slot(monkeypatch, tmp_path):
     # original and pruned held the first slot once each (the copy twice): the speed-up is even
     assert result.rows[0].round_speedups == pytest.approx([0.9, 1 / 0.9, 1.0, 1.0])
     assert result.rows[0].speedup == pytest.approx(1.0)
+    # the copy held the first slot twice in 4 rounds, the original once: the band is the wider for it
+    assert result.rows[0].band.aa == pytest.approx(0.95) and result.rows[0].verdict == "same"

@@ -519,26 +519,34 @@ def probe_inputs(model: onnx.ModelProto, input_shapes: dict[str, list[int]] | No
     return _feeds(model, input_shapes or {}, fixed or batch, source, samples)
 
 
+PROBED = ("the original model", "the pruned model", "the original model (its copy)")  # slots 0, 1, 2
+
+
 def probe(original: onnx.ModelProto, pruned: onnx.ModelProto, feeds: dict[str, np.ndarray], runs: int = 10,
           threads: int | None = None, warmup: int = 2, profile_runs: int = 3,
-          min_seconds: float = 0.2) -> ProbeResult:
+          min_seconds: float = 0.2, rounds: int = 3) -> ProbeResult:
     """A quick check that ``pruned`` is faster than ``original`` in onnxruntime on ``feeds``.
 
-    ``runs`` alternating runs of each (spinning off) after ``warmup``, more when that takes less
-    than ``min_seconds`` (10 runs of a 0.2 ms model once put two identical models 0.79x apart).
-    A second session of the original runs interleaved with both, as often: the A/A band
-    (:mod:`.noise`) the verdict is read against. When the pruned model is slower beyond it, both
-    are profiled (onnxruntime's profiler, ``profile_runs`` runs) and the nodes whose time grew
-    are named, most grown first.
+    ``rounds`` rounds, sessions built afresh each time in the rotating slot orders of
+    :func:`benchmark`; in each, ``runs`` alternating runs of each (spinning off) after ``warmup``,
+    more when that takes less than ``min_seconds`` (10 runs of a 0.2 ms model once put two
+    identical models 0.79x apart). A second session of the original runs interleaved with both,
+    as often: the A/A band (:mod:`.noise`) the verdict is read against. When the pruned model is
+    slower beyond it, both are profiled (onnxruntime's profiler, ``profile_runs`` runs) and the
+    nodes whose time grew are named, most grown first.
     """
     threads = threads or os.cpu_count() or 1
-    sessions = [session(m, what, optimized=True, threads=threads, timing=True)
-                for m, what in ((original, "the original model"), (original, "the original model (its copy)"),
-                                (pruned, "the pruned model"))]
-    runners = [lambda f, s=s: s.run(None, f) for s in sessions]
-    times = _alternate(runners, feeds, warmup, max(runs, 1), min_seconds)
-    del runners, sessions
-    result = probe_result(*times)
+    models = (original, pruned, original)
+    times: list[list[float]] = [[], [], []]
+    for r in range(max(rounds, 1)):
+        order = _ROUND_ORDERS[r % len(_ROUND_ORDERS)]
+        sessions = [session(models[k], PROBED[k], optimized=True, threads=threads, timing=True) for k in order]
+        runners = [lambda f, s=s: s.run(None, f) for s in sessions]
+        got = _alternate(runners, feeds, warmup, max(runs, 1), min_seconds)
+        for k in range(3):
+            times[k].extend(got[order.index(k)])
+        del runners, sessions
+    result = probe_result(times[0], times[2], times[1])
     if result.slower:
         result.blame = _blame(original, _node_times(original, feeds, threads, profile_runs),
                               _node_times(pruned, feeds, threads, profile_runs))

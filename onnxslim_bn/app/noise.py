@@ -7,7 +7,8 @@ original. A single ratio cannot tell that from a real slow-down, so every timing
 against pruned also times the original against a second session of itself, interleaved with
 them, the same number of runs (A A' B in every order, :func:`onnxslim_bn.app.bench._alternate`).
 
-The band around 1.0 is ``exp(±half)`` with ``half = |ln(A'/A)| + margin``: the distance the two
+The band around 1.0 is ``exp(±half)`` with ``half = |ln(A'/A)| + margin`` (never under
+:data:`FLOOR`, 3%): the distance the two
 copies of the original ended apart (medians), plus the 95th percentile of how far the
 pruned / original ratio moves when the interleaved passes are resampled (a paired bootstrap,
 seeded). The first term is the session-to-session offset this run happened to show, the second
@@ -24,6 +25,10 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 VERDICTS = ("faster", "same", "slower")  # best first
+# the band is never narrower than 3% either side: on the fixtures under load, two sessions of one
+# model ended a median 2-4% apart, and a copy that happened to agree within 1% (the first term
+# near 0) with a steady ratio (the second near 0) called an identical model 1.01x slower
+FLOOR = math.log(1.03)
 BOOTSTRAP = 200  # resamples of the passes
 QUANTILE = 95  # percentile of the resampled ratios' distance from the measured one
 
@@ -34,11 +39,12 @@ class NoiseBand:
 
     aa: float  # median(A') / median(A): what two sessions of the same model differed by
     margin: float  # the pruned / original ratio's own bootstrap margin, in log units
+    floor: float = 0.0  # the narrowest half-width (log units): :data:`FLOOR` from a timing
 
     @property
     def half(self) -> float:
         """Half the band's width in log units."""
-        return abs(math.log(self.aa)) + self.margin
+        return max(abs(math.log(self.aa)) + self.margin, self.floor)
 
     @property
     def low(self) -> float:
@@ -79,7 +85,7 @@ def noise_band(original: Sequence[float], copy: Sequence[float], pruned: Sequenc
     picks = np.random.default_rng(seed).integers(0, len(a), size=(BOOTSTRAP, len(a)))
     resampled = np.log(np.median(b[picks], axis=1) / np.median(a[picks], axis=1))
     margin = float(np.percentile(np.abs(resampled - measured), QUANTILE))
-    return NoiseBand(aa, margin)
+    return NoiseBand(aa, margin, FLOOR)
 
 
 def rank(verdict: str) -> int:
@@ -87,4 +93,4 @@ def rank(verdict: str) -> int:
     return VERDICTS.index(verdict)
 
 
-__all__ = ["NoiseBand", "VERDICTS", "ZERO", "noise_band", "rank"]
+__all__ = ["FLOOR", "NoiseBand", "VERDICTS", "ZERO", "noise_band", "rank"]
