@@ -254,7 +254,8 @@ def _never_slower(pipeline: Pipeline, options: PruneOptions, given: dict, result
     report.notes.append(best_found.summary())
     if best_found.slower:
         log.warning("%s%s", best_found.message(), f"; also tried: {', '.join(tried)}" if tried else
-                    "; nothing else to try (no layer to blame, widths already on the block)")
+                    "; nothing else to try (no layer to blame; the widths on the machine's block "
+                    "already, or set by --round-to)")
     return best
 
 
@@ -437,7 +438,7 @@ def _probe_int8(pipeline: Pipeline, prep: Prepared, options: PruneOptions, resul
         return result
     second = probe(alone.model, again.model, feeds, threads=options.threads)
     _record_int8_probe(again.report, second, options.latency_batch)
-    line = (f"INT8 probe: slim + INT8 was not faster than INT8 alone ({found.original_ms:.3f} -> "
+    line = (f"INT8 probe: slim + INT8 was slower than INT8 alone ({found.original_ms:.3f} -> "
             f"{found.pruned_ms:.3f} ms); keeping {', '.join(names)} whole gave {second.pruned_ms:.3f} ms "
             f"(INT8 alone {second.original_ms:.3f} ms)")
     better = _better(second, found)
