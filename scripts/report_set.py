@@ -462,19 +462,25 @@ class Run:
     check_cosine: float | None = None
     probe_speedup: float | None = None
     speed: dict[str, float] = field(default_factory=dict)  # --speed: "onnxruntime b1" -> pruned over original
+    # --speed: "onnxruntime b1" -> "faster" / "same" / "slower", the speed-up against bench's A/A band
+    speed_verdict: dict[str, str] = field(default_factory=dict)
     seconds: float | None = None
     ranked_dead: str = ""  # sparse: "dead/ranked" channels as the checkout's inspect scores them
 
 
-def _speed(src: Path, out: Path, python: str) -> dict[str, float]:
+def _speed(src: Path, out: Path, python: str) -> tuple[dict[str, float], dict[str, str]]:
     """Speed-ups of ``out`` over ``src`` (``onnx-bnslim bench``: alternating, 4 rounds), onnxruntime and
-    OpenVINO at batch 1 and 32, run by the checkout being measured."""
+    OpenVINO at batch 1 and 32, run by the checkout being measured; and each row's verdict against
+    the A/A band (the original timed against a copy of itself as often). A checkout whose bench
+    has no band gives 'slower' for any speed-up below 1 (how it was judged before)."""
     with tempfile.TemporaryDirectory() as tmp:
         table = Path(tmp) / "bench.json"
         subprocess.run([python, "-m", "onnxslim_bn", "bench", str(src), str(out), "--batch", "1,32", "--runs", "40",
                         "--json", str(table)], capture_output=True, text=True, cwd=tmp, check=True)
         rows = json.loads(table.read_text())["rows"]
-    return {f"{r['runtime']} b{r['batch']}": round(r["speedup"], 3) for r in rows}
+    keys = [f"{r['runtime']} b{r['batch']}" for r in rows]
+    verdicts = [r.get("verdict") or ("slower" if r["speedup"] < 1.0 else "faster") for r in rows]
+    return {k: round(r["speedup"], 3) for k, r in zip(keys, rows)}, dict(zip(keys, verdicts))
 
 
 def _run_one(run: Run, src: Path, python: str, x: np.ndarray, y: np.ndarray, reference: np.ndarray,
@@ -506,7 +512,7 @@ def _run_one(run: Run, src: Path, python: str, x: np.ndarray, y: np.ndarray, ref
             run.accuracy_after = float((pred == y).mean())
             run.agreement = float((pred == reference).mean())
             if speed:
-                run.speed = _speed(src, out, python)
+                run.speed, run.speed_verdict = _speed(src, out, python)
     return run
 
 
@@ -560,6 +566,16 @@ def _ordinary_runs(manifest: dict, calib: Path, extra: list[str], budgets: list[
     return runs
 
 
+def _verdicts(run: Run) -> dict[str, str]:
+    """The bench verdicts of a timed run; a run stored before bench had a band: below 1.00x is slower."""
+    return run.speed_verdict or {k: "slower" if v < 1.0 else "faster" for k, v in run.speed.items()}
+
+
+def _speed_cell(run: Run, key: str) -> str:
+    """A speed-up, starred when bench called it slower beyond its A/A band."""
+    return f"{run.speed[key]:.2f}x" + ("*" if _verdicts(run).get(key) == "slower" else "")
+
+
 def _print_sparse(runs: list[Run], manifest: dict) -> None:
     rows, timed = [], any(r.speed for r in runs)
     for r in runs:
@@ -569,14 +585,17 @@ def _print_sparse(runs: list[Run], manifest: dict) -> None:
             _pct(r.accuracy_before), _pct(r.accuracy_after), _pct(r.agreement),
             "—" if r.macs_kept is None else f"{r.macs_kept:.3f}",
             "—" if r.live_removed is None else str(r.live_removed),
-        ] + ([" / ".join(f"{r.speed[f'{rt} b{b}']:.2f}x" for b in (1, 32)) if r.speed else "—"
+        ] + ([" / ".join(_speed_cell(r, f"{rt} b{b}") for b in (1, 32)) if r.speed else "—"
               for rt in ("onnxruntime", "openvino")] if timed else []))
     print(_table(["model", "export", "BN dead", "ranked dead", "setting", "exit", "acc before", "acc after", "agreement %",
                   "MACs kept", "live removed"] + (["onnxruntime b1 / b32", "OpenVINO b1 / b32"] if timed else []), rows))
     if timed:
-        slow = [r for r in runs if r.speed and min(r.speed.values()) < 1.0]
-        print(f"\n{len(slow)} of {sum(1 for r in runs if r.speed)} timed runs are slower than the original somewhere "
-              "(runtime, batch).")
+        count = sum(1 for r in runs if r.speed)
+        below = [r for r in runs if r.speed and min(r.speed.values()) < 1.0]
+        slow = [r for r in runs if "slower" in _verdicts(r).values()]
+        print(f"\n{len(slow)} of {count} timed runs are slower than the original somewhere (runtime, batch) beyond "
+              f"the A/A band (marked *); {len(below)} have a speed-up below 1.00x somewhere, the rest of them within "
+              "the noise of timing the original against itself.")
     faithful = [r for r in runs if r.agreement is not None and r.agreement >= 0.995]
     print(f"\n{len(faithful)} of {len(runs)} runs keep held-out agreement >= 99.5% (exit 0 and written).")
     failed = [r for r in runs if r.exit_code]

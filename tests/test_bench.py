@@ -138,12 +138,13 @@ def test_refuses_models_that_differ(other, words, tmp_path, capsys):
 def test_probe_returns_its_measurements():
     x = {"x": random_input([2, 3, 8, 8])}
     result = probe(tiny(16), tiny(8), x, runs=3, min_seconds=0)
-    assert isinstance(result, ProbeResult) and result.runs == 3
+    assert isinstance(result, ProbeResult) and result.runs == 9  # 3 rounds of 3
     assert result.original_ms > 0 and result.pruned_ms > 0
     assert result.speedup == pytest.approx(result.original_ms / result.pruned_ms)
-    assert result.faster == (result.pruned_ms < result.original_ms)
-    assert (result.message() is None) == result.faster
-    assert json.loads(json.dumps(result.to_dict()))["runs"] == 3
+    assert result.faster == (result.ratio < result.band.low)
+    assert result.slower == (result.ratio > result.band.high)
+    assert (result.message() is None) == (not result.slower)
+    assert json.loads(json.dumps(result.to_dict()))["runs"] == 9
 
 
 def test_node_times_name_every_layer():
@@ -322,6 +323,6 @@ def test_table_cache_default_place(tmp_path, monkeypatch):
 @pytest.mark.parametrize("load, busy", [(0.0, False), (99.0, True)])
 def test_busy_machine_is_said(load, busy, pair, monkeypatch):
     monkeypatch.setattr(bench, "_load_average", lambda: load)
-    monkeypatch.setattr(bench, "_alternate", lambda runners, feeds, warmup, runs, min_seconds=0.0: [[1e-3] * runs, [1e-3] * runs])
+    monkeypatch.setattr(bench, "_alternate", lambda runners, feeds, warmup, runs, min_seconds=0.0: [[1e-3] * runs] * len(runners))
     result = benchmark(*pair, batches=(1,), runs=2, warmup=0, runtimes=("onnxruntime",), rounds=1)
     assert any("the machine was busy: load average 99.0 -> 99.0" in n for n in result.notes) == busy

@@ -177,6 +177,11 @@ def test_models_take_turns_in_the_first_slot(monkeypatch, tmp_path):
     monkeypatch.setitem(bench._RUNNERS, "onnxruntime", lambda path, threads: Path(path).name)
     monkeypatch.setattr(bench, "_alternate", fake)
     result = bench.benchmark(*paths, batches=(1,), runs=8, warmup=0, runtimes=("onnxruntime",))
-    assert slots == [["a.onnx", "b.onnx"], ["b.onnx", "a.onnx"]] * 2  # 4 rounds by default
-    assert result.rows[0].round_speedups == pytest.approx([0.9, 1 / 0.9, 0.9, 1 / 0.9])
+    # 4 rounds by default, the original's copy (the A/A band) the third runner
+    assert [[s.removesuffix(".onnx") for s in round_] for round_ in slots] == [
+        ["a", "b", "a"], ["b", "a", "a"], ["a", "a", "b"], ["a", "b", "a"]]
+    # original and pruned held the first slot once each (the copy twice): the speed-up is even
+    assert result.rows[0].round_speedups == pytest.approx([0.9, 1 / 0.9, 1.0, 1.0])
     assert result.rows[0].speedup == pytest.approx(1.0)
+    # the copy held the first slot twice in 4 rounds, the original once: the band is the wider for it
+    assert result.rows[0].band.aa == pytest.approx(0.95) and result.rows[0].verdict == "same"

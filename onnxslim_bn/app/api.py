@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import glob
 import logging
+import math
 import os
 import re
 import time
@@ -27,6 +28,7 @@ from ..passes.latency import layer_latency_table
 from ..passes.reconstruct import ReconstructionReport
 from ..passes.select import select
 from .bench import probe, probe_inputs, time_pair
+from .noise import rank
 from .pipeline import Cut, Pipeline, Prepared, cut, finish, prepare
 from .report import Report, SpaceReport, describe_spaces
 
@@ -219,16 +221,16 @@ def _raise_failed_gate(result: PruneResult) -> None:
 
 
 def _never_slower(pipeline: Pipeline, options: PruneOptions, given: dict, result: PruneResult, prep: Prepared) -> PruneResult:
-    """The probe (:func:`onnxslim_bn.app.bench.probe`): time the pruned model beside the original in
-    onnxruntime; when it is not faster, prune again keeping the layers the probe blames whole,
-    then with widths on the machine's block, re-probe each, and keep the fastest candidate.
-    Only when none is faster is the pruned model written as it is, with a warning naming what
-    was tried."""
+    """The probe (:func:`onnxslim_bn.app.bench.probe`): time the pruned model beside the original
+    (and the original beside a copy of itself: the A/A band) in onnxruntime. Only when it is slower
+    beyond that band, prune again keeping the layers the probe blames whole, then with widths on
+    the machine's block, re-probe each, and keep the best (:func:`_better`); stop at the first
+    that is faster. Only when none is better than slower is the first cut written as it is, with
+    a warning naming what was tried."""
     feeds = probe_inputs(prep.model, prep.input_shapes, samples=_user_samples(prep))
     found = probe(prep.model, result.model, feeds, threads=options.threads)
     best, best_found, tried = result, found, []
-    slower = found.pruned_ms > found.original_ms * (1 + PROBE_NOISE)
-    for label, alternative in (_probe_alternatives(options, given, found, prep, result) if slower else []):
+    for label, alternative in (_probe_alternatives(options, given, found, prep, result) if found.slower else []):
         try:
             candidate, _ = _prune_once(pipeline, alternative, given)
         except BnSlimError as err:  # a gate of the check, or nothing left to prune
@@ -241,25 +243,31 @@ def _never_slower(pipeline: Pipeline, options: PruneOptions, given: dict, result
             tried.append(f"{label} (removes nothing)")
             continue
         again = probe(prep.model, candidate.model, feeds, threads=options.threads)
-        tried.append(f"{label} ({again.speedup:.2f}x)")
-        if again.pruned_ms / again.original_ms < (best_found.pruned_ms / best_found.original_ms) * (1 - PROBE_NOISE):
+        tried.append(f"{label} ({again.speedup:.2f}x, {again.verdict})")
+        if _better(again, best_found):
             best, best_found = candidate, again
         if best_found.faster:
             break
     report = best.report
-    report.probe = {**best_found.to_dict(), "tried": tried}
+    report.probe = {**best_found.to_dict(), "tried": tried, "first": None if best is result else found.to_dict()}
     if best is not result:
-        report.notes.append(f"probe: the first cut ran {found.speedup:.2f}x in onnxruntime; "
-                            f"tried {', '.join(tried)}; kept the fastest")
+        report.notes.append(f"probe: the first cut ran {found.speedup:.2f}x in onnxruntime, slower beyond "
+                            f"its {found.band.describe()}; tried {', '.join(tried)}; wrote the best")
     report.notes.append(best_found.summary())
-    if not best_found.faster:
-        log.warning("%s%s", best_found.message(), f"; also tried: {', '.join(tried)}" if tried else "")
+    if best_found.slower:
+        log.warning("%s%s", best_found.message(), f"; also tried: {', '.join(tried)}" if tried else
+                    "; nothing else to try (no layer to blame; the widths on the machine's block "
+                    "already, or set by --round-to)")
     return best
 
 
-# Timed side by side on these shared machines, two copies of one model differ by a few percent:
-# the probe calls a cut slower, and a candidate faster than another, only beyond this fraction.
-PROBE_NOISE = 0.05
+def _better(candidate, best) -> bool:
+    """Whether a re-probed cut beats the best so far: a better verdict against its own A/A band
+    (faster, then same, then slower), or the same verdict and a ratio lower by more than the wider
+    of the two bands (two timings of one model differ by that much)."""
+    if rank(candidate.verdict) != rank(best.verdict):
+        return rank(candidate.verdict) < rank(best.verdict)
+    return candidate.ratio < best.ratio * math.exp(-max(candidate.band.half, best.band.half))
 
 
 def _probe_alternatives(options: PruneOptions, given: dict, found, prep: Prepared,
@@ -420,8 +428,8 @@ def _probe_int8(pipeline: Pipeline, prep: Prepared, options: PruneOptions, resul
     layers = {n.name for n in prep.model.graph.node if n.op_type in LAYER_OPS}
     # onnxruntime names a QDQ group it fused into one INT8 kernel after the layer: '<layer>_token_<n>'
     names = sorted({re.sub(r"_token_\d+$", "", b.node) for b in found.blame} & layers)
-    if found.faster or not names:
-        if not found.faster:
+    if not found.slower or not names:
+        if found.slower:
             log.warning("%s", result.report.quantization["probe"]["message"])
         return result
     try:
@@ -432,30 +440,31 @@ def _probe_int8(pipeline: Pipeline, prep: Prepared, options: PruneOptions, resul
         return result
     second = probe(alone.model, again.model, feeds, threads=options.threads)
     _record_int8_probe(again.report, second, options.latency_batch)
-    line = (f"INT8 probe: slim + INT8 was not faster than INT8 alone ({found.original_ms:.3f} -> "
+    line = (f"INT8 probe: slim + INT8 was slower than INT8 alone ({found.original_ms:.3f} -> "
             f"{found.pruned_ms:.3f} ms); keeping {', '.join(names)} whole gave {second.pruned_ms:.3f} ms "
             f"(INT8 alone {second.original_ms:.3f} ms)")
-    better = second.speedup > found.speedup
+    better = _better(second, found)
     chosen, other = (again, result) if better else (result, again)
-    chosen.report.notes.append(line + ("; wrote that one" if better else "; kept the first, it was faster"))
+    chosen.report.notes.append(line + ("; wrote that one" if better else "; kept the first, the second was no better "
+                                                                        "beyond the noise"))
     chosen.report.quantization["probe_retry"] = {"kept_whole": names, "first": found.to_dict(), "second": second.to_dict(),
                                                  "chose": "second" if better else "first"}
-    if not (second if better else found).faster:
+    if (second if better else found).slower:
         log.warning("%s", chosen.report.quantization["probe"]["message"])
     return chosen
 
 
 def _record_int8_probe(report: Report, found, batch: int) -> None:
     """The INT8 pair's probe in the report: its numbers, one note, and the warning's text."""
-    summary = (f"INT8 probe (onnxruntime, batch {batch}): slim + INT8 ran "
-               f"{'%.2fx faster than' % found.speedup if found.faster else 'at %.2fx the speed of' % found.speedup} "
-               f"INT8 alone ({found.original_ms:.3f} -> "
-               f"{found.pruned_ms:.3f} ms, {found.runs} alternating runs)")
+    how = {"faster": "%.2fx faster than", "same": "at %.2fx, within the noise of,", "slower": "at %.2fx the speed of"}
+    summary = (f"INT8 probe (onnxruntime, batch {batch}): slim + INT8 ran {how[found.verdict] % found.speedup} "
+               f"INT8 alone ({found.original_ms:.3f} -> {found.pruned_ms:.3f} ms, {found.runs} alternating runs, "
+               f"{found.band.describe()})")
     blamed = ", ".join(f"{b.node} ({b.original_ms:.3f} -> {b.pruned_ms:.3f} ms)" for b in found.blame[:3])
-    message = (f"slim + INT8 is not faster than INT8 alone in onnxruntime ({found.original_ms:.3f} -> "
-               f"{found.pruned_ms:.3f} ms)" + (f"; slower layers: {blamed}" if blamed else "")
-               + "; try --round-to 32 or keep those layers (--keep)")
-    report.quantization["probe"] = {**found.to_dict(), "batch": batch, "message": None if found.faster else message}
+    message = (f"slim + INT8 is slower than INT8 alone in onnxruntime ({found.original_ms:.3f} -> "
+               f"{found.pruned_ms:.3f} ms, beyond its {found.band.describe()})"
+               + (f"; slower layers: {blamed}" if blamed else "") + "; try --round-to 32 or keep those layers (--keep)")
+    report.quantization["probe"] = {**found.to_dict(), "batch": batch, "message": message if found.slower else None}
     report.notes.append(summary)
 
 

@@ -5,7 +5,9 @@ so that the comparison cannot fool its reader.
   compared.
 - One runtime per round: both models' sessions of one runtime exist while it is timed, then are
   released; the other runtime's threads are never running beside them.
-- Within a round the models alternate in the order A B B A A B ..., so neither always runs second.
+- Within a round the models alternate, in every order in turn, so none always runs second.
+- A second copy of the original runs beside them, as often: the A/A noise band (:mod:`.noise`).
+  A row is called slower (or faster) only when its ratio falls outside that band.
 - onnxruntime sessions do not spin-wait after a run (intra- and inter-op): a spinning session
   steals the cores of the one timed next.
 - Several rounds (4 by default), sessions built afresh each time; the models take turns in the
@@ -20,6 +22,7 @@ layers that grew when it is not.
 from __future__ import annotations
 
 import gc
+import itertools
 import json
 import logging
 import os
@@ -45,6 +48,7 @@ from ..ir.shapes import graph_inputs, infer_shapes, resolve_input_shapes
 from ..ir.weights import LAYER_OPS
 from ..passes.metrics import measure
 from ..passes.verify import concrete_shapes, make_inputs, open_layer_shapes, static_batch
+from .noise import ZERO, NoiseBand, noise_band
 from .report import grid
 
 log = logging.getLogger(__name__)
@@ -77,17 +81,24 @@ class BenchRow:
     pruned: Timing
     ideal: float  # MACs(original) / MACs(pruned)
     round_speedups: list[float] = field(default_factory=list)  # ratio of the medians, one per round
+    band: NoiseBand = ZERO  # the original against a copy of itself, timed as often (:mod:`.noise`)
 
     @property
     def speedup(self) -> float:
         return self.original.median_ms / self.pruned.median_ms
 
     @property
+    def verdict(self) -> str:
+        """'faster', 'same' or 'slower': the pruned model against its A/A band."""
+        return self.band.verdict(self.pruned.median_ms / self.original.median_ms)
+
+    @property
     def efficiency(self) -> float:
         return self.speedup / self.ideal
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "speedup": self.speedup, "efficiency": self.efficiency}
+        return {**asdict(self), "band": self.band.to_dict(), "speedup": self.speedup, "efficiency": self.efficiency,
+                "verdict": self.verdict}
 
 
 @dataclass
@@ -105,9 +116,11 @@ class BenchResult:
                 "rounds": self.rounds, "rows": [r.to_dict() for r in self.rows], "notes": self.notes}
 
     def table(self, markdown: bool = False) -> str:
-        head = ("Runtime", "Batch", "Original ms", "Pruned ms", "Speed-up", "Rounds", "Ideal (MACs)", "Measured / ideal")
-        body = [(r.runtime, str(r.batch), _fmt(r.original), _fmt(r.pruned), f"{r.speedup:.2f}x",
-                 _rounds(r.round_speedups), f"{r.ideal:.2f}x", f"{r.efficiency:.2f}") for r in self.rows]
+        head = ("Runtime", "Batch", "Original ms", "Pruned ms", "Speed-up", "Rounds", "A/A band", "Ideal (MACs)",
+                "Measured / ideal")
+        body = [(r.runtime, str(r.batch), _fmt(r.original), _fmt(r.pruned), f"{r.speedup:.2f}x" + _MARK[r.verdict],
+                 _rounds(r.round_speedups), f"{r.band.low:.2f}-{r.band.high:.2f}x", f"{r.ideal:.2f}x",
+                 f"{r.efficiency:.2f}") for r in self.rows]
         if markdown:
             lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
             lines += ["| " + " | ".join(row) + " |" for row in body]
@@ -117,6 +130,9 @@ class BenchResult:
             lines.append("")  # a line right below a Markdown table would join it
         lines += [f"Note: {n}" for n in self.notes]
         return "\n".join(lines)
+
+
+_MARK = {"faster": "", "same": " (noise)", "slower": " (slower)"}  # the speed-up against its A/A band
 
 
 def _fmt(t: Timing) -> str:
@@ -253,21 +269,24 @@ def benchmark(original: str | os.PathLike, pruned: str | os.PathLike, batches: t
     batches = tuple(b for b in batches if feeds[b] is not None)
     del models
     load = [_load_average()]
-    times = {(rt, b): ([], [], []) for rt in runtimes for b in batches}  # original, pruned, per-round speed-ups
+    # original, pruned, per-round speed-ups, the original's copy (the A/A band, :mod:`.noise`)
+    times = {(rt, b): ([], [], [], []) for rt in runtimes for b in batches}
     bar = _Progress(rounds * len(runtimes), progress, stream)
+    models = (paths[0], paths[1], paths[0])  # original, pruned, the original again
     for r in range(rounds):
         for runtime in runtimes:
             # the models take turns in the first slot (built first, run first): timed against a copy
             # of itself, a 0.1 ms model in the first slot ran 0.83-0.98x the time of the second in
-            # OpenVINO, round after round; swapped every round, neither model keeps the lucky slot
-            order = (0, 1) if r % 2 == 0 else (1, 0)
-            runners = [_RUNNERS[runtime](paths[k], threads) for k in order]
+            # OpenVINO, round after round; rotated every round, no model keeps the lucky slot
+            order = _ROUND_ORDERS[r % len(_ROUND_ORDERS)]
+            runners = [_RUNNERS[runtime](models[k], threads) for k in order]
             for batch in batches:
-                a, b, speedups = times[runtime, batch]
+                a, b, speedups, a2 = times[runtime, batch]
                 slots = _alternate(runners, feeds[batch], warmup, per_round, min_seconds)
-                got = [slots[order.index(0)], slots[order.index(1)]]
+                got = [slots[order.index(k)] for k in range(3)]
                 a.extend(got[0])
                 b.extend(got[1])
+                a2.extend(got[2])
                 speedups.append(float(np.median(got[0]) / np.median(got[1])))
             del runners
             gc.collect()  # release this runtime's sessions and threads before the next round
@@ -281,8 +300,8 @@ def benchmark(original: str | os.PathLike, pruned: str | os.PathLike, batches: t
     wide = []
     for runtime in runtimes:
         for batch in batches:
-            a, b, speedups = times[runtime, batch]
-            row = BenchRow(runtime, batch, Timing.of(a), Timing.of(b), ideal, speedups)
+            a, b, speedups, a2 = times[runtime, batch]
+            row = BenchRow(runtime, batch, Timing.of(a), Timing.of(b), ideal, speedups, noise_band(a, a2, b))
             result.rows.append(row)
             if max(row.original.spread, row.pruned.spread) > WIDE_SPREAD:
                 wide.append(f"{runtime} batch {batch} ({row.original.spread:.2f} / {row.pruned.spread:.2f})")
@@ -290,10 +309,29 @@ def benchmark(original: str | os.PathLike, pruned: str | os.PathLike, batches: t
     if counts and max(counts) > per_round * rounds:
         notes.append(f"each round of a row timed for at least {min_seconds:g} s: the rows ran {min(counts)} to "
                      f"{max(counts)} runs of each model")
+    _verdict_notes(result.rows, notes)
     if wide:
         notes.append(f"wide spread, p90/p10 above {WIDE_SPREAD} (original / pruned): {', '.join(wide)}; the machine "
                      "was busy, so those medians are less sure: rerun with more --runs on an idle machine")
     return result
+
+
+# the slot order (build and first-run order) of each round, 0 the original, 1 pruned, 2 the
+# original's copy: any two rounds from the first hold original and pruned in the same slots as
+# often (the speed-up's slots are even after 2 and 4 rounds), all three in every slot after 6
+_ROUND_ORDERS = ((0, 1, 2), (1, 0, 2), (2, 0, 1), (2, 1, 0), (0, 2, 1), (1, 2, 0))
+
+
+def _verdict_notes(rows: list[BenchRow], notes: list[str]) -> None:
+    """One note for the rows slower beyond their A/A band, one for those inside it."""
+    slower = [f"{r.runtime} batch {r.batch} ({r.speedup:.2f}x, {r.band.describe()})" for r in rows if r.verdict == "slower"]
+    same = [f"{r.runtime} batch {r.batch} ({r.speedup:.2f}x)" for r in rows if r.verdict == "same"]
+    if slower:
+        notes.append(f"the pruned model is slower beyond the noise of timing the original against itself in "
+                     f"{', '.join(slower)}")
+    if same:
+        notes.append(f"no difference beyond the A/A band (the original timed against a copy of itself) in "
+                     f"{', '.join(same)}")
 
 
 def _schedule(runtimes, runs: int, warmup: int, rounds: int, notes: list[str]) -> tuple[tuple[str, ...], int, int]:
@@ -317,7 +355,8 @@ MAX_RUNS = 5000  # min_seconds never asks for more runs per round than this
 
 def _alternate(runners: list[Callable[[dict], object]], feeds: dict, warmup: int, runs: int,
                min_seconds: float = 0.0) -> list[list[float]]:
-    """Seconds per run of each runner, alternating A B, B A, A B, ... after ``warmup`` runs of each.
+    """Seconds per run of each runner, alternating A B, B A, A B, ... after ``warmup`` runs of each
+    (three runners: A A' B in each of the six orders in turn, :func:`_orders`).
 
     ``min_seconds``: at least that long timed (runs added, up to :data:`MAX_RUNS`), as the warm-up
     runs took: a model of 0.1 ms timed 30 times is 3 ms of evidence, one busy millisecond from noise."""
@@ -329,13 +368,21 @@ def _alternate(runners: list[Callable[[dict], object]], feeds: dict, warmup: int
         per_pass = (time.perf_counter() - start) / warmup
         runs = max(runs, min(MAX_RUNS, int(np.ceil(min_seconds / max(per_pass, 1e-9)))))
     times: list[list[float]] = [[] for _ in runners]
+    orders = _orders(len(runners))
     for i in range(runs):
-        order = range(len(runners)) if i % 2 == 0 else reversed(range(len(runners)))
-        for k in order:
+        for k in orders[i % len(orders)]:
             start = time.perf_counter()
             runners[k](feeds)
             times[k].append(time.perf_counter() - start)
     return times
+
+
+def _orders(n: int) -> list[tuple[int, ...]]:
+    """The orders passes run the runners in, in turn: A B, B A for two; for three (original, its
+    copy, pruned) all six orders, so that each holds each position and precedes each other as often."""
+    if n <= 2:
+        return [tuple(range(n)), tuple(reversed(range(n)))]
+    return list(itertools.permutations(range(n)))
 
 
 def _mac_ratio(models: list[onnx.ModelProto], given: dict[str, list[int]], source: str,
@@ -406,35 +453,62 @@ class Blame:
 
 @dataclass
 class ProbeResult:
+    """Original and pruned median ms, and the A/A band (:mod:`.noise`) the verdict is read against:
+    ``slower`` / ``faster`` only beyond it. Without a band, any difference counts."""
+
     original_ms: float
     pruned_ms: float
     runs: int
     blame: list[Blame] = field(default_factory=list)
+    band: NoiseBand = ZERO
 
     @property
     def speedup(self) -> float:
         return self.original_ms / self.pruned_ms
 
     @property
+    def ratio(self) -> float:
+        """Pruned / original ms."""
+        return self.pruned_ms / self.original_ms
+
+    @property
+    def verdict(self) -> str:
+        return self.band.verdict(self.ratio)
+
+    @property
     def faster(self) -> bool:
-        return self.pruned_ms < self.original_ms
+        """Faster beyond the A/A band."""
+        return self.verdict == "faster"
+
+    @property
+    def slower(self) -> bool:
+        """Slower beyond the A/A band: the only verdict the tool acts on or warns about."""
+        return self.verdict == "slower"
+
+    def _measured(self) -> str:
+        band = "" if self.band is ZERO else f", {self.band.describe()}"
+        return f"{self.original_ms:.3f} -> {self.pruned_ms:.3f} ms, {self.runs} alternating runs{band}"
 
     def message(self) -> str | None:
-        """One line for the user when the pruned model is not faster, else None."""
-        if self.faster:
+        """One line for the user when the pruned model is slower beyond the noise, else None."""
+        if not self.slower:
             return None
         names = ", ".join(f"{b.node} ({b.original_ms:.3f} -> {b.pruned_ms:.3f} ms)" for b in self.blame[:3])
-        return (f"the pruned model is not faster in onnxruntime ({self.original_ms:.3f} -> {self.pruned_ms:.3f} ms, "
-                f"{self.speedup:.2f}x over {self.runs} alternating runs)"
+        return (f"the pruned model is slower in onnxruntime ({self.speedup:.2f}x: {self._measured()})"
                 + (f"; slower layers: {names}" if names else ""))
 
     def summary(self) -> str:
-        """One line either way: the warning, or how much faster the pruned model ran."""
-        return self.message() or (f"probe: the pruned model ran {self.speedup:.2f}x faster in onnxruntime "
-                                  f"({self.original_ms:.3f} -> {self.pruned_ms:.3f} ms, {self.runs} alternating runs)")
+        """One line whatever the verdict: the warning, how much faster, or within the noise."""
+        if self.slower:
+            return self.message()
+        if self.faster:
+            return f"probe: the pruned model ran {self.speedup:.2f}x faster in onnxruntime ({self._measured()})"
+        return (f"probe: the pruned model ran {self.speedup:.2f}x in onnxruntime, within the noise of timing the "
+                f"original against itself ({self._measured()}): no difference this timing can see")
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "speedup": self.speedup, "faster": self.faster}
+        return {**asdict(self), "band": self.band.to_dict(), "speedup": self.speedup, "faster": self.faster,
+                "slower": self.slower, "verdict": self.verdict}
 
 
 def probe_inputs(model: onnx.ModelProto, input_shapes: dict[str, list[int]] | None = None, batch: int = 1,
@@ -445,28 +519,45 @@ def probe_inputs(model: onnx.ModelProto, input_shapes: dict[str, list[int]] | No
     return _feeds(model, input_shapes or {}, fixed or batch, source, samples)
 
 
+PROBED = ("the original model", "the pruned model", "the original model (its copy)")  # slots 0, 1, 2
+
+
 def probe(original: onnx.ModelProto, pruned: onnx.ModelProto, feeds: dict[str, np.ndarray], runs: int = 10,
           threads: int | None = None, warmup: int = 2, profile_runs: int = 3,
-          min_seconds: float = 0.2) -> ProbeResult:
+          min_seconds: float = 0.2, rounds: int = 3) -> ProbeResult:
     """A quick check that ``pruned`` is faster than ``original`` in onnxruntime on ``feeds``.
 
-    ``runs`` alternating runs of each (A B B A ..., spinning off) after ``warmup``, more when that
-    takes less than ``min_seconds`` (10 runs of a 0.2 ms model once put two identical models
-    0.79x apart). When the
-    pruned model is not faster, both are profiled (onnxruntime's profiler, ``profile_runs`` runs)
-    and the nodes whose time grew are named, most grown first.
+    ``rounds`` rounds, sessions built afresh each time in the rotating slot orders of
+    :func:`benchmark`; in each, ``runs`` alternating runs of each (spinning off) after ``warmup``,
+    more when that takes less than ``min_seconds`` (10 runs of a 0.2 ms model once put two
+    identical models 0.79x apart). A second session of the original runs interleaved with both,
+    as often: the A/A band (:mod:`.noise`) the verdict is read against. When the pruned model is
+    slower beyond it, both are profiled (onnxruntime's profiler, ``profile_runs`` runs) and the
+    nodes whose time grew are named, most grown first.
     """
     threads = threads or os.cpu_count() or 1
-    sessions = [session(m, what, optimized=True, threads=threads, timing=True)
-                for m, what in ((original, "the original model"), (pruned, "the pruned model"))]
-    runners = [lambda f, s=s: s.run(None, f) for s in sessions]
-    times = _alternate(runners, feeds, warmup, max(runs, 1), min_seconds)
-    del runners, sessions
-    result = ProbeResult(float(np.median(times[0]) * 1e3), float(np.median(times[1]) * 1e3), len(times[0]))
-    if not result.faster:
+    models = (original, pruned, original)
+    times: list[list[float]] = [[], [], []]
+    for r in range(max(rounds, 1)):
+        order = _ROUND_ORDERS[r % len(_ROUND_ORDERS)]
+        sessions = [session(models[k], PROBED[k], optimized=True, threads=threads, timing=True) for k in order]
+        runners = [lambda f, s=s: s.run(None, f) for s in sessions]
+        got = _alternate(runners, feeds, warmup, max(runs, 1), min_seconds)
+        for k in range(3):
+            times[k].extend(got[order.index(k)])
+        del runners, sessions
+    result = probe_result(times[0], times[2], times[1])
+    if result.slower:
         result.blame = _blame(original, _node_times(original, feeds, threads, profile_runs),
                               _node_times(pruned, feeds, threads, profile_runs))
     return result
+
+
+def probe_result(original: list[float], copy: list[float], pruned: list[float]) -> ProbeResult:
+    """The probe's verdict from the seconds per run of the original, its copy and the pruned model
+    (the seam the tests feed): medians in ms, and the A/A band of :func:`.noise.noise_band`."""
+    return ProbeResult(float(np.median(original) * 1e3), float(np.median(pruned) * 1e3), len(original),
+                       band=noise_band(original, copy, pruned))
 
 
 def _node_times(model: onnx.ModelProto | bytes, feeds: dict, threads: int, runs: int) -> dict[str, tuple[str, float]]:

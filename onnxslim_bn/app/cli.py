@@ -127,8 +127,9 @@ def _prune_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, metavar="N",
                         help="for --target-latency and the probe: runtime threads (default: all cores)")
     parser.add_argument("--no-probe", dest="probe", action="store_false",
-                        help="skip the quick timing of original against pruned (onnxruntime) that warns when the "
-                             "pruned model is not faster and names the layers to blame")
+                        help="skip the quick timing of original against pruned (onnxruntime, beside the original "
+                             "timed against itself: the A/A noise band) that, when the pruned model is slower beyond "
+                             "that band, prunes again keeping the layers it blames and warns if nothing is faster")
     parser.add_argument("--importance", choices=("auto", "gamma", "data"), default="auto",
                         help="rank channels by |BN scale| (gamma, Network Slimming) or by their measured cost at the "
                              "layers reading them (data, needs --data); default auto: data when --data is given "
@@ -210,7 +211,8 @@ def _inspect_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 BENCH_HELP = ("Latency of the original and the pruned model, interleaved, in onnxruntime and OpenVINO, "
-              "with the speed-up the MAC count promises.")
+              "with the speed-up the MAC count promises and the A/A noise band (the original timed against "
+              "a copy of itself).")
 
 
 def _bench_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
