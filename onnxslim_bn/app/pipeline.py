@@ -218,7 +218,7 @@ def prepare(model, options: PruneOptions, inspecting: bool = False, measured: bo
     gamma and that changes which reader BNs score their branch alone, the preparation is redone
     without."""
     measured = _measured(options) if measured is None else measured
-    proto, source, size, checked, loaded, names, serialized = _load(model, not inspecting, options.verify)
+    proto, source, size, checked, loaded, given_names, serialized = _load(model, not inspecting, options.verify)
     quantized = _check_quantized(proto, source, options, inspecting, checked)
     input_shapes, notes = resolve_input_shapes(proto, options.input_shapes, source)
     notes = checked + notes
@@ -271,7 +271,7 @@ def prepare(model, options: PruneOptions, inspecting: bool = False, measured: bo
         reference = _reference(proto, source, session, input_shapes, options, ranking)
     return Prepared(preparation_key(options), proto, source, size, input_shapes, shapes, graph, analysis, before,
                     tuple(notes), tuple(ranking.notes), session, ranking.calibration, ranking.check,
-                    ranking.count, ranking.importance, count_feeds, reference, names, serialized)
+                    ranking.count, ranking.importance, count_feeds, reference, given_names, serialized)
 
 
 def _check_quantized(proto: onnx.ModelProto, source: str, options: PruneOptions, inspecting: bool,
