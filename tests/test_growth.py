@@ -122,3 +122,22 @@ def test_only_the_nameless_nodes_stay_nameless():
     pruned = slim(model).model
     assert [n.name for n in pruned.graph.node] == names  # no node added or removed here
     assert pruned.ByteSize() <= model.ByteSize()
+
+
+def test_a_weight_both_if_branches_read_stays_one_tensor_in_the_main_graph():
+    """onnx-graphsurgeon writes an outer constant into every body that reads it: the weight
+    the input held once in its main graph is written back there, once."""
+    b = Builder(seed=2)
+    y = b.op("Relu", [b.bn(b.conv("x", 3, 8), 8, np.array([1, 5]))])
+    head = b.conv("x", 3, 32)
+    w = weight_of(b, head)
+    branches = [helper.make_graph([helper.make_node("ReduceMean", [w], [f"if_{k}"], keepdims=0)], k, [],
+                                  [helper.make_tensor_value_info(f"if_{k}", TensorProto.FLOAT, [])]) for k in ("a", "b")]
+    b.nodes.append(helper.make_node("If", [b.const(np.array(True), "cond")], ["if_out"], then_branch=branches[0],
+                                    else_branch=branches[1], name="If"))
+    model = b.model({"x": SHAPE}, [b.conv(y, 8, 4, k=1), head, "if_out"])
+    pruned = slim(model).model
+    assert [t.name for t in initializers(pruned)].count(w) == 1
+    assert w in [t.name for t in pruned.graph.initializer]
+    assert weight_bytes(pruned) < weight_bytes(model) and pruned.ByteSize() < model.ByteSize()
+    same_outputs(model, pruned)
