@@ -9,7 +9,9 @@ Each drawn graph has BatchNorms whose "dead" channels have gamma = 0 exactly and
 - without ``exact_borders``, the output is that exact too unless the report names an
   approximate layer: no approximation goes unnamed;
 - pruning at a random ratio gives a model that passes the checker, runs in onnxruntime and
-  keeps its output shapes.
+  keeps its output shapes;
+- never larger (issue 16, :func:`never_larger`): the model written by the bias-folding and the
+  ratio runs is no larger on disk than the input, or none is written and one line says why.
 
 Some graphs store their conv weights as fp16 behind ``Cast`` (kept so: :func:`assert_storage_kept`),
 some have an ``If`` whose branches read a pruned tensor and a conv weight from the outer scope
