@@ -245,8 +245,15 @@ def test_random_graphs_prune_to_valid_faithful_models(drawn, ratio):
     # 1e-5 of the output's range; a head that averages a large map (repeated upsampling) sums a
     # removed channel's constant over H*W float32 positions, where the bias adds it once
     tolerance = 1e-5 * float(np.abs(original).max()) * max(1.0, final_size**2 / 256) + 1e-6
+    exact_options = dict(threshold=1e-6, min_channels=1, round_to=1, exact_borders=True, compensation="bias")
     try:
-        exact = prune(model, threshold=1e-6, min_channels=1, round_to=1, exact_borders=True, compensation="bias")
+        try:
+            exact = prune(model, **exact_options)
+        except BnSlimError as err:  # growth (a weight sliced for its layer, read whole in an If): declined,
+            if "would exceed the input's" not in str(err):  # and exact when accepted
+                raise
+            event("exact run declined a larger model")
+            exact = prune(model, **exact_options, allow_growth=True)
     except BnSlimError as err:  # legitimate only when nothing at all can be pruned
         assert "blocked" in str(err) or "nothing to prune" in str(err) or "no BatchNorm" in str(err), err
         event("nothing prunable")

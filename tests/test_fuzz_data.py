@@ -45,7 +45,10 @@ def test_random_graphs_prune_with_data_to_valid_models(drawn, target, compensati
     try:  # no larger than the input, or declined in one line (issue 16)
         result = never_larger(model, target_macs=target, importance="data", compensation=compensation, min_channels=1,
                               data={"x": samples}, calibration_samples=48)
-    except BnSlimError as err:  # legitimate only when nothing at all can be pruned
+    except BnSlimError as err:  # legitimate only when nothing at all can be pruned, or as growth (issue 16:
+        if "would exceed the input's" in str(err):  # a weight sliced for its layer, read whole in an If)
+            event("declined to write a larger model")
+            return
         assert "blocked" in str(err) or "nothing to prune" in str(err), err
         event("nothing prunable")
         return

@@ -333,8 +333,8 @@ def check_size(weights: WeightBytes, allow_growth: bool, source: str) -> None:
                           "This is a bug in onnx-bnslim: please report it with the model")
     split = sorted(((n, k) for n, k in weights.shared.items() if k > 1), key=lambda x: -x[1])
     if split and weights.after - weights.added > GROWTH_LIMIT * weights.before and not allow_growth:
-        why = (f"weights shared by layers that keep different channels are written once per slice "
-               f"(e.g. '{split[0][0]}' {split[0][1]} times)")
+        why = (f"weights shared by layers that keep different channels (or read whole inside an If / Loop body) are "
+               f"written once per slice (e.g. '{split[0][0]}' {split[0][1]} times)")
         raise BnSlimError(f"{source}: the pruned model's weights ({_mib(weights.after)}) would exceed the input's "
                           f"({_mib(weights.before)}) by more than {GROWTH_LIMIT - 1:.0%}: {why}; nothing was written. "
                           "Pass --allow-growth to accept, or --keep the layers that share weights")
