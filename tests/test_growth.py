@@ -15,6 +15,7 @@ from onnx import TensorProto, helper
 
 from onnxslim_bn import BnSlimError, prune
 from onnxslim_bn.ir.model_io import graphs, weight_bytes
+from tests.fixtures import path as fixture_path
 from tests.graphs import Builder, fp16_behind_casts, random_input, run
 from tests.test_interface import two_branch_model
 
@@ -141,3 +142,16 @@ def test_a_weight_both_if_branches_read_stays_one_tensor_in_the_main_graph():
     assert w in [t.name for t in pruned.graph.initializer]
     assert weight_bytes(pruned) < weight_bytes(model) and pruned.ByteSize() < model.ByteSize()
     same_outputs(model, pruned)
+
+
+@pytest.mark.parametrize("form", ["", "ts-folded"], ids=["bn-kept", "bn-folded"])
+def test_a_nameless_fixture_pruned_at_a_tiny_ratio_is_smaller_and_stays_nameless(form):
+    """A trained fixture with every node name cleared (the folded one ranks by recovered scales,
+    from a calibration run: the path of prepare() that names tensors on its own)."""
+    model = onnx.load(str(fixture_path("resnet", form)))
+    for node in model.graph.node:
+        node.name = ""
+    result = prune(model, ratio=0.01, round_to=1, min_channels=1, check_samples=8)
+    assert result.report.removed_channels > 0
+    assert not any(n.name for g in graphs(result.model.graph) for n in g.node)
+    assert result.model.ByteSize() < model.ByteSize() == result.report.before.size_bytes
