@@ -133,7 +133,8 @@ def test_a_weight_both_if_branches_read_stays_one_tensor_in_the_main_graph():
     head = b.conv("x", 3, 32)
     w = weight_of(b, head)
     branches = [helper.make_graph([helper.make_node("ReduceMean", [w], [f"if_{k}"], keepdims=0)], k, [],
-                                  [helper.make_tensor_value_info(f"if_{k}", TensorProto.FLOAT, [])]) for k in ("a", "b")]
+                                  [helper.make_tensor_value_info(f"if_{k}", TensorProto.FLOAT, [])])
+                for k in ("a", "b")]
     b.nodes.append(helper.make_node("If", [b.const(np.array(True), "cond")], ["if_out"], then_branch=branches[0],
                                     else_branch=branches[1], name="If"))
     model = b.model({"x": SHAPE}, [b.conv(y, 8, 4, k=1), head, "if_out"])

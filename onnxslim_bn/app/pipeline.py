@@ -109,7 +109,8 @@ class Prepared:
     # the inputs of the run that gave the layers shapes inference left open (analysis.counted_shapes)
     count_feeds: dict | None = None
     reference: Reference | None = None  # the check's inputs and the original's outputs (None: no check)
-    names: GivenNames = field(default_factory=GivenNames)  # node names the input did not have (given for the analysis, not written)
+    # node names the input did not have (given for the analysis, not written)
+    names: GivenNames = field(default_factory=GivenNames)
     input_bytes: int | None = None  # the input's serialized size as given (None past protobuf's 2 GB)
 
     def notes(self, options: PruneOptions) -> list[str]:
@@ -570,7 +571,8 @@ def _fit(prep: Prepared, pruned: onnx.ModelProto, metadata: dict[str, str], weig
             check_file_size(pruned, prep.input_bytes, weights, prep.source)
 
 
-def _add_metadata(pruned: onnx.ModelProto, original: onnx.ModelProto, limit: int | None, metadata: dict[str, str], given: set[str]) -> None:
+def _add_metadata(pruned: onnx.ModelProto, original: onnx.ModelProto, limit: int | None, metadata: dict[str, str],
+                  given: set[str]) -> None:
     """The input's metadata_props, then this run's (an earlier run's keys, pruned again, give way):
     tool, version and options (report.run_metadata). When that would make the file larger than
     its input (a run that removed almost nothing), less is added: the options go first, then the

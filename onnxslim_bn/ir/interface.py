@@ -177,19 +177,17 @@ def hoist_outer_weights(pruned: onnx.ModelProto, original: onnx.ModelProto) -> i
     for body in bodies:
         for t in body.initializer:
             readers[t.name] = readers.get(t.name, 0) + 1
-    hoisted = {n for n, k in readers.items() if n not in inner and (n in outer or k > 1)}
-    hoisted -= {t.name for t in pruned.graph.initializer}  # the main graph holds it already: drop the copies
-    moved, present = 0, {t.name for t in pruned.graph.initializer}
+    present = {t.name for t in pruned.graph.initializer}
+    moved = 0
     for body in bodies:
         kept = []
         for t in body.initializer:
-            if t.name in hoisted or t.name in present and t.name not in inner:
-                if t.name not in present:
-                    pruned.graph.initializer.append(t)
-                    present.add(t.name)
-                    moved += 1
-                continue
-            kept.append(t)
+            if t.name in inner or not (t.name in outer or t.name in present or readers[t.name] > 1):
+                kept.append(t)  # the body's own: it stays
+            elif t.name not in present:  # the first copy goes to the main graph, later ones are dropped
+                pruned.graph.initializer.append(t)
+                present.add(t.name)
+                moved += 1
         if len(kept) != len(body.initializer):
             del body.initializer[:]
             body.initializer.extend(kept)
