@@ -58,7 +58,7 @@ class PruneOptions:
     # removed channels: "bias" folds their constants into the next layer's bias, "reconstruct" refits
     # the next layers on calibration data (reconstruct.py), "auto": reconstruct when data is given
     compensation: str = "auto"
-    allow_growth: bool = False  # accept weights >10% over the input's (shared weights sliced per reader)
+    allow_growth: bool = False  # accept a model larger than the input (shared weights sliced per reader, new biases)
     quantize: str | None = None  # "int8": quantize the pruned model (quantize.py), calibrated on --data
     # with quantize: at most this many nodes kept in FP32 where their quantization dominates the
     # error (quantize.sensitivity); "auto": up to quantize.MAX_FP32, 0: none

@@ -717,7 +717,8 @@ def test_plain_ratio_half_gives_a_valid_model(name, built):
 @pytest.mark.parametrize("name", NAMES)
 def test_without_exact_borders_every_inexact_layer_is_named(name, built):
     m = get(built, name)
-    result = slim(m, exact_borders=False)
+    # a reader BN's Gather outweighs the few channels these tiny heads lose: declined as growth without it
+    result = slim(m, exact_borders=False, allow_growth=True)
     assert result.report.surgery.uncompensated_channels == 0
     if result.report.surgery.approximate:
         return  # named: nothing to prove

@@ -16,6 +16,8 @@ import onnx
 from ..errors import BnSlimError, CheckFailed
 from ..hardware import resolve_round_to
 from ..ir import data
+from ..ir.interface import drop_given_names
+from ..ir.model_io import model_bytes
 from ..ir.openvino_ir import OpenVinoResult, export_ir
 from ..ir.openvino_ir import require as require_openvino
 from ..ir.values import restored
@@ -203,6 +205,17 @@ def _prune(pipeline: Pipeline, options: PruneOptions, given: dict) -> PruneResul
             result.report.probe = found.to_dict()
             result.report.notes.append(found.summary())
             result = _probe_int8(pipeline, prep, options, result)
+    return _handed_over(result, prep)
+
+
+def _handed_over(result: PruneResult, prep: Prepared) -> PruneResult:
+    """The result as it leaves the tool: without the node names it gave nameless nodes for its
+    own bookkeeping (the input did not have them; the probes and INT8 read them until here),
+    its size in the report as it will be written."""
+    if prep.names.given:
+        for model in {id(m): m for m in (result.model, result.fp32_model) if m is not None}.values():
+            drop_given_names(model, prep.names)
+        result.report.after.size_bytes = model_bytes(result.model)
     return result
 
 

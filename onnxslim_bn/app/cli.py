@@ -155,8 +155,9 @@ def _prune_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="compensate removed channels exactly at the borders of padded convs too "
                              "(adds an Add of a constant map per such layer; needs static image sizes)")
     parser.add_argument("--allow-growth", action="store_true",
-                        help="accept weights over 1.1x the input's (a weight shared by layers that keep different "
-                             "channels is written once per slice; refused by default)")
+                        help="accept a model larger than the input (a weight shared by layers that keep different "
+                             "channels is written once per slice, a new bias outweighs a removed channel; refused by "
+                             "default)")
     parser.add_argument("--compensation", choices=("auto", "bias", "reconstruct"), default="auto",
                         help="for removed channels: fold their constants into the next layers' bias, or refit the "
                              "next layers by least squares on the calibration data (default auto: reconstruct "

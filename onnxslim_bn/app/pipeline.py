@@ -33,16 +33,21 @@ from ..ir import runtime as ort_runtime
 from ..ir.data import Samples
 from ..ir.fold import fold_constants, restore_storage, split_sequences
 from ..ir.interface import (
+    GivenNames,
+    WeightBytes,
     account,
+    check_file_size,
     check_interface,
     check_size,
     copy_origins,
     fix_node_names,
     fix_proto_node_names,
+    hoist_outer_weights,
     needs_node_names,
     remember_node_metadata,
     restore_interface,
     settle_copies,
+    without_given_names,
 )
 from ..ir.model_io import check_input, graphs, load_model_and_files, model_bytes, too_large_for_protobuf
 from ..ir.quantized import fold_dequantized, restore_dequantized
@@ -104,6 +109,9 @@ class Prepared:
     # the inputs of the run that gave the layers shapes inference left open (analysis.counted_shapes)
     count_feeds: dict | None = None
     reference: Reference | None = None  # the check's inputs and the original's outputs (None: no check)
+    # node names the input did not have (given for the analysis, not written)
+    names: GivenNames = field(default_factory=GivenNames)
+    input_bytes: int | None = None  # the input's serialized size as given (None past protobuf's 2 GB)
 
     def notes(self, options: PruneOptions) -> list[str]:
         """The preparation's notes for a run with ``options``; the block note follows the run's
@@ -151,9 +159,11 @@ class Pipeline:
 
 
 def _load(model: onnx.ModelProto | str | os.PathLike, strict: bool = True,
-          runtime: bool = True) -> tuple[onnx.ModelProto, str, int | None, list[str], object | None]:
-    """The model, a name for messages, its size on disk when it came from a file, notes, and
-    the onnxruntime session of the input.
+          runtime: bool = True) -> tuple[onnx.ModelProto, str, int | None, list[str], object | None, GivenNames,
+                                         int | None]:
+    """The model, a name for messages, its size on disk when it came from a file, notes, the
+    onnxruntime session of the input, the node names given to its nameless nodes, and its
+    serialized size as given (before those names).
 
     The input is checked before any work: onnx.checker (a stale declared output shape is
     dropped, with a note; a ModelProto passed in is then copied, never modified) and an
@@ -166,11 +176,13 @@ def _load(model: onnx.ModelProto | str | os.PathLike, strict: bool = True,
     else:
         (proto, files), source = load_model_and_files(model), str(model)
         size = sum(p.stat().st_size for p in files)
+    serialized = None if too_large_for_protobuf(proto) else proto.ByteSize()
+    names = GivenNames()
     if needs_node_names(proto):
         if proto is model:  # never modify the caller's model
             proto = onnx.ModelProto()
             proto.CopyFrom(model)
-        fix_proto_node_names(proto)
+        names = fix_proto_node_names(proto)
     notes: list[str] = []
     session = None
     try:
@@ -182,7 +194,7 @@ def _load(model: onnx.ModelProto | str | os.PathLike, strict: bool = True,
         if strict:
             raise
         notes.append(f"{exc}; pruning will refuse it")
-    return proto, source, size, notes, session
+    return proto, source, size, notes, session, names, serialized
 
 
 def _import(model: onnx.ModelProto) -> gs.Graph:
@@ -207,7 +219,7 @@ def prepare(model, options: PruneOptions, inspecting: bool = False, measured: bo
     gamma and that changes which reader BNs score their branch alone, the preparation is redone
     without."""
     measured = _measured(options) if measured is None else measured
-    proto, source, size, checked, loaded = _load(model, not inspecting, options.verify)
+    proto, source, size, checked, loaded, given_names, serialized = _load(model, not inspecting, options.verify)
     quantized = _check_quantized(proto, source, options, inspecting, checked)
     input_shapes, notes = resolve_input_shapes(proto, options.input_shapes, source)
     notes = checked + notes
@@ -251,7 +263,7 @@ def prepare(model, options: PruneOptions, inspecting: bool = False, measured: bo
         calibration, check, note = data.split(ranking.check, options.calibration_samples)
         ranking = replace(ranking, calibration=calibration, check=check, count=calibration.count,
                           notes=ranking.notes + ([note] if note else []))
-    before = measure(graph, {**shapes, **analysis.counted_shapes}, size or model_bytes(proto))
+    before = measure(graph, {**shapes, **analysis.counted_shapes}, size or serialized or model_bytes(proto))
     session = sess or loaded
     if quantized and sess is not None:  # the INT8 original checked as deployed, as the pruned model will be
         session = ort_runtime.session(proto, source, optimized=True)
@@ -260,7 +272,7 @@ def prepare(model, options: PruneOptions, inspecting: bool = False, measured: bo
         reference = _reference(proto, source, session, input_shapes, options, ranking)
     return Prepared(preparation_key(options), proto, source, size, input_shapes, shapes, graph, analysis, before,
                     tuple(notes), tuple(ranking.notes), session, ranking.calibration, ranking.check,
-                    ranking.count, ranking.importance, count_feeds, reference)
+                    ranking.count, ranking.importance, count_feeds, reference, given_names, serialized)
 
 
 def _check_quantized(proto: onnx.ModelProto, source: str, options: PruneOptions, inspecting: bool,
@@ -466,14 +478,20 @@ def cut(prep: Prepared, options: PruneOptions, target: float | None = None, curv
     stats = apply(prep.analysis, plan, options.exact_borders or compensation(options) == "reconstruct")
     resolved = _options_resolved(options, prep)
     resolved["round_to"] = plan.budget.get("round_to", resolved["round_to"])  # a budget may need a finer block
-    pruned = _export(prep, run_metadata(resolved), options.allow_growth)
+    # the file no larger than the input's (issue 16), unless --allow-growth, or --exact-borders (it asks
+    # for the border maps whatever they weigh); a refit settles its maps first, then the file is held to it
+    limited = not (options.allow_growth or options.exact_borders)
+    refit = compensation(options) == "reconstruct"
+    metadata = run_metadata(resolved)
+    pruned = _export(prep, metadata, options.allow_growth, limited and not refit)
     seconds = {"prune": time.perf_counter() - clock}
     reconstruction = None
-    if compensation(options) == "reconstruct":
+    if refit:
         clock = time.perf_counter()
         pruned, reconstruction, stats, refit_notes = _reconstruct(prep, pruned, options, stats)
         notes.extend(refit_notes)
         seconds["reconstruct"] = time.perf_counter() - clock
+        _fit(prep, pruned, metadata, account(prep.model, pruned, copy_origins(prep.graph)) if limited else None)
     return Cut(plan, stats, resolved, pruned, reconstruction, tuple(notes), seconds)
 
 
@@ -497,9 +515,11 @@ def _reconstruct(prep: Prepared, pruned: onnx.ModelProto, options: PruneOptions,
     return refit, result, replace(stats, border_maps=stats.border_maps - result.maps_dropped), notes
 
 
-def _export(prep: Prepared, metadata: dict[str, str], allow_growth: bool = False) -> onnx.ModelProto:
+def _export(prep: Prepared, metadata: dict[str, str], allow_growth: bool = False,
+            limited: bool = True) -> onnx.ModelProto:
     """The pruned graph as a model with the input's interface (inputs, outputs, IR, opsets,
-    metadata), unique tensor names, and weights no larger than the input's (see interface)."""
+    metadata), unique tensor names, weights no larger than the input's (see interface), and,
+    when ``limited``, a file no larger than the input's (:func:`_fit`)."""
     settle_copies(prep.graph)
     widened = restore_storage(prep.graph)  # fp16 weights behind a Cast stay fp16
     restored = restore_dequantized(prep.graph)  # a QDQ model's weights: DequantizeLinear of the same integers
@@ -522,30 +542,43 @@ def _export(prep: Prepared, metadata: dict[str, str], allow_growth: bool = False
             for name in ("name", "domain", "doc_string"):
                 if node.HasField(name) and not getattr(node, name):
                     node.ClearField(name)
+    hoist_outer_weights(pruned, original)  # one copy of a weight that If / Loop bodies read, where it was
     restore_interface(pruned, original, prep.graph)
     check_interface(original, pruned, prep.source)
-    check_size(account(original, pruned, origins, widened), allow_growth, prep.source)
+    weights = account(original, pruned, origins, widened)
+    check_size(weights, allow_growth, prep.source)
     try:  # annotate shapes from a weight-less copy: no second copy of the weights in memory
         inferred = onnx.shape_inference.infer_shapes(skeleton(pruned, None), strict_mode=True)
         known = {t.name for t in pruned.graph.initializer} | {t.name for t in pruned.graph.input} | \
             {v.name for v in pruned.graph.value_info}
-        # graphsurgeon's export annotates more than the input did, in subgraphs too
-        given = {v.name for g in graphs(original.graph) for v in g.value_info}
+        # graphsurgeon's export annotates more than the input did, in subgraphs too (_fit drops them first)
         pruned.graph.value_info.extend(v for v in inferred.graph.value_info if v.name not in known)
-        _add_metadata(pruned, original, metadata, given)
+        _fit(prep, pruned, metadata, weights if limited else None)
         return pruned
     except onnx.shape_inference.InferenceError as exc:
         raise BnSlimError(f"{prep.source}: the pruned graph fails shape inference ({str(exc).splitlines()[0]}); "
                           "nothing was written. This is a bug in onnx-bnslim: please report it with the model") from exc
 
 
-def _add_metadata(pruned: onnx.ModelProto, original: onnx.ModelProto, metadata: dict[str, str], given: set[str]) -> None:
+def _fit(prep: Prepared, pruned: onnx.ModelProto, metadata: dict[str, str], weights: WeightBytes | None) -> None:
+    """The run's record and the shape annotations, as far as the file stays within the input's
+    size (:func:`_add_metadata`), measured as written (without the node names the tool gave,
+    which api.prune drops); with ``weights``, a file still larger is refused (check_file_size)."""
+    given = {v.name for g in graphs(prep.model.graph) for v in g.value_info}
+    with without_given_names(pruned, prep.names):
+        _add_metadata(pruned, prep.model, prep.input_bytes, metadata, given)
+        if weights is not None:
+            check_file_size(pruned, prep.input_bytes, weights, prep.source)
+
+
+def _add_metadata(pruned: onnx.ModelProto, original: onnx.ModelProto, limit: int | None, metadata: dict[str, str],
+                  given: set[str]) -> None:
     """The input's metadata_props, then this run's (an earlier run's keys, pruned again, give way):
     tool, version and options (report.run_metadata). When that would make the file larger than
     its input (a run that removed almost nothing), less is added: the options go first, then the
     rest of the record, then the shape annotations this run added (``value_info`` not in
-    ``given``); the JSON report keeps the whole record either way."""
-    limit = None if too_large_for_protobuf(original) else original.ByteSize()
+    ``given``); the JSON report keeps the whole record either way. ``limit``: the input's
+    serialized size (None: past protobuf's limit, no limit)."""
     records = [metadata, {k: v for k, v in metadata.items() if k != "onnx-bnslim.options"}, {}, None]
     for record in records:
         if record is None:  # the last resort: the shape annotations this run added, in every (sub)graph

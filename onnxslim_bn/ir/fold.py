@@ -112,10 +112,14 @@ def restore_storage(graph: gs.Graph) -> dict[str, int]:
     recomputed) becomes the stored tensor again, in its type, behind the same ``Cast``. A value
     the compensation changed (a bias that absorbed removed channels) stays in the computed type
     under the Cast's output name: rounding it would lose the compensation's exactness.
+    Readers inside If / Loop bodies are restored too: they read the same outer ``Cast`` (a body
+    left with the folded constant would carry it as a wide initializer of its own).
     Returns those widened tensors: name -> their bytes in the storage type."""
     done: dict[int, gs.Tensor] = {}
     narrow, widened = 0, {}
-    for node in list(graph.nodes):
+    readers = list(graph.nodes)
+    readers += [n for node in graph.nodes for sub in node.subgraphs(recursive=True) for n in sub.nodes]
+    for node in readers:
         for i, tensor in enumerate(node.inputs):
             storage = getattr(tensor, "_bnslim_storage", None)
             if storage is None:

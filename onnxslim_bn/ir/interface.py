@@ -8,6 +8,7 @@ interface (inputs and outputs by name, order, element type and rank) and to its 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass, field
 
@@ -17,6 +18,7 @@ import onnx_graphsurgeon as gs
 from onnx import helper, numpy_helper
 
 from ..errors import BnSlimError
+from .model_io import graphs, too_large_for_protobuf
 from .ops import constant_tensor
 
 log = logging.getLogger(__name__)
@@ -47,19 +49,62 @@ def unique_node_names(names: list[str], ops: list[str]) -> list[str]:
     return out
 
 
-def fix_proto_node_names(model: onnx.ModelProto) -> int:
+@dataclass(frozen=True)
+class GivenNames:
+    """The node names the tool gave nameless nodes (its bookkeeping: the analysis keys by name),
+    and the input's own names. A given name, or a new node's name made from one
+    (``<given>_<suffix>``), is not written out (:func:`drop_given_names`): it would only grow the file."""
+
+    given: frozenset[str] = frozenset()
+    own: frozenset[str] = frozenset()
+
+    def made(self, name: str) -> bool:
+        if not name or name in self.own:
+            return False
+        return name in self.given or any(name[:i] in self.given for i, c in enumerate(name) if c == "_")
+
+
+def fix_proto_node_names(model: onnx.ModelProto) -> GivenNames:
     """:func:`unique_node_names` on a model's nodes, in place (onnxruntime refuses repeated
-    node names; the analysis keys by them); return how many were renamed."""
+    node names; the analysis keys by them); return the names given to nameless nodes."""
     nodes = model.graph.node
+    own = frozenset(n.name for g in graphs(model.graph) for n in g.node if n.name)
     names = unique_node_names([n.name for n in nodes], [n.op_type for n in nodes])
-    renamed = 0
+    renamed, given = 0, set()
     for node, name in zip(nodes, names):
         if node.name != name:
+            if not node.name:
+                given.add(name)
             node.name = name
             renamed += 1
     if renamed:
         log.info("named %d unnamed or repeated nodes", renamed)
-    return renamed
+    return GivenNames(frozenset(given), own)
+
+
+def drop_given_names(model: onnx.ModelProto, names: GivenNames) -> list[tuple[onnx.NodeProto, str]]:
+    """Clear the node names the input did not have (see :class:`GivenNames`), in every
+    (sub)graph; return (node, name) of each node cleared."""
+    cleared = []
+    if not names.given:
+        return cleared
+    for graph in graphs(model.graph):
+        for node in graph.node:
+            if names.made(node.name):
+                cleared.append((node, node.name))
+                node.ClearField("name")
+    return cleared
+
+
+@contextlib.contextmanager
+def without_given_names(model: onnx.ModelProto, names: GivenNames):
+    """``model`` as it will be written (given names cleared) for the block; the names come back after."""
+    cleared = drop_given_names(model, names)
+    try:
+        yield model
+    finally:
+        for node, name in cleared:
+            node.name = name
 
 
 def needs_node_names(model: onnx.ModelProto) -> bool:
@@ -118,6 +163,35 @@ def copy_origins(graph: gs.Graph) -> dict[str, str]:
             if origin:
                 origins[t.name] = origin
     return origins
+
+
+def hoist_outer_weights(pruned: onnx.ModelProto, original: onnx.ModelProto) -> int:
+    """onnx-graphsurgeon writes a constant an If / Loop body reads from the outer scope into
+    that body, once per body that reads it: a weight the input held in its main graph goes back
+    there, once (a body may read outer initializers), and so does a new constant several bodies
+    read. Initializers the input kept inside a body stay there. Returns how many were moved."""
+    outer = {t.name for t in original.graph.initializer}
+    inner = {t.name for g in list(graphs(original.graph))[1:] for t in g.initializer}
+    bodies = list(graphs(pruned.graph))[1:]
+    readers: dict[str, int] = {}
+    for body in bodies:
+        for t in body.initializer:
+            readers[t.name] = readers.get(t.name, 0) + 1
+    present = {t.name for t in pruned.graph.initializer}
+    moved = 0
+    for body in bodies:
+        kept = []
+        for t in body.initializer:
+            if t.name in inner or not (t.name in outer or t.name in present or readers[t.name] > 1):
+                kept.append(t)  # the body's own: it stays
+            elif t.name not in present:  # the first copy goes to the main graph, later ones are dropped
+                pruned.graph.initializer.append(t)
+                present.add(t.name)
+                moved += 1
+        if len(kept) != len(body.initializer):
+            del body.initializer[:]
+            body.initializer.extend(kept)
+    return moved
 
 
 def restore_interface(pruned: onnx.ModelProto, original: onnx.ModelProto, graph: gs.Graph) -> None:
@@ -201,12 +275,13 @@ def account(original: onnx.ModelProto, pruned: onnx.ModelProto, origins: dict[st
     """``widened``: tensors stored narrower in the input and written wider (fold.restore_storage),
     by name -> their bytes in the storage type: only those bytes count as added."""
     widened = widened or {}
-    before = sum(_nbytes(t) for t in original.graph.initializer)
-    before += sum(_nbytes(t) for t in map(constant_tensor, original.graph.node) if t is not None)
-    account = WeightBytes(before, sum(_nbytes(t) for t in pruned.graph.initializer))
-    names = {t.name for t in original.graph.initializer}
+    before = sum(_nbytes(t) for t in _initializers(original))
+    before += sum(_nbytes(t) for g in graphs(original.graph) for t in map(constant_tensor, g.node) if t is not None)
+    after = _initializers(pruned)
+    account = WeightBytes(before, sum(_nbytes(t) for t in after))
+    names = {t.name for t in _initializers(original)}
     groups: dict[str, list[onnx.TensorProto]] = {}
-    for t in pruned.graph.initializer:
+    for t in after:
         if t.name in origins:
             account.copies += _nbytes(t)
             groups.setdefault(origins[t.name], []).append(t)
@@ -216,7 +291,7 @@ def account(original: onnx.ModelProto, pruned: onnx.ModelProto, origins: dict[st
             account.widened += _nbytes(t) - widened[t.name]
         elif t.name not in names:
             account.added += _nbytes(t)
-    by_name = {t.name: t for t in pruned.graph.initializer}
+    by_name = {t.name: t for t in after}
     for origin, members in groups.items():
         if origin in by_name:
             members.append(by_name[origin])
@@ -229,6 +304,12 @@ def account(original: onnx.ModelProto, pruned: onnx.ModelProto, origins: dict[st
                 account.duplicates.append(t.name)
             seen.add(key)
     return account
+
+
+def _initializers(model: onnx.ModelProto) -> list[onnx.TensorProto]:
+    """The initializers of the graph and of every If / Loop / Scan body in it (a body holds
+    the weights only it reads)."""
+    return [t for g in graphs(model.graph) for t in g.initializer]
 
 
 def check_size(weights: WeightBytes, allow_growth: bool, source: str) -> None:
@@ -250,11 +331,33 @@ def check_size(weights: WeightBytes, allow_growth: bool, source: str) -> None:
                           "This is a bug in onnx-bnslim: please report it with the model")
     split = sorted(((n, k) for n, k in weights.shared.items() if k > 1), key=lambda x: -x[1])
     if split and weights.after - weights.added > GROWTH_LIMIT * weights.before and not allow_growth:
-        why = (f"weights shared by layers that keep different channels are written once per slice "
-               f"(e.g. '{split[0][0]}' {split[0][1]} times)")
+        why = (f"weights shared by layers that keep different channels (or read whole inside an If / Loop body) are "
+               f"written once per slice (e.g. '{split[0][0]}' {split[0][1]} times)")
         raise BnSlimError(f"{source}: the pruned model's weights ({_mib(weights.after)}) would exceed the input's "
                           f"({_mib(weights.before)}) by more than {GROWTH_LIMIT - 1:.0%}: {why}; nothing was written. "
                           "Pass --allow-growth to accept, or --keep the layers that share weights")
+
+
+def check_file_size(pruned: onnx.ModelProto, limit: int | None, weights: WeightBytes, source: str) -> None:
+    """Refuse a pruned model larger on disk than its input (``limit``: the input's serialized
+    size; None past protobuf's limit) once the run's record and shape annotations gave way
+    (pipeline._add_metadata): one line saying what outweighs the removed channels."""
+    if limit is None or too_large_for_protobuf(pruned):
+        return
+    size = pruned.ByteSize()
+    if size <= limit:
+        return
+    split = sorted(((n, k) for n, k in weights.shared.items() if k > 1), key=lambda x: -x[1])
+    if split:
+        why = (f"a weight read by layers that keep different channels (or whole inside an If / Loop body) is written "
+               f"once per slice ('{split[0][0]}' {split[0][1]} times)")
+    elif weights.added:
+        why = (f"what the cut added (tensors of {_mib(weights.added)}: biases for the removed channels' constants, "
+               "channel selections) outweighs what the removed channels saved")
+    else:
+        why = "the rewritten graph outweighs what the removed channels saved"
+    raise BnSlimError(f"{source}: the pruned model ({size} bytes) would exceed the input's ({limit} bytes): {why}; "
+                      "nothing was written. Remove more channels, or pass --allow-growth to accept")
 
 
 def _mib(n: int) -> str:

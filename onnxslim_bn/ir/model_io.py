@@ -405,9 +405,10 @@ def model_bytes(model: onnx.ModelProto) -> int:
 
 
 def weight_bytes(model: onnx.ModelProto) -> int:
-    """Bytes of the initializers, without serializing the model (ByteSize() would, in full)."""
+    """Bytes of the initializers (of If / Loop / Scan bodies too), without serializing the
+    model (ByteSize() would, in full)."""
     total = 0
-    for t in model.graph.initializer:
+    for t in (t for g in graphs(model.graph) for t in g.initializer):
         dtype = onnx.helper.tensor_dtype_to_np_dtype(t.data_type) if t.data_type else np.dtype(np.float32)
         total += int(np.prod(t.dims)) * dtype.itemsize
     return total
