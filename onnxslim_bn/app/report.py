@@ -258,7 +258,8 @@ class Report:
         lines.extend(selection_lines(self.selection, self.chosen_channels, self.removed_channels, self.options))
         if self.surgery.carried:
             lines.append(f"Removed channels' constants carried by a kept constant channel in "
-                         f"{_n(self.surgery.carried, 'layer')} (exact at the borders too, at any image size).")
+                         f"{_n(self.surgery.carried, 'layer')}: the borders as exact as the carrier is constant (it varies by at "
+                         "most 1% of its value), at any image size, with no op added.")
         if self.surgery.compensated_layers:
             lines.append(f"Removed channels' constants folded into {self.surgery.compensated_layers} layers' bias"
                          + (f", {self.surgery.border_maps} with a border map "
