@@ -171,4 +171,4 @@ def without_carriers(monkeypatch) -> None:
     (onnxslim_bn.passes.select.carriers): exact inside, approximate at the borders."""
     monkeypatch.setattr("onnxslim_bn.passes.surgery.carriers",
                         lambda plan, analysis, name, values, removed: np.zeros_like(removed))
-    monkeypatch.setattr("onnxslim_bn.passes.select.hold_carriers", lambda plan, dead, block: 0)
+    monkeypatch.setattr("onnxslim_bn.passes.select.hold_carriers", lambda plan, dead, block, *rest: 0)

@@ -45,7 +45,7 @@ from onnx import TensorProto
 
 from onnxslim_bn import prune
 from onnxslim_bn.options import PruneOptions
-from tests.graphs import Builder, random_input, run, weight_shapes
+from tests.graphs import Builder, random_input, run, weight_shapes, without_carriers
 
 RTOL = 1e-5  # relative to the output's largest magnitude
 FLOOR = 1e-6  # float32 rounding on outputs near zero
@@ -450,3 +450,60 @@ def test_layer_cap_still_lets_dead_channels_go():
     assert len(set(dead) & set(space.removed)) >= len(dead) - result.report.selection["kept_as_carriers"]
     live_lost = len(set(space.removed) - set(dead))
     assert live_lost <= math.ceil(cap * (space.channels - len(dead))), (live_lost, cap)
+
+
+def _spread_model() -> onnx.ModelProto:
+    """conv3x3 -> BN whose gammas spread log-uniformly over 1e-5 .. 1 (no dead cluster to find),
+    beta 1 on the 12 smallest (nearly constant 1 behind the ReLU) -> ReLU -> padded conv3x3."""
+    b = Builder(seed=11)
+    x = b.conv("x", 3, 32, k=3)
+    rng = np.random.default_rng(4)
+    gamma = np.logspace(-5, 0, 32).astype(np.float32)[rng.permutation(32)]
+    beta = (rng.standard_normal(32) * 0.5).astype(np.float32)
+    beta[np.argsort(gamma)[:12]] = 1.0
+    params = [b.const(gamma, "bn"), b.const(beta, "bn"), b.const(np.zeros(32, np.float32), "bn"),
+              b.const(np.ones(32, np.float32), "bn")]
+    a = b.op("Relu", [b.op("BatchNormalization", [x, *params], epsilon=1e-5)])
+    return b.model({"x": SHAPE}, [b.conv(a, 32, 4, k=3)])
+
+
+def test_channels_removed_above_the_dead_cluster_are_still_carried_at_a_padded_conv(monkeypatch):
+    """Removed channels scored above the dead level (the scores show no cluster) but nearly
+    constant: a kept nearly-constant channel carries them, where bias folding alone misses their
+    constant at every border position. The tool once held carriers only for cuts of dead channels."""
+    model = _spread_model()
+    result = prune(model, ratio=0.25, round_to=1, min_channels=1)
+    sel = result.report.selection
+    assert sel["live_removed"] > 0 and result.report.removed_channels == 8  # the case: above the dead level
+    (carried, scale), = differences(model, result.model)
+    without_carriers(monkeypatch)
+    (folded, _), = differences(model, prune(model, ratio=0.25, round_to=1, min_channels=1).model)
+    # what is left is the removed channels' own variation (gamma <= 1.4e-4 on inputs of std ~ 5), far
+    # below the border error of folding their constant 1 into the bias (4.4 here)
+    assert carried < 1e-3 * scale and folded > 100 * carried, (carried, folded, scale)
+
+
+def test_a_carrier_takes_the_place_of_a_channel_rounding_put_back():
+    """The cut removes 16 dead channels (constant 1 behind the ReLU) and 10 near-zero ones
+    (constant 0); rounding 38 kept up to 48 puts the near-zero ones back, so no kept channel can
+    carry the constants at the padded conv. The carrier then replaces one of those (the width
+    stays 48) rather than rounding 49 up to the whole 64, which gave back the entire cut."""
+    b = Builder(seed=12)
+    x = b.conv("x", 3, 64, k=3)
+    rng = np.random.default_rng(5)
+    gamma = rng.uniform(0.5, 1.5, 64).astype(np.float32)
+    beta = (rng.standard_normal(64) * 0.3).astype(np.float32)
+    dead, small = np.arange(0, 64, 4), np.arange(1, 41, 4)
+    gamma[dead], beta[dead] = 0.0, 1.0
+    gamma[small], beta[small] = 1e-4, -1.0
+    params = [b.const(gamma, "bn"), b.const(beta, "bn"), b.const(np.zeros(64, np.float32), "bn"),
+              b.const(np.ones(64, np.float32), "bn")]
+    a = b.op("Relu", [b.op("BatchNormalization", [x, *params], epsilon=1e-5)])
+    model = b.model({"x": SHAPE}, [b.conv(a, 64, 4, k=3)])
+    result = prune(model, ratio=26 / 64, round_to=16, min_channels=1)
+    sel = result.report.selection
+    shapes = list(weight_shapes(result.model).values())
+    assert shapes[0][0] == 48 and shapes[1][1] == 48, shapes
+    assert sel["kept_as_carriers"] == 1 and sel["kept_by_rounding"] == 9, sel
+    assert result.report.surgery.carried == 1 and result.report.surgery.approximate_layers == 0
+    assert_exact(model, result.model)

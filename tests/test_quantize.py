@@ -178,7 +178,7 @@ def test_fixed_batch_model_calibrates_in_whole_batches():
     model = b.model({"input": [4, 3, 8, 8]}, [out])
     x = np.random.default_rng(0).standard_normal((90, 3, 8, 8)).astype(np.float32)  # not whole batches of 4
     result = onnxslim_bn.prune(model, threshold=1e-3, round_to=1, data={"input": x}, compensation="bias",
-                               quantize="int8", probe=False)
+                               quantize="int8", probe=False, allow_growth=True)  # 7 KB: QDQ pairs outweigh INT8
     assert _signature(result.model.graph.input) == _signature(model.graph.input)
     assert result.report.quantization["calibration_samples"] == 45
     assert result.report.verification.samples == 45 and result.report.verification.cosine > 0.995
@@ -358,3 +358,42 @@ def test_named_fp32_nodes_are_kept_without_a_search():
     assert all(t.name in read for t in q.model.graph.initializer)  # nothing left dangling
     assert all(any(o in read or o in {x.name for x in q.model.graph.output} for o in n.output)
                for n in q.model.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear"))
+
+
+def _tiny_chain() -> onnx.ModelProto:
+    """conv3x3 -> BN (one dead channel) -> ReLU, four 1x1 conv-BN-ReLU, a 1x1 head: 16 wide, 9 KB."""
+    b = Builder(seed=3)
+    x = b.op("Relu", [b.bn(b.conv("x", 3, 16, k=3), 16, dead=np.array([0]), beta_dead=None)])
+    for _ in range(4):
+        x = b.op("Relu", [b.bn(b.conv(x, 16, 16, k=1, pad=0), 16)])
+    return b.model({"x": [None, 3, 8, 8]}, [b.conv(x, 16, 4, k=1, pad=0)])
+
+
+def test_with_quantize_the_written_int8_file_is_held_to_the_input_size():
+    """Never larger: with --quantize the INT8 file is what is written, so it is the one held to
+    the input's size. On a 9 KB model the QDQ pairs outweigh what INT8 weights save: refused in
+    one line, unless --allow-growth."""
+    model = _tiny_chain()
+    data = {"x": np.random.default_rng(1).standard_normal((128, 3, 8, 8)).astype(np.float32)}
+    with pytest.raises(BnSlimError, match=r"the INT8 model \(\d+ bytes\) would exceed the input's"):
+        onnxslim_bn.prune(model, threshold=1e-3, round_to=1, data=data, quantize="int8")
+    grown = onnxslim_bn.prune(model, threshold=1e-3, round_to=1, data=data, quantize="int8", allow_growth=True)
+    assert grown.model.ByteSize() > model.ByteSize()
+
+
+def test_with_quantize_the_fp32_intermediate_is_not_held_to_the_input_size(monkeypatch):
+    """The FP32 pruned model is not written with --quantize: the file-size rule that refuses a
+    grown FP32 model (here made to refuse every one) does not apply to it."""
+    def refuse(*args, **kwargs):
+        raise BnSlimError("the FP32 model was held to the input's size")
+
+    monkeypatch.setattr("onnxslim_bn.app.pipeline.check_file_size", refuse)
+    b = Builder(seed=3)
+    x = b.op("Relu", [b.bn(b.conv("x", 3, 32, k=3), 32, dead=np.array([0]), beta_dead=None)])
+    x = b.op("Relu", [b.bn(b.conv(x, 32, 32, k=3), 32)])
+    model = b.model({"x": [None, 3, 8, 8]}, [b.conv(x, 32, 4, k=1, pad=0)])
+    data = {"x": np.random.default_rng(1).standard_normal((128, 3, 8, 8)).astype(np.float32)}
+    with pytest.raises(BnSlimError, match="held to the input's size"):
+        onnxslim_bn.prune(model, threshold=1e-3, round_to=1, data=data)
+    result = onnxslim_bn.prune(model, threshold=1e-3, round_to=1, data=data, quantize="int8")
+    assert result.report.removed_channels == 1 and result.model.ByteSize() <= model.ByteSize()

@@ -479,8 +479,9 @@ def cut(prep: Prepared, options: PruneOptions, target: float | None = None, curv
     resolved = _options_resolved(options, prep)
     resolved["round_to"] = plan.budget.get("round_to", resolved["round_to"])  # a budget may need a finer block
     # the file no larger than the input's (issue 16), unless --allow-growth, or --exact-borders (it asks
-    # for the border maps whatever they weigh); a refit settles its maps first, then the file is held to it
-    limited = not (options.allow_growth or options.exact_borders)
+    # for the border maps whatever they weigh); a refit settles its maps first, then the file is held to it.
+    # With --quantize the FP32 model is not written: the INT8 file is held to it (_quantize)
+    limited = not (options.allow_growth or options.exact_borders or options.quantize)
     refit = compensation(options) == "reconstruct"
     metadata = run_metadata(resolved)
     pruned = _export(prep, metadata, options.allow_growth, limited and not refit)
@@ -680,6 +681,12 @@ def _quantize(prep: Prepared, pruned: onnx.ModelProto, options: PruneOptions, no
                           "--calibration-samples N to split them")
     quantized, found = int8.quantize_with_fallback(pruned, prep.calibration.arrays, f"{prep.source} (pruned)",
                                                    verify.static_batch(prep.model), options.int8_fp32)
+    limit = prep.input_bytes
+    if not (options.allow_growth or options.exact_borders) and limit is not None \
+            and not too_large_for_protobuf(quantized.model) and quantized.model.ByteSize() > limit:
+        raise BnSlimError(f"{prep.source}: the INT8 model ({quantized.model.ByteSize()} bytes) would exceed the input's "
+                          f"({limit} bytes): its quantize / dequantize pairs outweigh what INT8 weights and the cut "
+                          "saved; nothing was written. Pass --allow-growth to accept, or drop --quantize")
     s = quantized.settings
     notes.append(f"quantized to INT8 ({s.format}, {s.weights} per-channel weights, {s.activations} activations: "
                  f"{s.reason}) with {s.calibration} ranges on {prep.calibration.describe()}, "

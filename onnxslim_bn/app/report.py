@@ -333,7 +333,7 @@ def selection_lines(sel: dict, chosen: int, removed: int, options: dict) -> list
                      f"constant where {where} reads them (a gate, a pad value, a border effect).")
     kept = [(sel.get("kept_by_branches", 0), "another reader BN's branch still uses them"),
             (sel.get("kept_as_carriers", 0), "a padded conv's border needs a kept constant channel to carry "
-                                             "the removed constants exactly (dead, one per such tensor)")]
+                                             "the removed constants exactly (a constant channel, one per such tensor)")]
     rounded = chosen - removed + sel.get("removed_by_branches", 0) + sel.get("removed_by_rounding", 0) \
         - sum(n for n, _ in kept)
     if rounded > 0:

@@ -70,4 +70,11 @@ def _carriers_held(plan: Plan, ranking: Ranking, options: PruneOptions) -> int:
     refit (compensation with data) fits the borders itself."""
     if options.exact_borders or options.refits():
         return 0
-    return hold_carriers(plan, ranking.dead, options.block())
+    cut = options.threshold if options.threshold is not None else plan.cut.get("score")
+    if options.threshold is not None and cut is not None:
+        cut = float(np.nextafter(cut, -np.inf))  # a threshold removes scores below it only
+    held = hold_carriers(plan, ranking.dead, options.block(), cut,
+                         {s.id: ranking.unsafe_mask(s) for s in ranking.spaces})
+    if held:
+        plan.recount()
+    return held

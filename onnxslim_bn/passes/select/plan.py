@@ -29,7 +29,7 @@ class Plan:
     rounded_back: int = 0  # chosen channels rounding widths to the block put back
     rounded_back_dead: int = 0  # of those, the ones in the dead cluster (or exact zeros)
     rounded_down: int = 0  # channels rounding down removed beyond the chosen ones
-    carriers_held: int = 0  # dead channels kept to carry the removed constants at padded convs (carriers.py)
+    carriers_held: int = 0  # constant channels kept to carry the removed constants at padded convs (carriers.py)
     derived_removed: int = 0  # shared channels removed because every reader BN's branch dropped them
     branch_kept: int = 0  # chosen channels a reader BN's branch still reads (so the shared tensor keeps them)
     budget: dict = field(default_factory=dict)  # for --target-macs / --target-params: target and reached
@@ -46,6 +46,19 @@ class Plan:
                 "kept_by_min_channels": self.min_kept, "kept_by_rounding": self.rounded_back,
                 "dead_kept_by_rounding": self.rounded_back_dead, "removed_by_rounding": self.rounded_down, "kept_as_carriers": self.carriers_held,
                 "budget": dict(self.budget)}
+
+    def recount(self) -> None:
+        """Restate ``live_removed`` and ``max_removed_score`` from what the plan removes now (after
+        channels were kept back, as carriers)."""
+        parts = []
+        for root, kept in self.kept.items():
+            scores = self.analysis.spaces[root].scores()
+            if scores is not None:
+                parts.append(np.delete(scores, kept))
+        gone = np.concatenate(parts) if parts else np.zeros(0)
+        gone = gone[np.isfinite(gone)]
+        self.live_removed = int((gone > self.dead_level).sum())
+        self.max_removed_score = float(gone.max()) if len(gone) else None
 
     def _kept(self, seg: Segment) -> np.ndarray:
         """Kept channels of the segment, numbered from its own first channel."""
