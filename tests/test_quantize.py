@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 import onnx
+from onnx import numpy_helper
 import onnxruntime as ort
 import pytest
 
@@ -397,3 +398,40 @@ def test_with_quantize_the_fp32_intermediate_is_not_held_to_the_input_size(monke
         onnxslim_bn.prune(model, threshold=1e-3, round_to=1, data=data)
     result = onnxslim_bn.prune(model, threshold=1e-3, round_to=1, data=data, quantize="int8")
     assert result.report.removed_channels == 1 and result.model.ByteSize() <= model.ByteSize()
+
+
+def _quantization_hostile() -> onnx.ModelProto:
+    """conv3x3 -> BN (two dead channels) -> ReLU -> conv3x3 -> GAP -> Gemm, 32 wide; channel 0 of
+    the first conv's output is 1000x the others (and read 1000x weaker): per-tensor INT8 ranges
+    leave the other channels a level or two, the FP32 model does not care."""
+    b = Builder(seed=3)
+    y = b.op("Relu", [b.bn(b.conv("x", 3, 32), 32, dead=np.array([5, 9]))])
+    conv = b.conv(y, 32, 32)
+    model = b.model({"x": [None, 3, 8, 8]}, [b.gemm(b.op("Flatten", [b.op("GlobalAveragePool", [
+        b.op("Relu", [conv])])]), 32, 10)])
+    by_name = {t.name: t for t in model.graph.initializer}
+    bn = next(n for n in model.graph.node if n.op_type == "BatchNormalization")
+    second = [n for n in model.graph.node if n.op_type == "Conv"][1]
+    gamma, beta = (numpy_helper.to_array(by_name[bn.input[i]]).copy() for i in (1, 2))
+    gamma[0], beta[0] = gamma[0] * 1000, beta[0] * 1000
+    w = numpy_helper.to_array(by_name[second.input[1]]).copy()
+    w[:, 0] /= 1000
+    for name, value in ((bn.input[1], gamma), (bn.input[2], beta), (second.input[1], w)):
+        by_name[name].CopyFrom(numpy_helper.from_array(value.astype(np.float32), name))
+    return model
+
+
+def test_an_int8_collapse_is_blamed_on_the_quantization_and_not_retried_as_another_cut(caplog):
+    """Pruning exact (two dead channels), INT8 far off: the loud line names the INT8 step, and a
+    budget run would not try other cuts for it."""
+    model = _quantization_hostile()
+    data = {"x": np.random.default_rng(1).standard_normal((256, 3, 8, 8)).astype(np.float32)}
+    result = onnxslim_bn.prune(model, threshold=1e-3, round_to=1, data=data, quantize="int8", int8_fp32=0,
+                               allow_growth=True, probe=False)
+    found = result.report.collapse
+    steps = result.report.quantization["steps"]
+    assert steps["pruning"]["cosine"] > 0.9999 and steps["quantization"]["cosine"] < 0.98, steps
+    assert found is not None and found.step == "quantization"
+    assert [a["what"] for a in found.attempts] == ["as asked"]  # no other cut tried: it would not mend INT8
+    assert "the INT8 model collapsed" in found.message() and "pruning alone kept cosine 1.0000" in found.message()
+    assert any("the INT8 model collapsed" in r.message for r in caplog.records)

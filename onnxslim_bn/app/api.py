@@ -319,6 +319,7 @@ def _attempts(pipeline: Pipeline, options: PruneOptions, given: dict, result: Pr
     found.attempts.append(entry("as asked", result))
     best, best_prep, chosen = result, prep, 0
     budget = options.target_macs is not None or options.target_params is not None
+    budget = budget and found.step == "pruning"  # another cut cannot mend what the INT8 step lost
     for what, alternative in (_collapse_alternatives(options, result) if budget else ()):
         try:
             other, other_prep = _prune_once(pipeline, alternative, given)

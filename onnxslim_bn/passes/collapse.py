@@ -37,11 +37,24 @@ class Collapse:
     allowed_cosine_loss: float  # the same for 1 - cosine (a quarter of it)
     attempts: list[dict] = field(default_factory=list)  # {"what", "agreement", "cosine", "collapsed", "chosen"}
     resolved: bool = False  # an attempt did better and is the result
+    # "quantization": with --quantize, the pruned FP32 model is within what the cut warrants and
+    # the INT8 step is what collapsed (another cut would not help); "pruning" otherwise
+    step: str = "pruning"
+    pruning: dict | None = None  # with --quantize: the pruning step's numbers (quantize.step_metrics)
 
     def message(self) -> str:
         got = f"cosine {self.cosine:.4f}" + (f", top-1 agreement {self.agreement:.2%}" if self.agreement is not None else "")
         allowed = f"cosine {1 - self.allowed_cosine_loss:.4f}" + \
             (f" or agreement {1 - self.allowed_disagreement:.1%}" if self.agreement is not None else "")
+        if self.step == "quantization":
+            p = self.pruning or {}
+            kept = f"cosine {p.get('cosine', float('nan')):.4f}" + \
+                (f", agreement {p['top1_agreement']:.2%}" if p.get("top1_agreement") is not None else "")
+            return (f"WARNING: the INT8 model collapsed: {got} against the FP32 original, far worse than the cut of "
+                    f"{self.cut:.0%} of the MACs warrants (at least {allowed}); pruning alone kept {kept}: the "
+                    "quantization lost it (per-tensor INT8 ranges do not suit this model's activations). Do not "
+                    "deploy it without checking it on your data; --int8-fp32 N keeps more layers in FP32, or drop "
+                    "--quantize")
         return (f"WARNING: the pruned model collapsed: {got} with {self.cut:.0%} of the MACs removed, far worse than "
                 f"that cut warrants (at least {allowed}); do not deploy it without checking it on your data")
 
@@ -67,7 +80,13 @@ def of_report(report) -> Collapse | None:
     if v is None or not v.outputs or not report.before.macs:
         return None
     cut = 1.0 - report.after.macs / report.before.macs
-    return judge(v.top1_agreement, v.cosine, cut, min(o.samples for o in v.outputs))
+    samples = min(o.samples for o in v.outputs)
+    found = judge(v.top1_agreement, v.cosine, cut, samples)
+    pruning = ((getattr(report, "quantization", None) or {}).get("steps") or {}).get("pruning")
+    if found is not None and pruning and pruning.get("cosine") is not None \
+            and judge(pruning.get("top1_agreement"), pruning["cosine"], cut, samples) is None:
+        found.step, found.pruning = "quantization", dict(pruning)
+    return found
 
 
 def quality(report) -> tuple[float, float]:
