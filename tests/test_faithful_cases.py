@@ -429,7 +429,7 @@ def _cap_model(dead_small: np.ndarray | None) -> tuple[onnx.ModelProto, str]:
 
 
 def test_global_ratio_caps_live_channels_per_layer():
-    cap = PruneOptions().max_layer_ratio
+    cap = PruneOptions().layer_cap()
     assert 0 < cap < 1
     model, small = _cap_model(None)
     result = prune(model, ratio=0.3, min_channels=1, round_to=1)
@@ -441,7 +441,7 @@ def test_global_ratio_caps_live_channels_per_layer():
 
 
 def test_layer_cap_still_lets_dead_channels_go():
-    cap = PruneOptions().max_layer_ratio
+    cap = PruneOptions().layer_cap()
     dead = np.array([0, 3, 5])
     model, small = _cap_model(dead)
     result = prune(model, ratio=0.3, min_channels=1, round_to=1)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import types
 
 import numpy as np
 import onnx
@@ -249,3 +250,19 @@ def test_better_is_a_verdict_then_a_ratio_beyond_both_bands(candidate, best, bet
 def test_a_probe_without_a_copy_judges_as_before():
     assert ProbeResult(1.0, 1.01, 5).band is ZERO and ProbeResult(1.0, 1.01, 5).slower
     assert ProbeResult(1.0, 0.99, 5).faster and math.isclose(ProbeResult(2.0, 1.0, 5).ratio, 0.5)
+
+
+@pytest.mark.parametrize("candidate, first, reason", [
+    ((0.852, 0.95), (0.922, 0.97), "top-1 agreement 85.2% against 92.2%"),  # the VGG the probe over-cut
+    ((0.915, 0.97), (0.922, 0.97), None),  # within a point: as exact, its speed decides
+    ((None, 0.90), (None, 0.95), "cosine 0.9000 against 0.9500"),  # no class scores: the cosine gap
+    ((None, 0.93), (None, 0.95), None),  # 1 - cosine 0.07 <= 1.5 x 0.05
+    ((0.93, 0.80), (0.93, 0.95), "cosine 0.8000 against 0.9500"),
+])
+def test_a_faster_candidate_must_be_about_as_exact_as_the_first_cut(candidate, first, reason):
+    """The probe's retry writes a candidate only when its check is within a point of top-1
+    agreement and 1.5x the cosine gap of the first cut's; else it is passed over, and says why."""
+    def check(agreement, cosine):
+        return types.SimpleNamespace(top1_agreement=agreement, cosine=cosine)
+    got = api._less_exact(check(*candidate), check(*first))
+    assert (got is None) if reason is None else (got == f"less exact: {reason}")

@@ -134,9 +134,9 @@ def _prune_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="rank channels by |BN scale| (gamma, Network Slimming) or by their measured cost at the "
                              "layers reading them (data, needs --data); default auto: data when --data is given "
                              "and the scales show no dead cluster (a model not trained with the L1 penalty)")
-    parser.add_argument("--max-layer-ratio", type=float, default=0.75, metavar="F",
-                        help="a layer loses at most fraction F of its live channels (default 0.75; channels in the "
-                             "scores' dead cluster are not limited)")
+    parser.add_argument("--max-layer-ratio", type=float, default=None, metavar="F",
+                        help="a layer loses at most fraction F of its live channels (default 0.75 for --ratio / "
+                             "--threshold, 0.4 for a budget; channels in the scores' dead cluster are not limited)")
     parser.add_argument("-o", "--output", help="output path (default: <model>.slim.onnx beside the input)")
     _data_flags(parser)
     parser.add_argument("--calibration-samples", type=int, metavar="N",

@@ -478,6 +478,7 @@ def cut(prep: Prepared, options: PruneOptions, target: float | None = None, curv
     stats = apply(prep.analysis, plan, options.exact_borders or compensation(options) == "reconstruct")
     resolved = _options_resolved(options, prep)
     resolved["round_to"] = plan.budget.get("round_to", resolved["round_to"])  # a budget may need a finer block
+    resolved["max_layer_ratio"] = plan.budget.get("layer_cap", resolved["max_layer_ratio"])  # or a wider cap
     # the file no larger than the input's (issue 16), unless --allow-growth, or --exact-borders (it asks
     # for the border maps whatever they weigh); a refit settles its maps first, then the file is held to it.
     # With --quantize the FP32 model is not written: the INT8 file is held to it (_quantize)
@@ -603,6 +604,7 @@ def _options_resolved(options: PruneOptions, prep: Prepared) -> dict:
     out["data"] = data.describe_option(options.data)
     out["input_shapes"] = {k: list(v) for k, v in prep.input_shapes.items()}
     out["round_to"] = options.block()
+    out["max_layer_ratio"] = options.layer_cap()
     out["importance"] = prep.importance
     out["compensation"] = compensation(options)
     layers = {name for s in prep.analysis.spaces for name in s.producers}

@@ -357,8 +357,9 @@ def selection_lines(sel: dict, chosen: int, removed: int, options: dict) -> list
         lines.append(f"{sel['kept_by_min_channels']} channels {held}: their layer reached --min-channels "
                      f"{options.get('min_channels')} (or a Split / Slice part its last channel).")
     if sel.get("kept_by_layer_cap"):
-        lines.append(f"{sel['kept_by_layer_cap']} live channels {held}: their layer reached --max-layer-ratio "
-                     f"{options.get('max_layer_ratio')}.")
+        cap = options.get("max_layer_ratio")
+        cap = f"{cap:.3g}" if isinstance(cap, (int, float)) else str(cap)
+        lines.append(f"{sel['kept_by_layer_cap']} live channels {held}: their layer reached --max-layer-ratio {cap}.")
     level, top = sel.get("dead_level", 0.0), sel.get("max_removed_score")
     if top is not None:
         dead = f"the scores' dead cluster ends at {level:.3g}" if level > 0 else "the scores show no dead cluster"

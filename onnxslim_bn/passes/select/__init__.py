@@ -9,11 +9,12 @@ takes channels in ranked order under the constraints, ``rounding`` puts widths o
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 
 from ...channels.context import Analysis
-from ...options import PruneOptions
+from ...options import RATIO_LAYER_CAP, PruneOptions
 from .budget import BUDGET_SLACK, within_budget
 from .carriers import CARRIER_NOISE, carriers, hold_carriers
 from .levels import DATA_DEAD_SHARE, data_dead_level, dead_level
@@ -62,7 +63,15 @@ def select(analysis: Analysis, options: PruneOptions, curves: dict | None = None
         plan.cut = {"below": len(below), "score": float(flat[below[-1]]) if len(below) else None}
         plan.carriers_held = _carriers_held(plan, ranking, options)
         return plan
-    return within_budget(ranking, curves)
+    plan = within_budget(ranking, curves)
+    plan.budget["layer_cap"] = options.layer_cap()
+    if options.max_layer_ratio is None and plan.budget.get("unreachable") and options.layer_cap() < RATIO_LAYER_CAP:
+        wider = within_budget(replace(ranking, options=replace(options, max_layer_ratio=RATIO_LAYER_CAP)), curves)
+        wider.budget["layer_cap"] = RATIO_LAYER_CAP
+        wider.notes.append(f"the budget needs layers to lose more than {options.layer_cap():.0%} of their live "
+                           f"channels (a budget's default cap): they may lose up to {RATIO_LAYER_CAP:.0%}")
+        return wider
+    return plan
 
 
 def _carriers_held(plan: Plan, ranking: Ranking, options: PruneOptions) -> int:

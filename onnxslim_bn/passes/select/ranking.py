@@ -53,4 +53,4 @@ class Ranking:
 
     def live_cap(self, live: np.ndarray) -> int:
         """How many of these live channels ``max_layer_ratio`` lets a layer lose."""
-        return int(math.floor(self.options.max_layer_ratio * int(live.sum()) + 1e-9))
+        return int(math.floor(self.options.layer_cap() * int(live.sum()) + 1e-9))
