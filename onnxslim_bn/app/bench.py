@@ -632,7 +632,6 @@ def time_pair(original: onnx.ModelProto, pruned: onnx.ModelProto, runtime: str, 
 # the four-way table: FP32, slim, INT8 alone, slim + INT8 (bench --quantize int8)
 
 FOUR_WAY = ("fp32", "slim", "int8", "slim_int8")  # the models, in the table's order
-SLOWER = 0.97  # slim + INT8 / INT8 alone below this: slower beyond the noise of one bench run
 FOUR_WAY_LABELS = {"fp32": "FP32", "slim": "Slim", "int8": "INT8", "slim_int8": "Slim + INT8"}
 
 
@@ -642,6 +641,13 @@ class FourWayRow:
     batch: int
     times: dict[str, Timing]  # FOUR_WAY key -> timing
     ideal: float  # MACs(FP32) / MACs(slim): what the slim column may reach
+    # INT8 alone timed against a second session of itself: the A/A band of slim + INT8 / INT8 alone
+    band: NoiseBand = ZERO
+
+    @property
+    def int8_verdict(self) -> str:
+        """Slim + INT8 against INT8 alone, within or beyond the band: faster, same or slower."""
+        return self.band.verdict(self.times["slim_int8"].median_ms / self.times["int8"].median_ms)
 
     def speedup(self, key: str) -> float:
         """Over the FP32 original."""
@@ -655,7 +661,8 @@ class FourWayRow:
     def to_dict(self) -> dict:
         return {"runtime": self.runtime, "batch": self.batch, "ideal": self.ideal,
                 "times": {k: asdict(t) for k, t in self.times.items()},
-                "speedup": {k: self.speedup(k) for k in self.times}, "pruning_gain_in_int8": self.pruning_gain_in_int8}
+                "speedup": {k: self.speedup(k) for k in self.times}, "pruning_gain_in_int8": self.pruning_gain_in_int8,
+                "band": self.band.to_dict(), "verdict": self.int8_verdict}
 
 
 @dataclass
@@ -678,7 +685,8 @@ class FourWayResult:
         for r in self.rows:
             cells = [f"{r.times['fp32'].median_ms:.3f}"]
             cells += [f"{r.times[k].median_ms:.3f} ({r.speedup(k):.2f}x)" for k in FOUR_WAY[1:]]
-            body.append((r.runtime, str(r.batch), *cells, f"{r.ideal:.2f}x", f"{r.pruning_gain_in_int8:.2f}x"))
+            verdict = {"same": " (noise)", "slower": " (slower)"}.get(r.int8_verdict, "")
+            body.append((r.runtime, str(r.batch), *cells, f"{r.ideal:.2f}x", f"{r.pruning_gain_in_int8:.2f}x{verdict}"))
         if markdown:
             lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
             lines += ["| " + " | ".join(row) + " |" for row in body]
@@ -736,13 +744,16 @@ def benchmark_four_way(paths: dict[str, str | os.PathLike], batches: tuple[int, 
                        min_seconds: float = 0.0) -> FourWayResult:
     """Time the four models of :data:`FOUR_WAY` as :func:`benchmark` times two: one runtime per
     round (its sessions released before the next), the models alternating within a round
-    (A B C D, D C B A, ...), the first slot passed on from round to round, medians over all runs."""
+    (A B C D, D C B A, ...), the first slot passed on from round to round, medians over all runs.
+    INT8 alone is timed twice, as two sessions: slim + INT8 is called slower than it only beyond
+    that A/A band (:mod:`.noise`)."""
     threads = threads or os.cpu_count() or 1
     missing = [k for k in FOUR_WAY if k not in paths]
     if missing:
         raise ValueError(f"benchmark_four_way needs the models {', '.join(missing)}")
     files = [Path(paths[k]) for k in FOUR_WAY]
     models = [load_model(p) for p in files]
+    files.append(files[FOUR_WAY.index("int8")])  # INT8 alone again, a session of its own: the A/A band
     for k, model in zip(FOUR_WAY[1:], models[1:]):
         check_same_interface(models[0], model, (str(files[0]), str(paths[k])))
     notes: list[str] = []
@@ -760,10 +771,13 @@ def benchmark_four_way(paths: dict[str, str | os.PathLike], batches: tuple[int, 
     for runtime in runtimes:
         for batch in batches:
             got = times[runtime, batch]
-            result.rows.append(FourWayRow(runtime, batch, {k: Timing.of(got[i]) for i, k in enumerate(FOUR_WAY)}, ideal))
-    slower = [f"{r.runtime} batch {r.batch} ({r.pruning_gain_in_int8:.2f}x)" for r in result.rows
-              if r.pruning_gain_in_int8 < SLOWER]
+            int8, copy, slim_int8 = got[FOUR_WAY.index("int8")], got[len(FOUR_WAY)], got[FOUR_WAY.index("slim_int8")]
+            result.rows.append(FourWayRow(runtime, batch, {k: Timing.of(got[i]) for i, k in enumerate(FOUR_WAY)}, ideal,
+                                          noise_band(int8, copy, slim_int8)))
+    slower = [f"{r.runtime} batch {r.batch} ({r.pruning_gain_in_int8:.2f}x, {r.band.describe()})" for r in result.rows
+              if r.int8_verdict == "slower"]
     if slower:
-        notes.append(f"slim + INT8 is slower than INT8 alone (by more than {1 - SLOWER:.0%}) in {', '.join(slower)}: the pruned widths do not suit "
-                     "the INT8 kernels; prune again with --round-to 16 (or 32), or keep the slowed layers (--keep)")
+        notes.append(f"slim + INT8 is slower than INT8 alone beyond the noise of timing INT8 alone against itself in "
+                     f"{', '.join(slower)}: the pruned widths do not suit the INT8 kernels; prune again with "
+                     "--round-to 16 (or 32), or keep the slowed layers (--keep)")
     return result

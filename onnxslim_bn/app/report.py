@@ -23,7 +23,7 @@ from ..version import __version__
 # The JSON every command writes (prune's report, inspect, bench, sweep, --export-widths) carries
 # this number. Bump it whenever a key is added, removed or renamed; tests/test_schema.py holds the
 # key set of each document and fails when it changes without a bump.
-SCHEMA_VERSION = 7
+SCHEMA_VERSION = 8
 
 
 @dataclass
