@@ -507,3 +507,56 @@ def test_a_carrier_takes_the_place_of_a_channel_rounding_put_back():
     assert sel["kept_as_carriers"] == 1 and sel["kept_by_rounding"] == 9, sel
     assert result.report.surgery.carried == 1 and result.report.surgery.approximate_layers == 0
     assert_exact(model, result.model)
+
+
+def _bn_params(b: Builder, gamma: np.ndarray, beta: np.ndarray) -> list[str]:
+    c = len(gamma)
+    return [b.const(gamma.astype(np.float32), "bn"), b.const(beta.astype(np.float32), "bn"),
+            b.const(np.zeros(c, np.float32), "bn"), b.const(np.ones(c, np.float32), "bn")]
+
+
+def test_a_swapped_out_channel_stays_exact_at_the_consumers_checked_before():
+    """A residual space read by two padded convs; 24 dead channels: 8 constant 0 at both (one of
+    them, channel 0, constant 1 at the first conv's input), 16 constant 1 after the Add only.
+    The carrier at the second conv must not take the place of channel 0: its constant would meet
+    the first conv's padding with nothing to carry it (found by an adversarial review: 4.1 off)."""
+    b = Builder(seed=4)
+    rng = np.random.default_rng(9)
+    g1, b1 = rng.uniform(0.5, 1.5, 64), rng.standard_normal(64) * 0.3
+    g2, b2 = rng.uniform(0.5, 1.5, 64), rng.standard_normal(64) * 0.3
+    zero, one_after = np.arange(0, 8), np.arange(8, 24)
+    g1[zero] = g2[zero] = 0.0
+    b1[zero], b2[zero] = -1.0, -1.0
+    b1[0], b2[0] = 1.0, -2.0  # channel 0: 1 in the first ReLU's output, 0 after the Add
+    g1[one_after] = g2[one_after] = 0.0
+    b1[one_after], b2[one_after] = -1.0, 1.0
+    a = b.op("Relu", [b.op("BatchNormalization", [b.conv("x", 3, 64, k=3), *_bn_params(b, g1, b1)], epsilon=1e-5)])
+    r = b.op("BatchNormalization", [b.conv(a, 64, 64, k=3), *_bn_params(b, g2, b2)], epsilon=1e-5)
+    model = b.model({"x": SHAPE}, [b.conv(b.op("Relu", [b.op("Add", [a, r])]), 64, 4, k=3)])
+    result = prune(model, ratio=24 / 64, round_to=16, min_channels=1)
+    assert result.report.removed_channels == 16 and result.report.surgery.approximate_layers == 0
+    assert_exact(model, result.model)
+
+
+def test_a_carrier_takes_the_place_only_of_a_channel_rounding_put_back_in_its_own_space():
+    """Rounding put channels back in space A only; the carrier in space B (held there by
+    --min-channels) must not take the place of a channel --min-channels kept, and the counts
+    stay what happened: kept_by_rounding is A's, dead_kept_by_rounding never exceeds it."""
+    b = Builder(seed=3)
+    rng = np.random.default_rng(7)
+    g_a, b_a = rng.uniform(0.8, 1.5, 48), rng.standard_normal(48) * 0.3
+    g_a[:5] = 0.05
+    a = b.op("Relu", [b.op("BatchNormalization", [b.conv("x", 3, 48, k=3), *_bn_params(b, g_a, b_a)], epsilon=1e-5)])
+    g_b, b_b = rng.uniform(0.01, 0.04, 64), rng.standard_normal(64) * 0.3
+    dead = np.arange(0, 64, 8)
+    g_b[dead], b_b[dead] = 0.0, 1.0
+    h = b.op("Relu", [b.op("BatchNormalization", [b.conv(a, 48, 64, k=3), *_bn_params(b, g_b, b_b)], epsilon=1e-5)])
+    model = b.model({"x": SHAPE}, [b.conv(h, 64, 4, k=3)])
+    result = prune(model, ratio=69 / 112, round_to=16, min_channels=16, max_layer_ratio=1.0)
+    sel = result.report.selection
+    shapes = list(weight_shapes(result.model).values())
+    assert sel["kept_by_rounding"] == 5 and sel["kept_by_min_channels"] == 16, sel
+    assert sel["dead_kept_by_rounding"] <= sel["kept_by_rounding"]
+    assert shapes[1][0] >= 16 and shapes[1][0] % 16 == 0, shapes  # B keeps --min-channels, on the block
+    chosen, removed = sel["chosen"], result.report.removed_channels
+    assert chosen - removed == sel["kept_by_rounding"] - sel["removed_by_rounding"] + sel["kept_as_carriers"]

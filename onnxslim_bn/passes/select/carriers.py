@@ -62,47 +62,67 @@ def hold_carriers(plan: Plan, dead: dict[str, np.ndarray], block: int, cut: floa
         root = plan.keep_channel(layout, k)
         if root is None:
             continue
-        if cut is not None and _swap_out(plan, root, plan.analysis.where(_segment_of(layout, k))[1] +
-                                         _offset_in(layout, k), cut, (unsafe or {}).get(root)):
+        if cut is not None and _swap_out(plan, dead, root, cut, (unsafe or {}).get(root)):
             held += 1
-            plan.rounded_back -= 1  # the channel rounding had put back goes after all
             continue
         held += 1 + _round_up(plan, root, block)
     return held
 
 
-def _segment_of(layout, index: int):
-    offset = 0
-    for seg in layout:
-        if index < offset + seg.size:
-            return seg
-        offset += seg.size
-    raise IndexError(index)
-
-
-def _offset_in(layout, index: int) -> int:
-    offset = 0
-    for seg in layout:
-        if index < offset + seg.size:
-            return index - offset
-        offset += seg.size
-    raise IndexError(index)
-
-
-def _swap_out(plan: Plan, root: int, carrier: int, cut: float, unsafe: np.ndarray | None) -> bool:
-    """Remove the lowest-scored kept channel of space ``root`` that the ranking chose (score at or
-    below ``cut``; rounding had put it back) and whose replacement is known, other than the
-    ``carrier`` just kept: the width stays on its block. Whether there was one."""
+def _swap_out(plan: Plan, dead: dict[str, np.ndarray], root: int, cut: float, unsafe: np.ndarray | None) -> bool:
+    """Remove again, in place of the carrier just kept, the lowest-scored channel of space ``root``
+    that rounding had put back (the ranking chose it: scored at most ``cut``), whose replacement is
+    known and whose removal leaves every consumer as exact as it was (:func:`_harmless`): the width
+    stays on its block. Whether there was one; the rounding counts follow."""
     scores = plan.analysis.spaces[root].scores()
-    if scores is None:
+    back = plan.put_back.get(root)
+    if scores is None or back is None or not len(back):
         return False
-    kept = plan.kept[root]
-    free = kept[(kept != carrier) & np.isfinite(scores[kept]) & (scores[kept] <= cut)]
+    back = back[np.isin(back, plan.kept[root])]
+    back = back[np.isfinite(scores[back]) & (scores[back] <= cut)]
     if unsafe is not None:
-        free = free[~unsafe[free]]
-    if not len(free) or plan.rounded_back <= 0:
-        return False
-    plan.kept[root] = np.setdiff1d(kept, [free[np.argmin(scores[free])]]).astype(kept.dtype)
+        back = back[~unsafe[back]]
+    for channel in back[np.argsort(scores[back], kind="stable")]:
+        plan.kept[root] = np.setdiff1d(plan.kept[root], [channel]).astype(plan.kept[root].dtype)
+        if _harmless(plan, dead, root, int(channel)):
+            plan.put_back[root] = plan.put_back[root][plan.put_back[root] != channel]
+            plan.rounded_back -= 1
+            plan.rounded_back_dead -= int(scores[channel] <= plan.dead_level)
+            return True
+        plan.kept[root] = np.union1d(plan.kept[root], [channel]).astype(plan.kept[root].dtype)
+    return False
+
+
+def _harmless(plan: Plan, dead: dict[str, np.ndarray], root: int, channel: int) -> bool:
+    """Whether channel ``channel`` of space ``root``, removed now, is compensated exactly at every
+    consumer that reads it: its constant there is 0, or the layer takes constants exactly (no
+    padding meets them), or a kept constant channel of that tensor carries it."""
+    analysis = plan.analysis
+    for consumer in analysis.consumers:
+        node = consumer.node
+        layout = analysis.layout(node.inputs[0])
+        if layout is None:
+            continue
+        offset, index = 0, None
+        for seg in layout:
+            where, first, size = analysis.where(seg)
+            if where == root and first <= channel < first + size:
+                index = offset + channel - first
+            offset += seg.size
+        if index is None:
+            continue
+        values = dead.get(node.inputs[0].name)
+        if values is None or not np.isfinite(values[index]):
+            return False
+        if values[index] == 0:
+            continue
+        removed = plan.removed_mask(layout)
+        alone = np.zeros_like(removed)
+        alone[index] = True
+        if consumer.rule.compensate(node, analysis, values, alone).exact:
+            continue
+        if not carriers(plan, analysis, node.inputs[0].name, values, removed).any():
+            return False
     return True
 
 

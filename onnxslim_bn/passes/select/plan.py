@@ -35,6 +35,7 @@ class Plan:
     budget: dict = field(default_factory=dict)  # for --target-macs / --target-params: target and reached
     notes: list[str] = field(default_factory=list)  # what width rounding did beyond the count, one line each
     dead: dict = field(default_factory=dict, repr=False)  # replacement values per tensor (replacement.dead_values)
+    put_back: dict = field(default_factory=dict, repr=False)  # root space -> channels rounding put back
 
     def summary(self) -> dict:
         """What the selection did, for the report: every channel the ranking chose is removed,

@@ -19,6 +19,7 @@ class Rounded:
 
     back: int = 0  # chosen channels put back
     back_dead: int = 0  # of those, the ones in the dead cluster (or exact zeros)
+    put_back: dict[int, list[int]] = field(default_factory=dict)  # root space -> the channels put back (ungrouped)
     down: int = 0  # channels removed beyond the chosen ones
     whole_groups: list[str] = field(default_factory=list)  # grouped spaces kept whole
     notes: list[str] = field(default_factory=list)  # one line each, for the report
@@ -95,6 +96,7 @@ class Rounding:
             if width > keep:
                 back = np.flatnonzero(gone)[np.argsort(-scores[gone], kind="stable")[:width - keep]]
                 gone[back] = False
+                out.put_back.setdefault(s.id, []).extend(int(c) for c in back)
                 out.back += len(back)
                 out.back_dead += int((scores[back] <= self.ranking.level).sum())
             elif width < keep:

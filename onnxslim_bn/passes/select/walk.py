@@ -60,7 +60,7 @@ class Walk:
         rounded = self.rounding.apply(removed)
         stats["derived"], stats["branch_kept"] = derive(ranking, removed, self.block)
         stats.update(rounded_back=rounded.back, rounded_back_dead=rounded.back_dead, rounded_down=rounded.down,
-                     notes=rounded.notes)
+                     notes=rounded.notes, put_back=rounded.put_back)
         return removed, stats
 
     def plan(self, order: np.ndarray, target: int) -> Plan:
@@ -78,4 +78,5 @@ class Walk:
                     unsafe_where=ranking.unsafe.where, capped=stats["capped"], min_kept=stats["min_kept"],
                     rounded_back=stats["rounded_back"], rounded_back_dead=stats["rounded_back_dead"],
                     rounded_down=stats["rounded_down"], derived_removed=stats["derived"],
-                    branch_kept=stats["branch_kept"], notes=list(stats["notes"]), dead=ranking.dead)
+                    branch_kept=stats["branch_kept"], notes=list(stats["notes"]), dead=ranking.dead,
+                    put_back={root: np.array(c, dtype=np.int64) for root, c in stats["put_back"].items()})
