@@ -1,12 +1,14 @@
-"""Carriers: a kept dead channel that takes over the removed channels' constants at a padded Conv.
+"""Carriers: a kept constant channel that takes over the removed channels' constants at a padded Conv.
 
 A removed channel with constant c (a dead BN channel with beta > 0 behind a ReLU, say) feeds its
 consumer c inside the image and 0 in the zero padding: folding c into the bias is exact inside
 only. A kept channel of the same tensor that is constant too, c_k, meets the padding exactly as
 the removed ones did, so ``W[:, k] += sum_j (c_j / c_k) W[:, j]`` reproduces them at every
 position and every image size, with no op added (the rule's ``carry``). Rounding widths up often
-keeps such a channel; where it did not, a --ratio / --threshold run that removes dead channels
-only holds the best one back (and rounds that width up to the block with more dead ones).
+keeps such a channel; where it did not, a --ratio / --threshold run holds the best one back
+wherever the border error outweighs the removed channels' own variation: in place of a channel
+rounding had put back in that space (when removing that one stays exact at every consumer), or
+else rounding that width up to the block.
 """
 
 from __future__ import annotations
@@ -36,7 +38,8 @@ def hold_carriers(plan: Plan, dead: dict[str, np.ndarray], block: int, cut: floa
     """Keep one removed channel where a padded Conv would otherwise fold constants into its bias
     inexactly at the borders and no kept channel can carry them. Its width stays as it was where
     rounding had put back a channel the ranking chose (scored at most ``cut``, its replacement
-    known: not in ``unsafe``, per root space): that one goes in its place. Otherwise as many more of
+    known: not in ``unsafe``, per root space) whose removal every consumer takes exactly
+    (:func:`_swap_out`): that one goes in its place. Otherwise as many more of
     the space's removed channels (the highest-scored) are kept as put its width back on the
     ``block``. The number held."""
     analysis, held = plan.analysis, 0
